@@ -1,0 +1,1 @@
+//! The media relay library: `run(listener, config, shutdown)` is the entry point.

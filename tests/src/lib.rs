@@ -1,0 +1,1 @@
+//! Test kit: fake providers, phone simulator and the stack launcher.
