@@ -1,0 +1,127 @@
+//! A small HTTP client for the Worker's public API, used by the integration tests.
+//!
+//! It speaks plain HTTP/JSON like any frontend would, and returns status + JSON so tests
+//! assert on exactly what a client sees.
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+
+/// Status code and parsed JSON body (`Value::Null` for an empty body).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The `error.code` of an API error body, if any.
+    pub fn code(&self) -> Option<&str> {
+        self.body.get("error")?.get("code")?.as_str()
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// A registered user and their token.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: String,
+    pub email: String,
+    pub password: String,
+    pub token: String,
+}
+
+impl ApiClient {
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request with an optional bearer token and raw body.
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> anyhow::Result<Reply> {
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some((content_type, bytes)) = body {
+            req = req.header("content-type", content_type).body(bytes);
+        }
+        let resp = req.send().await.with_context(|| format!("{method} {path}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!("{method} {path} answered {status} with non-JSON: {}", String::from_utf8_lossy(&bytes))
+            })?
+        };
+        Ok(Reply { status, body })
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<Reply> {
+        self.raw(reqwest::Method::GET, path, token, None).await
+    }
+
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> anyhow::Result<Reply> {
+        self.raw(reqwest::Method::DELETE, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<Reply> {
+        self.raw(
+            reqwest::Method::POST,
+            path,
+            token,
+            Some(("application/json", serde_json::to_vec(body)?)),
+        )
+        .await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<Reply> {
+        self.raw(
+            reqwest::Method::PUT,
+            path,
+            token,
+            Some(("application/json", serde_json::to_vec(body)?)),
+        )
+        .await
+    }
+
+    /// Registers a fresh user with a unique email and returns it with its token.
+    pub async fn register_user(&self, label: &str) -> anyhow::Result<TestUser> {
+        let email = format!("{label}-{}@example.com", uuid::Uuid::new_v4().simple());
+        let password = "correct horse battery".to_string();
+        let reply = self
+            .post(
+                "/api/auth/register",
+                None,
+                &json!({ "email": email, "password": password, "name": label }),
+            )
+            .await?;
+        anyhow::ensure!(reply.status == 201, "register answered {}: {}", reply.status, reply.body);
+        let token = reply.body["token"].as_str().context("token")?.to_string();
+        let id = reply.body["user"]["id"].as_str().context("user.id")?.to_string();
+        Ok(TestUser {
+            id,
+            email,
+            password,
+            token,
+        })
+    }
+}

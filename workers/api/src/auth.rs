@@ -1,0 +1,210 @@
+//! Accounts: register, login, logout, `me`, and bearer-token authentication for the other
+//! routes.
+//!
+//! Tokens are HS256 JWTs (`cmb_core::jwt`); logout revokes a token by putting its `jti`
+//! in KV `TOKEN_BLACKLIST` until the token would have expired anyway. Every authenticated
+//! request also reloads the user, so a ban takes effect on the very next request.
+
+use cmb_core::jwt::{self, Claims, Role};
+use cmb_core::validate;
+use serde::Deserialize;
+use serde_json::json;
+use worker::{Request, Response};
+
+use crate::crypto;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{json, json_body, no_content};
+use crate::store::{UserRow, WriteConflict};
+use crate::Ctx;
+
+/// Lifetime of an access token.
+pub const TOKEN_TTL_SECS: i64 = 24 * 3600;
+
+/// An authenticated caller.
+pub struct Session {
+    pub user: UserRow,
+    pub claims: Claims,
+}
+
+impl Session {
+    pub fn is_admin(&self) -> bool {
+        self.claims.role == Role::Admin
+    }
+
+    pub fn require_admin(&self) -> ApiResult<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("This action needs the admin role."))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    email: String,
+    password: String,
+    name: String,
+    #[serde(default, alias = "phoneNumber")]
+    phone_number: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    email: String,
+    password: String,
+}
+
+/// The role a user gets: admin when stored so or listed in `ADMIN_EMAILS`.
+fn role_for(ctx: &Ctx, user: &UserRow) -> Role {
+    if user.role == "admin" || ctx.cfg.admin_emails.iter().any(|e| e == &user.email) {
+        Role::Admin
+    } else {
+        Role::User
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin",
+        Role::User => "user",
+    }
+}
+
+fn issue_token(ctx: &Ctx, user: &UserRow, role: Role) -> ApiResult<String> {
+    let now = ctx.now_secs();
+    let claims = Claims {
+        sub: user.id.clone(),
+        jti: crypto::uuid().map_err(|e| ApiError::internal("jti", e))?,
+        iat: now,
+        exp: now + TOKEN_TTL_SECS,
+        role,
+    };
+    jwt::encode(ctx.cfg.jwt_secret.expose().as_bytes(), &claims).map_err(|e| ApiError::internal("jwt encode", e))
+}
+
+pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let body: RegisterBody = json_body(&mut req).await?;
+    let mut problems = Vec::new();
+    let email = validate::email(&body.email).map_err(|e| problems.push(e)).ok();
+    let name = validate::name(&body.name).map_err(|e| problems.push(e)).ok();
+    let _ = cmb_core::password::check_password_policy(&body.password).map_err(|e| problems.push(e));
+    let phone = match body.phone_number.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+        Some(p) => validate::e164(p).map_err(|e| problems.push(e)).ok(),
+        None => None,
+    };
+    let (Some(email), Some(name), true) = (email, name, problems.is_empty()) else {
+        return Err(problems.into());
+    };
+
+    let hash = crypto::hash_password(&body.password)
+        .await
+        .map_err(|e| ApiError::internal("hash password", e))?;
+    let id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let now = ctx.now_iso();
+    let stored_role = if ctx.cfg.admin_emails.iter().any(|e| e == &email) { "admin" } else { "user" };
+    let created = ctx
+        .store
+        .create_user(&id, &email, &name, phone.as_deref(), &hash, stored_role, ctx.cfg.free_credits, &ledger_id, &now)
+        .await?;
+    if let Err(WriteConflict::Duplicate) = created {
+        return Err(ApiError::conflict("email_taken", "An account with this email already exists."));
+    } else if let Err(e) = created {
+        return Err(ApiError::internal("create user", format!("{e:?}")));
+    }
+    let user = ctx
+        .store
+        .user_by_id(&id)
+        .await?
+        .ok_or_else(|| ApiError::internal("create user", "user missing after insert"))?;
+    let role = role_for(ctx, &user);
+    let token = issue_token(ctx, &user, role)?;
+    worker::console_log!("user registered user_id={}", user.id);
+    json(201, &json!({ "token": token, "user": user.view(role_name(role)) }))
+}
+
+pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let body: LoginBody = json_body(&mut req).await?;
+    let invalid = || ApiError::new(401, "invalid_credentials", "Email or password is incorrect.");
+    // An email that cannot be valid cannot have an account; answer exactly as for a wrong
+    // password, after the same amount of hashing work.
+    let user = match validate::email(&body.email) {
+        Ok(email) => ctx.store.user_by_email(&email).await?,
+        Err(_) => None,
+    };
+    let Some(user) = user else {
+        crypto::dummy_verify(&body.password)
+            .await
+            .map_err(|e| ApiError::internal("dummy verify", e))?;
+        return Err(invalid());
+    };
+    let ok = crypto::verify_password(&body.password, &user.password_hash)
+        .await
+        .map_err(|e| ApiError::internal("verify password", e))?;
+    if !ok {
+        return Err(invalid());
+    }
+    if user.is_banned != 0 {
+        return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
+    }
+    let role = role_for(ctx, &user);
+    let token = issue_token(ctx, &user, role)?;
+    json(200, &json!({ "token": token, "user": user.view(role_name(role)) }))
+}
+
+pub async fn logout(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    let ttl = (session.claims.exp - ctx.now_secs()).max(60);
+    ctx.kv()?
+        .put(&session.claims.jti, "revoked")
+        .map_err(|e| ApiError::internal("kv put", e))?
+        .expiration_ttl(ttl as u64)
+        .execute()
+        .await
+        .map_err(|e| ApiError::internal("kv put", e))?;
+    no_content()
+}
+
+pub async fn me(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    let role = role_name(session.claims.role);
+    json(200, &json!({ "user": session.user.view(role) }))
+}
+
+/// Authenticates the bearer token: signature and expiry, then revocation (KV), then the
+/// user (exists, not banned).
+pub async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
+    let header = req.headers().get("authorization").ok().flatten();
+    let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) else {
+        return Err(ApiError::unauthorized("Missing bearer token."));
+    };
+    let claims = jwt::decode(ctx.cfg.jwt_secret.expose().as_bytes(), token.trim(), ctx.now_secs())
+        .map_err(|e| ApiError::unauthorized(format!("Invalid token: {e}.")))?;
+    let revoked = ctx
+        .kv()?
+        .get(&claims.jti)
+        .text()
+        .await
+        .map_err(|e| ApiError::internal("kv get", e))?;
+    if revoked.is_some() {
+        return Err(ApiError::unauthorized("This token has been revoked."));
+    }
+    let Some(user) = ctx.store.user_by_id(&claims.sub).await? else {
+        return Err(ApiError::unauthorized("This account no longer exists."));
+    };
+    if user.is_banned != 0 {
+        return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
+    }
+    Ok(Session { user, claims })
+}
+
+/// Authenticates when a token is present; anonymous otherwise. A present but invalid
+/// token is still an error, so a client never silently loses its identity.
+pub async fn optional_session(req: &Request, ctx: &Ctx) -> ApiResult<Option<Session>> {
+    match req.headers().get("authorization").ok().flatten() {
+        Some(_) => authenticate(req, ctx).await.map(Some),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,110 @@
+//! The Worker's one error type and its mapping to the JSON error format of API.md.
+//!
+//! Every route returns `Result<Response, ApiError>`; `ApiError::into_response` is the only
+//! place that turns an error into HTTP. Client mistakes carry their own status and a stable
+//! snake_case `code`; anything else is an internal error, logged once here and answered
+//! with a generic message (no internal detail leaks to clients).
+
+use cmb_core::validate::ValidationError;
+use serde_json::json;
+use worker::Response;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    /// Extra machine-readable detail (e.g. which fields failed validation).
+    pub details: Option<serde_json::Value>,
+}
+
+pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(400, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(401, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "forbidden", message)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(404, "not_found", format!("{what} not found."))
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(409, code, message)
+    }
+
+    /// An unexpected failure of a dependency (database, KV, crypto). Logged with its
+    /// cause; the client sees only that it was internal.
+    pub fn internal(context: &str, cause: impl std::fmt::Display) -> Self {
+        worker::console_error!("internal error: {context}: {cause}");
+        Self::new(500, "internal_error", "Something went wrong on our side.")
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn into_response(self) -> worker::Result<Response> {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(details) = self.details {
+            error["details"] = details;
+        }
+        Ok(Response::from_json(&json!({ "error": error }))?.with_status(self.status))
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        let details = json!([{ "field": e.field, "code": e.code, "message": e.message }]);
+        ApiError::new(400, e.code, e.message).with_details(details)
+    }
+}
+
+impl From<Vec<ValidationError>> for ApiError {
+    fn from(errors: Vec<ValidationError>) -> Self {
+        let Some(first) = errors.first() else {
+            return ApiError::bad_request("invalid_input", "Invalid input.");
+        };
+        let code = first.code;
+        let message = if errors.len() == 1 {
+            first.message.clone()
+        } else {
+            let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+            format!("Invalid fields: {}.", fields.join(", "))
+        };
+        let details: Vec<_> = errors
+            .iter()
+            .map(|e| json!({ "field": e.field, "code": e.code, "message": e.message }))
+            .collect();
+        ApiError::new(400, code, message).with_details(serde_json::Value::Array(details))
+    }
+}
+
+impl From<worker::Error> for ApiError {
+    fn from(e: worker::Error) -> Self {
+        ApiError::internal("worker", e)
+    }
+}

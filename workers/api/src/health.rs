@@ -1,0 +1,45 @@
+//! `GET /health`: whether this Worker can serve, with each check named.
+//!
+//! 200 when configuration, database and KV all answer; otherwise 503 listing every
+//! failing check (each misconfigured setting by name). Never reveals secret values.
+
+use serde_json::{json, Value};
+use worker::{Env, Response};
+
+use crate::config;
+use crate::error::ApiResult;
+
+pub async fn health(env: &Env) -> ApiResult<Response> {
+    let (config_check, config_ok) = match config::load(env) {
+        Ok(_) => (json!({ "ok": true }), true),
+        Err(report) => {
+            let problems: Vec<Value> = report
+                .problems
+                .iter()
+                .map(|p| json!({ "name": p.name, "problem": p.problem }))
+                .collect();
+            (json!({ "ok": false, "problems": problems }), false)
+        }
+    };
+    let (db_check, db_ok) = match env.d1(config::DB_BINDING) {
+        Ok(db) => match crate::store::Store::new(db).ping().await {
+            Ok(()) => (json!({ "ok": true }), true),
+            Err(e) => (json!({ "ok": false, "problem": e }), false),
+        },
+        Err(_) => (json!({ "ok": false, "problem": "binding DB missing" }), false),
+    };
+    let (kv_check, kv_ok) = match env.kv(config::KV_BINDING) {
+        Ok(kv) => match kv.get("__health").text().await {
+            Ok(_) => (json!({ "ok": true }), true),
+            Err(e) => (json!({ "ok": false, "problem": e.to_string() }), false),
+        },
+        Err(_) => (json!({ "ok": false, "problem": "binding TOKEN_BLACKLIST missing" }), false),
+    };
+    let healthy = config_ok && db_ok && kv_ok;
+    let body = json!({
+        "status": if healthy { "ok" } else { "unhealthy" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "checks": { "config": config_check, "db": db_check, "kv": kv_check },
+    });
+    Ok(Response::from_json(&body)?.with_status(if healthy { 200 } else { 503 }))
+}

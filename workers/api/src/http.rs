@@ -1,0 +1,99 @@
+//! Request and response plumbing shared by every route: bounded JSON bodies, typed
+//! decoding with clear 400s, JSON responses, and CORS.
+//!
+//! Nothing here knows about users or calls.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use worker::{Headers, Request, Response};
+
+use crate::error::{ApiError, ApiResult};
+
+/// API.md: bodies over 64 KiB are refused.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads the raw body, refusing anything over [`MAX_BODY_BYTES`] — first by the declared
+/// `Content-Length` (so an oversized body is not even read), then by the actual length
+/// (a chunked body has no length header).
+pub async fn read_body(req: &mut Request) -> ApiResult<Vec<u8>> {
+    if let Ok(Some(len)) = req.headers().get("content-length") {
+        if len.trim().parse::<usize>().map_or(true, |n| n > MAX_BODY_BYTES) {
+            return Err(too_large());
+        }
+    }
+    let body = req
+        .bytes()
+        .await
+        .map_err(|e| ApiError::bad_request("unreadable_body", format!("Could not read the request body: {e}")))?;
+    if body.len() > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
+    Ok(body)
+}
+
+fn too_large() -> ApiError {
+    ApiError::bad_request(
+        "body_too_large",
+        format!("The request body is larger than {} KiB.", MAX_BODY_BYTES / 1024),
+    )
+}
+
+/// Reads and decodes a JSON body into `T`. Malformed JSON and wrong types are distinct,
+/// stable codes (`malformed_json`, `invalid_body`) with serde's explanation in the message.
+pub async fn json_body<T: DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
+    let body = read_body(req).await?;
+    parse_json(&body)
+}
+
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            "The request body must be a JSON object.",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::bad_request("malformed_json", format!("Malformed JSON: {e}"))
+            }
+            Category::Data => ApiError::bad_request("invalid_body", format!("Invalid body: {e}")),
+        }
+    })
+}
+
+pub fn json<T: Serialize>(status: u16, value: &T) -> ApiResult<Response> {
+    Ok(Response::from_json(value)?.with_status(status))
+}
+
+pub fn no_content() -> ApiResult<Response> {
+    Ok(Response::empty()?.with_status(204))
+}
+
+/// Parses the query string into `T`, as a 400 when it does not fit.
+pub fn query<T: DeserializeOwned>(req: &Request) -> ApiResult<T> {
+    let url = req.url()?;
+    serde_urlencoded::from_str(url.query().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", format!("Invalid query string: {e}")))
+}
+
+/// Adds CORS headers when the request's `Origin` is one of `CORS_ORIGINS`.
+pub fn apply_cors(resp: &mut Response, origin: Option<&str>, allowed: &[String]) {
+    let Some(origin) = origin else { return };
+    if !allowed.iter().any(|a| a == origin || a == "*") {
+        return;
+    }
+    let h: &mut Headers = resp.headers_mut();
+    let _ = h.set("access-control-allow-origin", origin);
+    let _ = h.set("vary", "Origin");
+    let _ = h.set(
+        "access-control-allow-methods",
+        "GET, POST, PUT, DELETE, OPTIONS",
+    );
+    let _ = h.set(
+        "access-control-allow-headers",
+        "authorization, content-type",
+    );
+    let _ = h.set("access-control-max-age", "600");
+}

@@ -1,0 +1,136 @@
+//! Persona routes: the public catalog, users' own custom personas, and the admin-managed
+//! catalog.
+//!
+//! Visibility: everyone sees active catalog personas; a custom persona is visible only to
+//! its owner (and admins). Field rules and voice-setting ranges are `cmb_core::persona`'s;
+//! this module only merges, authorises and stores.
+
+use cmb_core::persona::{PersonaFields, PersonaInput};
+use serde_json::json;
+use worker::{Request, Response};
+
+use crate::auth::{authenticate, optional_session, Session};
+use crate::crypto;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{json, json_body, no_content};
+use crate::store::{PersonaRow, PersonaWrite};
+use crate::Ctx;
+
+fn fields_of(row: &PersonaRow) -> PersonaFields {
+    PersonaFields {
+        name: row.name.clone(),
+        description: row.description.clone(),
+        system_prompt: row.system_prompt.clone(),
+        greeting: row.greeting.clone(),
+        voice_id: row.voice_id.clone(),
+        voice_settings: cmb_core::channel::VoiceSettings {
+            stability: row.stability,
+            similarity_boost: row.similarity_boost,
+            style: row.style,
+            speed: row.speed,
+            use_speaker_boost: true,
+        },
+    }
+}
+
+fn write_of(f: &PersonaFields) -> PersonaWrite {
+    PersonaWrite {
+        name: f.name.clone(),
+        description: f.description.clone(),
+        system_prompt: f.system_prompt.clone(),
+        greeting: f.greeting.clone(),
+        voice_id: f.voice_id.clone(),
+        stability: f.voice_settings.stability,
+        similarity_boost: f.voice_settings.similarity_boost,
+        style: f.voice_settings.style,
+        speed: f.voice_settings.speed,
+    }
+}
+
+/// Whether `viewer` may see `row` at all (inactive personas only for owner and admins).
+fn visible(row: &PersonaRow, viewer: Option<&Session>) -> bool {
+    let admin = viewer.is_some_and(Session::is_admin);
+    let owner = match (&row.owner_id, viewer) {
+        (Some(owner), Some(s)) => owner == &s.user.id,
+        _ => false,
+    };
+    if admin || owner {
+        return true;
+    }
+    row.owner_id.is_none() && row.is_active != 0
+}
+
+/// Whether `session` may change `row`: its owner, or an admin.
+fn may_edit(row: &PersonaRow, session: &Session) -> bool {
+    session.is_admin() || row.owner_id.as_deref() == Some(session.user.id.as_str())
+}
+
+pub async fn list(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = optional_session(req, ctx).await?;
+    let viewer = session.as_ref().map(|s| s.user.id.as_str());
+    let personas: Vec<_> = ctx.store.list_personas(viewer).await?.iter().map(PersonaRow::view).collect();
+    json(200, &json!({ "personas": personas }))
+}
+
+pub async fn get(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = optional_session(req, ctx).await?;
+    let row = ctx
+        .store
+        .persona(id)
+        .await?
+        .filter(|row| visible(row, session.as_ref()))
+        .ok_or_else(|| ApiError::not_found("Persona"))?;
+    json(200, &json!({ "persona": row.view() }))
+}
+
+pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(&req, ctx).await?;
+    let input: PersonaInput = json_body(&mut req).await?;
+    let fields = input.validate_create()?;
+    let id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    // Admins curate the catalog; everyone else creates their own custom personas.
+    let owner = if session.is_admin() { None } else { Some(session.user.id.as_str()) };
+    ctx.store.insert_persona(&id, owner, &write_of(&fields), &ctx.now_iso()).await?;
+    let row = ctx
+        .store
+        .persona(&id)
+        .await?
+        .ok_or_else(|| ApiError::internal("create persona", "row missing after insert"))?;
+    json(201, &json!({ "persona": row.view() }))
+}
+
+pub async fn update(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = authenticate(&req, ctx).await?;
+    let row = editable(ctx, &session, id).await?;
+    let input: PersonaInput = json_body(&mut req).await?;
+    let mut fields = fields_of(&row);
+    input.apply_update(&mut fields)?;
+    ctx.store.update_persona(id, &write_of(&fields), &ctx.now_iso()).await?;
+    let row = ctx.store.persona(id).await?.ok_or_else(|| ApiError::not_found("Persona"))?;
+    json(200, &json!({ "persona": row.view() }))
+}
+
+pub async fn delete(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    editable(ctx, &session, id).await?;
+    ctx.store.deactivate_persona(id, &ctx.now_iso()).await?;
+    no_content()
+}
+
+/// Loads a persona the session may change: 404 when it cannot even see it (so custom
+/// personas' existence does not leak), 403 when it can see but not change it (catalog).
+async fn editable(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<PersonaRow> {
+    let row = ctx
+        .store
+        .persona(id)
+        .await?
+        .filter(|row| visible(row, Some(session)))
+        .ok_or_else(|| ApiError::not_found("Persona"))?;
+    if !may_edit(&row, session) {
+        return Err(ApiError::forbidden("Only an admin can change catalog personas."));
+    }
+    if row.is_active == 0 {
+        return Err(ApiError::not_found("Persona"));
+    }
+    Ok(row)
+}
