@@ -6,6 +6,7 @@
 //! API.md, and a client mistake is never a 500.
 
 mod auth;
+mod calls;
 mod config;
 mod crypto;
 mod error;
@@ -15,6 +16,8 @@ mod http;
 mod personas;
 mod session;
 mod store;
+mod twilio;
+mod voice;
 
 use std::rc::Rc;
 
@@ -128,6 +131,15 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
         (Method::Put, ["api", "personas", id]) => personas::update(req, &ctx, id).await,
         (Method::Delete, ["api", "personas", id]) => personas::delete(&req, &ctx, id).await,
 
+        (Method::Post, ["api", "calls", "trigger"]) => calls::trigger(req, &ctx).await,
+        (Method::Post, ["api", "calls", "schedule"]) => calls::schedule(req, &ctx).await,
+        (Method::Get, ["api", "calls", "history"]) => calls::history(&req, &ctx).await,
+        (Method::Get, ["api", "calls", id]) => calls::detail(&req, &ctx, id).await,
+        (Method::Delete, ["api", "calls", id]) => calls::cancel(&req, &ctx, id).await,
+
+        (Method::Post, ["api", "voice", "twiml"]) => voice::twiml(req, &ctx).await,
+        (Method::Post, ["api", "voice", "status"]) => voice::status(req, &ctx).await,
+
         (Method::Get, ["api", "favorites"]) => favorites::list(&req, &ctx).await,
         (Method::Post, ["api", "favorites"]) => favorites::add(req, &ctx).await,
         (Method::Delete, ["api", "favorites", id]) => favorites::remove(&req, &ctx, id).await,
@@ -154,5 +166,8 @@ fn known_path(segments: &[&str]) -> bool {
             | ["api", "personas", _]
             | ["api", "favorites"]
             | ["api", "favorites", _]
+            | ["api", "calls", "trigger" | "schedule" | "history"]
+            | ["api", "calls", _]
+            | ["api", "voice", "twiml" | "status"]
     )
 }

@@ -138,12 +138,78 @@ pub struct PersonaWrite {
 }
 
 /// How a failed batch failed, for the callers that care.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum WriteConflict {
     /// A UNIQUE constraint: the row (or the idempotency key) already exists.
     Duplicate,
+    /// The user already has a live call (the `calls_one_live_per_user` index).
+    LiveCall,
     /// A CHECK constraint, e.g. `credits >= 0`.
     Check,
+}
+
+/// A call as stored; also its API view (API.md "A `call` object" plus `status_reason`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CallRow {
+    pub id: String,
+    pub user_id: String,
+    pub persona_id: String,
+    pub phone_number: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub scheduled_time: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub duration_seconds: Option<i64>,
+    pub twilio_call_sid: Option<String>,
+    pub answered_by: Option<String>,
+    #[serde(skip_serializing)]
+    pub reserved_credits: i64,
+    pub cost_cents: Option<i64>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TranscriptRow {
+    pub seq: i64,
+    pub role: String,
+    pub text: String,
+    pub at: String,
+    pub interrupted: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CostRow {
+    pub provider: String,
+    pub quantity: f64,
+    pub unit: String,
+    pub cost_micros: i64,
+}
+
+/// A credit movement for one call, with its idempotency key.
+pub struct LedgerEntry<'a> {
+    pub id: &'a str,
+    pub user_id: &'a str,
+    pub kind: &'a str,
+    pub amount: i64,
+    pub key: &'a str,
+    pub call_id: Option<&'a str>,
+    pub reason: &'a str,
+}
+
+/// The final record of a call, written once when it settles.
+pub struct Settlement<'a> {
+    pub call_id: &'a str,
+    pub status: &'a str,
+    pub reason: Option<&'a str>,
+    pub ended_at: &'a str,
+    pub duration_seconds: i64,
+    pub charge: i64,
+    pub release: i64,
+    pub user_id: &'a str,
+    pub release_ledger_id: &'a str,
+    pub settle_ledger_id: &'a str,
+    pub costs: &'a [CostRow],
 }
 
 pub struct Store {
@@ -169,7 +235,9 @@ fn real(v: f64) -> JsValue {
 
 fn classify(err: &worker::Error) -> Option<WriteConflict> {
     let text = err.to_string();
-    if text.contains("UNIQUE constraint failed") {
+    if text.contains("UNIQUE constraint failed: calls.user_id") {
+        Some(WriteConflict::LiveCall)
+    } else if text.contains("UNIQUE constraint failed") {
         Some(WriteConflict::Duplicate)
     } else if text.contains("CHECK constraint failed") {
         Some(WriteConflict::Check)
@@ -179,6 +247,7 @@ fn classify(err: &worker::Error) -> Option<WriteConflict> {
 }
 
 const USER_COLUMNS: &str = "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, created_at";
+const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
 const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, greeting, voice_id, stability, similarity_boost, style, speed, is_active, created_at, updated_at";
 
 impl Store {
@@ -377,6 +446,252 @@ impl Store {
              WHERE f.user_id = ?1 AND p.is_active = 1 AND (p.owner_id IS NULL OR p.owner_id = ?1) \
              ORDER BY f.created_at DESC",
             &[s(user)],
+        )
+        .await
+    }
+
+    // ---- credits ----
+
+    fn ledger_stmts(&self, e: &LedgerEntry<'_>, now: &str) -> ApiResult<[D1PreparedStatement; 2]> {
+        let insert = self.stmt(
+            "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, call_id, reason, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            &[s(e.id), s(e.user_id), s(e.kind), int(e.amount), s(e.key), opt(e.call_id), s(e.reason), s(now)],
+        )?;
+        let update = self.stmt(
+            "UPDATE users SET credits = credits + ?2, updated_at = ?3 WHERE id = ?1",
+            &[s(e.user_id), int(e.amount), s(now)],
+        )?;
+        Ok([insert, update])
+    }
+
+    /// Applies one ledger entry and its balance change atomically. A repeated key is
+    /// `Duplicate` (nothing applied twice); an overdraw is `Check` (nothing applied).
+    pub async fn apply_ledger(&self, e: &LedgerEntry<'_>, now: &str) -> ApiResult<Result<(), WriteConflict>> {
+        let stmts = self.ledger_stmts(e, now)?;
+        self.batch(stmts.into()).await
+    }
+
+    /// The balance recomputed from the ledger, for reconciliation.
+    pub async fn ledger_balance(&self, user_id: &str) -> ApiResult<i64> {
+        #[derive(Deserialize)]
+        struct Sum {
+            total: Option<i64>,
+        }
+        let sum: Option<Sum> = self
+            .first("SELECT SUM(amount) AS total FROM credit_ledger WHERE user_id = ?1", &[s(user_id)])
+            .await?;
+        Ok(sum.and_then(|s| s.total).unwrap_or(0))
+    }
+
+    // ---- calls ----
+
+    /// Inserts a call that dials now, reserving its first minute in the same transaction.
+    /// `LiveCall` when the user already has a live call, `Check` when the balance is short.
+    pub async fn insert_call_with_reservation(
+        &self,
+        call: &CallRow,
+        reserve: &LedgerEntry<'_>,
+        now: &str,
+    ) -> ApiResult<Result<(), WriteConflict>> {
+        let insert = self.insert_call_stmt(call, now)?;
+        let [ledger, balance] = self.ledger_stmts(reserve, now)?;
+        self.batch(vec![insert, ledger, balance]).await
+    }
+
+    fn insert_call_stmt(&self, call: &CallRow, now: &str) -> ApiResult<D1PreparedStatement> {
+        self.stmt(
+            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            &[
+                s(&call.id),
+                s(&call.user_id),
+                s(&call.persona_id),
+                s(&call.phone_number),
+                s(&call.status),
+                opt(call.scheduled_time.as_deref()),
+                int(call.reserved_credits),
+                s(now),
+            ],
+        )
+    }
+
+    /// Inserts a scheduled call unless the user already has `max_pending` of them; one
+    /// statement, so concurrent requests cannot exceed the limit. Returns whether inserted.
+    pub async fn insert_scheduled_call(&self, call: &CallRow, max_pending: i64, now: &str) -> ApiResult<bool> {
+        let stmt = self.stmt(
+            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
+             SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?6, ?6 \
+             WHERE (SELECT COUNT(*) FROM calls WHERE user_id = ?2 AND status = 'scheduled') < ?7",
+            &[
+                s(&call.id),
+                s(&call.user_id),
+                s(&call.persona_id),
+                s(&call.phone_number),
+                opt(call.scheduled_time.as_deref()),
+                s(now),
+                int(max_pending),
+            ],
+        )?;
+        let result = stmt.run().await.map_err(|e| ApiError::internal("insert scheduled call", e))?;
+        let changes = result
+            .meta()
+            .map_err(|e| ApiError::internal("d1 meta", e))?
+            .and_then(|m| m.changes)
+            .unwrap_or(0);
+        Ok(changes == 1)
+    }
+
+    /// Moves a scheduled call to `queued` and reserves its first minute, atomically.
+    pub async fn start_scheduled_call(
+        &self,
+        call_id: &str,
+        reserve: &LedgerEntry<'_>,
+        now: &str,
+    ) -> ApiResult<Result<(), WriteConflict>> {
+        let update = self.stmt(
+            "UPDATE calls SET status = 'queued', reserved_credits = reserved_credits + ?2, updated_at = ?3 WHERE id = ?1",
+            &[s(call_id), int(-reserve.amount), s(now)],
+        )?;
+        let [ledger, balance] = self.ledger_stmts(reserve, now)?;
+        self.batch(vec![update, ledger, balance]).await
+    }
+
+    pub async fn call(&self, id: &str) -> ApiResult<Option<CallRow>> {
+        self.first(&format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"), &[s(id)]).await
+    }
+
+    pub async fn calls_for_user(&self, user_id: &str, limit: i64, offset: i64) -> ApiResult<(Vec<CallRow>, i64)> {
+        let rows = self
+            .all(
+                &format!(
+                    "SELECT {CALL_COLUMNS} FROM calls WHERE user_id = ?1 \
+                     ORDER BY created_at DESC, id DESC LIMIT ?2 OFFSET ?3"
+                ),
+                &[s(user_id), int(limit), int(offset)],
+            )
+            .await?;
+        #[derive(Deserialize)]
+        struct Count {
+            n: i64,
+        }
+        let total: Option<Count> = self
+            .first("SELECT COUNT(*) AS n FROM calls WHERE user_id = ?1", &[s(user_id)])
+            .await?;
+        Ok((rows, total.map_or(0, |c| c.n)))
+    }
+
+    /// Records a non-final status change (ringing, in progress) and what came with it.
+    pub async fn update_call_progress(
+        &self,
+        id: &str,
+        status: &str,
+        twilio_sid: Option<&str>,
+        started_at: Option<&str>,
+        answered_by: Option<&str>,
+        now: &str,
+    ) -> ApiResult<()> {
+        self.stmt(
+            "UPDATE calls SET status = ?2, twilio_call_sid = COALESCE(?3, twilio_call_sid), \
+             started_at = COALESCE(started_at, ?4), answered_by = COALESCE(?5, answered_by), updated_at = ?6 WHERE id = ?1",
+            &[s(id), s(status), opt(twilio_sid), opt(started_at), opt(answered_by), s(now)],
+        )?
+        .run()
+        .await
+        .map_err(|e| ApiError::internal("update call", e))?;
+        Ok(())
+    }
+
+    /// Ends a call that never reached Twilio (failed to dial, canceled, unpayable schedule)
+    /// and releases whatever it had reserved — one transaction, idempotent by key.
+    pub async fn end_call_unconnected(
+        &self,
+        id: &str,
+        status: &str,
+        reason: &str,
+        release: Option<&LedgerEntry<'_>>,
+        now: &str,
+    ) -> ApiResult<Result<(), WriteConflict>> {
+        let mut stmts = vec![self.stmt(
+            "UPDATE calls SET status = ?2, status_reason = ?3, reserved_credits = 0, cost_cents = 0, \
+             ended_at = COALESCE(ended_at, ?4), updated_at = ?4 WHERE id = ?1",
+            &[s(id), s(status), s(reason), s(now)],
+        )?];
+        if let Some(r) = release.filter(|r| r.amount != 0) {
+            stmts.extend(self.ledger_stmts(r, now)?);
+        }
+        self.batch(stmts).await
+    }
+
+    /// Settles a finished call once: release the reservation, charge the price, write the
+    /// final record and cost lines — all in one transaction whose ledger keys make any
+    /// retry a `Duplicate` with nothing applied twice.
+    pub async fn settle_call(&self, st: &Settlement<'_>, now: &str) -> ApiResult<Result<(), WriteConflict>> {
+        let release_key = format!("release:{}", st.call_id);
+        let settle_key = format!("settle:{}", st.call_id);
+        let mut stmts = Vec::new();
+        stmts.extend(self.ledger_stmts(
+            &LedgerEntry {
+                id: st.release_ledger_id,
+                user_id: st.user_id,
+                kind: "release",
+                amount: st.release,
+                key: &release_key,
+                call_id: Some(st.call_id),
+                reason: "call ended",
+            },
+            now,
+        )?);
+        stmts.extend(self.ledger_stmts(
+            &LedgerEntry {
+                id: st.settle_ledger_id,
+                user_id: st.user_id,
+                kind: "settle",
+                amount: -st.charge,
+                key: &settle_key,
+                call_id: Some(st.call_id),
+                reason: "call charge",
+            },
+            now,
+        )?);
+        stmts.push(self.stmt(
+            "UPDATE calls SET status = ?2, status_reason = COALESCE(?3, status_reason), ended_at = ?4, \
+             duration_seconds = ?5, cost_cents = ?6, reserved_credits = 0, updated_at = ?4 WHERE id = ?1",
+            &[
+                s(st.call_id),
+                s(st.status),
+                opt(st.reason),
+                s(st.ended_at),
+                int(st.duration_seconds),
+                int(st.charge),
+            ],
+        )?);
+        for c in st.costs {
+            stmts.push(self.stmt(
+                "INSERT INTO call_costs (call_id, provider, quantity, unit, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (call_id, provider) DO UPDATE SET quantity = excluded.quantity, unit = excluded.unit, cost_micros = excluded.cost_micros",
+                &[s(st.call_id), s(&c.provider), real(c.quantity), s(&c.unit), int(c.cost_micros)],
+            )?);
+        }
+        self.batch(stmts).await
+    }
+
+    pub async fn user_credits(&self, user_id: &str) -> ApiResult<i64> {
+        Ok(self.user_by_id(user_id).await?.map_or(0, |u| u.credits))
+    }
+
+    pub async fn transcript(&self, call_id: &str) -> ApiResult<Vec<TranscriptRow>> {
+        self.all(
+            "SELECT seq, role, text, at, interrupted FROM call_transcripts WHERE call_id = ?1 ORDER BY seq",
+            &[s(call_id)],
+        )
+        .await
+    }
+
+    pub async fn costs(&self, call_id: &str) -> ApiResult<Vec<CostRow>> {
+        self.all(
+            "SELECT provider, quantity, unit, cost_micros FROM call_costs WHERE call_id = ?1 ORDER BY provider",
+            &[s(call_id)],
         )
         .await
     }

@@ -1,0 +1,259 @@
+//! Call routes: trigger now, schedule, cancel, history and detail.
+//!
+//! The route validates and writes the call row (with its credit reservation, atomically),
+//! then hands the call to its `CallSession` Durable Object, which dials and owns the call
+//! from there.
+
+use cmb_core::validate;
+use serde::Deserialize;
+use serde_json::json;
+use worker::{Method, Request, RequestInit, Response};
+
+use crate::auth::{authenticate, Session};
+use crate::config;
+use crate::crypto;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{json, json_body, query};
+use crate::session::{CancelOutcome, SessionOp};
+use crate::store::{CallRow, LedgerEntry, WriteConflict};
+use crate::Ctx;
+
+/// API.md: scheduled calls at most 30 days ahead, at most 5 pending per user.
+const MAX_SCHEDULE_AHEAD_SECS: i64 = 30 * 24 * 3600;
+const MAX_PENDING_SCHEDULED: i64 = 5;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    #[serde(alias = "personaId")]
+    persona_id: String,
+    #[serde(alias = "phoneNumber")]
+    phone_number: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleBody {
+    #[serde(alias = "personaId")]
+    persona_id: String,
+    #[serde(alias = "phoneNumber")]
+    phone_number: String,
+    #[serde(alias = "scheduledTime")]
+    scheduled_time: String,
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Sends one operation to the call's Durable Object.
+pub async fn session_op<T: for<'de> Deserialize<'de>>(ctx: &Ctx, call_id: &str, op: &SessionOp) -> ApiResult<T> {
+    let ns = ctx
+        .env
+        .durable_object(config::CALL_SESSION_BINDING)
+        .map_err(|e| ApiError::internal("do binding", e))?;
+    let stub = ns
+        .id_from_name(call_id)
+        .and_then(|id| id.get_stub())
+        .map_err(|e| ApiError::internal("do stub", e))?;
+    let body = serde_json::to_string(op).map_err(|e| ApiError::internal("encode op", e))?;
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post).with_body(Some(body.into()));
+    let req = Request::new_with_init("https://call-session/op", &init)?;
+    let mut resp = stub
+        .fetch_with_request(req)
+        .await
+        .map_err(|e| ApiError::internal("do fetch", e))?;
+    if resp.status_code() != 200 {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(ApiError::internal("do op", format!("{}: {text}", resp.status_code())));
+    }
+    resp.json().await.map_err(|e| ApiError::internal("do reply", e))
+}
+
+/// The persona must exist, be active, and be visible to the caller.
+async fn usable_persona(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<()> {
+    let persona = ctx.store.persona(id).await?;
+    match persona {
+        Some(p) if p.is_active != 0 && p.owner_id.as_deref().is_none_or(|o| o == session.user.id) => Ok(()),
+        _ => Err(ApiError::bad_request("invalid_persona", "This persona does not exist or is not available.")
+            .with_details(json!([{ "field": "persona_id" }]))),
+    }
+}
+
+fn new_call(id: String, session: &Session, persona_id: String, phone: String, status: &str, scheduled: Option<String>) -> CallRow {
+    CallRow {
+        id,
+        user_id: session.user.id.clone(),
+        persona_id,
+        phone_number: phone,
+        status: status.into(),
+        status_reason: None,
+        scheduled_time: scheduled,
+        started_at: None,
+        ended_at: None,
+        duration_seconds: None,
+        twilio_call_sid: None,
+        answered_by: None,
+        reserved_credits: 0,
+        cost_cents: None,
+        created_at: String::new(),
+    }
+}
+
+pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(&req, ctx).await?;
+    let body: TriggerBody = json_body(&mut req).await?;
+    let phone = validate::e164(&body.phone_number)?;
+    usable_persona(ctx, &session, &body.persona_id).await?;
+
+    let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let amount = cmb_core::pricing::MIN_CREDITS_TO_START;
+    let mut call = new_call(call_id.clone(), &session, body.persona_id, phone.clone(), "queued", None);
+    call.reserved_credits = amount;
+    let key = format!("reserve:{call_id}");
+    let reserve = LedgerEntry {
+        id: &ledger_id,
+        user_id: &session.user.id,
+        kind: "reserve",
+        amount: -amount,
+        key: &key,
+        call_id: Some(&call_id),
+        reason: "first minute",
+    };
+    match ctx.store.insert_call_with_reservation(&call, &reserve, &ctx.now_iso()).await? {
+        Ok(()) => {}
+        Err(WriteConflict::LiveCall) => {
+            return Err(ApiError::conflict("call_in_progress", "You already have a call in progress."))
+        }
+        Err(WriteConflict::Check) => {
+            let have = ctx.store.user_credits(&session.user.id).await?;
+            return Err(ApiError::new(
+                402,
+                "insufficient_credits",
+                format!("You need {amount} credits; you have {have}."),
+            ));
+        }
+        Err(WriteConflict::Duplicate) => return Err(ApiError::internal("trigger", "duplicate call id")),
+    }
+    let op = SessionOp::Start {
+        call_id: call_id.clone(),
+        user_id: session.user.id.clone(),
+        phone_number: phone,
+        reserved: amount,
+        scheduled_at_ms: None,
+    };
+    let _: serde_json::Value = session_op(ctx, &call_id, &op).await?;
+    worker::console_log!("call triggered call_id={call_id} user_id={}", session.user.id);
+    let row = ctx.store.call(&call_id).await?.ok_or_else(|| ApiError::not_found("Call"))?;
+    json(201, &json!({ "call": row }))
+}
+
+pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(&req, ctx).await?;
+    let body: ScheduleBody = json_body(&mut req).await?;
+    let phone = validate::e164(&body.phone_number)?;
+    let at = time::OffsetDateTime::parse(body.scheduled_time.trim(), &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+            ApiError::bad_request("invalid_scheduled_time", "scheduled_time must be an RFC 3339 date-time, e.g. 2026-12-01T09:30:00Z.")
+        })?;
+    let at_secs = at.unix_timestamp();
+    let now = ctx.now_secs();
+    if at_secs <= now {
+        return Err(ApiError::bad_request("invalid_scheduled_time", "scheduled_time must be in the future."));
+    }
+    if at_secs - now > MAX_SCHEDULE_AHEAD_SECS {
+        return Err(ApiError::bad_request("invalid_scheduled_time", "scheduled_time must be at most 30 days ahead."));
+    }
+    usable_persona(ctx, &session, &body.persona_id).await?;
+    let at_ms = (at.unix_timestamp_nanos() / 1_000_000) as u64;
+    let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let call = new_call(
+        call_id.clone(),
+        &session,
+        body.persona_id,
+        phone.clone(),
+        "scheduled",
+        Some(crate::iso_from_millis(at_ms)),
+    );
+    if !ctx.store.insert_scheduled_call(&call, MAX_PENDING_SCHEDULED, &ctx.now_iso()).await? {
+        return Err(ApiError::new(
+            429,
+            "too_many_scheduled_calls",
+            format!("You can have at most {MAX_PENDING_SCHEDULED} scheduled calls."),
+        ));
+    }
+    let op = SessionOp::Start {
+        call_id: call_id.clone(),
+        user_id: session.user.id.clone(),
+        phone_number: phone,
+        reserved: 0,
+        scheduled_at_ms: Some(at_ms),
+    };
+    let _: serde_json::Value = session_op(ctx, &call_id, &op).await?;
+    let row = ctx.store.call(&call_id).await?.ok_or_else(|| ApiError::not_found("Call"))?;
+    json(201, &json!({ "call": row }))
+}
+
+/// Loads a call the session may see: its owner or an admin; 404 otherwise.
+async fn visible_call(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<CallRow> {
+    match ctx.store.call(id).await? {
+        Some(call) if call.user_id == session.user.id || session.is_admin() => Ok(call),
+        _ => Err(ApiError::not_found("Call")),
+    }
+}
+
+pub async fn cancel(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    let call = visible_call(ctx, &session, id).await?;
+    if call.user_id != session.user.id {
+        return Err(ApiError::not_found("Call"));
+    }
+    let outcome: CancelOutcome = session_op(ctx, id, &SessionOp::Cancel).await?;
+    if !outcome.canceled {
+        return Err(ApiError::conflict(
+            "not_cancelable",
+            format!("Only scheduled or queued calls can be canceled; this one is {}.", outcome.status.as_str()),
+        ));
+    }
+    let row = ctx.store.call(id).await?.ok_or_else(|| ApiError::not_found("Call"))?;
+    json(200, &json!({ "call": row }))
+}
+
+pub async fn history(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    let q: HistoryQuery = query(req)?;
+    let limit = q.limit.unwrap_or(20);
+    let offset = q.offset.unwrap_or(0);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 100."));
+    }
+    if offset < 0 {
+        return Err(ApiError::bad_request("invalid_query", "offset must not be negative."));
+    }
+    let (calls, total) = ctx.store.calls_for_user(&session.user.id, limit, offset).await?;
+    json(200, &json!({ "calls": calls, "total": total }))
+}
+
+pub async fn detail(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    let call = visible_call(ctx, &session, id).await?;
+    let transcript: Vec<_> = ctx
+        .store
+        .transcript(id)
+        .await?
+        .into_iter()
+        .map(|t| json!({ "role": t.role, "text": t.text, "at": t.at, "interrupted": t.interrupted != 0 }))
+        .collect();
+    let lines = ctx.store.costs(id).await?;
+    let total_micros: i64 = lines.iter().map(|c| c.cost_micros).sum();
+    let costs = json!({
+        "credits_charged": call.cost_cents,
+        "providers": lines,
+        "total_cost_micros": total_micros,
+    });
+    json(200, &json!({ "call": call, "transcript": transcript, "costs": costs }))
+}
