@@ -1,0 +1,135 @@
+//! Shared stacks for integration tests: one real Worker (under `wrangler dev`, fresh local
+//! D1/KV/DO state) per test binary, started on first use, configured with test secrets
+//! and pointed at in-process fake providers.
+//!
+//! The Worker outlives individual `#[tokio::test]` runtimes, so the fakes it talks to run
+//! on a dedicated runtime thread owned by this module.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+
+use serde_json::json;
+
+use crate::api::{ApiClient, TestUser};
+use crate::fakes;
+use crate::stack::{Stack, StackOptions};
+
+/// Test secrets, shared with the fakes (which check them) and the tests (which forge or
+/// sign with them). Long enough for the Worker's config rules.
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789abcdef";
+pub const RELAY_SECRET: &str = "test-relay-secret-0123456789abcdef0123456789abcdef";
+pub const TWILIO_ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
+pub const TWILIO_AUTH_TOKEN: &str = "test-twilio-auth-token";
+pub const STRIPE_SECRET_KEY: &str = "sk_test_call_me_back";
+pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_call_me_back";
+pub const LLM_API_KEY: &str = "test-llm-key";
+pub const ADMIN_EMAIL: &str = "admin@callmeback.test";
+
+/// A running Worker plus the fakes it is wired to.
+pub struct TestWorker {
+    stack: Stack,
+    pub twilio: fakes::twilio::FakeTwilio,
+}
+
+impl TestWorker {
+    pub fn url(&self) -> String {
+        self.stack.worker_url()
+    }
+}
+
+/// The runtime that hosts the fakes for the whole test binary.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("fakes")
+            .build()
+            .expect("fakes runtime")
+    })
+}
+
+/// The Worker configuration the tests run with, pointing at the given fake bases.
+pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    let mut set = |k: &str, v: &str| {
+        vars.insert(k.to_string(), v.to_string());
+    };
+    set("JWT_SECRET", JWT_SECRET);
+    set("RELAY_SECRET", RELAY_SECRET);
+    set("RELAY_URL", "ws://127.0.0.1:9/twilio");
+    set("TWILIO_ACCOUNT_SID", TWILIO_ACCOUNT_SID);
+    set("TWILIO_AUTH_TOKEN", TWILIO_AUTH_TOKEN);
+    set("TWILIO_PHONE_NUMBER", "+15005550006");
+    set("TWILIO_API_BASE", twilio_base);
+    set("LLM_API_KEY", LLM_API_KEY);
+    set("LLM_API_BASE", "http://127.0.0.1:9/v1");
+    set("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY);
+    set("STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET);
+    set("STRIPE_API_BASE", "http://127.0.0.1:9");
+    set("ADMIN_EMAILS", ADMIN_EMAIL);
+    set("FREE_CREDITS", "200");
+    vars
+}
+
+/// The shared Worker of this test binary, started on first use.
+pub fn worker() -> &'static TestWorker {
+    static WORKER: OnceLock<TestWorker> = OnceLock::new();
+    WORKER.get_or_init(|| {
+        let twilio = runtime()
+            .block_on(fakes::twilio::FakeTwilio::spawn(fakes::twilio::TwilioConfig {
+                account_sid: TWILIO_ACCOUNT_SID.into(),
+                auth_token: TWILIO_AUTH_TOKEN.into(),
+                ..Default::default()
+            }))
+            .expect("start fake Twilio");
+        let opts = StackOptions {
+            worker_vars: worker_vars(&twilio.base_url()),
+            // PUBLIC_BASE_URL must be the Worker's own address (Twilio signs it); the
+            // launcher fills it in once it knows the port.
+            ..Default::default()
+        };
+        let stack = Stack::start(opts).expect("start the Worker under wrangler dev");
+        TestWorker { stack, twilio }
+    })
+}
+
+pub fn jwt_secret() -> &'static str {
+    JWT_SECRET
+}
+
+/// The admin user of this binary's Worker (its email is in `ADMIN_EMAILS`), registered
+/// once and logged in for each caller.
+pub async fn admin(api: &ApiClient) -> TestUser {
+    static ADMIN: Mutex<Option<TestUser>> = Mutex::new(None);
+    if let Some(user) = ADMIN.lock().expect("admin lock").clone() {
+        return user;
+    }
+    let password = "admin password long enough".to_string();
+    let reply = api
+        .post(
+            "/api/auth/register",
+            None,
+            &json!({ "email": ADMIN_EMAIL, "password": password, "name": "Admin" }),
+        )
+        .await
+        .expect("register admin");
+    let reply = if reply.status == 409 {
+        api.post("/api/auth/login", None, &json!({ "email": ADMIN_EMAIL, "password": password }))
+            .await
+            .expect("login admin")
+    } else {
+        reply
+    };
+    assert!(reply.status == 200 || reply.status == 201, "admin: {}", reply.body);
+    assert_eq!(reply.body["user"]["role"], "admin", "ADMIN_EMAILS grants the admin role");
+    let user = TestUser {
+        id: reply.body["user"]["id"].as_str().unwrap_or_default().to_string(),
+        email: ADMIN_EMAIL.into(),
+        password,
+        token: reply.body["token"].as_str().unwrap_or_default().to_string(),
+    };
+    *ADMIN.lock().expect("admin lock") = Some(user.clone());
+    user
+}
