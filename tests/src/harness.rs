@@ -28,7 +28,7 @@ pub const ADMIN_EMAIL: &str = "admin@callmeback.test";
 /// A running Worker plus the fakes it is wired to.
 pub struct TestWorker {
     stack: Stack,
-    pub twilio: fakes::twilio::FakeTwilio,
+    pub twilio: fakes::twilio::TwilioHandle,
 }
 
 impl TestWorker {
@@ -77,12 +77,11 @@ pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
 pub fn worker() -> &'static TestWorker {
     static WORKER: OnceLock<TestWorker> = OnceLock::new();
     WORKER.get_or_init(|| {
+        let mut cfg = fakes::twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
+        // Short rings keep the suite fast; the protocol Twilio speaks is unchanged.
+        cfg.ring = std::time::Duration::from_millis(300);
         let twilio = runtime()
-            .block_on(fakes::twilio::FakeTwilio::spawn(fakes::twilio::TwilioConfig {
-                account_sid: TWILIO_ACCOUNT_SID.into(),
-                auth_token: TWILIO_AUTH_TOKEN.into(),
-                ..Default::default()
-            }))
+            .block_on(async { fakes::twilio::spawn(cfg).await })
             .expect("start fake Twilio");
         let opts = StackOptions {
             worker_vars: worker_vars(&twilio.base_url()),

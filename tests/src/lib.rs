@@ -1,1 +1,5 @@
 //! Test kit: fake providers, phone simulator and the stack launcher.
+
+pub mod audio;
+pub mod fakes;
+pub mod sim;

@@ -1,0 +1,1 @@
+//! Placeholder: owned by another engineer, to be replaced.

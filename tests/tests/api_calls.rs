@@ -1,0 +1,496 @@
+//! Calls end to end against the real Worker under `wrangler dev` and the fake Twilio:
+//! trigger, Twilio REST, status callbacks, settlement, scheduling, cancel, webhooks'
+//! signatures, and credit reservations under concurrency.
+//!
+//! The relay is not part of this suite: the TwiML points at an address where nothing
+//! listens, so Twilio (the fake) runs the spoken fallback and the call completes — the
+//! billing path is the same.
+
+use std::time::{Duration, Instant};
+
+use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::fakes::faults::Faults;
+use cmb_tests::fakes::twilio::{AnsweredBy, Answer, CallRecord, CalleeScript};
+use cmb_tests::harness::{self, TWILIO_AUTH_TOKEN};
+use cmb_tests::sim::{SimScript, Step};
+use serde_json::{json, Value};
+
+fn client() -> ApiClient {
+    ApiClient::new(harness::worker().url())
+}
+
+/// A phone number no other test uses, so per-number callee scripts don't collide.
+fn unique_number() -> String {
+    let n = uuid::Uuid::new_v4().as_u128() % 10_000_000;
+    format!("+1415{n:07}")
+}
+
+/// Runs on the fakes' runtime: the fake Twilio lives there.
+fn set_script(number: &str, script: CalleeScript) {
+    harness::worker().twilio.set_script(number.to_string(), script);
+}
+
+async fn wait_call_to(number: &str, timeout: Duration) -> Option<CallRecord> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(c) = harness::worker().twilio.calls().into_iter().find(|c| c.to == number) {
+            return Some(c);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_fake_finished(number: &str) -> CallRecord {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(c) = harness::worker().twilio.calls().into_iter().find(|c| c.to == number && c.finished) {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "fake Twilio never finished the call to {number}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the Worker until the call reaches a status in `want`; returns every status seen.
+async fn wait_status(api: &ApiClient, user: &TestUser, id: &str, want: &[&str]) -> (Value, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let status = r.body["call"]["status"].as_str().unwrap().to_string();
+        if seen.last() != Some(&status) {
+            seen.push(status.clone());
+        }
+        if want.contains(&status.as_str()) {
+            return (r.body, seen);
+        }
+        assert!(Instant::now() < deadline, "call {id} stuck; statuses seen {seen:?}: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+}
+
+async fn credits(api: &ApiClient, user: &TestUser) -> i64 {
+    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
+    me.body["user"]["credits"].as_i64().unwrap()
+}
+
+async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> Value {
+    let r = api
+        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": number }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body
+}
+
+fn quick_answer(duration_override_secs: Option<u64>, after_rings: u32) -> CalleeScript {
+    CalleeScript::Answer(Answer {
+        after_rings,
+        answered_by: AnsweredBy::Human,
+        session: SimScript::new(vec![Step::Pause(300), Step::HangUp]),
+        duration_override_secs,
+    })
+}
+
+/// A triggered call goes queued → ringing → in_progress → completed, Twilio gets the
+/// right request, and the call settles to 25 + 40 per started minute.
+#[tokio::test]
+async fn triggered_call_progresses_and_settles() {
+    let api = client();
+    let user = api.register_user("caller").await.unwrap();
+    let number = unique_number();
+    set_script(&number, quick_answer(Some(125), 2));
+
+    let body = trigger(&api, &user, &number).await;
+    assert_eq!(body["call"]["status"], "queued");
+    let id = body["call"]["id"].as_str().unwrap().to_string();
+    assert_eq!(credits(&api, &user).await, 200 - 65, "first minute reserved");
+
+    let (final_body, seen) = wait_status(&api, &user, &id, &["completed", "failed", "busy", "no_answer"]).await;
+    assert_eq!(final_body["call"]["status"], "completed", "{final_body}");
+    for expected in ["ringing", "in_progress"] {
+        assert!(seen.iter().any(|s| s == expected), "never saw {expected}: {seen:?}");
+    }
+    assert_eq!(final_body["call"]["duration_seconds"], 125);
+    assert_eq!(final_body["call"]["cost_cents"], 25 + 3 * 40);
+    assert!(final_body["call"]["ended_at"].is_string());
+    assert!(final_body["call"]["twilio_call_sid"].as_str().unwrap().starts_with("CA"));
+    let twilio_line = final_body["costs"]["providers"].as_array().unwrap().iter().find(|c| c["provider"] == "twilio").cloned();
+    assert_eq!(twilio_line.unwrap()["cost_micros"], 3 * 13_000, "Twilio: 3 minutes at $0.013");
+    assert_eq!(credits(&api, &user).await, 200 - 145);
+
+    let fake = wait_fake_finished(&number).await;
+    assert_eq!(fake.param("From"), Some("+15005550006"));
+    assert!(fake.url.as_deref().unwrap().ends_with(&format!("/api/voice/twiml?callId={id}")));
+    assert!(fake.status_callback.as_deref().unwrap().ends_with(&format!("/api/voice/status?callId={id}")));
+    let mut events = fake.status_callback_events.clone();
+    events.sort();
+    assert_eq!(events, ["answered", "completed", "initiated", "ringing"]);
+    assert_eq!(fake.machine_detection.as_deref(), Some("Enable"));
+    assert!(fake.timeout_secs > 0);
+    assert!(!fake.twiml_fetches.is_empty(), "Twilio fetched the TwiML");
+}
+
+/// Busy and no-answer calls cost nothing and release the reservation.
+#[tokio::test]
+async fn busy_and_no_answer_cost_nothing() {
+    let api = client();
+    for (script, status) in [(CalleeScript::Busy, "busy"), (CalleeScript::NoAnswer, "no_answer")] {
+        let user = api.register_user(status).await.unwrap();
+        let number = unique_number();
+        set_script(&number, script);
+        let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+        let (body, _) = wait_status(&api, &user, &id, &["completed", "failed", "busy", "no_answer"]).await;
+        assert_eq!(body["call"]["status"], status, "{body}");
+        assert_eq!(body["call"]["cost_cents"], 0);
+        assert_eq!(credits(&api, &user).await, 200, "{status}: reservation released, nothing charged");
+    }
+}
+
+/// An answering machine gets a polite message and the call is billed the base fee only.
+#[tokio::test]
+async fn answering_machine_pays_base_fee_only() {
+    let api = client();
+    let user = api.register_user("machine").await.unwrap();
+    let number = unique_number();
+    set_script(
+        &number,
+        CalleeScript::Answer(Answer {
+            after_rings: 1,
+            answered_by: AnsweredBy::MachineEndBeep,
+            session: SimScript::new(vec![Step::Pause(200)]),
+            duration_override_secs: Some(95),
+        }),
+    );
+    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let (body, _) = wait_status(&api, &user, &id, &["completed", "failed"]).await;
+    assert_eq!(body["call"]["status"], "completed");
+    assert_eq!(body["call"]["cost_cents"], 25);
+    assert_eq!(credits(&api, &user).await, 200 - 25);
+    let fake = wait_fake_finished(&number).await;
+    let twiml = &fake.twiml_fetches[0];
+    let xml = format!("{twiml:?}");
+    assert!(!xml.contains("<Stream"), "no media stream for a machine: {xml}");
+}
+
+/// Bad signatures on either webhook are 403 and change nothing; so is a signed callback
+/// for a call we never placed.
+#[tokio::test]
+async fn webhooks_refuse_bad_signatures() {
+    let api = client();
+    let user = api.register_user("sig").await.unwrap();
+    let number = unique_number();
+    set_script(&number, CalleeScript::NoAnswer);
+    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let base = harness::worker().url();
+    let http = reqwest::Client::new();
+    let params = vec![
+        ("CallSid".to_string(), "CA0000".to_string()),
+        ("CallStatus".to_string(), "completed".to_string()),
+        ("CallDuration".to_string(), "600".to_string()),
+        ("SequenceNumber".to_string(), "9".to_string()),
+    ];
+    for path in ["/api/voice/status", "/api/voice/twiml"] {
+        let url = format!("{base}{path}?callId={id}");
+        let good_sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &url, &params);
+        let wrong_key = cmb_core::twilio_sig::compute_signature("not-the-token", &url, &params);
+        for sig in [Some(wrong_key.as_str()), Some("garbage"), None] {
+            let mut req = http.post(&url).form(&params);
+            if let Some(sig) = sig {
+                req = req.header("X-Twilio-Signature", sig);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 403, "{path} with {sig:?}");
+        }
+        // Tampered body: signed for other params.
+        let mut tampered = params.clone();
+        tampered[2].1 = "6000".into();
+        let r = http.post(&url).header("X-Twilio-Signature", &good_sig).form(&tampered).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{path} tampered");
+        // Correctly signed, but for an unknown call.
+        let unknown = format!("{base}{path}?callId=00000000-0000-4000-8000-000000000000");
+        let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &unknown, &params);
+        let r = http.post(&unknown).header("X-Twilio-Signature", sig).form(&params).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{path} unknown call");
+    }
+    let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+    assert_ne!(r.body["call"]["status"], "completed", "nothing changed: {}", r.body);
+    assert_eq!(credits(&api, &user).await, 200 - 65);
+}
+
+/// After a call settled, replayed and out-of-order callbacks change nothing.
+#[tokio::test]
+async fn replayed_and_out_of_order_callbacks_change_nothing() {
+    let api = client();
+    let user = api.register_user("replay").await.unwrap();
+    let number = unique_number();
+    set_script(&number, quick_answer(Some(30), 1));
+    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let (done, _) = wait_status(&api, &user, &id, &["completed"]).await;
+    let fake = wait_fake_finished(&number).await;
+    let balance = credits(&api, &user).await;
+    assert_eq!(balance, 200 - 65);
+
+    let http = reqwest::Client::new();
+    let url = fake.status_callback.clone().unwrap();
+    // Every callback Twilio sent, again, in reverse order (the final one first).
+    for cb in fake.callbacks.iter().rev() {
+        let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &url, &cb.params);
+        let r = http.post(&url).header("X-Twilio-Signature", sig).form(&cb.params).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    // A forged-late "completed" with a longer duration and a higher sequence number.
+    let mut later = fake.callbacks.last().unwrap().params.clone();
+    for (k, v) in later.iter_mut() {
+        match k.as_str() {
+            "CallDuration" | "Duration" => *v = "900".into(),
+            "SequenceNumber" => *v = "99".into(),
+            _ => {}
+        }
+    }
+    let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &url, &later);
+    let r = http.post(&url).header("X-Twilio-Signature", sig).form(&later).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+
+    let after = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+    assert_eq!(after.body["call"], done["call"], "the call record did not move");
+    assert_eq!(credits(&api, &user).await, balance, "nothing billed twice");
+}
+
+/// 20 concurrent triggers: at most what the balance allows is reserved (here one live
+/// call), the balance never goes negative, and the ledger reconciles.
+#[tokio::test]
+async fn concurrent_triggers_never_overdraw() {
+    let api = client();
+    let user = api.register_user("burst").await.unwrap();
+    let number = unique_number();
+    set_script(&number, CalleeScript::NoAnswer);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let api = api.clone();
+            let token = user.token.clone();
+            let number = number.clone();
+            tokio::spawn(async move {
+                api.post("/api/calls/trigger", Some(&token), &json!({ "persona_id": "brad", "phone_number": number }))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            201 => created += 1,
+            409 => assert_eq!(r.code(), Some("call_in_progress")),
+            402 => assert_eq!(r.code(), Some("insufficient_credits")),
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    assert_eq!(created, 1, "one live call per user");
+    let balance = credits(&api, &user).await;
+    assert_eq!(balance, 200 - 65);
+    let history = api.get("/api/calls/history?limit=100", Some(&user.token)).await.unwrap();
+    assert_eq!(history.body["total"], 1, "refused triggers wrote nothing");
+}
+
+/// A user with too few credits cannot start a call.
+#[tokio::test]
+async fn insufficient_credits_is_402() {
+    let api = client();
+    let user = api.register_user("poor").await.unwrap();
+    let number = unique_number();
+    set_script(&number, quick_answer(Some(300), 1));
+    // 200 credits: a 5-minute call costs 225, leaving 0.
+    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let (body, _) = wait_status(&api, &user, &id, &["completed"]).await;
+    assert_eq!(body["call"]["cost_cents"], 200, "capped at what could be collected: {body}");
+    assert_eq!(credits(&api, &user).await, 0);
+    let r = api
+        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": unique_number() }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 402, "{}", r.body);
+    assert_eq!(r.code(), Some("insufficient_credits"));
+}
+
+/// A Twilio 5xx fails the call with its reason and releases the reservation.
+#[tokio::test]
+async fn twilio_error_fails_the_call_and_releases() {
+    let api = client();
+    let user = api.register_user("t5xx").await.unwrap();
+    // Another test may be dialing at the same moment, so fail only while this one runs,
+    // with a number nobody else uses (a rejected request never reaches a script anyway).
+    let faults = harness::worker().twilio.faults().clone();
+    faults.set(Faults {
+        http_status: Some(503),
+        ..Default::default()
+    });
+    let body = trigger(&api, &user, &unique_number()).await;
+    let id = body["call"]["id"].as_str().unwrap().to_string();
+    let (done, _) = wait_status(&api, &user, &id, &["failed", "completed"]).await;
+    faults.reset();
+    assert_eq!(done["call"]["status"], "failed");
+    let reason = done["call"]["status_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("503"), "reason names Twilio's answer: {reason}");
+    assert_eq!(credits(&api, &user).await, 200);
+}
+
+/// Twilio refusing the number (21211) fails the call with Twilio's message.
+#[tokio::test]
+async fn bad_numbers_are_refused() {
+    let api = client();
+    let user = api.register_user("badnum").await.unwrap();
+    for bad in ["12345", "+0123456789", "+1 415 CALL ME", ""] {
+        let r = api
+            .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": bad }))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.code(), Some("invalid_phone_number"), "{bad}");
+    }
+    let r = api
+        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "nobody", "phone_number": unique_number() }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(r.code(), Some("invalid_persona"));
+    let r = api
+        .post("/api/calls/trigger", Some(&user.token), &json!({ "personaId": "brad" }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(credits(&api, &user).await, 200, "nothing reserved");
+}
+
+/// A scheduled call dials at its time; a canceled one never dials.
+#[tokio::test]
+async fn scheduled_call_dials_on_time_and_canceled_never_does() {
+    let api = client();
+    let user = api.register_user("sched").await.unwrap();
+    let on_time = unique_number();
+    let canceled = unique_number();
+    set_script(&on_time, CalleeScript::Busy);
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let at_str = at.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let r = api
+        .post(
+            "/api/calls/schedule",
+            Some(&user.token),
+            &json!({ "persona_id": "sarah", "phone_number": on_time, "scheduled_time": at_str }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["call"]["status"], "scheduled");
+    let r2 = api
+        .post(
+            "/api/calls/schedule",
+            Some(&user.token),
+            &json!({ "personaId": "sarah", "phoneNumber": canceled, "scheduledTime": at_str }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r2.status, 201, "camelCase aliases accepted: {}", r2.body);
+    let cancel_id = r2.body["call"]["id"].as_str().unwrap().to_string();
+    assert_eq!(credits(&api, &user).await, 200, "nothing reserved until dialing");
+
+    let c = api.delete(&format!("/api/calls/{cancel_id}"), Some(&user.token)).await.unwrap();
+    assert_eq!(c.status, 200, "{}", c.body);
+    assert_eq!(c.body["call"]["status"], "canceled");
+    let again = api.delete(&format!("/api/calls/{cancel_id}"), Some(&user.token)).await.unwrap();
+    assert_eq!(again.status, 409);
+
+    let dialed = wait_call_to(&on_time, Duration::from_secs(15)).await.expect("scheduled call dialed");
+    let dialed_at = dialed.date_created;
+    assert!(dialed_at >= at - time::Duration::milliseconds(1000), "not early: {dialed_at} vs {at}");
+    assert!(dialed_at <= at + time::Duration::seconds(3), "on time: {dialed_at} vs {at}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(wait_call_to(&canceled, Duration::from_millis(10)).await.is_none(), "canceled call never dialed");
+}
+
+/// Scheduling validates the time: past, too far ahead and malformed are 400; at most 5
+/// pending per user.
+#[tokio::test]
+async fn schedule_validates_time_and_limit() {
+    let api = client();
+    let user = api.register_user("limit").await.unwrap();
+    let fmt = |d: time::Duration| {
+        (time::OffsetDateTime::now_utc() + d).format(&time::format_description::well_known::Rfc3339).unwrap()
+    };
+    for bad in [fmt(time::Duration::minutes(-5)), fmt(time::Duration::days(31)), "tomorrow at nine".to_string()] {
+        let r = api
+            .post(
+                "/api/calls/schedule",
+                Some(&user.token),
+                &json!({ "persona_id": "alex", "phone_number": unique_number(), "scheduled_time": bad }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.code(), Some("invalid_scheduled_time"));
+    }
+    let later = fmt(time::Duration::days(2));
+    for i in 0..6 {
+        let r = api
+            .post(
+                "/api/calls/schedule",
+                Some(&user.token),
+                &json!({ "persona_id": "alex", "phone_number": unique_number(), "scheduled_time": later }),
+            )
+            .await
+            .unwrap();
+        if i < 5 {
+            assert_eq!(r.status, 201, "{i}: {}", r.body);
+        } else {
+            assert_eq!(r.status, 429, "{}", r.body);
+            assert_eq!(r.code(), Some("too_many_scheduled_calls"));
+        }
+    }
+}
+
+/// History is the caller's only, newest first, paged; another user's call is 404.
+#[tokio::test]
+async fn history_is_private_paged_and_newest_first() {
+    let api = client();
+    let user = api.register_user("hist").await.unwrap();
+    let other = api.register_user("hist-other").await.unwrap();
+    let later = (time::OffsetDateTime::now_utc() + time::Duration::days(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = api
+            .post(
+                "/api/calls/schedule",
+                Some(&user.token),
+                &json!({ "persona_id": "boss", "phone_number": unique_number(), "scheduled_time": later }),
+            )
+            .await
+            .unwrap();
+        ids.push(r.body["call"]["id"].as_str().unwrap().to_string());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let page = api.get("/api/calls/history?limit=2&offset=0", Some(&user.token)).await.unwrap();
+    assert_eq!(page.status, 200);
+    assert_eq!(page.body["total"], 3);
+    let got: Vec<&str> = page.body["calls"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(got, [ids[2].as_str(), ids[1].as_str()]);
+    let page2 = api.get("/api/calls/history?limit=2&offset=2", Some(&user.token)).await.unwrap();
+    assert_eq!(page2.body["calls"][0]["id"], ids[0].as_str());
+    let bad = api.get("/api/calls/history?limit=500", Some(&user.token)).await.unwrap();
+    assert_eq!(bad.status, 400);
+
+    let theirs = api.get("/api/calls/history", Some(&other.token)).await.unwrap();
+    assert_eq!(theirs.body["total"], 0);
+    let peek = api.get(&format!("/api/calls/{}", ids[0]), Some(&other.token)).await.unwrap();
+    assert_eq!(peek.status, 404);
+    let cancel = api.delete(&format!("/api/calls/{}", ids[0]), Some(&other.token)).await.unwrap();
+    assert_eq!(cancel.status, 404);
+    let detail = api.get(&format!("/api/calls/{}", ids[0]), Some(&user.token)).await.unwrap();
+    assert_eq!(detail.body["transcript"], json!([]));
+}
