@@ -30,14 +30,6 @@ impl Session {
     pub fn is_admin(&self) -> bool {
         self.claims.role == Role::Admin
     }
-
-    pub fn require_admin(&self) -> ApiResult<()> {
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden("This action needs the admin role."))
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -81,16 +73,26 @@ fn issue_token(ctx: &Ctx, user: &UserRow, role: Role) -> ApiResult<String> {
         exp: now + TOKEN_TTL_SECS,
         role,
     };
-    jwt::encode(ctx.cfg.jwt_secret.expose().as_bytes(), &claims).map_err(|e| ApiError::internal("jwt encode", e))
+    jwt::encode(ctx.cfg.jwt_secret.expose().as_bytes(), &claims)
+        .map_err(|e| ApiError::internal("jwt encode", e))
 }
 
 pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let body: RegisterBody = json_body(&mut req).await?;
     let mut problems = Vec::new();
-    let email = validate::email(&body.email).map_err(|e| problems.push(e)).ok();
-    let name = validate::name(&body.name).map_err(|e| problems.push(e)).ok();
+    let email = validate::email(&body.email)
+        .map_err(|e| problems.push(e))
+        .ok();
+    let name = validate::name(&body.name)
+        .map_err(|e| problems.push(e))
+        .ok();
     let _ = cmb_core::password::check_password_policy(&body.password).map_err(|e| problems.push(e));
-    let phone = match body.phone_number.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+    let phone = match body
+        .phone_number
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         Some(p) => validate::e164(p).map_err(|e| problems.push(e)).ok(),
         None => None,
     };
@@ -104,13 +106,30 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let now = ctx.now_iso();
-    let stored_role = if ctx.cfg.admin_emails.iter().any(|e| e == &email) { "admin" } else { "user" };
+    let stored_role = if ctx.cfg.admin_emails.iter().any(|e| e == &email) {
+        "admin"
+    } else {
+        "user"
+    };
     let created = ctx
         .store
-        .create_user(&id, &email, &name, phone.as_deref(), &hash, stored_role, ctx.cfg.free_credits, &ledger_id, &now)
+        .create_user(
+            &id,
+            &email,
+            &name,
+            phone.as_deref(),
+            &hash,
+            stored_role,
+            ctx.cfg.free_credits,
+            &ledger_id,
+            &now,
+        )
         .await?;
     if let Err(WriteConflict::Duplicate) = created {
-        return Err(ApiError::conflict("email_taken", "An account with this email already exists."));
+        return Err(ApiError::conflict(
+            "email_taken",
+            "An account with this email already exists.",
+        ));
     } else if let Err(e) = created {
         return Err(ApiError::internal("create user", format!("{e:?}")));
     }
@@ -122,12 +141,21 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let role = role_for(ctx, &user);
     let token = issue_token(ctx, &user, role)?;
     worker::console_log!("user registered user_id={}", user.id);
-    json(201, &json!({ "token": token, "user": user.view(role_name(role)) }))
+    json(
+        201,
+        &json!({ "token": token, "user": user.view(role_name(role)) }),
+    )
 }
 
 pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let body: LoginBody = json_body(&mut req).await?;
-    let invalid = || ApiError::new(401, "invalid_credentials", "Email or password is incorrect.");
+    let invalid = || {
+        ApiError::new(
+            401,
+            "invalid_credentials",
+            "Email or password is incorrect.",
+        )
+    };
     // An email that cannot be valid cannot have an account; answer exactly as for a wrong
     // password, after the same amount of hashing work.
     let user = match validate::email(&body.email) {
@@ -151,7 +179,10 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     }
     let role = role_for(ctx, &user);
     let token = issue_token(ctx, &user, role)?;
-    json(200, &json!({ "token": token, "user": user.view(role_name(role)) }))
+    json(
+        200,
+        &json!({ "token": token, "user": user.view(role_name(role)) }),
+    )
 }
 
 pub async fn logout(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
@@ -180,8 +211,12 @@ pub async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
     let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) else {
         return Err(ApiError::unauthorized("Missing bearer token."));
     };
-    let claims = jwt::decode(ctx.cfg.jwt_secret.expose().as_bytes(), token.trim(), ctx.now_secs())
-        .map_err(|e| ApiError::unauthorized(format!("Invalid token: {e}.")))?;
+    let claims = jwt::decode(
+        ctx.cfg.jwt_secret.expose().as_bytes(),
+        token.trim(),
+        ctx.now_secs(),
+    )
+    .map_err(|e| ApiError::unauthorized(format!("Invalid token: {e}.")))?;
     let revoked = ctx
         .kv()?
         .get(&claims.jti)

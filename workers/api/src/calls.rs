@@ -49,7 +49,11 @@ struct HistoryQuery {
 }
 
 /// Sends one operation to the call's Durable Object.
-pub async fn session_op<T: for<'de> Deserialize<'de>>(ctx: &Ctx, call_id: &str, op: &SessionOp) -> ApiResult<T> {
+pub async fn session_op<T: for<'de> Deserialize<'de>>(
+    ctx: &Ctx,
+    call_id: &str,
+    op: &SessionOp,
+) -> ApiResult<T> {
     let ns = ctx
         .env
         .durable_object(config::CALL_SESSION_BINDING)
@@ -68,22 +72,41 @@ pub async fn session_op<T: for<'de> Deserialize<'de>>(ctx: &Ctx, call_id: &str, 
         .map_err(|e| ApiError::internal("do fetch", e))?;
     if resp.status_code() != 200 {
         let text = resp.text().await.unwrap_or_default();
-        return Err(ApiError::internal("do op", format!("{}: {text}", resp.status_code())));
+        return Err(ApiError::internal(
+            "do op",
+            format!("{}: {text}", resp.status_code()),
+        ));
     }
-    resp.json().await.map_err(|e| ApiError::internal("do reply", e))
+    resp.json()
+        .await
+        .map_err(|e| ApiError::internal("do reply", e))
 }
 
 /// The persona must exist, be active, and be visible to the caller.
 async fn usable_persona(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<()> {
     let persona = ctx.store.persona(id).await?;
     match persona {
-        Some(p) if p.is_active != 0 && p.owner_id.as_deref().is_none_or(|o| o == session.user.id) => Ok(()),
-        _ => Err(ApiError::bad_request("invalid_persona", "This persona does not exist or is not available.")
-            .with_details(json!([{ "field": "persona_id" }]))),
+        Some(p)
+            if p.is_active != 0 && p.owner_id.as_deref().is_none_or(|o| o == session.user.id) =>
+        {
+            Ok(())
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_persona",
+            "This persona does not exist or is not available.",
+        )
+        .with_details(json!([{ "field": "persona_id" }]))),
     }
 }
 
-fn new_call(id: String, session: &Session, persona_id: String, phone: String, status: &str, scheduled: Option<String>) -> CallRow {
+fn new_call(
+    id: String,
+    session: &Session,
+    persona_id: String,
+    phone: String,
+    status: &str,
+    scheduled: Option<String>,
+) -> CallRow {
     CallRow {
         id,
         user_id: session.user.id.clone(),
@@ -112,7 +135,14 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let amount = cmb_core::pricing::MIN_CREDITS_TO_START;
-    let mut call = new_call(call_id.clone(), &session, body.persona_id, phone.clone(), "queued", None);
+    let mut call = new_call(
+        call_id.clone(),
+        &session,
+        body.persona_id,
+        phone.clone(),
+        "queued",
+        None,
+    );
     call.reserved_credits = amount;
     let key = format!("reserve:{call_id}");
     let reserve = LedgerEntry {
@@ -124,10 +154,17 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         call_id: Some(&call_id),
         reason: "first minute",
     };
-    match ctx.store.insert_call_with_reservation(&call, &reserve, &ctx.now_iso()).await? {
+    match ctx
+        .store
+        .insert_call_with_reservation(&call, &reserve, &ctx.now_iso())
+        .await?
+    {
         Ok(()) => {}
         Err(WriteConflict::LiveCall) => {
-            return Err(ApiError::conflict("call_in_progress", "You already have a call in progress."))
+            return Err(ApiError::conflict(
+                "call_in_progress",
+                "You already have a call in progress.",
+            ))
         }
         Err(WriteConflict::Check) => {
             let have = ctx.store.user_credits(&session.user.id).await?;
@@ -137,7 +174,9 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
                 format!("You need {amount} credits; you have {have}."),
             ));
         }
-        Err(WriteConflict::Duplicate) => return Err(ApiError::internal("trigger", "duplicate call id")),
+        Err(WriteConflict::Duplicate) => {
+            return Err(ApiError::internal("trigger", "duplicate call id"))
+        }
     }
     let op = SessionOp::Start {
         call_id: call_id.clone(),
@@ -147,8 +186,15 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         scheduled_at_ms: None,
     };
     let _: serde_json::Value = session_op(ctx, &call_id, &op).await?;
-    worker::console_log!("call triggered call_id={call_id} user_id={}", session.user.id);
-    let row = ctx.store.call(&call_id).await?.ok_or_else(|| ApiError::not_found("Call"))?;
+    worker::console_log!(
+        "call triggered call_id={call_id} user_id={}",
+        session.user.id
+    );
+    let row = ctx
+        .store
+        .call(&call_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Call"))?;
     json(201, &json!({ "call": row }))
 }
 
@@ -156,17 +202,29 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(&req, ctx).await?;
     let body: ScheduleBody = json_body(&mut req).await?;
     let phone = validate::e164(&body.phone_number)?;
-    let at = time::OffsetDateTime::parse(body.scheduled_time.trim(), &time::format_description::well_known::Rfc3339)
-        .map_err(|_| {
-            ApiError::bad_request("invalid_scheduled_time", "scheduled_time must be an RFC 3339 date-time, e.g. 2026-12-01T09:30:00Z.")
-        })?;
+    let at = time::OffsetDateTime::parse(
+        body.scheduled_time.trim(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_err(|_| {
+        ApiError::bad_request(
+            "invalid_scheduled_time",
+            "scheduled_time must be an RFC 3339 date-time, e.g. 2026-12-01T09:30:00Z.",
+        )
+    })?;
     let at_secs = at.unix_timestamp();
     let now = ctx.now_secs();
     if at_secs <= now {
-        return Err(ApiError::bad_request("invalid_scheduled_time", "scheduled_time must be in the future."));
+        return Err(ApiError::bad_request(
+            "invalid_scheduled_time",
+            "scheduled_time must be in the future.",
+        ));
     }
     if at_secs - now > MAX_SCHEDULE_AHEAD_SECS {
-        return Err(ApiError::bad_request("invalid_scheduled_time", "scheduled_time must be at most 30 days ahead."));
+        return Err(ApiError::bad_request(
+            "invalid_scheduled_time",
+            "scheduled_time must be at most 30 days ahead.",
+        ));
     }
     usable_persona(ctx, &session, &body.persona_id).await?;
     let at_ms = (at.unix_timestamp_nanos() / 1_000_000) as u64;
@@ -179,7 +237,11 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         "scheduled",
         Some(crate::iso_from_millis(at_ms)),
     );
-    if !ctx.store.insert_scheduled_call(&call, MAX_PENDING_SCHEDULED, &ctx.now_iso()).await? {
+    if !ctx
+        .store
+        .insert_scheduled_call(&call, MAX_PENDING_SCHEDULED, &ctx.now_iso())
+        .await?
+    {
         return Err(ApiError::new(
             429,
             "too_many_scheduled_calls",
@@ -194,7 +256,11 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         scheduled_at_ms: Some(at_ms),
     };
     let _: serde_json::Value = session_op(ctx, &call_id, &op).await?;
-    let row = ctx.store.call(&call_id).await?.ok_or_else(|| ApiError::not_found("Call"))?;
+    let row = ctx
+        .store
+        .call(&call_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Call"))?;
     json(201, &json!({ "call": row }))
 }
 
@@ -216,10 +282,17 @@ pub async fn cancel(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     if !outcome.canceled {
         return Err(ApiError::conflict(
             "not_cancelable",
-            format!("Only scheduled or queued calls can be canceled; this one is {}.", outcome.status.as_str()),
+            format!(
+                "Only scheduled or queued calls can be canceled; this one is {}.",
+                outcome.status.as_str()
+            ),
         ));
     }
-    let row = ctx.store.call(id).await?.ok_or_else(|| ApiError::not_found("Call"))?;
+    let row = ctx
+        .store
+        .call(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Call"))?;
     json(200, &json!({ "call": row }))
 }
 
@@ -229,12 +302,21 @@ pub async fn history(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let limit = q.limit.unwrap_or(20);
     let offset = q.offset.unwrap_or(0);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 100."));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 100.",
+        ));
     }
     if offset < 0 {
-        return Err(ApiError::bad_request("invalid_query", "offset must not be negative."));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "offset must not be negative.",
+        ));
     }
-    let (calls, total) = ctx.store.calls_for_user(&session.user.id, limit, offset).await?;
+    let (calls, total) = ctx
+        .store
+        .calls_for_user(&session.user.id, limit, offset)
+        .await?;
     json(200, &json!({ "calls": calls, "total": total }))
 }
 
@@ -255,5 +337,8 @@ pub async fn detail(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
         "providers": lines,
         "total_cost_micros": total_micros,
     });
-    json(200, &json!({ "call": call, "transcript": transcript, "costs": costs }))
+    json(
+        200,
+        &json!({ "call": call, "transcript": transcript, "costs": costs }),
+    )
 }

@@ -58,7 +58,11 @@ async fn pbkdf2(password: &str, salt: &[u8], iterations: u32) -> Result<Vec<u8>,
     let params = Pbkdf2Params::new_with_str("PBKDF2", "SHA-256", iterations, &salt);
     let bits = JsFuture::from(
         subtle
-            .derive_bits_with_object(params.unchecked_ref::<Object>(), &key, (HASH_LEN * 8) as u32)
+            .derive_bits_with_object(
+                params.unchecked_ref::<Object>(),
+                &key,
+                (HASH_LEN * 8) as u32,
+            )
             .map_err(|e| js_err("deriveBits", e))?,
     )
     .await

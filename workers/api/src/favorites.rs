@@ -33,9 +33,10 @@ pub async fn list(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
 pub async fn add(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(&req, ctx).await?;
     let body: AddBody = json_body(&mut req).await?;
-    let visible = ctx.store.persona(&body.persona_id).await?.filter(|p| {
-        p.is_active != 0 && p.owner_id.as_deref().is_none_or(|o| o == session.user.id)
-    });
+    let visible =
+        ctx.store.persona(&body.persona_id).await?.filter(|p| {
+            p.is_active != 0 && p.owner_id.as_deref().is_none_or(|o| o == session.user.id)
+        });
     let Some(persona) = visible else {
         return Err(ApiError::not_found("Persona"));
     };
@@ -47,6 +48,8 @@ pub async fn add(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
 
 pub async fn remove(req: &Request, ctx: &Ctx, persona_id: &str) -> ApiResult<Response> {
     let session = authenticate(req, ctx).await?;
-    ctx.store.remove_favorite(&session.user.id, persona_id).await?;
+    ctx.store
+        .remove_favorite(&session.user.id, persona_id)
+        .await?;
     no_content()
 }

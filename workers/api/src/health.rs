@@ -26,14 +26,20 @@ pub async fn health(env: &Env) -> ApiResult<Response> {
             Ok(()) => (json!({ "ok": true }), true),
             Err(e) => (json!({ "ok": false, "problem": e }), false),
         },
-        Err(_) => (json!({ "ok": false, "problem": "binding DB missing" }), false),
+        Err(_) => (
+            json!({ "ok": false, "problem": "binding DB missing" }),
+            false,
+        ),
     };
     let (kv_check, kv_ok) = match env.kv(config::KV_BINDING) {
         Ok(kv) => match kv.get("__health").text().await {
             Ok(_) => (json!({ "ok": true }), true),
             Err(e) => (json!({ "ok": false, "problem": e.to_string() }), false),
         },
-        Err(_) => (json!({ "ok": false, "problem": "binding TOKEN_BLACKLIST missing" }), false),
+        Err(_) => (
+            json!({ "ok": false, "problem": "binding TOKEN_BLACKLIST missing" }),
+            false,
+        ),
     };
     let healthy = config_ok && db_ok && kv_ok;
     let body = json!({

@@ -17,14 +17,20 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// (a chunked body has no length header).
 pub async fn read_body(req: &mut Request) -> ApiResult<Vec<u8>> {
     if let Ok(Some(len)) = req.headers().get("content-length") {
-        if len.trim().parse::<usize>().map_or(true, |n| n > MAX_BODY_BYTES) {
+        if len
+            .trim()
+            .parse::<usize>()
+            .map_or(true, |n| n > MAX_BODY_BYTES)
+        {
             return Err(too_large());
         }
     }
-    let body = req
-        .bytes()
-        .await
-        .map_err(|e| ApiError::bad_request("unreadable_body", format!("Could not read the request body: {e}")))?;
+    let body = req.bytes().await.map_err(|e| {
+        ApiError::bad_request(
+            "unreadable_body",
+            format!("Could not read the request body: {e}"),
+        )
+    })?;
     if body.len() > MAX_BODY_BYTES {
         return Err(too_large());
     }
@@ -34,7 +40,10 @@ pub async fn read_body(req: &mut Request) -> ApiResult<Vec<u8>> {
 fn too_large() -> ApiError {
     ApiError::bad_request(
         "body_too_large",
-        format!("The request body is larger than {} KiB.", MAX_BODY_BYTES / 1024),
+        format!(
+            "The request body is larger than {} KiB.",
+            MAX_BODY_BYTES / 1024
+        ),
     )
 }
 

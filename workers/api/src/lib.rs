@@ -102,7 +102,10 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
         ApiError::new(
             503,
             "misconfigured",
-            format!("The service is misconfigured: {}. See /health.", names.join(", ")),
+            format!(
+                "The service is misconfigured: {}. See /health.",
+                names.join(", ")
+            ),
         )
     })?;
     let cors = cfg.cors_origins.clone();
@@ -146,7 +149,11 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
 
         (_, ["api", ..]) | (_, ["admin", ..]) | (_, ["internal", ..]) => {
             if known_path(&segments) {
-                Err(ApiError::new(405, "method_not_allowed", format!("{method:?} is not allowed on {path}.")))
+                Err(ApiError::new(
+                    405,
+                    "method_not_allowed",
+                    format!("{method:?} is not allowed on {path}."),
+                ))
             } else {
                 Err(ApiError::not_found("Route"))
             }

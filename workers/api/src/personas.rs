@@ -68,7 +68,13 @@ fn may_edit(row: &PersonaRow, session: &Session) -> bool {
 pub async fn list(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = optional_session(req, ctx).await?;
     let viewer = session.as_ref().map(|s| s.user.id.as_str());
-    let personas: Vec<_> = ctx.store.list_personas(viewer).await?.iter().map(PersonaRow::view).collect();
+    let personas: Vec<_> = ctx
+        .store
+        .list_personas(viewer)
+        .await?
+        .iter()
+        .map(PersonaRow::view)
+        .collect();
     json(200, &json!({ "personas": personas }))
 }
 
@@ -89,8 +95,14 @@ pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let fields = input.validate_create()?;
     let id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     // Admins curate the catalog; everyone else creates their own custom personas.
-    let owner = if session.is_admin() { None } else { Some(session.user.id.as_str()) };
-    ctx.store.insert_persona(&id, owner, &write_of(&fields), &ctx.now_iso()).await?;
+    let owner = if session.is_admin() {
+        None
+    } else {
+        Some(session.user.id.as_str())
+    };
+    ctx.store
+        .insert_persona(&id, owner, &write_of(&fields), &ctx.now_iso())
+        .await?;
     let row = ctx
         .store
         .persona(&id)
@@ -105,8 +117,14 @@ pub async fn update(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response
     let input: PersonaInput = json_body(&mut req).await?;
     let mut fields = fields_of(&row);
     input.apply_update(&mut fields)?;
-    ctx.store.update_persona(id, &write_of(&fields), &ctx.now_iso()).await?;
-    let row = ctx.store.persona(id).await?.ok_or_else(|| ApiError::not_found("Persona"))?;
+    ctx.store
+        .update_persona(id, &write_of(&fields), &ctx.now_iso())
+        .await?;
+    let row = ctx
+        .store
+        .persona(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Persona"))?;
     json(200, &json!({ "persona": row.view() }))
 }
 
@@ -127,7 +145,9 @@ async fn editable(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<PersonaRo
         .filter(|row| visible(row, Some(session)))
         .ok_or_else(|| ApiError::not_found("Persona"))?;
     if !may_edit(&row, session) {
-        return Err(ApiError::forbidden("Only an admin can change catalog personas."));
+        return Err(ApiError::forbidden(
+            "Only an admin can change catalog personas.",
+        ));
     }
     if row.is_active == 0 {
         return Err(ApiError::not_found("Persona"));

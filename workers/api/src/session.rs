@@ -117,7 +117,11 @@ impl DurableObject for CallSession {
                     call_id,
                     user_id,
                     phone_number,
-                    status: if scheduled_at_ms.is_some() { CallStatus::Scheduled } else { CallStatus::Queued },
+                    status: if scheduled_at_ms.is_some() {
+                        CallStatus::Scheduled
+                    } else {
+                        CallStatus::Queued
+                    },
                     twilio_sid: None,
                     reserved,
                     last_seq: -1,
@@ -160,14 +164,13 @@ impl DurableObject for CallSession {
             self.finish(&mut st, pending).await?;
             return Response::ok("settled");
         }
-        match st.status {
-            CallStatus::Scheduled => {
-                if self.reserve_scheduled(&mut st).await? {
-                    self.dial(&mut st).await?;
-                }
-            }
-            CallStatus::Queued if st.twilio_sid.is_none() => self.dial(&mut st).await?,
-            _ => {}
+        let ready_to_dial = match st.status {
+            CallStatus::Scheduled => self.reserve_scheduled(&mut st).await?,
+            CallStatus::Queued => st.twilio_sid.is_none(),
+            _ => false,
+        };
+        if ready_to_dial {
+            self.dial(&mut st).await?;
         }
         Response::ok("ok")
     }
@@ -207,13 +210,18 @@ impl CallSession {
             call_id: Some(&st.call_id),
             reason: "first minute of scheduled call",
         };
-        let result = store.start_scheduled_call(&st.call_id, &entry, &now).await.map_err(Self::api_err)?;
+        let result = store
+            .start_scheduled_call(&st.call_id, &entry, &now)
+            .await
+            .map_err(Self::api_err)?;
         let failure = match result {
             Ok(()) | Err(WriteConflict::Duplicate) => None,
             Err(WriteConflict::Check) => Some(format!(
                 "Not enough credits at the scheduled time: a call needs {amount} credits."
             )),
-            Err(WriteConflict::LiveCall) => Some("Another call was in progress at the scheduled time.".to_string()),
+            Err(WriteConflict::LiveCall) => {
+                Some("Another call was in progress at the scheduled time.".to_string())
+            }
         };
         if let Some(reason) = failure {
             store
@@ -224,7 +232,10 @@ impl CallSession {
             st.status = CallStatus::Failed;
             st.settled = true;
             self.save(st).await?;
-            worker::console_log!("scheduled call failed call_id={} reason={reason}", st.call_id);
+            worker::console_log!(
+                "scheduled call failed call_id={} reason={reason}",
+                st.call_id
+            );
             return Ok(false);
         }
         st.status = CallStatus::Queued;
@@ -263,14 +274,20 @@ impl CallSession {
             }
             Err(e) => {
                 worker::console_warn!("dial failed call_id={} error={e}", st.call_id);
-                self.end_unconnected(st, CallStatus::Failed, &e.to_string()).await?;
+                self.end_unconnected(st, CallStatus::Failed, &e.to_string())
+                    .await?;
             }
         }
         Ok(())
     }
 
     /// Ends a call that never connected, releasing its reservation.
-    async fn end_unconnected(&self, st: &mut CallState, status: CallStatus, reason: &str) -> Result<()> {
+    async fn end_unconnected(
+        &self,
+        st: &mut CallState,
+        status: CallStatus,
+        reason: &str,
+    ) -> Result<()> {
         let store = self.store()?;
         let id = crypto::uuid().map_err(|e| worker::Error::RustError(e.to_string()))?;
         let key = format!("release:{}", st.call_id);
@@ -284,7 +301,13 @@ impl CallSession {
             reason,
         };
         let result = store
-            .end_call_unconnected(&st.call_id, status.as_str(), reason, Some(&release), &iso(now_ms()))
+            .end_call_unconnected(
+                &st.call_id,
+                status.as_str(),
+                reason,
+                Some(&release),
+                &iso(now_ms()),
+            )
             .await
             .map_err(Self::api_err)?;
         match result {
@@ -315,7 +338,8 @@ impl CallSession {
         }
         if let Some(sid) = st.twilio_sid.clone() {
             // Already handed to Twilio: only Twilio can stop it ringing.
-            let cfg = config::load(&self.env).map_err(|_| worker::Error::RustError("misconfigured".into()))?;
+            let cfg = config::load(&self.env)
+                .map_err(|_| worker::Error::RustError("misconfigured".into()))?;
             if let Err(e) = twilio::end_call(&cfg, &sid, "canceled").await {
                 worker::console_warn!("cancel refused by Twilio call_id={} error={e}", st.call_id);
                 return Ok(CancelOutcome {
@@ -325,7 +349,8 @@ impl CallSession {
             }
         }
         self.state.storage().delete_alarm().await?;
-        self.end_unconnected(&mut st, CallStatus::Canceled, "Canceled by the user.").await?;
+        self.end_unconnected(&mut st, CallStatus::Canceled, "Canceled by the user.")
+            .await?;
         Ok(CancelOutcome {
             canceled: true,
             status: CallStatus::Canceled,
@@ -339,8 +364,15 @@ impl CallSession {
         let Some(mut st) = self.load().await? else {
             return Ok(());
         };
-        let get = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        let seq = get("SequenceNumber").and_then(|s| s.parse::<i64>().ok()).unwrap_or(st.last_seq + 1);
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let seq = get("SequenceNumber")
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or(st.last_seq + 1);
         let Some(new_status) = get("CallStatus").and_then(calls::map_twilio_status) else {
             return Ok(());
         };
@@ -359,7 +391,9 @@ impl CallSession {
             return Ok(());
         }
         if new_status.is_final() {
-            let duration_secs = get("CallDuration").and_then(|d| d.parse::<u32>().ok()).unwrap_or(0);
+            let duration_secs = get("CallDuration")
+                .and_then(|d| d.parse::<u32>().ok())
+                .unwrap_or(0);
             let connected = new_status == CallStatus::Completed
                 && (st.status == CallStatus::InProgress || duration_secs > 0);
             let pending = PendingFinal {
@@ -399,13 +433,26 @@ impl CallSession {
         } else {
             cmb_core::pricing::call_charge_credits(pending.duration_secs, pending.connected)
         };
-        let billed_minutes = if pending.connected { i64::from(pending.duration_secs.div_ceil(60)) } else { 0 };
-        let rates = cmb_core::pricing::ProviderRates::default();
+        let billed_minutes = if pending.connected {
+            i64::from(pending.duration_secs.div_ceil(60))
+        } else {
+            0
+        };
+        let usage = cmb_core::pricing::CallUsage {
+            call_duration_secs: if pending.connected {
+                pending.duration_secs
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        let breakdown =
+            cmb_core::pricing::cost_breakdown(&cmb_core::pricing::ProviderRates::default(), &usage);
         let twilio_cost = CostRow {
             provider: "twilio".into(),
             quantity: billed_minutes as f64,
             unit: "minutes".into(),
-            cost_micros: billed_minutes * rates.twilio_per_min_micros,
+            cost_micros: breakdown.twilio_micros,
         };
         let store = self.store()?;
         let now = iso(now_ms());
@@ -431,15 +478,28 @@ impl CallSession {
                 Ok(Err(WriteConflict::Check)) if attempt == 0 => {
                     // The call outran its reservation and the balance cannot cover the
                     // rest: charge what there is and record the shortfall.
-                    let balance = store.user_credits(&st.user_id).await.map_err(Self::api_err)?;
+                    let balance = store
+                        .user_credits(&st.user_id)
+                        .await
+                        .map_err(Self::api_err)?;
                     let collectable = st.reserved + balance;
-                    reason = Some(format!("{} credits could not be collected.", charge - collectable));
+                    reason = Some(format!(
+                        "{} credits could not be collected.",
+                        charge - collectable
+                    ));
                     charge = collectable;
                 }
                 Ok(Err(e)) => return Err(worker::Error::RustError(format!("settle: {e:?}"))),
                 Err(e) => {
-                    worker::console_error!("settle failed call_id={} error={}; retrying", st.call_id, e.message);
-                    self.state.storage().set_alarm((now_ms() + RETRY_MS) as i64).await?;
+                    worker::console_error!(
+                        "settle failed call_id={} error={}; retrying",
+                        st.call_id,
+                        e.message
+                    );
+                    self.state
+                        .storage()
+                        .set_alarm((now_ms() + RETRY_MS) as i64)
+                        .await?;
                     return Ok(());
                 }
             }

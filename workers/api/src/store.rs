@@ -246,7 +246,8 @@ fn classify(err: &worker::Error) -> Option<WriteConflict> {
     }
 }
 
-const USER_COLUMNS: &str = "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, created_at";
+const USER_COLUMNS: &str =
+    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, created_at";
 const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
 const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, greeting, voice_id, stability, similarity_boost, style, speed, is_active, created_at, updated_at";
 
@@ -262,20 +263,30 @@ impl Store {
             .map_err(|e| ApiError::internal("d1 bind", e))
     }
 
-    async fn first<T: for<'de> Deserialize<'de>>(&self, sql: &str, args: &[JsValue]) -> ApiResult<Option<T>> {
+    async fn first<T: for<'de> Deserialize<'de>>(
+        &self,
+        sql: &str,
+        args: &[JsValue],
+    ) -> ApiResult<Option<T>> {
         self.stmt(sql, args)?
             .first::<T>(None)
             .await
             .map_err(|e| ApiError::internal("d1 first", e))
     }
 
-    async fn all<T: for<'de> Deserialize<'de>>(&self, sql: &str, args: &[JsValue]) -> ApiResult<Vec<T>> {
+    async fn all<T: for<'de> Deserialize<'de>>(
+        &self,
+        sql: &str,
+        args: &[JsValue],
+    ) -> ApiResult<Vec<T>> {
         let result = self
             .stmt(sql, args)?
             .all()
             .await
             .map_err(|e| ApiError::internal("d1 all", e))?;
-        result.results::<T>().map_err(|e| ApiError::internal("d1 decode", e))
+        result
+            .results::<T>()
+            .map_err(|e| ApiError::internal("d1 decode", e))
     }
 
     /// Runs statements as one transaction; a constraint failure is returned as a
@@ -331,13 +342,19 @@ impl Store {
     }
 
     pub async fn user_by_email(&self, email: &str) -> ApiResult<Option<UserRow>> {
-        self.first(&format!("SELECT {USER_COLUMNS} FROM users WHERE email = ?1"), &[s(email)])
-            .await
+        self.first(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE email = ?1"),
+            &[s(email)],
+        )
+        .await
     }
 
     pub async fn user_by_id(&self, id: &str) -> ApiResult<Option<UserRow>> {
-        self.first(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"), &[s(id)])
-            .await
+        self.first(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"),
+            &[s(id)],
+        )
+        .await
     }
 
     // ---- personas ----
@@ -356,11 +373,20 @@ impl Store {
     }
 
     pub async fn persona(&self, id: &str) -> ApiResult<Option<PersonaRow>> {
-        self.first(&format!("SELECT {PERSONA_COLUMNS} FROM personas WHERE id = ?1"), &[s(id)])
-            .await
+        self.first(
+            &format!("SELECT {PERSONA_COLUMNS} FROM personas WHERE id = ?1"),
+            &[s(id)],
+        )
+        .await
     }
 
-    pub async fn insert_persona(&self, id: &str, owner: Option<&str>, p: &PersonaWrite, now: &str) -> ApiResult<()> {
+    pub async fn insert_persona(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        p: &PersonaWrite,
+        now: &str,
+    ) -> ApiResult<()> {
         let stmt = self.stmt(
             "INSERT INTO personas (id, owner_id, name, description, system_prompt, greeting, voice_id, \
              stability, similarity_boost, style, speed, is_active, created_at, updated_at) \
@@ -380,7 +406,9 @@ impl Store {
                 s(now),
             ],
         )?;
-        stmt.run().await.map_err(|e| ApiError::internal("insert persona", e))?;
+        stmt.run()
+            .await
+            .map_err(|e| ApiError::internal("insert persona", e))?;
         Ok(())
     }
 
@@ -402,7 +430,9 @@ impl Store {
                 s(now),
             ],
         )?;
-        stmt.run().await.map_err(|e| ApiError::internal("update persona", e))?;
+        stmt.run()
+            .await
+            .map_err(|e| ApiError::internal("update persona", e))?;
         Ok(())
     }
 
@@ -411,7 +441,9 @@ impl Store {
             "UPDATE personas SET is_active = 0, updated_at = ?2 WHERE id = ?1",
             &[s(id), s(now)],
         )?;
-        stmt.run().await.map_err(|e| ApiError::internal("delete persona", e))?;
+        stmt.run()
+            .await
+            .map_err(|e| ApiError::internal("delete persona", e))?;
         Ok(())
     }
 
@@ -424,7 +456,9 @@ impl Store {
              ON CONFLICT (user_id, persona_id) DO NOTHING",
             &[s(user), s(persona), s(now)],
         )?;
-        stmt.run().await.map_err(|e| ApiError::internal("add favorite", e))?;
+        stmt.run()
+            .await
+            .map_err(|e| ApiError::internal("add favorite", e))?;
         Ok(())
     }
 
@@ -433,7 +467,9 @@ impl Store {
             "DELETE FROM favorites WHERE user_id = ?1 AND persona_id = ?2",
             &[s(user), s(persona)],
         )?;
-        stmt.run().await.map_err(|e| ApiError::internal("remove favorite", e))?;
+        stmt.run()
+            .await
+            .map_err(|e| ApiError::internal("remove favorite", e))?;
         Ok(())
     }
 
@@ -467,7 +503,11 @@ impl Store {
 
     /// Applies one ledger entry and its balance change atomically. A repeated key is
     /// `Duplicate` (nothing applied twice); an overdraw is `Check` (nothing applied).
-    pub async fn apply_ledger(&self, e: &LedgerEntry<'_>, now: &str) -> ApiResult<Result<(), WriteConflict>> {
+    pub async fn apply_ledger(
+        &self,
+        e: &LedgerEntry<'_>,
+        now: &str,
+    ) -> ApiResult<Result<(), WriteConflict>> {
         let stmts = self.ledger_stmts(e, now)?;
         self.batch(stmts.into()).await
     }
@@ -479,7 +519,10 @@ impl Store {
             total: Option<i64>,
         }
         let sum: Option<Sum> = self
-            .first("SELECT SUM(amount) AS total FROM credit_ledger WHERE user_id = ?1", &[s(user_id)])
+            .first(
+                "SELECT SUM(amount) AS total FROM credit_ledger WHERE user_id = ?1",
+                &[s(user_id)],
+            )
             .await?;
         Ok(sum.and_then(|s| s.total).unwrap_or(0))
     }
@@ -518,7 +561,12 @@ impl Store {
 
     /// Inserts a scheduled call unless the user already has `max_pending` of them; one
     /// statement, so concurrent requests cannot exceed the limit. Returns whether inserted.
-    pub async fn insert_scheduled_call(&self, call: &CallRow, max_pending: i64, now: &str) -> ApiResult<bool> {
+    pub async fn insert_scheduled_call(
+        &self,
+        call: &CallRow,
+        max_pending: i64,
+        now: &str,
+    ) -> ApiResult<bool> {
         let stmt = self.stmt(
             "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
              SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?6, ?6 \
@@ -533,7 +581,10 @@ impl Store {
                 int(max_pending),
             ],
         )?;
-        let result = stmt.run().await.map_err(|e| ApiError::internal("insert scheduled call", e))?;
+        let result = stmt
+            .run()
+            .await
+            .map_err(|e| ApiError::internal("insert scheduled call", e))?;
         let changes = result
             .meta()
             .map_err(|e| ApiError::internal("d1 meta", e))?
@@ -558,10 +609,19 @@ impl Store {
     }
 
     pub async fn call(&self, id: &str) -> ApiResult<Option<CallRow>> {
-        self.first(&format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"), &[s(id)]).await
+        self.first(
+            &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),
+            &[s(id)],
+        )
+        .await
     }
 
-    pub async fn calls_for_user(&self, user_id: &str, limit: i64, offset: i64) -> ApiResult<(Vec<CallRow>, i64)> {
+    pub async fn calls_for_user(
+        &self,
+        user_id: &str,
+        limit: i64,
+        offset: i64,
+    ) -> ApiResult<(Vec<CallRow>, i64)> {
         let rows = self
             .all(
                 &format!(
@@ -576,7 +636,10 @@ impl Store {
             n: i64,
         }
         let total: Option<Count> = self
-            .first("SELECT COUNT(*) AS n FROM calls WHERE user_id = ?1", &[s(user_id)])
+            .first(
+                "SELECT COUNT(*) AS n FROM calls WHERE user_id = ?1",
+                &[s(user_id)],
+            )
             .await?;
         Ok((rows, total.map_or(0, |c| c.n)))
     }
@@ -626,7 +689,11 @@ impl Store {
     /// Settles a finished call once: release the reservation, charge the price, write the
     /// final record and cost lines — all in one transaction whose ledger keys make any
     /// retry a `Duplicate` with nothing applied twice.
-    pub async fn settle_call(&self, st: &Settlement<'_>, now: &str) -> ApiResult<Result<(), WriteConflict>> {
+    pub async fn settle_call(
+        &self,
+        st: &Settlement<'_>,
+        now: &str,
+    ) -> ApiResult<Result<(), WriteConflict>> {
         let release_key = format!("release:{}", st.call_id);
         let settle_key = format!("settle:{}", st.call_id);
         let mut stmts = Vec::new();

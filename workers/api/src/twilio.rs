@@ -21,7 +21,11 @@ pub struct TwilioError {
 impl std::fmt::Display for TwilioError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.code != 0 {
-            write!(f, "Twilio error {} (HTTP {}): {}", self.code, self.status, self.message)
+            write!(
+                f,
+                "Twilio error {} (HTTP {}): {}",
+                self.code, self.status, self.message
+            )
         } else {
             write!(f, "Twilio HTTP {}: {}", self.status, self.message)
         }
@@ -56,7 +60,11 @@ fn calls_url(cfg: &WorkerConfig) -> String {
     )
 }
 
-async fn post_form(cfg: &WorkerConfig, url: &str, form: &[(&str, &str)]) -> Result<Vec<u8>, TwilioError> {
+async fn post_form(
+    cfg: &WorkerConfig,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<Vec<u8>, TwilioError> {
     let body = serde_urlencoded::to_string(form).map_err(|e| TwilioError {
         status: 0,
         code: 0,
@@ -73,7 +81,9 @@ async fn post_form(cfg: &WorkerConfig, url: &str, form: &[(&str, &str)]) -> Resu
         message: format!("Twilio unreachable: {e}"),
     };
     let headers = Headers::new();
-    headers.set("authorization", &format!("Basic {auth}")).map_err(transport)?;
+    headers
+        .set("authorization", &format!("Basic {auth}"))
+        .map_err(transport)?;
     headers
         .set("content-type", "application/x-www-form-urlencoded")
         .map_err(transport)?;
@@ -135,5 +145,7 @@ pub async fn end_call(cfg: &WorkerConfig, sid: &str, status: &str) -> Result<(),
         "{}/2010-04-01/Accounts/{}/Calls/{}.json",
         cfg.twilio_api_base, cfg.twilio_account_sid, sid
     );
-    post_form(cfg, &url, &[("Status", status)]).await.map(|_| ())
+    post_form(cfg, &url, &[("Status", status)])
+        .await
+        .map(|_| ())
 }

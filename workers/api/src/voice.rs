@@ -5,7 +5,7 @@
 //! parameters before acting on anything; a bad signature, or a call we do not know, is a
 //! 403 that changes nothing.
 
-use cmb_core::{stream_token, twiml, twilio_sig};
+use cmb_core::{stream_token, twilio_sig, twiml};
 use worker::{Request, Response};
 
 use crate::calls::session_op;
@@ -17,7 +17,8 @@ use crate::Ctx;
 
 /// How long a stream token stays valid: the relay must receive `start` within this.
 const STREAM_TOKEN_TTL_SECS: i64 = 120;
-const FALLBACK_SAY: &str = "Sorry, we could not connect your call right now. Please try again in a moment. Goodbye.";
+const FALLBACK_SAY: &str =
+    "Sorry, we could not connect your call right now. Please try again in a moment. Goodbye.";
 const MACHINE_SAY: &str = "Hi, this is Call Me Back. We will try you again later. Goodbye.";
 
 /// A verified Twilio webhook: its call id and form parameters.
@@ -28,8 +29,14 @@ struct Verified {
 
 async fn verify(mut req: Request, ctx: &Ctx) -> ApiResult<Verified> {
     let url = req.url()?;
-    let forbidden = || ApiError::forbidden("Invalid Twilio signature.").with_code("invalid_signature");
-    let signature = req.headers().get("x-twilio-signature").ok().flatten().ok_or_else(forbidden)?;
+    let forbidden =
+        || ApiError::forbidden("Invalid Twilio signature.").with_code("invalid_signature");
+    let signature = req
+        .headers()
+        .get("x-twilio-signature")
+        .ok()
+        .flatten()
+        .ok_or_else(forbidden)?;
     let body = read_body(&mut req).await?;
     let params: Vec<(String, String)> =
         serde_urlencoded::from_bytes(&body).map_err(|_| forbidden())?;
@@ -39,7 +46,12 @@ async fn verify(mut req: Request, ctx: &Ctx) -> ApiResult<Verified> {
         Some(q) => format!("{}{}?{q}", ctx.cfg.public_base_url, url.path()),
         None => format!("{}{}", ctx.cfg.public_base_url, url.path()),
     };
-    if !twilio_sig::validate_request(ctx.cfg.twilio_auth_token.expose(), &signed_url, &params, &signature) {
+    if !twilio_sig::validate_request(
+        ctx.cfg.twilio_auth_token.expose(),
+        &signed_url,
+        &params,
+        &signature,
+    ) {
         worker::console_warn!("twilio webhook: bad signature path={}", url.path());
         return Err(forbidden());
     }
@@ -57,13 +69,19 @@ async fn verify(mut req: Request, ctx: &Ctx) -> ApiResult<Verified> {
 
 fn twiml_response(xml: String) -> ApiResult<Response> {
     let mut resp = Response::ok(xml)?;
-    resp.headers_mut().set("content-type", "text/xml; charset=utf-8")?;
+    resp.headers_mut()
+        .set("content-type", "text/xml; charset=utf-8")?;
     Ok(resp)
 }
 
 pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let v = verify(req, ctx).await?;
-    let get = |name: &str| v.params.iter().find(|(k, _)| k == name).map(|(_, val)| val.clone());
+    let get = |name: &str| {
+        v.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, val)| val.clone())
+    };
     let answered_by = get("AnsweredBy");
     let _: serde_json::Value = session_op(
         ctx,
@@ -73,7 +91,10 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
         },
     )
     .await?;
-    if answered_by.as_deref().is_some_and(cmb_core::calls::is_machine) {
+    if answered_by
+        .as_deref()
+        .is_some_and(cmb_core::calls::is_machine)
+    {
         worker::console_log!("answering machine call_id={}", v.call_id);
         return twiml_response(twiml::say_and_hangup(MACHINE_SAY));
     }
@@ -86,7 +107,10 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
     );
     let xml = twiml::connect_stream(
         &ctx.cfg.relay_url,
-        &[("callId", v.call_id.as_str()), ("streamToken", token.as_str())],
+        &[
+            ("callId", v.call_id.as_str()),
+            ("streamToken", token.as_str()),
+        ],
         FALLBACK_SAY,
     );
     twiml_response(xml)
@@ -94,6 +118,11 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
 
 pub async fn status(req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let v = verify(req, ctx).await?;
-    let _: serde_json::Value = session_op(ctx, &v.call_id, &SessionOp::TwilioStatus { params: v.params }).await?;
+    let _: serde_json::Value = session_op(
+        ctx,
+        &v.call_id,
+        &SessionOp::TwilioStatus { params: v.params },
+    )
+    .await?;
     no_content()
 }

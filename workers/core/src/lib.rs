@@ -1,4 +1,22 @@
 //! Platform-free domain logic shared by the Worker (`cmb-api`) and the media relay.
 //!
-//! Nothing here performs I/O or reads a clock: time is always an argument, so every
-//! function runs the same on wasm32 and native and is unit-tested natively.
+//! Nothing here performs I/O, reads a clock or draws randomness: time, ids and random
+//! bytes are always arguments, so every function runs the same on wasm32 and native and
+//! is unit-tested natively.
+
+pub mod calls;
+pub mod channel;
+pub mod config;
+pub mod jwt;
+pub mod password;
+pub mod persona;
+pub mod pricing;
+pub mod secret;
+pub mod stream_token;
+pub mod stripe_sig;
+pub mod twilio_sig;
+pub mod twiml;
+pub mod validate;
+
+pub use secret::Secret;
+pub use validate::ValidationError;

@@ -1,0 +1,47 @@
+//! Twilio failing: the Worker's calls against a fake Twilio answering 5xx. In its own
+//! test binary (own Worker and fake) because the fault applies to every request the fake
+//! receives, which would disturb concurrent tests.
+
+use std::time::{Duration, Instant};
+
+use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::fakes::faults::Faults;
+use cmb_tests::harness;
+use serde_json::{json, Value};
+
+async fn credits(api: &ApiClient, user: &TestUser) -> i64 {
+    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
+    me.body["user"]["credits"].as_i64().unwrap()
+}
+
+/// A Twilio 5xx fails the call with its reason and releases the reservation.
+#[tokio::test]
+async fn twilio_error_fails_the_call_and_releases() {
+    let api = ApiClient::new(harness::worker().url());
+    let user = api.register_user("t5xx").await.unwrap();
+    let faults = harness::worker().twilio.faults().clone();
+    faults.set(Faults {
+        http_status: Some(503),
+        ..Default::default()
+    });
+    let body = api
+        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": "+14155550100" }))
+        .await
+        .unwrap();
+    assert_eq!(body.status, 201, "{}", body.body);
+    let id = body.body["call"]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done: Value = loop {
+        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+        if r.body["call"]["status"] != "queued" || Instant::now() > deadline {
+            break r.body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    faults.reset();
+    assert_eq!(done["call"]["status"], "failed");
+    let reason = done["call"]["status_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("503"), "reason names Twilio's answer: {reason}");
+    assert_eq!(credits(&api, &user).await, 200);
+}
+

@@ -1,0 +1,520 @@
+//! The Worker's typed configuration, parsed from a name → value lookup.
+//!
+//! Owns the setting names (API.md "Worker configuration"), their defaults and their
+//! validation, and reports every missing or malformed setting at once. It must not read
+//! the environment itself: the Worker adapts `worker::Env` into the lookup, tests pass a
+//! map. Bindings (D1, KV, DOs) are the Worker's to check.
+//!
+//! Every value is trimmed of surrounding whitespace first — a trailing newline from
+//! `echo … | wrangler secret put` is the classic way a secret "cannot be set" — and an
+//! empty value counts as unset.
+
+use std::fmt;
+
+use url::Url;
+
+use crate::secret::Secret;
+use crate::validate;
+
+pub const DEFAULT_TWILIO_API_BASE: &str = "https://api.twilio.com";
+pub const DEFAULT_LLM_API_BASE: &str = "https://api.cerebras.ai/v1";
+pub const DEFAULT_LLM_MODEL: &str = "gpt-oss-120b";
+pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+pub const DEFAULT_FREE_CREDITS: i64 = 200;
+/// HMAC keys shorter than this are guessable offline.
+pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+
+/// Which database the Worker's store uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbBackend {
+    /// Cloudflare D1 (binding `DB`), the default.
+    D1,
+    /// Postgres through the `HYPERDRIVE` binding.
+    Postgres,
+}
+
+/// Everything the Worker needs from vars and secrets, validated.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// No trailing slash.
+    pub public_base_url: String,
+    /// Exactly as configured: Twilio connects to it and the relay checks signatures
+    /// against the same string.
+    pub relay_url: String,
+    pub relay_secret: Secret,
+    pub jwt_secret: Secret,
+    pub db_backend: DbBackend,
+    pub twilio_account_sid: String,
+    pub twilio_auth_token: Secret,
+    /// E.164.
+    pub twilio_phone_number: String,
+    /// No trailing slash.
+    pub twilio_api_base: String,
+    pub llm_api_key: Secret,
+    /// No trailing slash.
+    pub llm_api_base: String,
+    pub llm_model: String,
+    pub stripe_secret_key: Secret,
+    pub stripe_webhook_secret: Secret,
+    /// No trailing slash.
+    pub stripe_api_base: String,
+    /// Lowercased.
+    pub admin_emails: Vec<String>,
+    /// Origins (or `*`), no trailing slash.
+    pub cors_origins: Vec<String>,
+    pub free_credits: i64,
+}
+
+/// One missing or malformed setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The setting's name, e.g. `JWT_SECRET`.
+    pub name: &'static str,
+    /// What is wrong, never the value itself (it may be a secret).
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.name, self.problem)
+    }
+}
+
+/// Every problem found, in setting order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid configuration: ")?;
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems while reading; on a problem each reader returns a placeholder,
+/// which never escapes because any problem makes the whole parse fail.
+struct Reader<F> {
+    get: F,
+    problems: Vec<ConfigProblem>,
+}
+
+impl<F: Fn(&str) -> Option<String>> Reader<F> {
+    fn problem(&mut self, name: &'static str, problem: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            name,
+            problem: problem.into(),
+        });
+    }
+
+    /// The trimmed value, `None` when unset or blank.
+    fn optional(&self, name: &str) -> Option<String> {
+        (self.get)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn required(&mut self, name: &'static str) -> String {
+        self.optional(name).unwrap_or_else(|| {
+            self.problem(name, "missing");
+            String::new()
+        })
+    }
+
+    fn secret(&mut self, name: &'static str, min_bytes: usize) -> Secret {
+        let Some(value) = self.optional(name) else {
+            self.problem(name, "missing");
+            return Secret::new("");
+        };
+        if value.len() < min_bytes {
+            self.problem(
+                name,
+                format!("too short: must be at least {min_bytes} bytes"),
+            );
+        }
+        Secret::new(value)
+    }
+
+    /// An absolute URL with one of `schemes` and a host; `None` (with a problem) otherwise.
+    fn url(&mut self, name: &'static str, value: &str, schemes: &[&str]) -> Option<Url> {
+        let url = match Url::parse(value) {
+            Ok(url) => url,
+            Err(e) => {
+                self.problem(name, format!("not a valid URL ({e})"));
+                return None;
+            }
+        };
+        if !schemes.contains(&url.scheme()) {
+            self.problem(name, format!("scheme must be {}", schemes.join(" or ")));
+            return None;
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            self.problem(name, "URL has no host");
+            return None;
+        }
+        Some(url)
+    }
+
+    /// An http(s) base URL for building request URLs: no query or fragment, trailing
+    /// slashes removed.
+    fn base_url(&mut self, name: &'static str, default: Option<&str>) -> String {
+        let value = match (self.optional(name), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => d.to_owned(),
+            (None, None) => {
+                self.problem(name, "missing");
+                return String::new();
+            }
+        };
+        let Some(url) = self.url(name, &value, &["https", "http"]) else {
+            return String::new();
+        };
+        if url.query().is_some() || url.fragment().is_some() {
+            self.problem(name, "a base URL cannot have a query or fragment");
+        }
+        value.trim_end_matches('/').to_owned()
+    }
+
+    /// Comma-separated list, entries trimmed, blanks dropped.
+    fn list(&self, name: &str) -> Vec<String> {
+        self.optional(name)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Parses the Worker configuration; see [`WorkerConfig::from_lookup`].
+pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig, ConfigErrors> {
+    let mut r = Reader {
+        get,
+        problems: Vec::new(),
+    };
+
+    let public_base_url = r.base_url("PUBLIC_BASE_URL", None);
+
+    let relay_url = r.required("RELAY_URL");
+    if !relay_url.is_empty() {
+        if let Some(url) = r.url("RELAY_URL", &relay_url, &["wss", "ws"]) {
+            // Twilio drops query strings on stream URLs (PROTOCOLS.md §1).
+            if url.query().is_some() {
+                r.problem(
+                    "RELAY_URL",
+                    "must not have a query string (Twilio drops it); per-call data goes in <Parameter>s",
+                );
+            }
+        }
+    }
+
+    let relay_secret = r.secret("RELAY_SECRET", MIN_HMAC_SECRET_BYTES);
+    let jwt_secret = r.secret("JWT_SECRET", MIN_HMAC_SECRET_BYTES);
+
+    let db_backend = match r.optional("DB_BACKEND").map(|v| v.to_ascii_lowercase()) {
+        None => DbBackend::D1,
+        Some(v) if v == "d1" => DbBackend::D1,
+        Some(v) if v == "postgres" => DbBackend::Postgres,
+        Some(_) => {
+            r.problem("DB_BACKEND", "must be d1 or postgres");
+            DbBackend::D1
+        }
+    };
+
+    let twilio_account_sid = r.required("TWILIO_ACCOUNT_SID");
+    let twilio_auth_token = r.secret("TWILIO_AUTH_TOKEN", 1);
+    let twilio_phone_number = match r.optional("TWILIO_PHONE_NUMBER") {
+        None => {
+            r.problem("TWILIO_PHONE_NUMBER", "missing");
+            String::new()
+        }
+        Some(v) => validate::e164(&v).unwrap_or_else(|e| {
+            r.problem(
+                "TWILIO_PHONE_NUMBER",
+                format!("not an E.164 number: {}", e.message),
+            );
+            String::new()
+        }),
+    };
+    let twilio_api_base = r.base_url("TWILIO_API_BASE", Some(DEFAULT_TWILIO_API_BASE));
+
+    let llm_api_key = r.secret("LLM_API_KEY", 1);
+    let llm_api_base = r.base_url("LLM_API_BASE", Some(DEFAULT_LLM_API_BASE));
+    let llm_model = r
+        .optional("LLM_MODEL")
+        .unwrap_or_else(|| DEFAULT_LLM_MODEL.to_owned());
+
+    let stripe_secret_key = r.secret("STRIPE_SECRET_KEY", 1);
+    let stripe_webhook_secret = r.secret("STRIPE_WEBHOOK_SECRET", 1);
+    let stripe_api_base = r.base_url("STRIPE_API_BASE", Some(DEFAULT_STRIPE_API_BASE));
+
+    let mut admin_emails = Vec::new();
+    for entry in r.list("ADMIN_EMAILS") {
+        match validate::email(&entry) {
+            Ok(email) => admin_emails.push(email),
+            Err(_) => r.problem("ADMIN_EMAILS", format!("{entry:?} is not a valid email")),
+        }
+    }
+
+    let mut cors_origins = Vec::new();
+    for entry in r.list("CORS_ORIGINS") {
+        if entry == "*" {
+            cors_origins.push(entry);
+            continue;
+        }
+        let origin = entry.trim_end_matches('/');
+        match Url::parse(origin) {
+            Ok(url)
+                if matches!(url.scheme(), "http" | "https")
+                    && url.host_str().is_some()
+                    && url.path() == "/"
+                    && url.query().is_none() =>
+            {
+                cors_origins.push(origin.to_owned());
+            }
+            _ => r.problem(
+                "CORS_ORIGINS",
+                format!("{entry:?} is not an origin like https://app.example.com"),
+            ),
+        }
+    }
+
+    let free_credits = match r.optional("FREE_CREDITS") {
+        None => DEFAULT_FREE_CREDITS,
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n >= 0 => n,
+            _ => {
+                r.problem("FREE_CREDITS", "must be a whole number ≥ 0");
+                DEFAULT_FREE_CREDITS
+            }
+        },
+    };
+
+    if !r.problems.is_empty() {
+        return Err(ConfigErrors(r.problems));
+    }
+    Ok(WorkerConfig {
+        public_base_url,
+        relay_url,
+        relay_secret,
+        jwt_secret,
+        db_backend,
+        twilio_account_sid,
+        twilio_auth_token,
+        twilio_phone_number,
+        twilio_api_base,
+        llm_api_key,
+        llm_api_base,
+        llm_model,
+        stripe_secret_key,
+        stripe_webhook_secret,
+        stripe_api_base,
+        admin_emails,
+        cors_origins,
+        free_credits,
+    })
+}
+
+impl WorkerConfig {
+    /// Parses the configuration from `get` (setting name → value), naming every missing
+    /// or malformed setting at once.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        from_lookup(get)
+    }
+
+    /// Whether `email` (already normalised) is listed in `ADMIN_EMAILS`.
+    pub fn is_admin_email(&self, email: &str) -> bool {
+        self.admin_emails.iter().any(|e| e == email)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const LONG: &str = "0123456789abcdef0123456789abcdef";
+
+    fn good() -> HashMap<&'static str, String> {
+        [
+            ("PUBLIC_BASE_URL", "https://api.example.com/"),
+            ("RELAY_URL", "wss://relay.example.com/twilio"),
+            ("RELAY_SECRET", LONG),
+            ("JWT_SECRET", LONG),
+            ("TWILIO_ACCOUNT_SID", "ACffffffffffffffffffffffffffffffff"),
+            ("TWILIO_AUTH_TOKEN", "tok"),
+            ("TWILIO_PHONE_NUMBER", "+1 (415) 555-0100"),
+            ("LLM_API_KEY", "csk-1"),
+            ("STRIPE_SECRET_KEY", "sk_test_1"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect()
+    }
+
+    fn parse(vars: &HashMap<&'static str, String>) -> Result<WorkerConfig, ConfigErrors> {
+        WorkerConfig::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    fn names(e: &ConfigErrors) -> Vec<&'static str> {
+        e.0.iter().map(|p| p.name).collect()
+    }
+
+    /// The required settings alone parse, and every default is applied.
+    #[test]
+    fn good_config_with_defaults() {
+        let c = parse(&good()).unwrap();
+        assert_eq!(c.public_base_url, "https://api.example.com");
+        assert_eq!(c.relay_url, "wss://relay.example.com/twilio");
+        assert_eq!(c.relay_secret.expose(), LONG);
+        assert_eq!(c.db_backend, DbBackend::D1);
+        assert_eq!(c.twilio_phone_number, "+14155550100");
+        assert_eq!(c.twilio_api_base, "https://api.twilio.com");
+        assert_eq!(c.llm_api_base, "https://api.cerebras.ai/v1");
+        assert_eq!(c.llm_model, "gpt-oss-120b");
+        assert_eq!(c.stripe_api_base, "https://api.stripe.com");
+        assert_eq!(c.free_credits, 200);
+        assert!(c.admin_emails.is_empty() && c.cors_origins.is_empty());
+    }
+
+    /// Optional settings override defaults; lists are split, trimmed and normalised;
+    /// values are trimmed (a secret with a trailing newline works).
+    #[test]
+    fn overrides_and_lists() {
+        let mut v = good();
+        v.insert("DB_BACKEND", "Postgres".into());
+        v.insert("TWILIO_API_BASE", "http://127.0.0.1:9001/".into());
+        v.insert("LLM_API_BASE", "http://127.0.0.1:9002/v1//".into());
+        v.insert("LLM_MODEL", "llama-test".into());
+        v.insert("STRIPE_API_BASE", "http://localhost:9003".into());
+        v.insert(
+            "ADMIN_EMAILS",
+            " Boss@Example.com, ,ops@example.com ".into(),
+        );
+        v.insert(
+            "CORS_ORIGINS",
+            "https://app.example.com/, http://localhost:3000".into(),
+        );
+        v.insert("FREE_CREDITS", "0".into());
+        v.insert("JWT_SECRET", format!("{LONG}\n"));
+        v.insert("RELAY_URL", "ws://127.0.0.1:8080/twilio".into());
+        let c = parse(&v).unwrap();
+        assert_eq!(c.db_backend, DbBackend::Postgres);
+        assert_eq!(c.twilio_api_base, "http://127.0.0.1:9001");
+        assert_eq!(c.llm_api_base, "http://127.0.0.1:9002/v1");
+        assert_eq!(c.llm_model, "llama-test");
+        assert_eq!(c.stripe_api_base, "http://localhost:9003");
+        assert_eq!(c.admin_emails, ["boss@example.com", "ops@example.com"]);
+        assert!(c.is_admin_email("boss@example.com"));
+        assert_eq!(
+            c.cors_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        assert_eq!(c.free_credits, 0);
+        assert_eq!(c.jwt_secret.expose(), LONG);
+        assert_eq!(c.relay_url, "ws://127.0.0.1:8080/twilio");
+    }
+
+    /// With nothing set, every required setting is named, in order, in one error.
+    #[test]
+    fn every_missing_setting_named() {
+        let e = WorkerConfig::from_lookup(|_| None).unwrap_err();
+        assert_eq!(
+            names(&e),
+            [
+                "PUBLIC_BASE_URL",
+                "RELAY_URL",
+                "RELAY_SECRET",
+                "JWT_SECRET",
+                "TWILIO_ACCOUNT_SID",
+                "TWILIO_AUTH_TOKEN",
+                "TWILIO_PHONE_NUMBER",
+                "LLM_API_KEY",
+                "STRIPE_SECRET_KEY",
+                "STRIPE_WEBHOOK_SECRET"
+            ]
+        );
+        assert!(e.0.iter().all(|p| p.problem == "missing"));
+    }
+
+    /// Malformed values are all reported together, without echoing secrets.
+    #[test]
+    fn every_malformed_setting_named() {
+        let mut v = good();
+        v.insert("PUBLIC_BASE_URL", "api.example.com".into());
+        v.insert("RELAY_URL", "https://relay.example.com/twilio".into());
+        v.insert("RELAY_SECRET", "short-relay-secret".into());
+        v.insert("JWT_SECRET", "   ".into());
+        v.insert("DB_BACKEND", "mysql".into());
+        v.insert("TWILIO_PHONE_NUMBER", "555-0100".into());
+        v.insert("TWILIO_API_BASE", "ftp://api.twilio.com".into());
+        v.insert("LLM_API_BASE", "https://api.cerebras.ai/v1?x=1".into());
+        v.insert("STRIPE_API_BASE", "not a url".into());
+        v.insert("ADMIN_EMAILS", "ok@example.com,not-an-email".into());
+        v.insert("CORS_ORIGINS", "https://app.example.com/path".into());
+        v.insert("FREE_CREDITS", "-5".into());
+        let e = parse(&v).unwrap_err();
+        assert_eq!(
+            names(&e),
+            [
+                "PUBLIC_BASE_URL",
+                "RELAY_URL",
+                "RELAY_SECRET",
+                "JWT_SECRET",
+                "DB_BACKEND",
+                "TWILIO_PHONE_NUMBER",
+                "TWILIO_API_BASE",
+                "LLM_API_BASE",
+                "STRIPE_API_BASE",
+                "ADMIN_EMAILS",
+                "CORS_ORIGINS",
+                "FREE_CREDITS"
+            ]
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("invalid configuration: PUBLIC_BASE_URL: "),
+            "{text}"
+        );
+        assert!(!text.contains("short-relay-secret"), "{text}");
+    }
+
+    /// HMAC secrets need 32 bytes: 31 is refused, 32 accepted.
+    #[test]
+    fn hmac_secret_length_boundary() {
+        let mut v = good();
+        v.insert("RELAY_SECRET", "x".repeat(31));
+        v.insert("JWT_SECRET", "x".repeat(32));
+        let e = parse(&v).unwrap_err();
+        assert_eq!(names(&e), ["RELAY_SECRET"]);
+        assert!(e.0[0].problem.contains("32"), "{:?}", e.0[0]);
+    }
+
+    /// A query string on RELAY_URL is refused, since Twilio would drop it.
+    #[test]
+    fn relay_url_query_refused() {
+        let mut v = good();
+        v.insert("RELAY_URL", "wss://relay.example.com/twilio?token=x".into());
+        assert_eq!(names(&parse(&v).unwrap_err()), ["RELAY_URL"]);
+    }
+
+    /// Debug output of a parsed config shows no secret.
+    #[test]
+    fn debug_redacts_secrets() {
+        let c = parse(&good()).unwrap();
+        let dbg = format!("{c:?}");
+        for secret in [LONG, "sk_test_1", "whsec_1", "csk-1"] {
+            assert!(!dbg.contains(secret), "{secret} leaked");
+        }
+    }
+}
