@@ -1,5 +1,6 @@
 //! Test kit: fake providers, phone simulator and the stack launcher.
 
+pub mod api;
 pub mod audio;
 pub mod fakes;
 pub mod sim;
