@@ -49,3 +49,14 @@ CREATE TABLE call_costs (
     cost_micros INTEGER NOT NULL,
     PRIMARY KEY (call_id, provider)
 );
+
+-- Per persona turn: end of the user's turn to the first persona audio sent to Twilio
+-- (measured by the relay) and to the LLM's first token (measured by the DO).
+CREATE TABLE call_turn_latencies (
+    call_id                       TEXT NOT NULL REFERENCES calls (id),
+    turn                          INTEGER NOT NULL,
+    end_of_turn_to_first_audio_ms INTEGER,
+    llm_first_token_ms            INTEGER,
+    created_at                    TEXT NOT NULL,
+    PRIMARY KEY (call_id, turn)
+);

@@ -16,7 +16,11 @@ async fn register_login_me_logout_revokes_the_token() {
     let user = api.register_user("lifecycle").await.unwrap();
 
     let login = api
-        .post("/api/auth/login", None, &json!({ "email": user.email, "password": user.password }))
+        .post(
+            "/api/auth/login",
+            None,
+            &json!({ "email": user.email, "password": user.password }),
+        )
         .await
         .unwrap();
     assert_eq!(login.status, 200, "{}", login.body);
@@ -26,10 +30,16 @@ async fn register_login_me_logout_revokes_the_token() {
     let me = api.get("/api/me", Some(&token)).await.unwrap();
     assert_eq!(me.status, 200, "{}", me.body);
     assert_eq!(me.body["user"]["email"], user.email.as_str());
-    assert_eq!(me.body["user"]["credits"], 200, "FREE_CREDITS default grant");
+    assert_eq!(
+        me.body["user"]["credits"], 200,
+        "FREE_CREDITS default grant"
+    );
     assert!(me.body["user"].get("password_hash").is_none());
 
-    let out = api.post("/api/auth/logout", Some(&token), &json!({})).await.unwrap();
+    let out = api
+        .post("/api/auth/logout", Some(&token), &json!({}))
+        .await
+        .unwrap();
     assert_eq!(out.status, 204);
     let after = api.get("/api/me", Some(&token)).await.unwrap();
     assert_eq!(after.status, 401);
@@ -63,11 +73,19 @@ async fn login_answers_the_same_for_unknown_email_and_wrong_password() {
     let api = client();
     let user = api.register_user("same").await.unwrap();
     let wrong = api
-        .post("/api/auth/login", None, &json!({ "email": user.email, "password": "not the password" }))
+        .post(
+            "/api/auth/login",
+            None,
+            &json!({ "email": user.email, "password": "not the password" }),
+        )
         .await
         .unwrap();
     let unknown = api
-        .post("/api/auth/login", None, &json!({ "email": "nobody-here@example.com", "password": "not the password" }))
+        .post(
+            "/api/auth/login",
+            None,
+            &json!({ "email": "nobody-here@example.com", "password": "not the password" }),
+        )
         .await
         .unwrap();
     assert_eq!(wrong.status, 401);
@@ -82,13 +100,21 @@ async fn weak_password_is_400_and_creates_nothing() {
     let api = client();
     let email = format!("weak-{}@example.com", uuid::Uuid::new_v4().simple());
     let reply = api
-        .post("/api/auth/register", None, &json!({ "email": email, "password": "short", "name": "Weak" }))
+        .post(
+            "/api/auth/register",
+            None,
+            &json!({ "email": email, "password": "short", "name": "Weak" }),
+        )
         .await
         .unwrap();
     assert_eq!(reply.status, 400);
     assert_eq!(reply.code(), Some("weak_password"));
     let login = api
-        .post("/api/auth/login", None, &json!({ "email": email, "password": "short" }))
+        .post(
+            "/api/auth/login",
+            None,
+            &json!({ "email": email, "password": "short" }),
+        )
         .await
         .unwrap();
     assert_eq!(login.status, 401, "no account was created");
@@ -101,9 +127,14 @@ async fn bad_bodies_are_400_with_a_code() {
     let post_raw = |body: Vec<u8>| {
         let api = api.clone();
         async move {
-            api.raw(reqwest::Method::POST, "/api/auth/register", None, Some(("application/json", body)))
-                .await
-                .unwrap()
+            api.raw(
+                reqwest::Method::POST,
+                "/api/auth/register",
+                None,
+                Some(("application/json", body)),
+            )
+            .await
+            .unwrap()
         }
     };
     let malformed = post_raw(b"{\"email\": ".to_vec()).await;
@@ -111,17 +142,29 @@ async fn bad_bodies_are_400_with_a_code() {
     assert_eq!(malformed.code(), Some("malformed_json"));
 
     let wrong_type = api
-        .post("/api/auth/register", None, &json!({ "email": 42, "password": "long enough pass", "name": "x" }))
+        .post(
+            "/api/auth/register",
+            None,
+            &json!({ "email": 42, "password": "long enough pass", "name": "x" }),
+        )
         .await
         .unwrap();
     assert_eq!(wrong_type.status, 400);
     assert_eq!(wrong_type.code(), Some("invalid_body"));
 
-    let missing = api.post("/api/auth/register", None, &json!({ "email": "a@example.com" })).await.unwrap();
+    let missing = api
+        .post(
+            "/api/auth/register",
+            None,
+            &json!({ "email": "a@example.com" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(missing.status, 400);
     assert_eq!(missing.code(), Some("invalid_body"));
 
-    let mut big = b"{\"email\":\"big@example.com\",\"password\":\"long enough pass\",\"name\":\"".to_vec();
+    let mut big =
+        b"{\"email\":\"big@example.com\",\"password\":\"long enough pass\",\"name\":\"".to_vec();
     big.extend(std::iter::repeat_n(b'a', 65 * 1024));
     big.extend(b"\"}");
     let oversized = post_raw(big).await;
@@ -129,7 +172,11 @@ async fn bad_bodies_are_400_with_a_code() {
     assert_eq!(oversized.code(), Some("body_too_large"));
 
     let bad_email = api
-        .post("/api/auth/register", None, &json!({ "email": "not-an-email", "password": "long enough pass", "name": "x" }))
+        .post(
+            "/api/auth/register",
+            None,
+            &json!({ "email": "not-an-email", "password": "long enough pass", "name": "x" }),
+        )
         .await
         .unwrap();
     assert_eq!(bad_email.status, 400);

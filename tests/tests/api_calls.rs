@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use cmb_tests::api::{ApiClient, TestUser};
-use cmb_tests::fakes::twilio::{AnsweredBy, Answer, CallRecord, CalleeScript};
+use cmb_tests::fakes::twilio::{Answer, AnsweredBy, CallRecord, CalleeScript};
 use cmb_tests::harness::{self, TWILIO_AUTH_TOKEN};
 use cmb_tests::sim::{SimScript, Step};
 use serde_json::{json, Value};
@@ -26,13 +26,20 @@ fn unique_number() -> String {
 
 /// Runs on the fakes' runtime: the fake Twilio lives there.
 fn set_script(number: &str, script: CalleeScript) {
-    harness::worker().twilio.set_script(number.to_string(), script);
+    harness::worker()
+        .twilio
+        .set_script(number.to_string(), script);
 }
 
 async fn wait_call_to(number: &str, timeout: Duration) -> Option<CallRecord> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(c) = harness::worker().twilio.calls().into_iter().find(|c| c.to == number) {
+        if let Some(c) = harness::worker()
+            .twilio
+            .calls()
+            .into_iter()
+            .find(|c| c.to == number)
+        {
             return Some(c);
         }
         if Instant::now() > deadline {
@@ -45,20 +52,36 @@ async fn wait_call_to(number: &str, timeout: Duration) -> Option<CallRecord> {
 async fn wait_fake_finished(number: &str) -> CallRecord {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(c) = harness::worker().twilio.calls().into_iter().find(|c| c.to == number && c.finished) {
+        if let Some(c) = harness::worker()
+            .twilio
+            .calls()
+            .into_iter()
+            .find(|c| c.to == number && c.finished)
+        {
             return c;
         }
-        assert!(Instant::now() < deadline, "fake Twilio never finished the call to {number}");
+        assert!(
+            Instant::now() < deadline,
+            "fake Twilio never finished the call to {number}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Polls the Worker until the call reaches a status in `want`; returns every status seen.
-async fn wait_status(api: &ApiClient, user: &TestUser, id: &str, want: &[&str]) -> (Value, Vec<String>) {
+async fn wait_status(
+    api: &ApiClient,
+    user: &TestUser,
+    id: &str,
+    want: &[&str],
+) -> (Value, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen: Vec<String> = Vec::new();
     loop {
-        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+        let r = api
+            .get(&format!("/api/calls/{id}"), Some(&user.token))
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
         let status = r.body["call"]["status"].as_str().unwrap().to_string();
         if seen.last() != Some(&status) {
@@ -67,7 +90,11 @@ async fn wait_status(api: &ApiClient, user: &TestUser, id: &str, want: &[&str]) 
         if want.contains(&status.as_str()) {
             return (r.body, seen);
         }
-        assert!(Instant::now() < deadline, "call {id} stuck; statuses seen {seen:?}: {}", r.body);
+        assert!(
+            Instant::now() < deadline,
+            "call {id} stuck; statuses seen {seen:?}: {}",
+            r.body
+        );
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
 }
@@ -79,7 +106,11 @@ async fn credits(api: &ApiClient, user: &TestUser) -> i64 {
 
 async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> Value {
     let r = api
-        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": number }))
+        .post(
+            "/api/calls/trigger",
+            Some(&user.token),
+            &json!({ "persona_id": "brad", "phone_number": number }),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
@@ -107,25 +138,58 @@ async fn triggered_call_progresses_and_settles() {
     let body = trigger(&api, &user, &number).await;
     assert_eq!(body["call"]["status"], "queued");
     let id = body["call"]["id"].as_str().unwrap().to_string();
-    assert_eq!(credits(&api, &user).await, 200 - 65, "first minute reserved");
+    assert_eq!(
+        credits(&api, &user).await,
+        200 - 65,
+        "first minute reserved"
+    );
 
-    let (final_body, seen) = wait_status(&api, &user, &id, &["completed", "failed", "busy", "no_answer"]).await;
+    let (final_body, seen) = wait_status(
+        &api,
+        &user,
+        &id,
+        &["completed", "failed", "busy", "no_answer"],
+    )
+    .await;
     assert_eq!(final_body["call"]["status"], "completed", "{final_body}");
     for expected in ["ringing", "in_progress"] {
-        assert!(seen.iter().any(|s| s == expected), "never saw {expected}: {seen:?}");
+        assert!(
+            seen.iter().any(|s| s == expected),
+            "never saw {expected}: {seen:?}"
+        );
     }
     assert_eq!(final_body["call"]["duration_seconds"], 125);
     assert_eq!(final_body["call"]["cost_cents"], 25 + 3 * 40);
     assert!(final_body["call"]["ended_at"].is_string());
-    assert!(final_body["call"]["twilio_call_sid"].as_str().unwrap().starts_with("CA"));
-    let twilio_line = final_body["costs"]["providers"].as_array().unwrap().iter().find(|c| c["provider"] == "twilio").cloned();
-    assert_eq!(twilio_line.unwrap()["cost_micros"], 3 * 13_000, "Twilio: 3 minutes at $0.013");
+    assert!(final_body["call"]["twilio_call_sid"]
+        .as_str()
+        .unwrap()
+        .starts_with("CA"));
+    let twilio_line = final_body["costs"]["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["provider"] == "twilio")
+        .cloned();
+    assert_eq!(
+        twilio_line.unwrap()["cost_micros"],
+        3 * 13_000,
+        "Twilio: 3 minutes at $0.013"
+    );
     assert_eq!(credits(&api, &user).await, 200 - 145);
 
     let fake = wait_fake_finished(&number).await;
     assert_eq!(fake.param("From"), Some("+15005550006"));
-    assert!(fake.url.as_deref().unwrap().ends_with(&format!("/api/voice/twiml?callId={id}")));
-    assert!(fake.status_callback.as_deref().unwrap().ends_with(&format!("/api/voice/status?callId={id}")));
+    assert!(fake
+        .url
+        .as_deref()
+        .unwrap()
+        .ends_with(&format!("/api/voice/twiml?callId={id}")));
+    assert!(fake
+        .status_callback
+        .as_deref()
+        .unwrap()
+        .ends_with(&format!("/api/voice/status?callId={id}")));
     let mut events = fake.status_callback_events.clone();
     events.sort();
     assert_eq!(events, ["answered", "completed", "initiated", "ringing"]);
@@ -138,15 +202,31 @@ async fn triggered_call_progresses_and_settles() {
 #[tokio::test]
 async fn busy_and_no_answer_cost_nothing() {
     let api = client();
-    for (script, status) in [(CalleeScript::Busy, "busy"), (CalleeScript::NoAnswer, "no_answer")] {
+    for (script, status) in [
+        (CalleeScript::Busy, "busy"),
+        (CalleeScript::NoAnswer, "no_answer"),
+    ] {
         let user = api.register_user(status).await.unwrap();
         let number = unique_number();
         set_script(&number, script);
-        let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
-        let (body, _) = wait_status(&api, &user, &id, &["completed", "failed", "busy", "no_answer"]).await;
+        let id = trigger(&api, &user, &number).await["call"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (body, _) = wait_status(
+            &api,
+            &user,
+            &id,
+            &["completed", "failed", "busy", "no_answer"],
+        )
+        .await;
         assert_eq!(body["call"]["status"], status, "{body}");
         assert_eq!(body["call"]["cost_cents"], 0);
-        assert_eq!(credits(&api, &user).await, 200, "{status}: reservation released, nothing charged");
+        assert_eq!(
+            credits(&api, &user).await,
+            200,
+            "{status}: reservation released, nothing charged"
+        );
     }
 }
 
@@ -165,7 +245,10 @@ async fn answering_machine_pays_base_fee_only() {
             duration_override_secs: Some(95),
         }),
     );
-    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let id = trigger(&api, &user, &number).await["call"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (body, _) = wait_status(&api, &user, &id, &["completed", "failed"]).await;
     assert_eq!(body["call"]["status"], "completed");
     assert_eq!(body["call"]["cost_cents"], 25);
@@ -173,7 +256,10 @@ async fn answering_machine_pays_base_fee_only() {
     let fake = wait_fake_finished(&number).await;
     let twiml = &fake.twiml_fetches[0];
     let xml = format!("{twiml:?}");
-    assert!(!xml.contains("<Stream"), "no media stream for a machine: {xml}");
+    assert!(
+        !xml.contains("<Stream"),
+        "no media stream for a machine: {xml}"
+    );
 }
 
 /// Bad signatures on either webhook are 403 and change nothing; so is a signed callback
@@ -184,7 +270,10 @@ async fn webhooks_refuse_bad_signatures() {
     let user = api.register_user("sig").await.unwrap();
     let number = unique_number();
     set_script(&number, CalleeScript::NoAnswer);
-    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let id = trigger(&api, &user, &number).await["call"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let base = harness::worker().url();
     let http = reqwest::Client::new();
     let params = vec![
@@ -208,16 +297,35 @@ async fn webhooks_refuse_bad_signatures() {
         // Tampered body: signed for other params.
         let mut tampered = params.clone();
         tampered[2].1 = "6000".into();
-        let r = http.post(&url).header("X-Twilio-Signature", &good_sig).form(&tampered).send().await.unwrap();
+        let r = http
+            .post(&url)
+            .header("X-Twilio-Signature", &good_sig)
+            .form(&tampered)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 403, "{path} tampered");
         // Correctly signed, but for an unknown call.
         let unknown = format!("{base}{path}?callId=00000000-0000-4000-8000-000000000000");
         let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &unknown, &params);
-        let r = http.post(&unknown).header("X-Twilio-Signature", sig).form(&params).send().await.unwrap();
+        let r = http
+            .post(&unknown)
+            .header("X-Twilio-Signature", sig)
+            .form(&params)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 403, "{path} unknown call");
     }
-    let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
-    assert_ne!(r.body["call"]["status"], "completed", "nothing changed: {}", r.body);
+    let r = api
+        .get(&format!("/api/calls/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_ne!(
+        r.body["call"]["status"], "completed",
+        "nothing changed: {}",
+        r.body
+    );
     assert_eq!(credits(&api, &user).await, 200 - 65);
 }
 
@@ -228,7 +336,10 @@ async fn replayed_and_out_of_order_callbacks_change_nothing() {
     let user = api.register_user("replay").await.unwrap();
     let number = unique_number();
     set_script(&number, quick_answer(Some(30), 1));
-    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let id = trigger(&api, &user, &number).await["call"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (done, _) = wait_status(&api, &user, &id, &["completed"]).await;
     let fake = wait_fake_finished(&number).await;
     let balance = credits(&api, &user).await;
@@ -239,7 +350,13 @@ async fn replayed_and_out_of_order_callbacks_change_nothing() {
     // Every callback Twilio sent, again, in reverse order (the final one first).
     for cb in fake.callbacks.iter().rev() {
         let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &url, &cb.params);
-        let r = http.post(&url).header("X-Twilio-Signature", sig).form(&cb.params).send().await.unwrap();
+        let r = http
+            .post(&url)
+            .header("X-Twilio-Signature", sig)
+            .form(&cb.params)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 204);
     }
     // A forged-late "completed" with a longer duration and a higher sequence number.
@@ -252,11 +369,23 @@ async fn replayed_and_out_of_order_callbacks_change_nothing() {
         }
     }
     let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &url, &later);
-    let r = http.post(&url).header("X-Twilio-Signature", sig).form(&later).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .header("X-Twilio-Signature", sig)
+        .form(&later)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
 
-    let after = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
-    assert_eq!(after.body["call"], done["call"], "the call record did not move");
+    let after = api
+        .get(&format!("/api/calls/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.body["call"], done["call"],
+        "the call record did not move"
+    );
     assert_eq!(credits(&api, &user).await, balance, "nothing billed twice");
 }
 
@@ -274,9 +403,13 @@ async fn concurrent_triggers_never_overdraw() {
             let token = user.token.clone();
             let number = number.clone();
             tokio::spawn(async move {
-                api.post("/api/calls/trigger", Some(&token), &json!({ "persona_id": "brad", "phone_number": number }))
-                    .await
-                    .unwrap()
+                api.post(
+                    "/api/calls/trigger",
+                    Some(&token),
+                    &json!({ "persona_id": "brad", "phone_number": number }),
+                )
+                .await
+                .unwrap()
             })
         })
         .collect();
@@ -293,7 +426,10 @@ async fn concurrent_triggers_never_overdraw() {
     assert_eq!(created, 1, "one live call per user");
     let balance = credits(&api, &user).await;
     assert_eq!(balance, 200 - 65);
-    let history = api.get("/api/calls/history?limit=100", Some(&user.token)).await.unwrap();
+    let history = api
+        .get("/api/calls/history?limit=100", Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(history.body["total"], 1, "refused triggers wrote nothing");
 }
 
@@ -305,12 +441,22 @@ async fn insufficient_credits_is_402() {
     let number = unique_number();
     set_script(&number, quick_answer(Some(300), 1));
     // 200 credits: a 5-minute call costs 225, leaving 0.
-    let id = trigger(&api, &user, &number).await["call"]["id"].as_str().unwrap().to_string();
+    let id = trigger(&api, &user, &number).await["call"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (body, _) = wait_status(&api, &user, &id, &["completed"]).await;
-    assert_eq!(body["call"]["cost_cents"], 200, "capped at what could be collected: {body}");
+    assert_eq!(
+        body["call"]["cost_cents"], 200,
+        "capped at what could be collected: {body}"
+    );
     assert_eq!(credits(&api, &user).await, 0);
     let r = api
-        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": unique_number() }))
+        .post(
+            "/api/calls/trigger",
+            Some(&user.token),
+            &json!({ "persona_id": "brad", "phone_number": unique_number() }),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 402, "{}", r.body);
@@ -324,20 +470,32 @@ async fn bad_numbers_are_refused() {
     let user = api.register_user("badnum").await.unwrap();
     for bad in ["12345", "+0123456789", "+1 415 CALL ME", ""] {
         let r = api
-            .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": bad }))
+            .post(
+                "/api/calls/trigger",
+                Some(&user.token),
+                &json!({ "persona_id": "brad", "phone_number": bad }),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
         assert_eq!(r.code(), Some("invalid_phone_number"), "{bad}");
     }
     let r = api
-        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "nobody", "phone_number": unique_number() }))
+        .post(
+            "/api/calls/trigger",
+            Some(&user.token),
+            &json!({ "persona_id": "nobody", "phone_number": unique_number() }),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), Some("invalid_persona"));
     let r = api
-        .post("/api/calls/trigger", Some(&user.token), &json!({ "personaId": "brad" }))
+        .post(
+            "/api/calls/trigger",
+            Some(&user.token),
+            &json!({ "personaId": "brad" }),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 400);
@@ -353,7 +511,9 @@ async fn scheduled_call_dials_on_time_and_canceled_never_does() {
     let canceled = unique_number();
     set_script(&on_time, CalleeScript::Busy);
     let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
-    let at_str = at.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let at_str = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
     let r = api
         .post(
             "/api/calls/schedule",
@@ -374,20 +534,43 @@ async fn scheduled_call_dials_on_time_and_canceled_never_does() {
         .unwrap();
     assert_eq!(r2.status, 201, "camelCase aliases accepted: {}", r2.body);
     let cancel_id = r2.body["call"]["id"].as_str().unwrap().to_string();
-    assert_eq!(credits(&api, &user).await, 200, "nothing reserved until dialing");
+    assert_eq!(
+        credits(&api, &user).await,
+        200,
+        "nothing reserved until dialing"
+    );
 
-    let c = api.delete(&format!("/api/calls/{cancel_id}"), Some(&user.token)).await.unwrap();
+    let c = api
+        .delete(&format!("/api/calls/{cancel_id}"), Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(c.status, 200, "{}", c.body);
     assert_eq!(c.body["call"]["status"], "canceled");
-    let again = api.delete(&format!("/api/calls/{cancel_id}"), Some(&user.token)).await.unwrap();
+    let again = api
+        .delete(&format!("/api/calls/{cancel_id}"), Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(again.status, 409);
 
-    let dialed = wait_call_to(&on_time, Duration::from_secs(15)).await.expect("scheduled call dialed");
+    let dialed = wait_call_to(&on_time, Duration::from_secs(15))
+        .await
+        .expect("scheduled call dialed");
     let dialed_at = dialed.date_created;
-    assert!(dialed_at >= at - time::Duration::milliseconds(1000), "not early: {dialed_at} vs {at}");
-    assert!(dialed_at <= at + time::Duration::seconds(3), "on time: {dialed_at} vs {at}");
+    assert!(
+        dialed_at >= at - time::Duration::milliseconds(1000),
+        "not early: {dialed_at} vs {at}"
+    );
+    assert!(
+        dialed_at <= at + time::Duration::seconds(3),
+        "on time: {dialed_at} vs {at}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(wait_call_to(&canceled, Duration::from_millis(10)).await.is_none(), "canceled call never dialed");
+    assert!(
+        wait_call_to(&canceled, Duration::from_millis(10))
+            .await
+            .is_none(),
+        "canceled call never dialed"
+    );
 }
 
 /// Scheduling validates the time: past, too far ahead and malformed are 400; at most 5
@@ -397,9 +580,15 @@ async fn schedule_validates_time_and_limit() {
     let api = client();
     let user = api.register_user("limit").await.unwrap();
     let fmt = |d: time::Duration| {
-        (time::OffsetDateTime::now_utc() + d).format(&time::format_description::well_known::Rfc3339).unwrap()
+        (time::OffsetDateTime::now_utc() + d)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
     };
-    for bad in [fmt(time::Duration::minutes(-5)), fmt(time::Duration::days(31)), "tomorrow at nine".to_string()] {
+    for bad in [
+        fmt(time::Duration::minutes(-5)),
+        fmt(time::Duration::days(31)),
+        "tomorrow at nine".to_string(),
+    ] {
         let r = api
             .post(
                 "/api/calls/schedule",
@@ -452,22 +641,48 @@ async fn history_is_private_paged_and_newest_first() {
         ids.push(r.body["call"]["id"].as_str().unwrap().to_string());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let page = api.get("/api/calls/history?limit=2&offset=0", Some(&user.token)).await.unwrap();
+    let page = api
+        .get("/api/calls/history?limit=2&offset=0", Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(page.status, 200);
     assert_eq!(page.body["total"], 3);
-    let got: Vec<&str> = page.body["calls"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = page.body["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
     assert_eq!(got, [ids[2].as_str(), ids[1].as_str()]);
-    let page2 = api.get("/api/calls/history?limit=2&offset=2", Some(&user.token)).await.unwrap();
+    let page2 = api
+        .get("/api/calls/history?limit=2&offset=2", Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(page2.body["calls"][0]["id"], ids[0].as_str());
-    let bad = api.get("/api/calls/history?limit=500", Some(&user.token)).await.unwrap();
+    let bad = api
+        .get("/api/calls/history?limit=500", Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(bad.status, 400);
 
-    let theirs = api.get("/api/calls/history", Some(&other.token)).await.unwrap();
+    let theirs = api
+        .get("/api/calls/history", Some(&other.token))
+        .await
+        .unwrap();
     assert_eq!(theirs.body["total"], 0);
-    let peek = api.get(&format!("/api/calls/{}", ids[0]), Some(&other.token)).await.unwrap();
+    let peek = api
+        .get(&format!("/api/calls/{}", ids[0]), Some(&other.token))
+        .await
+        .unwrap();
     assert_eq!(peek.status, 404);
-    let cancel = api.delete(&format!("/api/calls/{}", ids[0]), Some(&other.token)).await.unwrap();
+    let cancel = api
+        .delete(&format!("/api/calls/{}", ids[0]), Some(&other.token))
+        .await
+        .unwrap();
     assert_eq!(cancel.status, 404);
-    let detail = api.get(&format!("/api/calls/{}", ids[0]), Some(&user.token)).await.unwrap();
+    let detail = api
+        .get(&format!("/api/calls/{}", ids[0]), Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(detail.body["transcript"], json!([]));
 }

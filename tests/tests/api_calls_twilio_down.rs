@@ -25,14 +25,21 @@ async fn twilio_error_fails_the_call_and_releases() {
         ..Default::default()
     });
     let body = api
-        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": "+14155550100" }))
+        .post(
+            "/api/calls/trigger",
+            Some(&user.token),
+            &json!({ "persona_id": "brad", "phone_number": "+14155550100" }),
+        )
         .await
         .unwrap();
     assert_eq!(body.status, 201, "{}", body.body);
     let id = body.body["call"]["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     let done: Value = loop {
-        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+        let r = api
+            .get(&format!("/api/calls/{id}"), Some(&user.token))
+            .await
+            .unwrap();
         if r.body["call"]["status"] != "queued" || Instant::now() > deadline {
             break r.body;
         }
@@ -41,7 +48,9 @@ async fn twilio_error_fails_the_call_and_releases() {
     faults.reset();
     assert_eq!(done["call"]["status"], "failed");
     let reason = done["call"]["status_reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("503"), "reason names Twilio's answer: {reason}");
+    assert!(
+        reason.contains("503"),
+        "reason names Twilio's answer: {reason}"
+    );
     assert_eq!(credits(&api, &user).await, 200);
 }
-

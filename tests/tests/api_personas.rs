@@ -27,7 +27,10 @@ async fn catalog_is_seeded_and_public() {
     let personas = r.body["personas"].as_array().unwrap();
     let names: Vec<&str> = personas.iter().filter_map(|p| p["name"].as_str()).collect();
     for expected in ["Brad", "Sarah", "Alex", "Boss", "Doctor"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
     let brad = personas.iter().find(|p| p["name"] == "Brad").unwrap();
     assert!(brad["system_prompt"].as_str().unwrap().len() > 100);
@@ -38,7 +41,10 @@ async fn catalog_is_seeded_and_public() {
     let one = client().get("/api/personas/brad", None).await.unwrap();
     assert_eq!(one.status, 200);
     assert_eq!(one.body["persona"]["name"], "Brad");
-    let missing = client().get("/api/personas/no-such-persona", None).await.unwrap();
+    let missing = client()
+        .get("/api/personas/no-such-persona", None)
+        .await
+        .unwrap();
     assert_eq!(missing.status, 404);
 }
 
@@ -49,32 +55,67 @@ async fn custom_persona_lifecycle_is_private_to_its_owner() {
     let owner = api.register_user("owner").await.unwrap();
     let other = api.register_user("other").await.unwrap();
 
-    let created = api.post("/api/personas", Some(&owner.token), &custom_persona("Tutor")).await.unwrap();
+    let created = api
+        .post(
+            "/api/personas",
+            Some(&owner.token),
+            &custom_persona("Tutor"),
+        )
+        .await
+        .unwrap();
     assert_eq!(created.status, 201, "{}", created.body);
     let id = created.body["persona"]["id"].as_str().unwrap().to_string();
     assert_eq!(created.body["persona"]["is_custom"], true);
     assert_eq!(created.body["persona"]["owner_id"], owner.id.as_str());
 
     let mine = api.get("/api/personas", Some(&owner.token)).await.unwrap();
-    assert!(mine.body["personas"].as_array().unwrap().iter().any(|p| p["id"] == id.as_str()));
+    assert!(mine.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"] == id.as_str()));
     let theirs = api.get("/api/personas", Some(&other.token)).await.unwrap();
-    assert!(!theirs.body["personas"].as_array().unwrap().iter().any(|p| p["id"] == id.as_str()));
-    let peek = api.get(&format!("/api/personas/{id}"), Some(&other.token)).await.unwrap();
-    assert_eq!(peek.status, 404, "another user's custom persona is invisible");
+    assert!(!theirs.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"] == id.as_str()));
+    let peek = api
+        .get(&format!("/api/personas/{id}"), Some(&other.token))
+        .await
+        .unwrap();
+    assert_eq!(
+        peek.status, 404,
+        "another user's custom persona is invisible"
+    );
 
     let updated = api
-        .put(&format!("/api/personas/{id}"), Some(&owner.token), &json!({ "name": "Tutora", "voice_settings": { "speed": 0.9 } }))
+        .put(
+            &format!("/api/personas/{id}"),
+            Some(&owner.token),
+            &json!({ "name": "Tutora", "voice_settings": { "speed": 0.9 } }),
+        )
         .await
         .unwrap();
     assert_eq!(updated.status, 200, "{}", updated.body);
     assert_eq!(updated.body["persona"]["name"], "Tutora");
     assert_eq!(updated.body["persona"]["voice_settings"]["speed"], 0.9);
-    assert_eq!(updated.body["persona"]["voice_settings"]["stability"], 0.4, "partial update keeps other fields");
+    assert_eq!(
+        updated.body["persona"]["voice_settings"]["stability"], 0.4,
+        "partial update keeps other fields"
+    );
 
-    let deleted = api.delete(&format!("/api/personas/{id}"), Some(&owner.token)).await.unwrap();
+    let deleted = api
+        .delete(&format!("/api/personas/{id}"), Some(&owner.token))
+        .await
+        .unwrap();
     assert_eq!(deleted.status, 204);
     let gone = api.get("/api/personas", Some(&owner.token)).await.unwrap();
-    assert!(!gone.body["personas"].as_array().unwrap().iter().any(|p| p["id"] == id.as_str()));
+    assert!(!gone.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"] == id.as_str()));
 }
 
 /// Another user can neither edit nor delete my custom persona, and nothing changes.
@@ -83,23 +124,47 @@ async fn another_user_cannot_edit_or_delete_my_persona() {
     let api = client();
     let owner = api.register_user("mine").await.unwrap();
     let intruder = api.register_user("intruder").await.unwrap();
-    let created = api.post("/api/personas", Some(&owner.token), &custom_persona("Private")).await.unwrap();
+    let created = api
+        .post(
+            "/api/personas",
+            Some(&owner.token),
+            &custom_persona("Private"),
+        )
+        .await
+        .unwrap();
     let id = created.body["persona"]["id"].as_str().unwrap().to_string();
 
     let edit = api
-        .put(&format!("/api/personas/{id}"), Some(&intruder.token), &json!({ "name": "Hijacked" }))
+        .put(
+            &format!("/api/personas/{id}"),
+            Some(&intruder.token),
+            &json!({ "name": "Hijacked" }),
+        )
         .await
         .unwrap();
     assert!(edit.status == 403 || edit.status == 404, "{}", edit.status);
-    let del = api.delete(&format!("/api/personas/{id}"), Some(&intruder.token)).await.unwrap();
+    let del = api
+        .delete(&format!("/api/personas/{id}"), Some(&intruder.token))
+        .await
+        .unwrap();
     assert!(del.status == 403 || del.status == 404, "{}", del.status);
 
-    let still = api.get(&format!("/api/personas/{id}"), Some(&owner.token)).await.unwrap();
+    let still = api
+        .get(&format!("/api/personas/{id}"), Some(&owner.token))
+        .await
+        .unwrap();
     assert_eq!(still.status, 200);
     assert_eq!(still.body["persona"]["name"], "Private");
     assert_eq!(still.body["persona"]["is_active"], true);
 
-    let catalog_edit = api.put("/api/personas/brad", Some(&owner.token), &json!({ "name": "Chad" })).await.unwrap();
+    let catalog_edit = api
+        .put(
+            "/api/personas/brad",
+            Some(&owner.token),
+            &json!({ "name": "Chad" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(catalog_edit.status, 403, "only admins edit the catalog");
 }
 
@@ -108,37 +173,70 @@ async fn another_user_cannot_edit_or_delete_my_persona() {
 async fn out_of_range_voice_settings_are_400() {
     let api = client();
     let user = api.register_user("ranges").await.unwrap();
-    for (field, value) in [("stability", 1.5), ("similarity_boost", -0.1), ("style", 2.0), ("speed", 3.0), ("speed", 0.5)] {
+    for (field, value) in [
+        ("stability", 1.5),
+        ("similarity_boost", -0.1),
+        ("style", 2.0),
+        ("speed", 3.0),
+        ("speed", 0.5),
+    ] {
         let mut body = custom_persona("Bad");
         body["voice_settings"][field] = json!(value);
-        let r = api.post("/api/personas", Some(&user.token), &body).await.unwrap();
+        let r = api
+            .post("/api/personas", Some(&user.token), &body)
+            .await
+            .unwrap();
         assert_eq!(r.status, 400, "{field}={value}: {}", r.body);
         assert_eq!(r.code(), Some("out_of_range"), "{}", r.body);
     }
     let mut empty_name = custom_persona("x");
     empty_name["name"] = json!("");
-    let r = api.post("/api/personas", Some(&user.token), &empty_name).await.unwrap();
+    let r = api
+        .post("/api/personas", Some(&user.token), &empty_name)
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
 
-    let created = api.post("/api/personas", Some(&user.token), &custom_persona("Good")).await.unwrap();
+    let created = api
+        .post("/api/personas", Some(&user.token), &custom_persona("Good"))
+        .await
+        .unwrap();
     let id = created.body["persona"]["id"].as_str().unwrap().to_string();
     let bad_update = api
-        .put(&format!("/api/personas/{id}"), Some(&user.token), &json!({ "name": "Changed", "voice_settings": { "stability": 9 } }))
+        .put(
+            &format!("/api/personas/{id}"),
+            Some(&user.token),
+            &json!({ "name": "Changed", "voice_settings": { "stability": 9 } }),
+        )
         .await
         .unwrap();
     assert_eq!(bad_update.status, 400);
-    let after = api.get(&format!("/api/personas/{id}"), Some(&user.token)).await.unwrap();
-    assert_eq!(after.body["persona"]["name"], "Good", "a rejected update changes nothing");
+    let after = api
+        .get(&format!("/api/personas/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.body["persona"]["name"], "Good",
+        "a rejected update changes nothing"
+    );
 
     let mine = api.get("/api/personas", Some(&user.token)).await.unwrap();
-    let customs = mine.body["personas"].as_array().unwrap().iter().filter(|p| p["is_custom"] == true).count();
+    let customs = mine.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["is_custom"] == true)
+        .count();
     assert_eq!(customs, 1, "only the valid persona exists");
 }
 
 /// Anonymous callers cannot create personas.
 #[tokio::test]
 async fn creating_needs_a_user() {
-    let r = client().post("/api/personas", None, &custom_persona("Anon")).await.unwrap();
+    let r = client()
+        .post("/api/personas", None, &custom_persona("Anon"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 401);
 }
 
@@ -149,22 +247,58 @@ async fn favourites_round_trip() {
     let user = api.register_user("fav").await.unwrap();
     let other = api.register_user("fav-other").await.unwrap();
     for _ in 0..2 {
-        let r = api.post("/api/favorites", Some(&user.token), &json!({ "persona_id": "brad" })).await.unwrap();
+        let r = api
+            .post(
+                "/api/favorites",
+                Some(&user.token),
+                &json!({ "persona_id": "brad" }),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 204, "{}", r.body);
     }
-    let r = api.post("/api/favorites", Some(&user.token), &json!({ "personaId": "doctor" })).await.unwrap();
+    let r = api
+        .post(
+            "/api/favorites",
+            Some(&user.token),
+            &json!({ "personaId": "doctor" }),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 204);
     let list = api.get("/api/favorites", Some(&user.token)).await.unwrap();
-    let ids: Vec<&str> = list.body["personas"].as_array().unwrap().iter().filter_map(|p| p["id"].as_str()).collect();
+    let ids: Vec<&str> = list.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert!(ids.contains(&"brad") && ids.contains(&"doctor"));
 
-    let private = api.post("/api/personas", Some(&other.token), &custom_persona("Theirs")).await.unwrap();
+    let private = api
+        .post(
+            "/api/personas",
+            Some(&other.token),
+            &custom_persona("Theirs"),
+        )
+        .await
+        .unwrap();
     let private_id = private.body["persona"]["id"].as_str().unwrap();
-    let r = api.post("/api/favorites", Some(&user.token), &json!({ "persona_id": private_id })).await.unwrap();
+    let r = api
+        .post(
+            "/api/favorites",
+            Some(&user.token),
+            &json!({ "persona_id": private_id }),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 404);
 
-    let r = api.delete("/api/favorites/brad", Some(&user.token)).await.unwrap();
+    let r = api
+        .delete("/api/favorites/brad", Some(&user.token))
+        .await
+        .unwrap();
     assert_eq!(r.status, 204);
     let list = api.get("/api/favorites", Some(&user.token)).await.unwrap();
     assert_eq!(list.body["personas"].as_array().unwrap().len(), 1);
@@ -175,10 +309,17 @@ async fn favourites_round_trip() {
 async fn admin_creates_catalog_personas() {
     let api = client();
     let admin = harness::admin(&api).await;
-    let r = api.post("/api/personas", Some(&admin.token), &custom_persona("Chef")).await.unwrap();
+    let r = api
+        .post("/api/personas", Some(&admin.token), &custom_persona("Chef"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["persona"]["is_custom"], false);
     let id = r.body["persona"]["id"].as_str().unwrap().to_string();
     let anon = api.get("/api/personas", None).await.unwrap();
-    assert!(anon.body["personas"].as_array().unwrap().iter().any(|p| p["id"] == id.as_str()));
+    assert!(anon.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"] == id.as_str()));
 }

@@ -8,11 +8,13 @@
 mod auth;
 mod calls;
 mod config;
+mod conversation;
 mod crypto;
 mod error;
 mod favorites;
 mod health;
 mod http;
+mod llm;
 mod personas;
 mod session;
 mod store;
@@ -143,6 +145,8 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
         (Method::Post, ["api", "voice", "twiml"]) => voice::twiml(req, &ctx).await,
         (Method::Post, ["api", "voice", "status"]) => voice::status(req, &ctx).await,
 
+        (Method::Get, ["internal", "calls", id, "session"]) => relay_session(req, &ctx, id).await,
+
         (Method::Get, ["api", "favorites"]) => favorites::list(&req, &ctx).await,
         (Method::Post, ["api", "favorites"]) => favorites::add(req, &ctx).await,
         (Method::Delete, ["api", "favorites", id]) => favorites::remove(&req, &ctx, id).await,
@@ -161,6 +165,49 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
         _ => Err(ApiError::not_found("Route")),
     }?;
     Ok((resp, cors))
+}
+
+/// The relay's control channel for one call: authenticated with `RELAY_SECRET`, then
+/// handed to the call's Durable Object, which accepts the WebSocket.
+async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<Response> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let presented = header.strip_prefix("Bearer ").unwrap_or("");
+    if !cmb_core::password::hashes_equal(
+        presented.as_bytes(),
+        ctx.cfg.relay_secret.expose().as_bytes(),
+    ) {
+        return Err(ApiError::unauthorized("Invalid relay credentials."));
+    }
+    let upgrade = req
+        .headers()
+        .get("upgrade")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return Err(ApiError::new(
+            426,
+            "upgrade_required",
+            "This endpoint is a WebSocket.",
+        ));
+    }
+    if ctx.store.call(call_id).await?.is_none() {
+        return Err(ApiError::not_found("Call"));
+    }
+    let ns = ctx
+        .env
+        .durable_object(config::CALL_SESSION_BINDING)
+        .map_err(|e| ApiError::internal("do binding", e))?;
+    let stub = ns
+        .id_from_name(call_id)
+        .and_then(|id| id.get_stub())
+        .map_err(|e| ApiError::internal("do stub", e))?;
+    Ok(stub.fetch_with_request(req).await?)
 }
 
 /// Paths that exist with some other method (for a 405 instead of a 404).

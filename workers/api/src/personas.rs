@@ -16,7 +16,7 @@ use crate::http::{json, json_body, no_content};
 use crate::store::{PersonaRow, PersonaWrite};
 use crate::Ctx;
 
-fn fields_of(row: &PersonaRow) -> PersonaFields {
+pub(crate) fn fields_of(row: &PersonaRow) -> PersonaFields {
     PersonaFields {
         name: row.name.clone(),
         description: row.description.clone(),

@@ -9,7 +9,10 @@
 use cmb_core::calls::{self, CallStatus};
 use futures::lock::Mutex;
 use serde::{Deserialize, Serialize};
-use worker::{durable_object, DurableObject, Env, Request, Response, Result, State};
+use worker::{
+    durable_object, DurableObject, Env, Request, Response, Result, State, WebSocket,
+    WebSocketIncomingMessage,
+};
 
 use crate::config;
 use crate::crypto;
@@ -77,8 +80,8 @@ pub struct CancelOutcome {
 
 #[durable_object]
 pub struct CallSession {
-    state: State,
-    env: Env,
+    pub(crate) state: State,
+    pub(crate) env: Env,
     lock: Mutex<()>,
 }
 
@@ -100,6 +103,11 @@ impl DurableObject for CallSession {
     }
 
     async fn fetch(&self, mut req: Request) -> Result<Response> {
+        let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
+        if upgrade.eq_ignore_ascii_case("websocket") {
+            let _guard = self.lock.lock().await;
+            return self.accept_relay().await;
+        }
         let op: SessionOp = match req.json().await {
             Ok(op) => op,
             Err(e) => return Response::error(format!("bad session op: {e}"), 400),
@@ -164,6 +172,12 @@ impl DurableObject for CallSession {
             self.finish(&mut st, pending).await?;
             return Response::ok("settled");
         }
+        if !st.settled
+            && st.status == CallStatus::InProgress
+            && self.conversation_alarm(&mut st).await?
+        {
+            return Response::ok("conversation");
+        }
         let ready_to_dial = match st.status {
             CallStatus::Scheduled => self.reserve_scheduled(&mut st).await?,
             CallStatus::Queued => st.twilio_sid.is_none(),
@@ -174,18 +188,71 @@ impl DurableObject for CallSession {
         }
         Response::ok("ok")
     }
+
+    async fn websocket_message(
+        &self,
+        ws: WebSocket,
+        message: WebSocketIncomingMessage,
+    ) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        match message {
+            WebSocketIncomingMessage::String(text) => self.on_relay_message(&ws, &text).await,
+            WebSocketIncomingMessage::Binary(_) => {
+                worker::console_warn!("relay sent a binary frame; the channel is JSON text only");
+                Ok(())
+            }
+        }
+    }
+
+    async fn websocket_close(
+        &self,
+        ws: WebSocket,
+        code: usize,
+        reason: String,
+        _was_clean: bool,
+    ) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        worker::console_log!("relay channel closed code={code} reason={reason}");
+        let _ = ws.close(Some(1000), Some("bye"));
+        self.on_relay_closed().await
+    }
+
+    async fn websocket_error(&self, _ws: WebSocket, error: worker::Error) -> Result<()> {
+        worker::console_warn!("relay channel error: {error}");
+        Ok(())
+    }
 }
 
 impl CallSession {
+    /// Settles a call whose final status never arrived, from our own measure of it.
+    pub(crate) async fn settle_from_watchdog(
+        &self,
+        st: &mut CallState,
+        duration_secs: u32,
+    ) -> Result<()> {
+        let pending = PendingFinal {
+            status: CallStatus::Completed,
+            duration_secs,
+            connected: true,
+        };
+        st.pending_final = Some(pending.clone());
+        self.save(st).await?;
+        worker::console_warn!(
+            "settling from watchdog call_id={} duration={duration_secs}",
+            st.call_id
+        );
+        self.finish(st, pending).await
+    }
+
     fn store(&self) -> Result<Store> {
         Ok(Store::new(self.env.d1(config::DB_BINDING)?))
     }
 
-    async fn load(&self) -> Result<Option<CallState>> {
+    pub(crate) async fn load(&self) -> Result<Option<CallState>> {
         self.state.storage().get::<CallState>("call").await
     }
 
-    async fn save(&self, st: &CallState) -> Result<()> {
+    pub(crate) async fn save(&self, st: &CallState) -> Result<()> {
         self.state.storage().put("call", st).await
     }
 
@@ -454,6 +521,8 @@ impl CallSession {
             unit: "minutes".into(),
             cost_micros: breakdown.twilio_micros,
         };
+        let conv = self.load_conv().await?;
+        self.persist_conversation(st, &conv).await?;
         let store = self.store()?;
         let now = iso(now_ms());
         let mut reason: Option<String> = machine.then(|| "Answered by a machine.".to_string());

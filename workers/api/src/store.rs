@@ -216,20 +216,20 @@ pub struct Store {
     db: D1Database,
 }
 
-fn s(v: &str) -> JsValue {
+pub(crate) fn s(v: &str) -> JsValue {
     JsValue::from_str(v)
 }
 
-fn opt(v: Option<&str>) -> JsValue {
+pub(crate) fn opt(v: Option<&str>) -> JsValue {
     v.map_or(JsValue::NULL, JsValue::from_str)
 }
 
 /// Integers cross into JS as numbers; every value we store is far below 2^53.
-fn int(v: i64) -> JsValue {
+pub(crate) fn int(v: i64) -> JsValue {
     JsValue::from_f64(v as f64)
 }
 
-fn real(v: f64) -> JsValue {
+pub(crate) fn real(v: f64) -> JsValue {
     JsValue::from_f64(v)
 }
 
@@ -256,14 +256,14 @@ impl Store {
         Self { db }
     }
 
-    fn stmt(&self, sql: &str, args: &[JsValue]) -> ApiResult<D1PreparedStatement> {
+    pub(crate) fn stmt(&self, sql: &str, args: &[JsValue]) -> ApiResult<D1PreparedStatement> {
         self.db
             .prepare(sql)
             .bind(args)
             .map_err(|e| ApiError::internal("d1 bind", e))
     }
 
-    async fn first<T: for<'de> Deserialize<'de>>(
+    pub(crate) async fn first<T: for<'de> Deserialize<'de>>(
         &self,
         sql: &str,
         args: &[JsValue],
@@ -274,7 +274,7 @@ impl Store {
             .map_err(|e| ApiError::internal("d1 first", e))
     }
 
-    async fn all<T: for<'de> Deserialize<'de>>(
+    pub(crate) async fn all<T: for<'de> Deserialize<'de>>(
         &self,
         sql: &str,
         args: &[JsValue],
@@ -291,7 +291,10 @@ impl Store {
 
     /// Runs statements as one transaction; a constraint failure is returned as a
     /// [`WriteConflict`] with nothing applied.
-    async fn batch(&self, stmts: Vec<D1PreparedStatement>) -> ApiResult<Result<(), WriteConflict>> {
+    pub(crate) async fn batch(
+        &self,
+        stmts: Vec<D1PreparedStatement>,
+    ) -> ApiResult<Result<(), WriteConflict>> {
         match self.db.batch(stmts).await {
             Ok(_) => Ok(Ok(())),
             Err(e) => match classify(&e) {
@@ -488,7 +491,11 @@ impl Store {
 
     // ---- credits ----
 
-    fn ledger_stmts(&self, e: &LedgerEntry<'_>, now: &str) -> ApiResult<[D1PreparedStatement; 2]> {
+    pub(crate) fn ledger_stmts(
+        &self,
+        e: &LedgerEntry<'_>,
+        now: &str,
+    ) -> ApiResult<[D1PreparedStatement; 2]> {
         let insert = self.stmt(
             "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, call_id, reason, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -761,5 +768,73 @@ impl Store {
             &[s(call_id)],
         )
         .await
+    }
+
+    // ---- conversation record ----
+
+    /// Writes the transcript; re-writing a line (e.g. once what was heard is confirmed)
+    /// replaces it, so this is safe to call at every end-of-call signal.
+    pub async fn save_transcript(&self, call_id: &str, rows: &[TranscriptRow]) -> ApiResult<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut stmts = Vec::with_capacity(rows.len());
+        for r in rows {
+            stmts.push(self.stmt(
+                "INSERT INTO call_transcripts (call_id, seq, role, text, at, interrupted) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (call_id, seq) DO UPDATE SET text = excluded.text, interrupted = excluded.interrupted",
+                &[s(call_id), int(r.seq), s(&r.role), s(&r.text), s(&r.at), int(r.interrupted)],
+            )?);
+        }
+        match self.batch(stmts).await? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ApiError::internal("save transcript", format!("{e:?}"))),
+        }
+    }
+
+    /// Upserts provider cost lines (one per provider per call).
+    pub async fn save_costs(&self, call_id: &str, rows: &[CostRow]) -> ApiResult<()> {
+        let mut stmts = Vec::with_capacity(rows.len());
+        for c in rows {
+            stmts.push(self.stmt(
+                "INSERT INTO call_costs (call_id, provider, quantity, unit, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (call_id, provider) DO UPDATE SET quantity = excluded.quantity, unit = excluded.unit, cost_micros = excluded.cost_micros",
+                &[s(call_id), s(&c.provider), real(c.quantity), s(&c.unit), int(c.cost_micros)],
+            )?);
+        }
+        if stmts.is_empty() {
+            return Ok(());
+        }
+        match self.batch(stmts).await? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ApiError::internal("save costs", format!("{e:?}"))),
+        }
+    }
+
+    /// Upserts per-turn latencies: (turn, end of turn → first audio, LLM first token).
+    pub async fn save_latencies(
+        &self,
+        call_id: &str,
+        rows: &[(u32, Option<u32>, Option<u32>)],
+        now: &str,
+    ) -> ApiResult<()> {
+        let mut stmts = Vec::with_capacity(rows.len());
+        for (turn, audio, llm) in rows {
+            let opt_int = |v: &Option<u32>| v.map_or(JsValue::NULL, |x| int(i64::from(x)));
+            stmts.push(self.stmt(
+                "INSERT INTO call_turn_latencies (call_id, turn, end_of_turn_to_first_audio_ms, llm_first_token_ms, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (call_id, turn) DO UPDATE SET \
+                 end_of_turn_to_first_audio_ms = COALESCE(excluded.end_of_turn_to_first_audio_ms, end_of_turn_to_first_audio_ms), \
+                 llm_first_token_ms = COALESCE(excluded.llm_first_token_ms, llm_first_token_ms)",
+                &[s(call_id), int(i64::from(*turn)), opt_int(audio), opt_int(llm), s(now)],
+            )?);
+        }
+        if stmts.is_empty() {
+            return Ok(());
+        }
+        match self.batch(stmts).await? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ApiError::internal("save latencies", format!("{e:?}"))),
+        }
     }
 }

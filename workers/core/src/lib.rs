@@ -11,6 +11,7 @@ pub mod jwt;
 pub mod password;
 pub mod persona;
 pub mod pricing;
+pub mod prompt;
 pub mod secret;
 pub mod stream_token;
 pub mod stripe_sig;

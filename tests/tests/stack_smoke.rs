@@ -1,0 +1,91 @@
+//! The stack launcher itself: a real Worker under `wrangler dev` comes up on a free port
+//! with fresh local state, answers `/health` with JSON, and is gone once dropped.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cmb_tests::stack::{Stack, StackOptions};
+
+fn vars() -> BTreeMap<String, String> {
+    [
+        (
+            "JWT_SECRET",
+            "smoke-jwt-secret-0123456789abcdef0123456789abcdef",
+        ),
+        (
+            "RELAY_SECRET",
+            "smoke-relay-secret-0123456789abcdef0123456789abcdef",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// `/health` answers with the documented JSON shape, and dropping the stack frees its port
+/// (the whole wrangler/workerd process group is gone).
+#[test]
+fn worker_answers_health_json_and_stops_on_drop() {
+    let stack = Stack::start(StackOptions {
+        worker_vars: vars(),
+        ..Default::default()
+    })
+    .expect("start the Worker under wrangler dev");
+
+    let reply = stack.worker_health().expect("GET /health");
+    assert!(
+        reply.status == 200 || reply.status == 503,
+        "status {}: {}\n{}",
+        reply.status,
+        reply.body,
+        stack.logs()
+    );
+    let body: serde_json::Value = serde_json::from_str(&reply.body)
+        .unwrap_or_else(|e| panic!("/health is not JSON ({e}): {}", reply.body));
+    assert!(body["status"].is_string(), "{body}");
+    assert!(body["checks"].is_object(), "{body}");
+    // The launcher filled in the Worker's own address.
+    assert_eq!(stack.worker_vars()["PUBLIC_BASE_URL"], stack.worker_url());
+
+    let url = stack.worker_url();
+    let dir = stack.dir().to_path_buf();
+    drop(stack);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut still_up = true;
+    while still_up && Instant::now() < deadline {
+        still_up = xtask::health::get(&format!("{url}/health"), Duration::from_secs(2)).is_ok();
+        if still_up {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(
+        !still_up,
+        "the Worker still answers after the stack was dropped"
+    );
+    assert!(
+        !dir.exists(),
+        "state directory {} was not removed",
+        dir.display()
+    );
+}
+
+/// Two stacks run side by side on different ports with separate state.
+#[test]
+fn stacks_are_isolated() {
+    let a = Stack::start(StackOptions {
+        worker_vars: vars(),
+        ..Default::default()
+    })
+    .expect("first stack");
+    let b = Stack::start(StackOptions {
+        worker_vars: vars(),
+        ..Default::default()
+    })
+    .expect("second stack");
+    assert_ne!(a.worker_url(), b.worker_url());
+    assert_ne!(a.dir(), b.dir());
+    for stack in [&a, &b] {
+        let reply = stack.worker_health().expect("GET /health");
+        assert!(matches!(reply.status, 200 | 503), "{}", stack.logs());
+    }
+}
