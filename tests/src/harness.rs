@@ -50,6 +50,18 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Runs a future to completion on the fakes' runtime, from any context (a test's own
+/// runtime cannot block on another one, so this hops through a plain thread).
+pub fn on_fakes_runtime<F>(fut: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    std::thread::spawn(move || runtime().block_on(fut))
+        .join()
+        .expect("fakes runtime thread")
+}
+
 /// The Worker configuration the tests run with, pointing at the given fake bases.
 pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
@@ -80,9 +92,7 @@ pub fn worker() -> &'static TestWorker {
         let mut cfg = fakes::twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
         // Short rings keep the suite fast; the protocol Twilio speaks is unchanged.
         cfg.ring = std::time::Duration::from_millis(300);
-        let twilio = runtime()
-            .block_on(async { fakes::twilio::spawn(cfg).await })
-            .expect("start fake Twilio");
+        let twilio = on_fakes_runtime(fakes::twilio::spawn(cfg)).expect("start fake Twilio");
         let opts = StackOptions {
             worker_vars: worker_vars(&twilio.base_url()),
             // PUBLIC_BASE_URL must be the Worker's own address (Twilio signs it); the
@@ -115,16 +125,30 @@ pub async fn admin(api: &ApiClient) -> TestUser {
         .await
         .expect("register admin");
     let reply = if reply.status == 409 {
-        api.post("/api/auth/login", None, &json!({ "email": ADMIN_EMAIL, "password": password }))
-            .await
-            .expect("login admin")
+        api.post(
+            "/api/auth/login",
+            None,
+            &json!({ "email": ADMIN_EMAIL, "password": password }),
+        )
+        .await
+        .expect("login admin")
     } else {
         reply
     };
-    assert!(reply.status == 200 || reply.status == 201, "admin: {}", reply.body);
-    assert_eq!(reply.body["user"]["role"], "admin", "ADMIN_EMAILS grants the admin role");
+    assert!(
+        reply.status == 200 || reply.status == 201,
+        "admin: {}",
+        reply.body
+    );
+    assert_eq!(
+        reply.body["user"]["role"], "admin",
+        "ADMIN_EMAILS grants the admin role"
+    );
     let user = TestUser {
-        id: reply.body["user"]["id"].as_str().unwrap_or_default().to_string(),
+        id: reply.body["user"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         email: ADMIN_EMAIL.into(),
         password,
         token: reply.body["token"].as_str().unwrap_or_default().to_string(),

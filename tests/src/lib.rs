@@ -3,4 +3,6 @@
 pub mod api;
 pub mod audio;
 pub mod fakes;
+pub mod harness;
 pub mod sim;
+pub mod stack;
