@@ -1,6 +1,9 @@
 //! The fake Cerebras driven by a client written from the OpenAI-compatible chat
 //! completions docs (reqwest + eventsource-stream for SSE).
 
+// Helpers here are test code too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use cmb_tests::fakes::cerebras::{self, Config};
@@ -40,7 +43,9 @@ async fn read_sse(resp: reqwest::Response) -> (Vec<Value>, bool) {
     let mut events = resp.bytes_stream().eventsource();
     let mut out = Vec::new();
     while let Some(event) = events.next().await {
-        let Ok(event) = event else { return (out, false) };
+        let Ok(event) = event else {
+            return (out, false);
+        };
         if event.data == "[DONE]" {
             assert!(events.next().await.is_none(), "nothing may follow [DONE]");
             return (out, true);
@@ -55,10 +60,18 @@ async fn read_sse(resp: reqwest::Response) -> (Vec<Value>, bool) {
 async fn warming_and_models() {
     let f = fake(Config::default()).await;
     let http = reqwest::Client::new();
-    let warm = http.get(format!("{}/v1/tcp_warming", f.base_url())).send().await.unwrap();
+    let warm = http
+        .get(format!("{}/v1/tcp_warming", f.base_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(warm.status(), 200);
     assert_eq!(f.warming_hits(), 1);
-    let anon = http.get(format!("{}/v1/models", f.base_url())).send().await.unwrap();
+    let anon = http
+        .get(format!("{}/v1/models", f.base_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anon.status(), 401);
     let models: Value = http
         .get(format!("{}/v1/models", f.base_url()))
@@ -93,12 +106,18 @@ async fn validation_errors() {
     body["model"] = json!("llama-3.3-70b");
     let resp = post(&f, f.api_key(), &body).await;
     assert_eq!(resp.status(), 404);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "model_not_found");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "model_not_found"
+    );
     let mut body = chat_body("hi", false);
     body["messages"][1]["role"] = json!("human");
     let resp = post(&f, f.api_key(), &body).await;
     assert_eq!(resp.status(), 400);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["param"], "messages");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["param"],
+        "messages"
+    );
     let raw = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", f.base_url()))
         .bearer_auth(f.api_key())
@@ -124,10 +143,16 @@ async fn non_streaming_echo() {
     assert_eq!(resp["choices"][0]["message"]["role"], "assistant");
     assert_eq!(resp["choices"][0]["message"]["content"], reply);
     assert_eq!(resp["choices"][0]["finish_reason"], "stop");
-    assert_eq!(resp["usage"]["completion_tokens"], reply.split_whitespace().count());
+    assert_eq!(
+        resp["usage"]["completion_tokens"],
+        reply.split_whitespace().count()
+    );
     assert_eq!(resp["usage"]["prompt_tokens"], 8 + 4);
     assert!(resp["time_info"]["total_time"].is_number());
-    assert_eq!(f.requests()[0].body["messages"][1]["content"], "I ran five miles");
+    assert_eq!(
+        f.requests()[0].body["messages"][1]["content"],
+        "I ran five miles"
+    );
 }
 
 /// Streaming: role chunk, word chunks that add up to the reply, a final chunk with
@@ -137,7 +162,10 @@ async fn streaming_shape() {
     let f = fake(Config::default()).await;
     let resp = post(&f, f.api_key(), &chat_body("hello", true)).await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let (chunks, done) = read_sse(resp).await;
     assert!(done);
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
@@ -146,13 +174,19 @@ async fn streaming_shape() {
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
-    assert_eq!(content, "Coach Max here! You said: hello. Let's keep going.");
+    assert_eq!(
+        content,
+        "Coach Max here! You said: hello. Let's keep going."
+    );
     let content_chunks = chunks[1..chunks.len() - 1].len();
     assert_eq!(content_chunks, content.split_whitespace().count());
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "stop");
     assert_eq!(last["choices"][0]["delta"], json!({}));
-    assert_eq!(last["usage"]["total_tokens"], last["usage"]["prompt_tokens"].as_u64().unwrap() + 9);
+    assert_eq!(
+        last["usage"]["total_tokens"],
+        last["usage"]["prompt_tokens"].as_u64().unwrap() + 9
+    );
     assert!(last["time_info"].is_object());
     assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
 }
@@ -194,7 +228,10 @@ async fn max_tokens_truncates() {
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(content, "Coach Max here!");
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 3);
 }
 
@@ -212,7 +249,11 @@ async fn next_requests_fail_then_recover() {
         let body: Value = resp.json().await.unwrap();
         assert!(body["error"]["message"].is_string());
     }
-    let ok: Value = post(&f, f.api_key(), &chat_body("x", false)).await.json().await.unwrap();
+    let ok: Value = post(&f, f.api_key(), &chat_body("x", false))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ok["choices"][0]["message"]["content"], "After the storm.");
     let statuses: Vec<u16> = f.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![429, 429, 503, 200]);
@@ -225,7 +266,10 @@ async fn planned_500() {
     f.fail_next(1, 500);
     let resp = post(&f, f.api_key(), &chat_body("x", true)).await;
     assert_eq!(resp.status(), 500);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["type"], "server_error");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["type"],
+        "server_error"
+    );
 }
 
 /// An error mid-stream arrives as a data payload with status_code, and no `[DONE]`.

@@ -1,10 +1,15 @@
 //! The fake Deepgram driven by a client written from Deepgram's live-streaming docs
 //! (tokio-tungstenite, `Authorization: Token`, binary μ-law frames, JSON control messages).
 
+// Helpers here are test code too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use cmb_tests::audio;
-use cmb_tests::fakes::deepgram::{self, Closed, Config, IDLE_CLOSE_CODE, IDLE_CLOSE_REASON, LISTEN_PATH};
+use cmb_tests::fakes::deepgram::{
+    self, Closed, Config, IDLE_CLOSE_CODE, IDLE_CLOSE_REASON, LISTEN_PATH,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -21,7 +26,11 @@ async fn fake(cfg: Config) -> deepgram::Handle {
     deepgram::spawn(cfg).await.unwrap()
 }
 
-async fn connect_with(fake: &deepgram::Handle, query: &str, auth: Option<&str>) -> Result<Ws, WsError> {
+async fn connect_with(
+    fake: &deepgram::Handle,
+    query: &str,
+    auth: Option<&str>,
+) -> Result<Ws, WsError> {
     let url = format!("{}{LISTEN_PATH}?{query}", fake.ws_url());
     let mut request = url.into_client_request().unwrap();
     if let Some(auth) = auth {
@@ -29,7 +38,9 @@ async fn connect_with(fake: &deepgram::Handle, query: &str, auth: Option<&str>) 
             .headers_mut()
             .insert("Authorization", HeaderValue::from_str(auth).unwrap());
     }
-    tokio_tungstenite::connect_async(request).await.map(|(ws, _)| ws)
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
 }
 
 async fn connect(fake: &deepgram::Handle, query: &str) -> Ws {
@@ -40,7 +51,9 @@ async fn connect(fake: &deepgram::Handle, query: &str) -> Ws {
 /// Sends audio in Twilio-sized 20 ms frames, as the relay does.
 async fn send_audio(ws: &mut Ws, ulaw: &[u8]) {
     for frame in ulaw.chunks(160) {
-        ws.send(Message::Binary(frame.to_vec().into())).await.unwrap();
+        ws.send(Message::Binary(frame.to_vec().into()))
+            .await
+            .unwrap();
     }
 }
 
@@ -63,7 +76,9 @@ async fn next(ws: &mut Ws) -> Seen {
             .expect("fake went silent");
         return match m {
             Some(Ok(Message::Text(t))) => Seen::Json(serde_json::from_str(t.as_str()).unwrap()),
-            Some(Ok(Message::Close(f))) => Seen::Close(f.map(|f| (u16::from(f.code), f.reason.to_string()))),
+            Some(Ok(Message::Close(f))) => {
+                Seen::Close(f.map(|f| (u16::from(f.code), f.reason.to_string())))
+            }
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => Seen::End,
         };
@@ -104,7 +119,12 @@ fn http_status(err: &WsError) -> Option<(u16, Option<String>)> {
 #[tokio::test]
 async fn bad_auth_is_401_at_handshake() {
     let f = fake(Config::default()).await;
-    for auth in [None, Some("Token nope"), Some("Bearer dg-test-key"), Some("dg-test-key")] {
+    for auth in [
+        None,
+        Some("Token nope"),
+        Some("Bearer dg-test-key"),
+        Some("dg-test-key"),
+    ] {
         let err = connect_with(&f, PROD_QUERY, auth).await.unwrap_err();
         let (status, dg_error) = http_status(&err).unwrap();
         assert_eq!(status, 401, "{auth:?}");
@@ -136,23 +156,42 @@ async fn full_turn_with_production_query() {
     let f = fake(Config::default()).await;
     let mut ws = connect(&f, PROD_QUERY).await;
     let said = "book a table for two";
-    send_audio(&mut ws, &[audio::silence(200), audio::encode_text(said), audio::silence(1200)].concat()).await;
+    send_audio(
+        &mut ws,
+        &[
+            audio::silence(200),
+            audio::encode_text(said),
+            audio::silence(1200),
+        ]
+        .concat(),
+    )
+    .await;
 
     let msgs = read_until(&mut ws, |m| m["type"] == "UtteranceEnd").await;
     assert_eq!(msgs[0]["type"], "SpeechStarted");
     assert_eq!(msgs[0]["channel"], serde_json::json!([0, 1]));
-    let interims: Vec<_> = msgs.iter().filter(|m| m["type"] == "Results" && m["is_final"] == false).collect();
+    let interims: Vec<_> = msgs
+        .iter()
+        .filter(|m| m["type"] == "Results" && m["is_final"] == false)
+        .collect();
     assert!(!interims.is_empty());
     for i in &interims {
-        let t = i["channel"]["alternatives"][0]["transcript"].as_str().unwrap();
-        assert!(said.starts_with(t), "interim {t:?} is a prefix of what was said");
+        let t = i["channel"]["alternatives"][0]["transcript"]
+            .as_str()
+            .unwrap();
+        assert!(
+            said.starts_with(t),
+            "interim {t:?} is a prefix of what was said"
+        );
     }
     let finals: Vec<_> = msgs.iter().filter(|m| m["is_final"] == true).collect();
     assert_eq!(finals.len(), 1);
     assert_eq!(finals[0]["speech_final"], true);
     assert_eq!(finals[0]["channel"]["alternatives"][0]["transcript"], said);
     assert_eq!(finals[0]["channel_index"], serde_json::json!([0, 1]));
-    let words = finals[0]["channel"]["alternatives"][0]["words"].as_array().unwrap();
+    let words = finals[0]["channel"]["alternatives"][0]["words"]
+        .as_array()
+        .unwrap();
     assert_eq!(words.len(), 5);
     assert_eq!(words[0]["start"], 0.2);
     assert!(finals[0]["metadata"]["request_id"].is_string());
@@ -164,13 +203,22 @@ async fn full_turn_with_production_query() {
     assert_eq!(meta["duration"], 0.2 + 0.8 + 1.2);
     assert!(matches!(next(&mut ws).await, Seen::Close(Some((1000, _)))));
 
-    assert!(f.wait_for(Duration::from_secs(2), |c| c[0].closed.is_some()).await);
+    assert!(
+        f.wait_for(Duration::from_secs(2), |c| c[0].closed.is_some())
+            .await
+    );
     let conns = f.connections();
     assert_eq!(conns.len(), 1);
     assert_eq!(conns[0].param("utterance_end_ms"), Some("1000"));
     assert_eq!(conns[0].bytes_received, 8 * (200 + 800 + 1200));
     assert_eq!(f.finals_sent(), vec![said.to_owned()]);
-    assert_eq!(f.close_reasons(), vec![Some(Closed::ByServer { code: 1000, reason: String::new() })]);
+    assert_eq!(
+        f.close_reasons(),
+        vec![Some(Closed::ByServer {
+            code: 1000,
+            reason: String::new()
+        })]
+    );
 }
 
 /// Non-tone speech is transcribed from the script, in order.
@@ -178,14 +226,21 @@ async fn full_turn_with_production_query() {
 async fn scripted_transcripts_for_plain_audio() {
     let f = fake(Config::default()).await;
     f.push_script(["I want to cancel"]);
-    let mut ws = connect(&f, "model=nova-3&encoding=mulaw&sample_rate=8000&endpointing=200").await;
+    let mut ws = connect(
+        &f,
+        "model=nova-3&encoding=mulaw&sample_rate=8000&endpointing=200",
+    )
+    .await;
     // Loud noise: speech to the VAD, but no clean tone.
     let noise: Vec<u8> = (0..4800u32)
         .map(|i| audio::ulaw_encode(((i.wrapping_mul(2_654_435_761) >> 16) as i16) / 3))
         .collect();
     send_audio(&mut ws, &[noise, audio::silence(400)].concat()).await;
     let msgs = read_until(&mut ws, |m| m["is_final"] == true).await;
-    assert_eq!(msgs.last().unwrap()["channel"]["alternatives"][0]["transcript"], "I want to cancel");
+    assert_eq!(
+        msgs.last().unwrap()["channel"]["alternatives"][0]["transcript"],
+        "I want to cancel"
+    );
 }
 
 /// Finalize flushes the speech in progress; the result is marked from_finalize.
@@ -236,7 +291,10 @@ async fn keepalive_resets_idle_timer() {
     }
     // 500 ms in, still open: nothing was received.
     let quick = tokio::time::timeout(Duration::from_millis(50), ws.next()).await;
-    assert!(quick.is_err(), "KeepAlive got a reply or the stream closed: {quick:?}");
+    assert!(
+        quick.is_err(),
+        "KeepAlive got a reply or the stream closed: {quick:?}"
+    );
     assert!(matches!(next(&mut ws).await, Seen::Close(Some((1011, _)))));
     assert_eq!(f.connections()[0].controls, vec!["KeepAlive"; 5]);
 }
@@ -270,6 +328,12 @@ async fn client_close_is_recorded() {
     let f = fake(Config::default()).await;
     let mut ws = connect(&f, PROD_QUERY).await;
     ws.close(None).await.unwrap();
-    assert!(f.wait_for(Duration::from_secs(2), |c| c[0].closed.is_some()).await);
-    assert!(matches!(f.close_reasons()[0], Some(Closed::ByClient { .. })));
+    assert!(
+        f.wait_for(Duration::from_secs(2), |c| c[0].closed.is_some())
+            .await
+    );
+    assert!(matches!(
+        f.close_reasons()[0],
+        Some(Closed::ByClient { .. })
+    ));
 }

@@ -1,6 +1,9 @@
 //! The fake ElevenLabs driven by a client written from the ElevenLabs WebSocket docs
 //! (stream-input and multi-stream-input, JSON text frames, base64 audio + alignment).
 
+// Helpers here are test code too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -22,8 +25,16 @@ async fn fake(cfg: Config) -> elevenlabs::Handle {
     elevenlabs::spawn(cfg).await.unwrap()
 }
 
-async fn connect(fake: &elevenlabs::Handle, endpoint: &str, query: &str, header_key: Option<&str>) -> Ws {
-    let url = format!("{}/v1/text-to-speech/voice123/{endpoint}?{query}", fake.ws_url());
+async fn connect(
+    fake: &elevenlabs::Handle,
+    endpoint: &str,
+    query: &str,
+    header_key: Option<&str>,
+) -> Ws {
+    let url = format!(
+        "{}/v1/text-to-speech/voice123/{endpoint}?{query}",
+        fake.ws_url()
+    );
     let mut request = url.into_client_request().unwrap();
     if let Some(key) = header_key {
         request
@@ -51,7 +62,9 @@ async fn next(ws: &mut Ws) -> Seen {
             .expect("fake went silent");
         return match m {
             Some(Ok(Message::Text(t))) => Seen::Json(serde_json::from_str(t.as_str()).unwrap()),
-            Some(Ok(Message::Close(f))) => Seen::Close(f.map(|f| (u16::from(f.code), f.reason.to_string()))),
+            Some(Ok(Message::Close(f))) => {
+                Seen::Close(f.map(|f| (u16::from(f.code), f.reason.to_string())))
+            }
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => Seen::End,
         };
@@ -104,7 +117,11 @@ async fn single_context_stream() {
     let f = fake(Config::default()).await;
     let mut ws = connect(&f, "stream-input", QUERY, Some(f.api_key())).await;
     send(&mut ws, json!({"text": " ", "voice_settings": {"stability": 0.5, "similarity_boost": 0.75, "speed": 1.0}})).await;
-    send(&mut ws, json!({"text": "Hello there, ", "try_trigger_generation": false})).await;
+    send(
+        &mut ws,
+        json!({"text": "Hello there, ", "try_trigger_generation": false}),
+    )
+    .await;
     send(&mut ws, json!({"text": "how can I help? ", "flush": true})).await;
     let said = "Hello there, how can I help? ";
     let mut msgs = Vec::new();
@@ -118,7 +135,10 @@ async fn single_context_stream() {
     for m in &msgs {
         let n = m["alignment"]["chars"].as_array().unwrap().len();
         assert!(n <= 12, "chunk of {n} chars is over 0.5 s");
-        assert_eq!(m["alignment"]["charStartTimesMs"][0], 0, "times are relative to the chunk");
+        assert_eq!(
+            m["alignment"]["charStartTimesMs"][0], 0,
+            "times are relative to the chunk"
+        );
         assert!(m["normalizedAlignment"]["charDurationsMs"].is_array());
         assert!(m.get("contextId").is_none());
         assert!(m.get("isFinal").is_none());
@@ -129,7 +149,10 @@ async fn single_context_stream() {
     assert_eq!(heard(&rest), "Bye. ");
     assert!(matches!(next(&mut ws).await, Seen::Close(Some((1000, _)))));
     assert_eq!(f.characters_synthesized(), (said.len() + 5) as u64);
-    assert_eq!(f.texts_by_context()[""], vec![said.to_owned(), "Bye. ".to_owned()]);
+    assert_eq!(
+        f.texts_by_context()[""],
+        vec![said.to_owned(), "Bye. ".to_owned()]
+    );
 }
 
 /// The key may come in the first message: `xi-api-key` (single) / `xi_api_key` (multi).
@@ -143,8 +166,16 @@ async fn key_in_first_message() {
     assert_eq!(heard(&msgs), "ok ");
 
     let mut ws = connect(&f, "multi-stream-input", QUERY, None).await;
-    send(&mut ws, json!({"text": " ", "context_id": "c", "xi_api_key": f.api_key()})).await;
-    send(&mut ws, json!({"text": "fine ", "context_id": "c", "flush": true})).await;
+    send(
+        &mut ws,
+        json!({"text": " ", "context_id": "c", "xi_api_key": f.api_key()}),
+    )
+    .await;
+    send(
+        &mut ws,
+        json!({"text": "fine ", "context_id": "c", "flush": true}),
+    )
+    .await;
     let msgs = read_until(&mut ws, |m| m["isFinal"] == true).await;
     assert_eq!(heard(&msgs), "fine ");
 }
@@ -163,9 +194,16 @@ async fn bad_key_is_error_frame_and_1008() {
 
     // Single-context spelling on the multi endpoint is not the key.
     let mut ws = connect(&f, "multi-stream-input", QUERY, None).await;
-    send(&mut ws, json!({"text": " ", "context_id": "c", "xi-api-key": f.api_key()})).await;
+    send(
+        &mut ws,
+        json!({"text": " ", "context_id": "c", "xi-api-key": f.api_key()}),
+    )
+    .await;
     expect_error(&mut ws, "invalid_message").await;
-    assert!(f.connections().iter().all(|c| matches!(c.closed, Some(Closed::ByServer { code: 1008, .. }))));
+    assert!(f
+        .connections()
+        .iter()
+        .all(|c| matches!(c.closed, Some(Closed::ByServer { code: 1008, .. }))));
     assert_eq!(f.characters_synthesized(), 0);
 }
 
@@ -173,7 +211,13 @@ async fn bad_key_is_error_frame_and_1008() {
 #[tokio::test]
 async fn output_format_must_be_ulaw_8000() {
     let f = fake(Config::default()).await;
-    let mut ws = connect(&f, "stream-input", "model_id=eleven_flash_v2_5&output_format=pcm_16000", Some(f.api_key())).await;
+    let mut ws = connect(
+        &f,
+        "stream-input",
+        "model_id=eleven_flash_v2_5&output_format=pcm_16000",
+        Some(f.api_key()),
+    )
+    .await;
     expect_error(&mut ws, "invalid_output_format").await;
 }
 
@@ -182,7 +226,11 @@ async fn output_format_must_be_ulaw_8000() {
 async fn voice_settings_out_of_range() {
     let f = fake(Config::default()).await;
     let mut ws = connect(&f, "stream-input", QUERY, Some(f.api_key())).await;
-    send(&mut ws, json!({"text": " ", "voice_settings": {"speed": 2.0}})).await;
+    send(
+        &mut ws,
+        json!({"text": " ", "voice_settings": {"speed": 2.0}}),
+    )
+    .await;
     expect_error(&mut ws, "invalid_voice_settings").await;
 }
 
@@ -198,30 +246,66 @@ async fn close_context_interrupts_immediately() {
     let mut ws = connect(&f, "multi-stream-input", QUERY, Some(f.api_key())).await;
     send(&mut ws, json!({"text": " ", "context_id": "turn-1"})).await;
     let long = "This is a long answer that the caller will interrupt halfway through. ".repeat(3);
-    send(&mut ws, json!({"text": long, "context_id": "turn-1", "flush": true})).await;
+    send(
+        &mut ws,
+        json!({"text": long, "context_id": "turn-1", "flush": true}),
+    )
+    .await;
     let first = read_until(&mut ws, |m| m["audio"].is_string()).await;
     assert_eq!(first[0]["contextId"], "turn-1");
-    send(&mut ws, json!({"context_id": "turn-1", "close_context": true})).await;
-    send(&mut ws, json!({"text": "Yes? ", "context_id": "turn-2", "flush": true})).await;
-    let after = read_until(&mut ws, |m| m["isFinal"] == true && m["contextId"] == "turn-2").await;
+    send(
+        &mut ws,
+        json!({"context_id": "turn-1", "close_context": true}),
+    )
+    .await;
+    send(
+        &mut ws,
+        json!({"text": "Yes? ", "context_id": "turn-2", "flush": true}),
+    )
+    .await;
+    let after = read_until(&mut ws, |m| {
+        m["isFinal"] == true && m["contextId"] == "turn-2"
+    })
+    .await;
     // At most one turn-1 message was already on the wire when close_context arrived.
     let late = after.iter().filter(|m| m["contextId"] == "turn-1").count();
     assert!(late <= 1, "{late} turn-1 messages after close_context");
-    assert!(after.iter().all(|m| m["isFinal"] != true || m["contextId"] != "turn-1"));
-    assert_eq!(heard(&after.iter().filter(|m| m["contextId"] == "turn-2").cloned().collect::<Vec<_>>()), "Yes? ");
+    assert!(after
+        .iter()
+        .all(|m| m["isFinal"] != true || m["contextId"] != "turn-1"));
+    assert_eq!(
+        heard(
+            &after
+                .iter()
+                .filter(|m| m["contextId"] == "turn-2")
+                .cloned()
+                .collect::<Vec<_>>()
+        ),
+        "Yes? "
+    );
     // Nothing more for turn-1, ever.
     let quiet = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
-    assert!(quiet.is_err(), "unexpected message after the turn: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "unexpected message after the turn: {quiet:?}"
+    );
     let sent_turn1: usize = f.connections()[0]
         .sent
         .iter()
         .filter(|m| m["contextId"] == "turn-1")
         .count();
-    assert!(sent_turn1 < long.len() / 12, "the interrupted answer was cut short");
+    assert!(
+        sent_turn1 < long.len() / 12,
+        "the interrupted answer was cut short"
+    );
     assert_eq!(f.contexts_closed(), vec!["turn-1"]);
 
     // Reusing the id starts a fresh context.
-    send(&mut ws, json!({"text": "Again. ", "context_id": "turn-1", "flush": true})).await;
+    send(
+        &mut ws,
+        json!({"text": "Again. ", "context_id": "turn-1", "flush": true}),
+    )
+    .await;
     let again = read_until(&mut ws, |m| m["isFinal"] == true).await;
     assert_eq!(heard(&again), "Again. ");
 }
@@ -246,7 +330,11 @@ async fn closed_contexts_free_slots() {
     send(&mut ws, json!({"text": " ", "context_id": "turn-0"})).await;
     for i in 0..8 {
         let id = format!("turn-{i}");
-        send(&mut ws, json!({"text": "Hi. ", "context_id": id, "flush": true})).await;
+        send(
+            &mut ws,
+            json!({"text": "Hi. ", "context_id": id, "flush": true}),
+        )
+        .await;
         read_until(&mut ws, |m| m["isFinal"] == true).await;
         send(&mut ws, json!({"context_id": id, "close_context": true})).await;
     }
@@ -263,7 +351,13 @@ async fn inactivity_timeout_closes() {
         ..Config::default()
     })
     .await;
-    let mut ws = connect(&f, "stream-input", &format!("{QUERY}&inactivity_timeout=5"), Some(f.api_key())).await;
+    let mut ws = connect(
+        &f,
+        "stream-input",
+        &format!("{QUERY}&inactivity_timeout=5"),
+        Some(f.api_key()),
+    )
+    .await;
     send(&mut ws, json!({"text": " "})).await;
     let t0 = tokio::time::Instant::now();
     expect_error(&mut ws, "input_timeout_exceeded").await;
@@ -278,7 +372,13 @@ async fn keep_alive_holds_the_socket() {
         ..Config::default()
     })
     .await;
-    let mut ws = connect(&f, "stream-input", &format!("{QUERY}&inactivity_timeout=3"), Some(f.api_key())).await;
+    let mut ws = connect(
+        &f,
+        "stream-input",
+        &format!("{QUERY}&inactivity_timeout=3"),
+        Some(f.api_key()),
+    )
+    .await;
     send(&mut ws, json!({"text": " "})).await;
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(60)).await;

@@ -43,11 +43,17 @@ fn quiet_callee() -> SimScript {
 }
 
 fn calls_url(fake: &TwilioHandle) -> String {
-    format!("{}/2010-04-01/Accounts/{ACCOUNT}/Calls.json", fake.base_url())
+    format!(
+        "{}/2010-04-01/Accounts/{ACCOUNT}/Calls.json",
+        fake.base_url()
+    )
 }
 
 fn call_url(fake: &TwilioHandle, sid: &str) -> String {
-    format!("{}/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}.json", fake.base_url())
+    format!(
+        "{}/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}.json",
+        fake.base_url()
+    )
 }
 
 async fn post(url: &str, auth: (&str, &str), form: &[(&str, &str)]) -> (u16, Value) {
@@ -98,7 +104,10 @@ async fn auth_failure_is_401_20003() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], 20003);
     assert_eq!(body["status"], 401);
-    assert_eq!(body["more_info"], "https://www.twilio.com/docs/errors/20003");
+    assert_eq!(
+        body["more_info"],
+        "https://www.twilio.com/docs/errors/20003"
+    );
     let (status, _) = post(&calls_url(&fake), ("", ""), &[("To", TO)]).await;
     assert_eq!(status, 401);
     assert!(fake.calls().is_empty());
@@ -110,10 +119,20 @@ async fn bad_input_gets_twilio_error_codes() {
     let fake = fake().await;
     let auth = (ACCOUNT, TOKEN);
     let url = "http://127.0.0.1:1/twiml";
-    let (s, b) = post(&calls_url(&fake), auth, &[("To", "555-1234"), ("From", FROM), ("Url", url)]).await;
+    let (s, b) = post(
+        &calls_url(&fake),
+        auth,
+        &[("To", "555-1234"), ("From", FROM), ("Url", url)],
+    )
+    .await;
     assert_eq!((s, b["code"].as_u64()), (400, Some(21211)), "{b}");
     assert!(b["message"].as_str().unwrap().contains("555-1234"));
-    let (s, b) = post(&calls_url(&fake), auth, &[("To", TO), ("From", "CallMeBack"), ("Url", url)]).await;
+    let (s, b) = post(
+        &calls_url(&fake),
+        auth,
+        &[("To", TO), ("From", "CallMeBack"), ("Url", url)],
+    )
+    .await;
     assert_eq!((s, b["code"].as_u64()), (400, Some(21212)), "{b}");
     let (s, b) = post(&calls_url(&fake), auth, &[("To", TO), ("From", FROM)]).await;
     assert_eq!((s, b["code"].as_u64()), (400, Some(21205)), "{b}");
@@ -127,7 +146,10 @@ async fn bad_input_gets_twilio_error_codes() {
         .unwrap();
     assert_eq!(missing.status(), 404);
     assert_eq!(missing.json::<Value>().await.unwrap()["code"], 20404);
-    let other = format!("{}/2010-04-01/Accounts/ACffffffffffffffffffffffffffffffff/Calls.json", fake.base_url());
+    let other = format!(
+        "{}/2010-04-01/Accounts/ACffffffffffffffffffffffffffffffff/Calls.json",
+        fake.base_url()
+    );
     let (s, b) = post(&other, auth, &[("To", TO), ("From", FROM), ("Url", url)]).await;
     assert_eq!((s, b["code"].as_u64()), (404, Some(20404)));
     assert!(fake.calls().is_empty());
@@ -168,17 +190,24 @@ async fn call_flow_is_signed_ordered_and_streams_media() {
     assert_eq!(body["direction"], "outbound-api");
     assert_eq!(body["api_version"], "2010-04-01");
     assert_eq!(body["to_formatted"], "(555) 867-5310");
-    assert_eq!(body["uri"], format!("/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}.json"));
+    assert_eq!(
+        body["uri"],
+        format!("/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}.json")
+    );
     let created = body["date_created"].as_str().unwrap();
     assert!(
-        time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc2822).is_ok(),
+        time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc2822)
+            .is_ok(),
         "{created}"
     );
     assert!(created.ends_with("+0000"));
 
     let mut bot = app.accept_stream(WAIT).await.unwrap();
     let connected = bot.recv(WAIT).await.unwrap();
-    assert_eq!(connected, serde_json::json!({"event":"connected","protocol":"Call","version":"1.0.0"}));
+    assert_eq!(
+        connected,
+        serde_json::json!({"event":"connected","protocol":"Call","version":"1.0.0"})
+    );
     let start = bot.recv(WAIT).await.unwrap();
     assert_eq!(start["event"], "start");
     assert_eq!(start["sequenceNumber"], "1");
@@ -188,7 +217,10 @@ async fn call_flow_is_signed_ordered_and_streams_media() {
     assert_eq!(start["start"]["callSid"], sid.as_str());
     assert_eq!(start["start"]["accountSid"], ACCOUNT);
     assert_eq!(start["start"]["tracks"], serde_json::json!(["inbound"]));
-    assert_eq!(start["start"]["customParameters"], serde_json::json!({"callId":"c1","token":"t&k"}));
+    assert_eq!(
+        start["start"]["customParameters"],
+        serde_json::json!({"callId":"c1","token":"t&k"})
+    );
     assert_eq!(
         start["start"]["mediaFormat"],
         serde_json::json!({"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1})
@@ -211,7 +243,12 @@ async fn call_flow_is_signed_ordered_and_streams_media() {
     assert_eq!(record.status, CallStatus::Completed);
     assert_eq!(
         record.status_history,
-        vec![CallStatus::Queued, CallStatus::Ringing, CallStatus::InProgress, CallStatus::Completed]
+        vec![
+            CallStatus::Queued,
+            CallStatus::Ringing,
+            CallStatus::InProgress,
+            CallStatus::Completed
+        ]
     );
     assert_eq!(record.heard_text, "Goodbye");
     assert_eq!(record.streams.len(), 1);
@@ -222,9 +259,18 @@ async fn call_flow_is_signed_ordered_and_streams_media() {
     let received = app.requests("/status");
     assert_eq!(received.len(), 4);
     assert!(received.iter().all(|r| r.valid), "{received:#?}");
-    let statuses: Vec<_> = received.iter().map(|r| r.param("CallStatus").unwrap()).collect();
-    assert_eq!(statuses, ["initiated", "ringing", "in-progress", "completed"]);
-    let sequence: Vec<_> = received.iter().map(|r| r.param("SequenceNumber").unwrap()).collect();
+    let statuses: Vec<_> = received
+        .iter()
+        .map(|r| r.param("CallStatus").unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["initiated", "ringing", "in-progress", "completed"]
+    );
+    let sequence: Vec<_> = received
+        .iter()
+        .map(|r| r.param("SequenceNumber").unwrap())
+        .collect();
     assert_eq!(sequence, ["0", "1", "2", "3"]);
     for r in &received {
         assert_eq!(r.url, app.status_url());
@@ -262,7 +308,10 @@ async fn call_flow_is_signed_ordered_and_streams_media() {
         .collect();
     assert_eq!(
         stream_events,
-        [(true, "stream-started".to_owned()), (true, "stream-stopped".to_owned())]
+        [
+            (true, "stream-started".to_owned()),
+            (true, "stream-stopped".to_owned())
+        ]
     );
 
     // Fetch reflects the end state.
@@ -300,7 +349,10 @@ async fn marks_and_clear() {
     assert_eq!(a["mark"]["name"], "a");
     assert_eq!(a["streamSid"], bot.stream_sid());
     // It came back in the 4th frame of playback, so at least 3 frames went by first.
-    let frames_before = bot.received[sent_at..].iter().filter(|m| m["event"] == "media").count();
+    let frames_before = bot.received[sent_at..]
+        .iter()
+        .filter(|m| m["event"] == "media")
+        .count();
     assert!(frames_before >= 3, "{frames_before}");
     bot.send_clear();
     let b = bot.recv_event("mark", WAIT).await.unwrap();
@@ -320,7 +372,11 @@ async fn marks_and_clear() {
     let record = fake.wait_finished(&sid, WAIT).await.unwrap();
     let stream = &record.streams[0];
     assert_eq!(stream.marks_received, ["a", "b", "c"]);
-    let echoed: Vec<_> = stream.marks_echoed.iter().map(|m| (m.name.as_str(), m.by_clear)).collect();
+    let echoed: Vec<_> = stream
+        .marks_echoed
+        .iter()
+        .map(|m| (m.name.as_str(), m.by_clear))
+        .collect();
     assert_eq!(echoed, [("a", false), ("b", true), ("c", false)]);
     assert_eq!(stream.clears.len(), 1);
     assert_eq!(stream.clears[0].marks_returned, ["b"]);
@@ -346,11 +402,16 @@ async fn busy_and_no_answer() {
     let busy_sid = create(&fake, &app, busy, &[("StatusCallbackMethod", "GET")]).await;
     let busy_call = fake.wait_finished(&busy_sid, WAIT).await.unwrap();
     assert_eq!(busy_call.status, CallStatus::Busy);
-    assert_eq!(busy_call.status_history, [CallStatus::Queued, CallStatus::Busy]);
+    assert_eq!(
+        busy_call.status_history,
+        [CallStatus::Queued, CallStatus::Busy]
+    );
     assert!(busy_call.twiml_fetches.is_empty());
     let gets = app.requests("/status");
     assert_eq!(gets.len(), 2);
-    assert!(gets.iter().all(|r| r.valid && r.method == "GET" && r.params.is_empty()));
+    assert!(gets
+        .iter()
+        .all(|r| r.valid && r.method == "GET" && r.params.is_empty()));
     assert!(gets[1].url.contains("CallStatus=busy"), "{}", gets[1].url);
     assert!(gets[1].url.contains("CallDuration=0"));
 
@@ -360,7 +421,11 @@ async fn busy_and_no_answer() {
     assert_eq!(away_call.status, CallStatus::NoAnswer);
     assert_eq!(
         away_call.status_history,
-        [CallStatus::Queued, CallStatus::Ringing, CallStatus::NoAnswer]
+        [
+            CallStatus::Queued,
+            CallStatus::Ringing,
+            CallStatus::NoAnswer
+        ]
     );
     // Four 50 ms rings.
     assert!(started.elapsed() >= Duration::from_millis(200));
@@ -383,7 +448,10 @@ async fn busy_and_no_answer() {
         }),
     );
     let late = create(&fake, &app, away, &[("Timeout", "2")]).await;
-    assert_eq!(fake.wait_finished(&late, WAIT).await.unwrap().status, CallStatus::NoAnswer);
+    assert_eq!(
+        fake.wait_finished(&late, WAIT).await.unwrap().status,
+        CallStatus::NoAnswer
+    );
 }
 
 /// REST `Status=completed` ends a live call: the stream gets `stop` and is closed, the
@@ -397,10 +465,24 @@ async fn rest_hangup_sends_stop() {
     let mut bot = app.accept_stream(WAIT).await.unwrap();
     bot.recv_event("media", WAIT).await.unwrap();
 
-    let (status, body) = post(&call_url(&fake, &sid), (ACCOUNT, TOKEN), &[("Status", "canceled")]).await;
-    assert_eq!((status, body["code"].as_u64()), (400, Some(21220)), "{body}");
+    let (status, body) = post(
+        &call_url(&fake, &sid),
+        (ACCOUNT, TOKEN),
+        &[("Status", "canceled")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_u64()),
+        (400, Some(21220)),
+        "{body}"
+    );
 
-    let (status, body) = post(&call_url(&fake, &sid), (ACCOUNT, TOKEN), &[("Status", "completed")]).await;
+    let (status, body) = post(
+        &call_url(&fake, &sid),
+        (ACCOUNT, TOKEN),
+        &[("Status", "completed")],
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "completed");
     let stop = bot.recv_event("stop", WAIT).await.unwrap();
@@ -414,7 +496,12 @@ async fn rest_hangup_sends_stop() {
     let last = record.callbacks.last().unwrap();
     assert_eq!(last.param("CallStatus"), Some("completed"));
 
-    let (status, body) = post(&call_url(&fake, &sid), (ACCOUNT, TOKEN), &[("Status", "completed")]).await;
+    let (status, body) = post(
+        &call_url(&fake, &sid),
+        (ACCOUNT, TOKEN),
+        &[("Status", "completed")],
+    )
+    .await;
     assert_eq!((status, body["code"].as_u64()), (400, Some(21220)));
 }
 
@@ -433,12 +520,22 @@ async fn cancel_while_ringing() {
         }),
     );
     let sid = create(&fake, &app, TO, &[]).await;
-    fake.wait_for(&sid, WAIT, |c| c.status == CallStatus::Ringing).await.unwrap();
-    let (status, body) = post(&call_url(&fake, &sid), (ACCOUNT, TOKEN), &[("Status", "canceled")]).await;
+    fake.wait_for(&sid, WAIT, |c| c.status == CallStatus::Ringing)
+        .await
+        .unwrap();
+    let (status, body) = post(
+        &call_url(&fake, &sid),
+        (ACCOUNT, TOKEN),
+        &[("Status", "canceled")],
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "canceled");
     let record = fake.wait_finished(&sid, WAIT).await.unwrap();
-    assert_eq!(record.callbacks.last().unwrap().param("CallStatus"), Some("canceled"));
+    assert_eq!(
+        record.callbacks.last().unwrap().param("CallStatus"),
+        Some("canceled")
+    );
     assert!(record.twiml_fetches.is_empty());
 }
 
@@ -455,11 +552,16 @@ async fn callee_hangup_dtmf_and_binary_warning() {
     let sid = create(&fake, &app, TO, &[]).await;
     let mut bot = app.accept_stream(WAIT).await.unwrap();
     let dtmf = bot.recv_event("dtmf", WAIT).await.unwrap();
-    assert_eq!(dtmf["dtmf"], serde_json::json!({"track":"inbound_track","digit":"5"}));
+    assert_eq!(
+        dtmf["dtmf"],
+        serde_json::json!({"track":"inbound_track","digit":"5"})
+    );
     assert_eq!(dtmf["streamSid"], bot.stream_sid());
     bot.send_binary(&[0xFF; 160]);
     bot.send_binary(&[0xFF; 160]);
-    bot.send_json(&serde_json::json!({"event": "media", "streamSid": "MZwrong", "media": {"payload": ""}}));
+    bot.send_json(
+        &serde_json::json!({"event": "media", "streamSid": "MZwrong", "media": {"payload": ""}}),
+    );
     // Let the fake read them before the hang-up.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(fake.hangup(&sid));
@@ -481,8 +583,14 @@ async fn bad_twiml_and_bad_stream_url() {
     app.set_twiml("<Response><Say>unclosed</Response>");
     let sid = create(&fake, &app, TO, &[]).await;
     let record = fake.wait_finished(&sid, WAIT).await.unwrap();
-    assert_eq!(record.notices.iter().map(|n| n.code).collect::<Vec<_>>(), [12100]);
-    assert_eq!(record.heard_text, "An application error has occurred. Goodbye.");
+    assert_eq!(
+        record.notices.iter().map(|n| n.code).collect::<Vec<_>>(),
+        [12100]
+    );
+    assert_eq!(
+        record.heard_text,
+        "An application error has occurred. Goodbye."
+    );
     assert_eq!(record.status, CallStatus::Completed);
 
     app.set_twiml(format!(
@@ -491,8 +599,14 @@ async fn bad_twiml_and_bad_stream_url() {
     ));
     let sid = create(&fake, &app, TO, &[]).await;
     let record = fake.wait_finished(&sid, WAIT).await.unwrap();
-    assert_eq!(record.notices.iter().map(|n| n.code).collect::<Vec<_>>(), [31920]);
-    assert!(matches!(record.streams[0].end, Some(StreamEnd::HandshakeFailed(_))));
+    assert_eq!(
+        record.notices.iter().map(|n| n.code).collect::<Vec<_>>(),
+        [31920]
+    );
+    assert!(matches!(
+        record.streams[0].end,
+        Some(StreamEnd::HandshakeFailed(_))
+    ));
     assert_eq!(record.heard_text, "after");
 }
 
@@ -514,9 +628,24 @@ async fn machine_detection_and_duration_override() {
     );
     let sid = create(&fake, &app, TO, &[("MachineDetection", "DetectMessageEnd")]).await;
     let record = fake.wait_finished(&sid, WAIT).await.unwrap();
-    assert_eq!(app.requests("/twiml")[0].param("AnsweredBy"), Some("machine_end_beep"));
-    let by: Vec<_> = record.callbacks.iter().map(|c| c.param("AnsweredBy")).collect();
-    assert_eq!(by, [None, None, Some("machine_end_beep"), Some("machine_end_beep")]);
+    assert_eq!(
+        app.requests("/twiml")[0].param("AnsweredBy"),
+        Some("machine_end_beep")
+    );
+    let by: Vec<_> = record
+        .callbacks
+        .iter()
+        .map(|c| c.param("AnsweredBy"))
+        .collect();
+    assert_eq!(
+        by,
+        [
+            None,
+            None,
+            Some("machine_end_beep"),
+            Some("machine_end_beep")
+        ]
+    );
     let last = record.callbacks.last().unwrap();
     assert_eq!(last.param("CallDuration"), Some("125"));
     assert_eq!(last.param("Duration"), Some("3"));
@@ -540,9 +669,18 @@ async fn request_faults() {
     let fake = fake().await;
     let client = reqwest::Client::new();
     let faults_url = format!("{}/__faults", fake.base_url());
-    let form = [("To", "bad"), ("From", FROM), ("Url", "http://127.0.0.1:1/t")];
+    let form = [
+        ("To", "bad"),
+        ("From", FROM),
+        ("Url", "http://127.0.0.1:1/t"),
+    ];
 
-    client.post(&faults_url).json(&serde_json::json!({"http_status": 429})).send().await.unwrap();
+    client
+        .post(&faults_url)
+        .json(&serde_json::json!({"http_status": 429}))
+        .send()
+        .await
+        .unwrap();
     let (s, b) = post(&calls_url(&fake), (ACCOUNT, TOKEN), &form).await;
     assert_eq!((s, b["code"].as_u64()), (429, Some(20429)));
 
@@ -588,7 +726,11 @@ async fn stream_faults() {
     let t0 = std::time::Instant::now();
     let first = bot.recv(WAIT).await.unwrap();
     assert_eq!(first["event"], "connected");
-    assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
     let rest = bot.drain_until_closed(WAIT).await.unwrap();
     assert_eq!(rest.len(), 4, "{rest:?}");
     assert!(rest.iter().all(|m| m["event"] != "stop"));
@@ -629,13 +771,21 @@ async fn stream_latency_and_jitter_keep_cadence_and_order() {
     let mut bot = app.accept_stream(WAIT).await.unwrap();
     let t0 = std::time::Instant::now();
     bot.recv_event("connected", WAIT).await.unwrap();
-    assert!(t0.elapsed() >= Duration::from_millis(250), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
     let first_media = std::time::Instant::now();
     for _ in 0..60 {
         bot.recv_event("media", WAIT).await.unwrap();
     }
     // 60 frames at 5 ms each; sequential 300 ms sleeps would take 18 s.
-    assert!(first_media.elapsed() < Duration::from_secs(3), "{:?}", first_media.elapsed());
+    assert!(
+        first_media.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        first_media.elapsed()
+    );
     let seqs: Vec<u64> = bot
         .received
         .iter()
@@ -645,4 +795,67 @@ async fn stream_latency_and_jitter_keep_cadence_and_order() {
     fake.faults().reset();
     assert!(fake.hangup(&sid));
     fake.wait_finished(&sid, WAIT).await.unwrap();
+}
+
+/// The `fakes` binary announces each fake and `fakes ready`, serves with the credentials
+/// from the environment, and exits cleanly on SIGTERM.
+#[tokio::test]
+async fn fakes_binary_announces_serves_and_stops() {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fakes"))
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--base-port",
+            "0",
+            "--only",
+            "twilio,stripe",
+        ])
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT)
+        .env("TWILIO_AUTH_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut announced = Vec::new();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if line == "fakes ready" {
+            break;
+        }
+        announced.push(line);
+    }
+    assert_eq!(announced.len(), 2, "{announced:?}");
+    assert!(announced[0].starts_with("fake twilio listening on http://127.0.0.1:"));
+    assert!(announced[1].starts_with("fake stripe listening on http://127.0.0.1:"));
+    let base = announced[0].rsplit(' ').next().unwrap();
+    let (status, body) = post(
+        &format!("{base}/2010-04-01/Accounts/{ACCOUNT}/Calls.json"),
+        (ACCOUNT, TOKEN),
+        &[("To", "nope")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_u64()),
+        (400, Some(21211)),
+        "credentials from env accepted"
+    );
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }

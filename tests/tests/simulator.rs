@@ -29,9 +29,16 @@ async fn setup(script: SimScript) -> (TwilioHandle, WebhookApp, String) {
     let app = WebhookApp::spawn(TOKEN).await.unwrap();
     app.set_twiml(app.connect_twiml(&[("callId", "c1")], ""));
     let response = reqwest::Client::new()
-        .post(format!("{}/2010-04-01/Accounts/{ACCOUNT}/Calls.json", fake.base_url()))
+        .post(format!(
+            "{}/2010-04-01/Accounts/{ACCOUNT}/Calls.json",
+            fake.base_url()
+        ))
         .basic_auth(ACCOUNT, Some(TOKEN))
-        .form(&[("To", TO), ("From", "+15017122661"), ("Url", &app.twiml_url())])
+        .form(&[
+            ("To", TO),
+            ("From", "+15017122661"),
+            ("Url", &app.twiml_url()),
+        ])
         .send()
         .await
         .unwrap();
@@ -80,7 +87,10 @@ async fn interruption_clears_and_callee_heard_exactly_the_played_prefix() {
     // Listen until the callee starts speaking, then barge-in: clear.
     let mut marks = Vec::new();
     loop {
-        let message = bot.recv(WAIT).await.expect("stream ended before the callee spoke");
+        let message = bot
+            .recv(WAIT)
+            .await
+            .expect("stream ended before the callee spoke");
         if message["event"] == "mark" {
             marks.push(message["mark"]["name"].as_str().unwrap().to_owned());
         }
@@ -104,8 +114,18 @@ async fn interruption_clears_and_callee_heard_exactly_the_played_prefix() {
     let record = fake.wait_finished(&sid, WAIT).await.unwrap();
     assert_eq!(record.status, CallStatus::Completed);
     let stream = &record.streams[0];
-    let played: Vec<_> = stream.marks_echoed.iter().filter(|m| !m.by_clear).map(|m| m.name.clone()).collect();
-    let cleared: Vec<_> = stream.marks_echoed.iter().filter(|m| m.by_clear).map(|m| m.name.clone()).collect();
+    let played: Vec<_> = stream
+        .marks_echoed
+        .iter()
+        .filter(|m| !m.by_clear)
+        .map(|m| m.name.clone())
+        .collect();
+    let cleared: Vec<_> = stream
+        .marks_echoed
+        .iter()
+        .filter(|m| m.by_clear)
+        .map(|m| m.name.clone())
+        .collect();
     let k = played.len();
     assert_eq!(played, expected[..k]);
     assert_eq!(cleared, expected[k..]);
@@ -115,18 +135,35 @@ async fn interruption_clears_and_callee_heard_exactly_the_played_prefix() {
     assert!((7..greeting.len()).contains(&k), "{k} characters played");
     // Bytes played: the k marked characters, plus at most one frame of the next one.
     let bytes = stream.bytes_played as usize;
-    assert!((k * 320..k * 320 + 320).contains(&bytes), "{bytes} bytes for {k} characters");
-    assert_eq!(stream.bytes_played + stream.clears[0].dropped_bytes, spoken.len() as u64);
+    assert!(
+        (k * 320..k * 320 + 320).contains(&bytes),
+        "{bytes} bytes for {k} characters"
+    );
+    assert_eq!(
+        stream.bytes_played + stream.clears[0].dropped_bytes,
+        spoken.len() as u64
+    );
 
     // What the callee heard is exactly what those bytes carry, nothing after the clear.
     let played_audio = [&spoken[..bytes], &audio::silence(40)[..]].concat();
     let heard = audio::decode_text(&played_audio);
     assert_eq!(record.heard_text, heard);
-    assert!(heard == greeting[..k] || heard == greeting[..k + 1], "{heard:?} vs k={k}");
+    assert!(
+        heard == greeting[..k] || heard == greeting[..k + 1],
+        "{heard:?} vs k={k}"
+    );
 
     // The transcript: the persona's cut greeting, then the callee's interruption 300 ms in.
-    let persona = record.transcript.iter().find(|l| l.speaker == Speaker::Persona).unwrap();
-    let caller = record.transcript.iter().find(|l| l.speaker == Speaker::Caller).unwrap();
+    let persona = record
+        .transcript
+        .iter()
+        .find(|l| l.speaker == Speaker::Persona)
+        .unwrap();
+    let caller = record
+        .transcript
+        .iter()
+        .find(|l| l.speaker == Speaker::Caller)
+        .unwrap();
     assert_eq!(persona.text, heard);
     assert_eq!(caller.text, "wait stop");
     assert_eq!(caller.at_ms - persona.at_ms, 300);
@@ -161,7 +198,11 @@ async fn turn_taking_with_recording() {
         let media = bot.recv_event("media", WAIT).await.unwrap();
         use base64::Engine as _;
         let payload = media["media"]["payload"].as_str().unwrap();
-        decoder.push(&base64::engine::general_purpose::STANDARD.decode(payload).unwrap());
+        decoder.push(
+            &base64::engine::general_purpose::STANDARD
+                .decode(payload)
+                .unwrap(),
+        );
     }
     play_with_marks(&bot, "ok");
     bot.recv_event("stop", WAIT).await.unwrap();
@@ -178,12 +219,22 @@ async fn turn_taking_with_recording() {
     let spoken: Vec<_> = sorted.iter().map(|l| (l.0, l.1)).collect();
     assert_eq!(
         spoken,
-        [(Speaker::Persona, "hi"), (Speaker::Caller, "one"), (Speaker::Persona, "ok")]
+        [
+            (Speaker::Persona, "hi"),
+            (Speaker::Caller, "one"),
+            (Speaker::Persona, "ok")
+        ]
     );
     // The callee spoke only after 300 ms of silence following "hi" (80 ms long).
     assert!(sorted[1].2 >= sorted[0].2 + 80 + 300, "{sorted:?}");
     assert_eq!(
-        record.sim_events.last().map(|e| matches!(e, SimEvent::HungUp { reason: HangUpReason::AfterTurns(2), .. })),
+        record.sim_events.last().map(|e| matches!(
+            e,
+            SimEvent::HungUp {
+                reason: HangUpReason::AfterTurns(2),
+                ..
+            }
+        )),
         Some(true)
     );
     let heard = audio::read_wav(&recording).unwrap();

@@ -297,10 +297,7 @@ impl CallSession {
                 self.persist_conversation(&st, &conv).await?;
                 self.end_twilio_call(&st).await;
                 if !st.settled {
-                    self.state
-                        .storage()
-                        .set_alarm((now + SETTLE_WATCHDOG_MS) as i64)
-                        .await?;
+                    self.set_alarm_at(now + SETTLE_WATCHDOG_MS).await?;
                 }
             }
             RelayToDo::Pong => {}
@@ -395,10 +392,7 @@ impl CallSession {
         if let Some(st) = self.load().await? {
             if !st.settled {
                 self.persist_conversation(&st, &conv).await?;
-                self.state
-                    .storage()
-                    .set_alarm((now_ms() + SETTLE_WATCHDOG_MS) as i64)
-                    .await?;
+                self.set_alarm_at(now_ms() + SETTLE_WATCHDOG_MS).await?;
             }
         }
         Ok(())
@@ -449,10 +443,7 @@ impl CallSession {
         self.save_conv(conv).await?;
         worker::console_log!("hanging up call_id={} reason={reason}", st.call_id);
         // If the relay never confirms, the watchdog ends the call through Twilio.
-        self.state
-            .storage()
-            .set_alarm((now_ms() + 10_000) as i64)
-            .await
+        self.set_alarm_at(now_ms() + 10_000).await
     }
 
     /// Sets the alarm for the next limit check: the next minute boundary (to reserve
@@ -466,7 +457,7 @@ impl CallSession {
         let idle = conv.last_user_speech_ms.unwrap_or(start) + u64::from(IDLE_TIMEOUT_SECS) * 1000;
         let max = start + u64::from(MAX_CALL_SECS) * 1000;
         let when = next_minute.min(idle).min(max).max(now_ms() + 100);
-        self.state.storage().set_alarm(when as i64).await
+        self.set_alarm_at(when).await
     }
 
     /// Alarm work while a conversation is live. Returns true when it handled the alarm.

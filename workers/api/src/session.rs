@@ -140,7 +140,7 @@ impl DurableObject for CallSession {
                 };
                 self.save(&st).await?;
                 let when = scheduled_at_ms.unwrap_or_else(now_ms);
-                self.state.storage().set_alarm(when as i64).await?;
+                self.set_alarm_at(when).await?;
                 Response::from_json(&serde_json::json!({ "ok": true }))
             }
             SessionOp::Cancel => {
@@ -224,6 +224,16 @@ impl DurableObject for CallSession {
 }
 
 impl CallSession {
+    /// Sets the object's alarm for an absolute time (ms since the epoch). workers-rs reads
+    /// a bare integer as an offset from now, so always go through a `Date`.
+    pub(crate) async fn set_alarm_at(&self, at_ms: u64) -> Result<()> {
+        let date = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(at_ms as f64));
+        self.state
+            .storage()
+            .set_alarm(worker::ScheduledTime::new(date))
+            .await
+    }
+
     /// Settles a call whose final status never arrived, from our own measure of it.
     pub(crate) async fn settle_from_watchdog(
         &self,
@@ -565,10 +575,7 @@ impl CallSession {
                         st.call_id,
                         e.message
                     );
-                    self.state
-                        .storage()
-                        .set_alarm((now_ms() + RETRY_MS) as i64)
-                        .await?;
+                    self.set_alarm_at(now_ms() + RETRY_MS).await?;
                     return Ok(());
                 }
             }
