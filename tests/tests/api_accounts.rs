@@ -1,6 +1,9 @@
 //! Accounts over HTTP against the real Worker under `wrangler dev` (local D1 and KV):
 //! register, login, logout and token checks, and the API's error format for bad input.
 
+// A failed expectation in a test is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used)]
+
 use cmb_tests::api::ApiClient;
 use cmb_tests::harness;
 use serde_json::json;

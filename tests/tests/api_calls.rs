@@ -6,6 +6,9 @@
 //! listens, so Twilio (the fake) runs the spoken fallback and the call completes — the
 //! billing path is the same.
 
+// A failed expectation in a test is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use cmb_tests::api::{ApiClient, TestUser};

@@ -2,6 +2,9 @@
 //! test binary (own Worker and fake) because the fault applies to every request the fake
 //! receives, which would disturb concurrent tests.
 
+// A failed expectation in a test is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use cmb_tests::api::{ApiClient, TestUser};

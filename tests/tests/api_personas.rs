@@ -1,5 +1,8 @@
 //! Personas and favourites over HTTP against the real Worker under `wrangler dev`.
 
+// A failed expectation in a test is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used)]
+
 use cmb_tests::api::ApiClient;
 use cmb_tests::harness;
 use serde_json::{json, Value};

@@ -1,0 +1,218 @@
+//! A whole call, end to end, on loopback: the real Worker (wrangler dev) and the real
+//! media relay, with protocol-faithful fakes for Twilio (and the phone simulator as the
+//! person who answers), Deepgram, ElevenLabs and Cerebras.
+//!
+//! trigger → fake Twilio dials → TwiML → relay → greeting heard → user turns answered →
+//! barge-in → hang up → history with transcript, costs and settled credits.
+
+// A failed expectation in a test is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::fakes::{cerebras, deepgram, elevenlabs, twilio};
+use cmb_tests::harness::{self, on_fakes_runtime, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN};
+use cmb_tests::sim::{SimScript, Speaker, Step, Utterance};
+use cmb_tests::stack::{Stack, StackOptions};
+use serde_json::{json, Value};
+
+struct VoiceStack {
+    stack: Stack,
+    twilio: twilio::TwilioHandle,
+    deepgram: deepgram::Handle,
+    elevenlabs: elevenlabs::Handle,
+    cerebras: cerebras::Handle,
+}
+
+const DG_KEY: &str = "dg-e2e-key";
+const XI_KEY: &str = "xi-e2e-key";
+const LLM_KEY: &str = "csk-e2e-key";
+
+/// A long reply for the turn the caller interrupts, so there is audio left to drop.
+const LONG_REPLY: &str = "Great question! Start with three sets of ten squats, then lunges, then planks for a minute, and finish with a slow stretch for your hamstrings and calves.";
+
+fn voice() -> &'static VoiceStack {
+    static STACK: OnceLock<VoiceStack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let mut tcfg = twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
+        tcfg.ring = Duration::from_millis(200);
+        let twilio = on_fakes_runtime(twilio::spawn(tcfg)).unwrap();
+        let deepgram = on_fakes_runtime(deepgram::spawn(deepgram::Config {
+            api_key: DG_KEY.into(),
+            ..Default::default()
+        }))
+        .unwrap();
+        let elevenlabs = on_fakes_runtime(elevenlabs::spawn(elevenlabs::Config {
+            api_key: XI_KEY.into(),
+            ..Default::default()
+        }))
+        .unwrap();
+        let cerebras = on_fakes_runtime(cerebras::spawn(cerebras::Config {
+            api_key: LLM_KEY.into(),
+            script: vec![
+                "Nice! Legs today, then.".into(),
+                LONG_REPLY.into(),
+                "Sure, go ahead.".into(),
+            ],
+            ..Default::default()
+        }))
+        .unwrap();
+
+        let mut worker_vars = harness::worker_vars(&twilio.base_url());
+        worker_vars.insert("LLM_API_BASE".into(), format!("{}/v1", cerebras.base_url()));
+        worker_vars.insert("LLM_API_KEY".into(), LLM_KEY.into());
+        worker_vars.remove("RELAY_URL");
+        let relay_env = BTreeMap::from([
+            ("DEEPGRAM_API_KEY".to_string(), DG_KEY.to_string()),
+            ("DEEPGRAM_URL".to_string(), format!("{}/v1/listen", deepgram.ws_url())),
+            ("ELEVENLABS_API_KEY".to_string(), XI_KEY.to_string()),
+            ("ELEVENLABS_URL".to_string(), elevenlabs.ws_url()),
+        ]);
+        let stack = Stack::start(StackOptions {
+            worker_vars,
+            with_relay: true,
+            relay_env,
+            with_fakes: false,
+        })
+        .unwrap();
+        VoiceStack {
+            stack,
+            twilio,
+            deepgram,
+            elevenlabs,
+            cerebras,
+        }
+    })
+}
+
+fn unique_number() -> String {
+    let n = uuid::Uuid::new_v4().as_u128() % 10_000_000;
+    format!("+1628{n:07}")
+}
+
+async fn wait_final(api: &ApiClient, user: &TestUser, id: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+        let status = r.body["call"]["status"].as_str().unwrap_or_default().to_string();
+        if ["completed", "failed", "busy", "no_answer", "canceled"].contains(&status.as_str()) && !r.body["call"]["cost_cents"].is_null() {
+            return r.body;
+        }
+        assert!(Instant::now() < deadline, "call never finished: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The product's promise in one test: greeting, two answered turns, a barge-in that
+/// Twilio is told to `clear`, hang-up, and a stored transcript with only what was heard,
+/// per-provider costs and settled credits.
+#[tokio::test]
+async fn a_whole_call_with_barge_in() {
+    let v = voice();
+    let api = ApiClient::new(v.stack.worker_url());
+    let user = api.register_user("e2e").await.unwrap();
+    let number = unique_number();
+    let script = SimScript::new(vec![
+        Step::WaitForPersonaToFinish { silence_ms: 700 },
+        Step::Say(Utterance::text("what should I train today")),
+        Step::WaitForPersonaToFinish { silence_ms: 700 },
+        Step::Say(Utterance::text("give me a full workout")),
+        Step::InterruptAfterMs(600),
+        Step::Say(Utterance::text("wait a second")),
+        Step::WaitForPersonaToFinish { silence_ms: 700 },
+        Step::HangUp,
+    ]);
+    v.twilio.set_script(number.clone(), twilio::CalleeScript::answer(script));
+
+    let r = api
+        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": number }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["call"]["id"].as_str().unwrap().to_string();
+
+    let done = wait_final(&api, &user, &id, Duration::from_secs(90)).await;
+    let fake = v.twilio.calls().into_iter().find(|c| c.to == number).unwrap();
+    let heard = fake.heard_text.clone();
+    assert_eq!(done["call"]["status"], "completed", "{done}\nheard: {heard}\n{:#?}", fake.transcript);
+
+    // The caller heard the greeting and the first reply in full.
+    assert!(heard.contains("Ready to crush it today"), "greeting heard: {heard}");
+    assert!(heard.contains("Nice! Legs today, then."), "first reply heard: {heard}");
+    // The barge-in: Twilio was told to clear, and the rest of the long reply never played.
+    let stream = fake.streams.first().expect("a media stream");
+    assert!(!stream.clears.is_empty(), "a clear reached Twilio");
+    assert!(!heard.contains("calves"), "the interrupted reply was cut: {heard}");
+
+    let transcript = done["transcript"].as_array().unwrap();
+    let texts: Vec<(&str, &str, bool)> = transcript
+        .iter()
+        .map(|t| (t["role"].as_str().unwrap(), t["text"].as_str().unwrap(), t["interrupted"].as_bool().unwrap()))
+        .collect();
+    let user_lines: Vec<&str> = texts.iter().filter(|t| t.0 == "user").map(|t| t.1).collect();
+    assert!(user_lines.iter().any(|l| l.contains("what should I train today")), "{texts:?}");
+    assert!(user_lines.iter().any(|l| l.contains("give me a full workout")), "{texts:?}");
+    let interrupted: Vec<_> = texts.iter().filter(|t| t.0 == "assistant" && t.2).collect();
+    assert_eq!(interrupted.len(), 1, "exactly one interrupted persona turn: {texts:?}");
+    let cut = interrupted[0].1;
+    assert!(LONG_REPLY.starts_with(cut.trim_end()), "stored text is what was played: {cut:?}");
+    assert!(cut.len() < LONG_REPLY.len(), "and only that: {cut:?}");
+
+    // Costs: every provider has a line; credits settled against the reservation.
+    let providers: Vec<&str> = done["costs"]["providers"].as_array().unwrap().iter().map(|c| c["provider"].as_str().unwrap()).collect();
+    for p in ["twilio", "deepgram", "llm", "elevenlabs"] {
+        assert!(providers.contains(&p), "{p} cost line: {providers:?}");
+    }
+    let charged = done["call"]["cost_cents"].as_i64().unwrap();
+    assert!(charged >= 65, "at least base + one minute: {charged}");
+    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
+    assert_eq!(me.body["user"]["credits"].as_i64().unwrap(), 200 - charged);
+
+    // The simulator's own view agrees that the persona spoke and the caller spoke.
+    assert!(fake.transcript.iter().any(|l| l.speaker == Speaker::Persona));
+    assert!(fake.transcript.iter().any(|l| l.speaker == Speaker::Caller));
+    assert!(v.deepgram.connections().iter().all(|c| c.query.iter().any(|(k, v)| k == "encoding" && v == "mulaw")));
+    assert!(!v.elevenlabs.connections().is_empty());
+    assert!(!v.cerebras.requests().is_empty());
+}
+
+/// A forged stream token is refused by the relay with close 1008 and nothing is opened.
+#[tokio::test]
+async fn forged_stream_token_is_refused() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let v = voice();
+    let relay_public = v.stack.relay_env().get("RELAY_PUBLIC_URL").unwrap().clone();
+    let dg_before = v.deepgram.connections().len();
+    let mut req = relay_public.clone().into_client_request().unwrap();
+    let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &relay_public, &[]);
+    req.headers_mut().insert("X-Twilio-Signature", sig.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::text(json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string())).await.unwrap();
+    let forged = cmb_core::stream_token::mint("not-the-relay-secret-but-long-enough-1234567890", "call-x", i64::MAX / 2, "n1");
+    let start = json!({"event":"start","sequenceNumber":"1","streamSid":"MZ00000000000000000000000000000001",
+        "start":{"accountSid":TWILIO_ACCOUNT_SID,"streamSid":"MZ00000000000000000000000000000001","callSid":"CA00000000000000000000000000000001",
+        "tracks":["inbound"],"customParameters":{"callId":"call-x","streamToken":forged},
+        "mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}});
+    ws.send(Message::text(start.to_string())).await.unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Close(frame)) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(close, Some(1008));
+    assert_eq!(v.deepgram.connections().len(), dg_before, "nothing opened for a forged token");
+
+    // And an upgrade without a valid Twilio signature never becomes a WebSocket.
+    let mut bad = relay_public.into_client_request().unwrap();
+    bad.headers_mut().insert("X-Twilio-Signature", "bogus".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(bad).await.is_err());
+}
