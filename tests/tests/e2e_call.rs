@@ -166,6 +166,7 @@ async fn a_whole_call_with_barge_in() {
     for p in ["twilio", "deepgram", "llm", "elevenlabs"] {
         assert!(providers.contains(&p), "{p} cost line: {providers:?}");
     }
+    eprintln!("stored transcript: {texts:#?}\ncosts: {}\nheard: {heard}", done["costs"]);
     let charged = done["call"]["cost_cents"].as_i64().unwrap();
     assert!(charged >= 65, "at least base + one minute: {charged}");
     let me = api.get("/api/me", Some(&user.token)).await.unwrap();
