@@ -1,1 +1,25 @@
-//! The media relay library: `run(listener, config, shutdown)` is the entry point.
+//! The media relay: carries one phone call's audio between Twilio Media Streams, Deepgram
+//! (speech to text) and ElevenLabs (text to speech), and talks to the call's Durable
+//! Object over one control WebSocket.
+//!
+//! Entry points: [`run`] (serve a bound listener until shutdown) and [`app`] (the router,
+//! for `oneshot` tests). Layout follows "codec apart from socket apart from behaviour":
+//! wire formats live in their own modules, the per-call decisions in a pure state
+//! machine, and the socket tasks in `call` only move bytes.
+
+pub mod call;
+pub mod config;
+pub mod control;
+pub mod deepgram;
+pub mod elevenlabs;
+pub mod machine;
+pub mod metrics;
+pub mod nonce;
+pub mod server;
+pub mod stt;
+pub mod tts;
+pub mod twilio;
+pub mod ws;
+
+pub use config::{Config, ConfigError, ConfigProblem};
+pub use server::{app, run, AppState};

@@ -55,21 +55,29 @@ impl ApiClient {
         token: Option<&str>,
         body: Option<(&str, Vec<u8>)>,
     ) -> anyhow::Result<Reply> {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         if let Some((content_type, bytes)) = body {
             req = req.header("content-type", content_type).body(bytes);
         }
-        let resp = req.send().await.with_context(|| format!("{method} {path}"))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}"))?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes).with_context(|| {
-                format!("{method} {path} answered {status} with non-JSON: {}", String::from_utf8_lossy(&bytes))
+                format!(
+                    "{method} {path} answered {status} with non-JSON: {}",
+                    String::from_utf8_lossy(&bytes)
+                )
             })?
         };
         Ok(Reply { status, body })
@@ -83,7 +91,12 @@ impl ApiClient {
         self.raw(reqwest::Method::DELETE, path, token, None).await
     }
 
-    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<Reply> {
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<Reply> {
         self.raw(
             reqwest::Method::POST,
             path,
@@ -93,7 +106,12 @@ impl ApiClient {
         .await
     }
 
-    pub async fn put(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<Reply> {
+    pub async fn put(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<Reply> {
         self.raw(
             reqwest::Method::PUT,
             path,
@@ -114,9 +132,17 @@ impl ApiClient {
                 &json!({ "email": email, "password": password, "name": label }),
             )
             .await?;
-        anyhow::ensure!(reply.status == 201, "register answered {}: {}", reply.status, reply.body);
+        anyhow::ensure!(
+            reply.status == 201,
+            "register answered {}: {}",
+            reply.status,
+            reply.body
+        );
         let token = reply.body["token"].as_str().context("token")?.to_string();
-        let id = reply.body["user"]["id"].as_str().context("user.id")?.to_string();
+        let id = reply.body["user"]["id"]
+            .as_str()
+            .context("user.id")?
+            .to_string();
         Ok(TestUser {
             id,
             email,

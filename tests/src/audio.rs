@@ -204,7 +204,10 @@ impl Bank {
             .iter()
             .map(|&coeff| goertzel_power(block, coeff))
             .enumerate()
-            .fold((0, 0.0_f32), |acc, (i, p)| if p > acc.1 { (i, p) } else { acc });
+            .fold(
+                (0, 0.0_f32),
+                |acc, (i, p)| if p > acc.1 { (i, p) } else { acc },
+            );
         // For a pure tone of amplitude A: |X| = A·N/2 and the energy is A²·N/2.
         let amplitude = 2.0 * best_power.sqrt() / n;
         let purity = best_power / (total_energy * n / 2.0);

@@ -29,11 +29,19 @@ pub const ADMIN_EMAIL: &str = "admin@callmeback.test";
 pub struct TestWorker {
     stack: Stack,
     pub twilio: fakes::twilio::TwilioHandle,
+    /// The fake Stripe behind `STRIPE_API_BASE`; its pay page delivers signed
+    /// `checkout.session.completed` events to this Worker's webhook.
+    pub stripe: fakes::stripe::StripeHandle,
 }
 
 impl TestWorker {
     pub fn url(&self) -> String {
         self.stack.worker_url()
+    }
+
+    /// The running stack (its state directory holds the Worker's local D1).
+    pub fn stack(&self) -> &Stack {
+        &self.stack
     }
 }
 
@@ -93,14 +101,28 @@ pub fn worker() -> &'static TestWorker {
         // Short rings keep the suite fast; the protocol Twilio speaks is unchanged.
         cfg.ring = std::time::Duration::from_millis(300);
         let twilio = on_fakes_runtime(fakes::twilio::spawn(cfg)).expect("start fake Twilio");
+        let stripe = on_fakes_runtime(fakes::stripe::spawn(fakes::stripe::StripeConfig::new(
+            STRIPE_SECRET_KEY,
+        )))
+        .expect("start fake Stripe");
+        let mut vars = worker_vars(&twilio.base_url());
+        vars.insert("STRIPE_API_BASE".into(), stripe.base_url());
         let opts = StackOptions {
-            worker_vars: worker_vars(&twilio.base_url()),
+            worker_vars: vars,
             // PUBLIC_BASE_URL must be the Worker's own address (Twilio signs it); the
             // launcher fills it in once it knows the port.
             ..Default::default()
         };
         let stack = Stack::start(opts).expect("start the Worker under wrangler dev");
-        TestWorker { stack, twilio }
+        stripe.set_webhook(Some(fakes::stripe::WebhookTarget {
+            url: format!("{}/api/payments/webhook", stack.worker_url()),
+            secret: STRIPE_WEBHOOK_SECRET.into(),
+        }));
+        TestWorker {
+            stack,
+            twilio,
+            stripe,
+        }
     })
 }
 

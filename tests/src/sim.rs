@@ -166,8 +166,20 @@ fn espeak(text: &str) -> Result<Vec<u8>, SimError> {
     // espeak-ng only speaks at 22050 Hz; sox resamples to telephone audio.
     let mut sox = Command::new("sox")
         .args([
-            "-t", "wav", "-", "-r", "8000", "-c", "1", "-b", "16", "-e", "signed-integer", "-t",
-            "wav", "-",
+            "-t",
+            "wav",
+            "-",
+            "-r",
+            "8000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            "-e",
+            "signed-integer",
+            "-t",
+            "wav",
+            "-",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -445,9 +457,7 @@ impl Simulator {
                 });
                 Active::Speaking { audio, pos: 0 }
             }
-            Planned::Pause(ms) => Active::Pause {
-                until: now_ms + ms,
-            },
+            Planned::Pause(ms) => Active::Pause { until: now_ms + ms },
             Planned::Digit(digit) => {
                 tracing::info!(sim = %self.label, at_ms = now_ms, "[caller] presses {digit}");
                 self.events.push(SimEvent::Pressed {
@@ -496,7 +506,12 @@ impl Simulator {
             }
             Active::Interrupt { after_ms, started } => match self.listener.turn_started {
                 Some(onset) if now_ms >= onset + after_ms => Progress::Done,
-                _ => self.wait_or_give_up(Active::Interrupt { after_ms, started }, started, now_ms, frame),
+                _ => self.wait_or_give_up(
+                    Active::Interrupt { after_ms, started },
+                    started,
+                    now_ms,
+                    frame,
+                ),
             },
             Active::Speaking { audio, mut pos } => {
                 let end = (pos + FRAME_BYTES).min(audio.len());
@@ -521,7 +536,12 @@ impl Simulator {
                     frame.hang_up = true;
                     Progress::Done
                 } else {
-                    self.wait_or_give_up(Active::AfterTurns { turns, started }, started, now_ms, frame)
+                    self.wait_or_give_up(
+                        Active::AfterTurns { turns, started },
+                        started,
+                        now_ms,
+                        frame,
+                    )
                 }
             }
             Active::Idle { started } => {
@@ -685,13 +705,20 @@ mod tests {
 
     /// Runs `sim` over `persona` audio played from `start_ms`, then silence, until
     /// `end_ms`; returns the frames the callee produced, with their time.
-    fn run(sim: &mut Simulator, persona: &[u8], start_ms: u64, end_ms: u64) -> Vec<(u64, SimFrame)> {
+    fn run(
+        sim: &mut Simulator,
+        persona: &[u8],
+        start_ms: u64,
+        end_ms: u64,
+    ) -> Vec<(u64, SimFrame)> {
         let mut out = Vec::new();
         let mut now = 0;
         while now < end_ms {
             let heard: &[u8] = if now >= start_ms {
                 let off = ((now - start_ms) / FRAME_MS) as usize * FRAME_BYTES;
-                persona.get(off..(off + FRAME_BYTES).min(persona.len())).unwrap_or(&QUIET)
+                persona
+                    .get(off..(off + FRAME_BYTES).min(persona.len()))
+                    .unwrap_or(&QUIET)
             } else {
                 &QUIET
             };
@@ -796,7 +823,10 @@ mod tests {
         ]);
         let mut sim = Simulator::new(script, "t").unwrap();
         let frames = run(&mut sim, &[], 0, 1_000);
-        let digits: Vec<_> = frames.iter().filter_map(|(t, f)| f.dtmf.map(|d| (*t, d))).collect();
+        let digits: Vec<_> = frames
+            .iter()
+            .filter_map(|(t, f)| f.dtmf.map(|d| (*t, d)))
+            .collect();
         assert_eq!(digits, vec![(0, '1'), (20, '#')]);
         assert!(frames.last().unwrap().1.hang_up);
         assert_eq!(frames.len(), 3);

@@ -70,6 +70,15 @@ async fn next(ws: &mut Ws) -> Seen {
     }
 }
 
+/// Asserts the connection ended without a close frame (what a drop fault must look like).
+async fn expect_dropped(ws: &mut Ws) {
+    match next(ws).await {
+        Seen::End => {}
+        Seen::Close(code) => panic!("a drop must not send a close frame, got {code}"),
+        Seen::Json(v) => panic!("expected the connection to drop, got {v}"),
+    }
+}
+
 // ---------------------------------------------------------------- Deepgram
 
 async fn dg_connect(f: &deepgram::Handle) -> Result<Ws, WsError> {
@@ -207,7 +216,7 @@ async fn deepgram_drop_after_messages() {
     }
     assert!(matches!(next(&mut ws).await, Seen::Json(_)));
     assert!(matches!(next(&mut ws).await, Seen::Json(_)));
-    assert!(matches!(next(&mut ws).await, Seen::End));
+    expect_dropped(&mut ws).await;
     assert!(
         f.wait_for(Duration::from_secs(2), |c| c[0].closed.is_some())
             .await
@@ -223,7 +232,7 @@ async fn deepgram_drop_after_ms_applies_live() {
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_millis(50)).await;
     post_faults(&f.base_url(), json!({"drop_after_ms": 200})).await;
-    assert!(matches!(next(&mut ws).await, Seen::End));
+    expect_dropped(&mut ws).await;
     let age = t0.elapsed();
     assert!(
         age >= Duration::from_millis(180) && age < Duration::from_secs(2),
@@ -326,7 +335,7 @@ async fn elevenlabs_drop_after_messages() {
     .await;
     assert!(matches!(next(&mut ws).await, Seen::Json(_)));
     assert!(matches!(next(&mut ws).await, Seen::Json(_)));
-    assert!(matches!(next(&mut ws).await, Seen::End));
+    expect_dropped(&mut ws).await;
     assert!(
         f.wait_for(Duration::from_secs(2), |c| c[0].closed.is_some())
             .await
@@ -348,7 +357,7 @@ async fn elevenlabs_drop_after_ms() {
     f.faults().update(|x| x.drop_after_ms = Some(150));
     let mut ws = xi_connect(&f).await.unwrap();
     let t0 = Instant::now();
-    assert!(matches!(next(&mut ws).await, Seen::End));
+    expect_dropped(&mut ws).await;
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
 

@@ -2,6 +2,9 @@
 //! Idempotency-Key semantics, the pay page with its signed webhook, `deliver_event`
 //! against a receiver that verifies with `cmb_core::stripe_sig::verify`, and faults.
 
+// Helpers outside #[test] fns unwrap too: any panic here is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

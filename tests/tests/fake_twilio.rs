@@ -2,6 +2,9 @@
 //! signed status callbacks and TwiML webhooks (verified with `cmb_core::twilio_sig`), the
 //! bidirectional media stream (marks, clear, dtmf, stop), callee scripts and faults.
 
+// Helpers outside #[test] fns unwrap too: any panic here is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use cmb_tests::audio;
@@ -26,7 +29,7 @@ fn init_tracing() {
 }
 
 /// A fast fake: 50 ms rings, 5 ms per 20 ms media frame, and a callee who says nothing
-/// and gives up after 10 s of media time.
+/// and gives up after 60 s of media time (15 s of wall time).
 async fn fake() -> TwilioHandle {
     init_tracing();
     let mut cfg = TwilioConfig::new(ACCOUNT, TOKEN);
@@ -38,7 +41,7 @@ async fn fake() -> TwilioHandle {
 
 fn quiet_callee() -> SimScript {
     let mut script = SimScript::new(vec![]);
-    script.give_up_after_ms = 10_000;
+    script.give_up_after_ms = 60_000;
     script
 }
 
@@ -164,7 +167,7 @@ async fn call_flow_is_signed_ordered_and_streams_media() {
     let app = WebhookApp::spawn(TOKEN).await.unwrap();
     app.set_twiml(app.connect_twiml(&[("callId", "c1"), ("token", "t&k")], "<Say>Goodbye</Say>"));
     let mut callee = SimScript::new(vec![Step::Say(Utterance::text("hi bot"))]);
-    callee.give_up_after_ms = 10_000;
+    callee.give_up_after_ms = 60_000;
     fake.set_script(TO, CalleeScript::answer(callee));
 
     let (twiml_url, status_url) = (app.twiml_url(), app.status_url());
@@ -547,7 +550,7 @@ async fn callee_hangup_dtmf_and_binary_warning() {
     let app = WebhookApp::spawn(TOKEN).await.unwrap();
     app.set_twiml(app.connect_twiml(&[], ""));
     let mut callee = SimScript::new(vec![Step::Pause(100), Step::PressDigit('5')]);
-    callee.give_up_after_ms = 10_000;
+    callee.give_up_after_ms = 60_000;
     fake.set_script(TO, CalleeScript::answer(callee));
     let sid = create(&fake, &app, TO, &[]).await;
     let mut bot = app.accept_stream(WAIT).await.unwrap();
@@ -720,7 +723,7 @@ async fn stream_faults() {
     let sid = create(&fake, &app, TO, &[]).await;
     fake.faults().update(|f| {
         f.drop_after_messages = Some(5);
-        f.first_byte_delay_ms = 400;
+        f.first_byte_delay_ms = 700;
     });
     let mut bot = app.accept_stream(WAIT).await.unwrap();
     let t0 = std::time::Instant::now();
@@ -858,4 +861,34 @@ async fn fakes_binary_announces_serves_and_stops() {
         .unwrap()
         .unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+/// Updating a live call with new `Twiml` stops the stream (`stop`) and runs the new
+/// document: the callee hears the `<Say>`, then the call completes.
+#[tokio::test]
+async fn rest_redirect_replaces_the_program() {
+    let fake = fake().await;
+    let app = WebhookApp::spawn(TOKEN).await.unwrap();
+    app.set_twiml(app.connect_twiml(&[], ""));
+    let sid = create(&fake, &app, TO, &[]).await;
+    let mut bot = app.accept_stream(WAIT).await.unwrap();
+    bot.recv_event("media", WAIT).await.unwrap();
+    let (status, body) = post(
+        &call_url(&fake, &sid),
+        (ACCOUNT, TOKEN),
+        &[(
+            "Twiml",
+            "<Response><Say>See you</Say><Hangup/><Say>never</Say></Response>",
+        )],
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("in-progress"))
+    );
+    bot.recv_event("stop", WAIT).await.unwrap();
+    let record = fake.wait_finished(&sid, WAIT).await.unwrap();
+    assert_eq!(record.status, CallStatus::Completed);
+    assert_eq!(record.streams[0].end, Some(StreamEnd::Stopped));
+    assert_eq!(record.heard_text, "See you");
 }

@@ -2,6 +2,9 @@
 //! tone-coded audio with marks over the media stream, the simulated callee listens,
 //! interrupts and answers, and the tests check marks, `clear`, and exactly what was heard.
 
+// Helpers outside #[test] fns unwrap too: any panic here is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use cmb_tests::audio;

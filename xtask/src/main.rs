@@ -1,1 +1,72 @@
-fn main() {}
+//! `cargo xtask`: the project's developer commands.
+//!
+//! - `setup`: install what is missing (idempotent, seconds when warm).
+//! - `build-worker`: build the Worker with worker-build, offline.
+//! - `dev`: the whole local stack (Worker, relay, fakes) until Ctrl-C.
+//! - `test`: everything CI checks, in order, failing on the first problem.
+//! - `bench`: reserved for the load benchmark (a later issue).
+//!
+//! Argument parsing and dispatch only; each command lives in `cmd/`.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use xtask::repo::Repo;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Call Me Back developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install missing tools: wasm32 target, wasm-bindgen-cli, worker-build, Node >= 22,
+    /// npm packages (wrangler, binaryen, esbuild), PostgreSQL.
+    Setup,
+    /// Build the Worker into build/ (where wrangler.toml's `main` points).
+    BuildWorker {
+        /// Optimised build with wasm-opt (for deploys and size checks); default is a fast
+        /// dev build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the local stack: wrangler dev (Worker, D1, KV, DOs), the media relay, and the
+    /// fake providers when no real provider keys are configured. Ctrl-C stops everything.
+    Dev(cmd::dev::DevArgs),
+    /// Setup, format check, clippy (native and wasm32), Worker build, all tests.
+    Test(cmd::test::TestArgs),
+    /// Load benchmark (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let repo = match Repo::from_crate_dir(env!("CARGO_MANIFEST_DIR")) {
+        Ok(repo) => repo,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Setup => cmd::setup::run(&repo),
+        Command::BuildWorker { release } => cmd::build::build_worker(&repo, release),
+        Command::Dev(args) => cmd::dev::run(&repo, &args),
+        Command::Test(args) => cmd::test::run(&repo, &args),
+        Command::Bench => {
+            eprintln!("cargo xtask bench: not implemented yet (the load benchmark comes in a later issue)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

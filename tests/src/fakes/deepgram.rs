@@ -191,7 +191,10 @@ impl DeepgramState {
     }
 
     fn record(&self, index: usize, edit: impl FnOnce(&mut ConnectionRecord)) {
-        let mut all = self.connections.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(r) = all.get_mut(index) {
             edit(r);
         }
@@ -219,9 +222,8 @@ pub fn router(state: Arc<DeepgramState>) -> Router {
     let app = Router::new()
         .route(LISTEN_PATH, get(listen))
         .with_state(state);
-    let error: ErrorResponder = Arc::new(|status| {
-        handshake_error(status, "FAULT", "Injected fault (fake Deepgram).")
-    });
+    let error: ErrorResponder =
+        Arc::new(|status| handshake_error(status, "FAULT", "Injected fault (fake Deepgram)."));
     crate::fakes::faults::wrap(app, faults, error)
 }
 
@@ -266,7 +268,11 @@ impl Handle {
 
     /// Appends transcripts for upcoming non-tone-coded segments.
     pub fn push_script<I: IntoIterator<Item = S>, S: Into<String>>(&self, lines: I) {
-        let mut script = self.state.script.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut script = self
+            .state
+            .script
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         script.extend(lines.into_iter().map(Into::into));
     }
 
@@ -366,7 +372,10 @@ impl ListenOptions {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        if let Some((unknown, _)) = query.iter().find(|(k, _)| !KNOWN_PARAMS.contains(&k.as_str())) {
+        if let Some((unknown, _)) = query
+            .iter()
+            .find(|(k, _)| !KNOWN_PARAMS.contains(&k.as_str()))
+        {
             return Err(format!("Unknown query parameter: {unknown}"));
         }
         let model = get("model")
@@ -451,7 +460,11 @@ async fn listen(
         .is_some_and(|v| v == expected);
     if !authorized {
         tracing::info!("deepgram fake: rejecting handshake with bad credentials");
-        return handshake_error(StatusCode::UNAUTHORIZED, "INVALID_AUTH", "Invalid credentials.");
+        return handshake_error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_AUTH",
+            "Invalid credentials.",
+        );
     }
     let query: Vec<(String, String)> =
         match serde_urlencoded::from_str(raw_query.as_deref().unwrap_or("")) {
@@ -473,7 +486,10 @@ async fn listen(
         Err(rejection) => return rejection.into_response(),
     };
     let index = {
-        let mut all = state.connections.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = state
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         all.push(ConnectionRecord {
             query,
             ..ConnectionRecord::default()
@@ -603,7 +619,11 @@ async fn read_loop(
     index: usize,
 ) {
     let idle_timeout = state.cfg.idle_timeout;
-    let mut session = Session::new(options, state.cfg.vad_threshold_dbfs, state.cfg.interim_every_ms);
+    let mut session = Session::new(
+        options,
+        state.cfg.vad_threshold_dbfs,
+        state.cfg.interim_every_ms,
+    );
     let mut idle_deadline = Instant::now() + idle_timeout;
     let send_all = |messages: Vec<Value>| {
         for m in messages {
@@ -641,6 +661,9 @@ async fn read_loop(
                 let kind = control["type"].as_str().unwrap_or_default().to_owned();
                 state.record(index, |r| r.controls.push(kind.clone()));
                 match kind.as_str() {
+                    // Only audio and KeepAlive reset the idle timer: the docs disagree on
+                    // whether any text frame counts, and the strict reading catches a client
+                    // that thinks Finalize keeps a silent stream alive.
                     "KeepAlive" => idle_deadline = Instant::now() + idle_timeout,
                     "Finalize" => {
                         let mut script = ScriptSource(&state);
@@ -679,7 +702,9 @@ async fn read_loop(
                     Some(f) => (Some(f.code), f.reason.to_string()),
                     None => (None, String::new()),
                 };
-                state.record(index, |r| r.closed = Some(Closed::ByClient { code, reason }));
+                state.record(index, |r| {
+                    r.closed = Some(Closed::ByClient { code, reason })
+                });
                 return;
             }
             // Pings are answered by axum itself.
@@ -884,7 +909,9 @@ impl Session {
         };
         if speech {
             segment.last_speech_end_s = t1;
-            if self.options.interim_results && t1 - segment.last_interim_s >= self.interim_every_s - 1e-9 {
+            if self.options.interim_results
+                && t1 - segment.last_interim_s >= self.interim_every_s - 1e-9
+            {
                 segment.last_interim_s = t1;
                 let (start, end) = (segment.start_s, segment.last_speech_end_s);
                 let text = if segment.text.trim().is_empty() {
@@ -894,7 +921,15 @@ impl Session {
                 };
                 if !text.is_empty() {
                     let words = words_for(&text, start, end, !segment.text.trim().is_empty());
-                    out.push(self.results_json(start, end - start, &text, words, false, false, false));
+                    out.push(self.results_json(
+                        start,
+                        end - start,
+                        &text,
+                        words,
+                        false,
+                        false,
+                        false,
+                    ));
                 }
             }
             return;
@@ -913,7 +948,9 @@ impl Session {
     }
 
     fn maybe_utterance_end(&mut self, now: f64, out: &mut Vec<Value>) {
-        let (Some(gap_ms), Some(last_word_end)) = (self.options.utterance_end_ms, self.utterance_pending) else {
+        let (Some(gap_ms), Some(last_word_end)) =
+            (self.options.utterance_end_ms, self.utterance_pending)
+        else {
             return;
         };
         if (now - last_word_end) * 1000.0 + 1e-6 >= gap_ms as f64 {
@@ -933,18 +970,26 @@ impl Session {
         let (text, timed) = if !tone.is_empty() {
             (tone.to_owned(), true)
         } else {
-            (script.next().unwrap_or_else(|| UNINTELLIGIBLE.to_owned()), false)
+            (
+                script.next().unwrap_or_else(|| UNINTELLIGIBLE.to_owned()),
+                false,
+            )
         };
         let (start, end) = (segment.start_s, segment.last_speech_end_s);
         let words = words_for(&text, start, end, timed);
-        let last_word_end = words
-            .last()
-            .and_then(|w| w["end"].as_f64())
-            .unwrap_or(end);
+        let last_word_end = words.last().and_then(|w| w["end"].as_f64()).unwrap_or(end);
         if self.options.interim_results && self.options.utterance_end_ms.is_some() {
             self.utterance_pending = Some(last_word_end);
         }
-        self.results_json(start, end - start, &text, words, true, speech_final, from_finalize)
+        self.results_json(
+            start,
+            end - start,
+            &text,
+            words,
+            true,
+            speech_final,
+            from_finalize,
+        )
     }
 
     #[allow(clippy::too_many_arguments)] // mirrors the Results fields one to one
@@ -1041,7 +1086,12 @@ mod tests {
         assert_eq!(ok.utterance_end_ms, Some(1000));
         assert!(ok.interim_results && ok.vad_events);
         assert_eq!(opts(BASE).unwrap().endpointing_ms, Some(10));
-        assert_eq!(opts(&format!("{BASE}&endpointing=false")).unwrap().endpointing_ms, None);
+        assert_eq!(
+            opts(&format!("{BASE}&endpointing=false"))
+                .unwrap()
+                .endpointing_ms,
+            None
+        );
         for bad in [
             "encoding=mulaw&sample_rate=8000",
             "model=nova-3&sample_rate=8000",
@@ -1074,7 +1124,12 @@ mod tests {
             "{BASE}&interim_results=true&endpointing=300&utterance_end_ms=1000&vad_events=true"
         ));
         let mut script = VecDeque::new();
-        let audio = [audio::silence(200), audio::encode_text("book a table"), audio::silence(1500)].concat();
+        let audio = [
+            audio::silence(200),
+            audio::encode_text("book a table"),
+            audio::silence(1500),
+        ]
+        .concat();
         let out = s.push_audio(&audio, &mut script);
         let kinds = types(&out);
         assert_eq!(kinds.first().map(String::as_str), Some("SpeechStarted"));
@@ -1084,7 +1139,10 @@ mod tests {
         let f = finals[0];
         assert_eq!(f["speech_final"], true);
         assert_eq!(f["from_finalize"], false);
-        assert_eq!(f["channel"]["alternatives"][0]["transcript"], "book a table");
+        assert_eq!(
+            f["channel"]["alternatives"][0]["transcript"],
+            "book a table"
+        );
         assert_eq!(f["start"], 0.2);
         assert_eq!(f["duration"], 0.48);
         let words = f["channel"]["alternatives"][0]["words"].as_array().unwrap();
@@ -1093,7 +1151,10 @@ mod tests {
         assert_eq!(words[1]["start"], 0.4);
         assert_eq!(words[2]["end"], 0.68);
         // Interims came before the final, and none after.
-        let interims = out.iter().filter(|m| m["type"] == "Results" && m["is_final"] == false).count();
+        let interims = out
+            .iter()
+            .filter(|m| m["type"] == "Results" && m["is_final"] == false)
+            .count();
         assert!(interims >= 1);
         let final_pos = out.iter().position(|m| m["is_final"] == true).unwrap();
         assert!(out[final_pos..].iter().all(|m| m["is_final"] != false));
@@ -1119,7 +1180,9 @@ mod tests {
     fn endpointing_waits_for_the_configured_silence() {
         let mut s = session(&format!("{BASE}&endpointing=300"));
         let mut script = VecDeque::new();
-        assert!(s.push_audio(&audio::encode_text("hi"), &mut script).is_empty());
+        assert!(s
+            .push_audio(&audio::encode_text("hi"), &mut script)
+            .is_empty());
         assert!(s.push_audio(&audio::silence(280), &mut script).is_empty());
         let out = s.push_audio(&audio::silence(20), &mut script);
         assert_eq!(out.len(), 1);
@@ -1139,7 +1202,11 @@ mod tests {
         out.extend(s.push_audio(&[noise, audio::silence(200)].concat(), &mut script));
         let transcripts: Vec<&str> = out
             .iter()
-            .map(|m| m["channel"]["alternatives"][0]["transcript"].as_str().unwrap())
+            .map(|m| {
+                m["channel"]["alternatives"][0]["transcript"]
+                    .as_str()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(transcripts, vec!["yes please", UNINTELLIGIBLE]);
     }
@@ -1165,7 +1232,10 @@ mod tests {
     fn endpointing_false_finalizes_without_speech_final() {
         let mut s = session(&format!("{BASE}&endpointing=false"));
         let mut script = VecDeque::new();
-        let out = s.push_audio(&[audio::encode_text("ok"), audio::silence(1200)].concat(), &mut script);
+        let out = s.push_audio(
+            &[audio::encode_text("ok"), audio::silence(1200)].concat(),
+            &mut script,
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0]["is_final"], true);
         assert_eq!(out[0]["speech_final"], false);

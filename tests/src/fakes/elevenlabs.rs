@@ -1,1 +1,1418 @@
-//! Work in progress.
+//! Fake ElevenLabs text-to-speech WebSockets (PROTOCOLS.md §5): single-context
+//! `/v1/text-to-speech/{voice_id}/stream-input` and multi-context `…/multi-stream-input`.
+//!
+//! Owns the handshake/query checks, a pure [`Conversation`] state machine (client JSON in,
+//! actions out, time passed in) and the socket shell (inactivity, faults, interruption).
+//! It must not guess in the client's favour: where the provider's behaviour is
+//! undocumented it fails loudly (error frame + close 1008) and says so in a comment.
+//!
+//! Audio is [`crate::audio::encode_text`] of the generated text (40 ms per character,
+//! deterministic), so whoever hears it can decode exactly what was said.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::audio;
+use crate::fakes::faults::{ConnectionFaults, ErrorResponder, FaultSwitch};
+use crate::fakes::{Server, LOOPBACK_ANY};
+
+/// Route of the single-context stream.
+pub const SINGLE_PATH: &str = "/v1/text-to-speech/{voice_id}/stream-input";
+/// Route of the multi-context stream.
+pub const MULTI_PATH: &str = "/v1/text-to-speech/{voice_id}/multi-stream-input";
+/// Simultaneous contexts allowed per multi-context connection.
+pub const MAX_CONTEXTS: usize = 5;
+/// Close code of every error the service reports on the socket.
+pub const POLICY_CLOSE: u16 = 1008;
+/// Characters per audio message: 12 × 40 ms = 480 ms, under the ~0.5 s the client should
+/// see per message so streaming is visible.
+pub const CHARS_PER_MESSAGE: usize = 12;
+
+const DEFAULT_SCHEDULE: [u32; 4] = [120, 160, 250, 290];
+const DEFAULT_INACTIVITY_S: u64 = 20;
+const MAX_INACTIVITY_S: u64 = 180;
+const KNOWN_OUTPUT_FORMATS: &[&str] = &[
+    "ulaw_8000",
+    "alaw_8000",
+    "pcm_8000",
+    "pcm_16000",
+    "pcm_22050",
+    "pcm_24000",
+    "pcm_44100",
+    "pcm_48000",
+    "mp3_22050_32",
+    "mp3_44100_32",
+    "mp3_44100_64",
+    "mp3_44100_96",
+    "mp3_44100_128",
+    "mp3_44100_192",
+    "opus_48000_32",
+    "opus_48000_64",
+    "opus_48000_96",
+    "opus_48000_128",
+    "opus_48000_192",
+];
+const KNOWN_QUERY: &[&str] = &[
+    "model_id",
+    "output_format",
+    "inactivity_timeout",
+    "sync_alignment",
+    "auto_mode",
+    "language_code",
+    "enable_logging",
+    "enable_ssml_parsing",
+    "apply_text_normalization",
+    "seed",
+    "authorization",
+];
+
+/// How the fake is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub addr: SocketAddr,
+    /// The key expected in `xi-api-key` (header or first message).
+    pub api_key: String,
+    /// Wall-clock length of one second of `inactivity_timeout`: tests shrink it so the
+    /// query's seconds still drive the timeout, only faster.
+    pub timeout_second: Duration,
+    /// Pause between two audio messages, simulating generation speed (0 = as fast as
+    /// possible). Gives interruption tests audio still in flight to cancel.
+    pub audio_interval: Duration,
+    pub fault_seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: LOOPBACK_ANY,
+            api_key: "xi-test-key".to_owned(),
+            timeout_second: Duration::from_secs(1),
+            audio_interval: Duration::ZERO,
+            fault_seed: crate::fakes::faults::DEFAULT_SEED,
+        }
+    }
+}
+
+/// Which endpoint a connection used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Single,
+    Multi,
+}
+
+/// How a connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Closed {
+    ByServer {
+        code: u16,
+        reason: String,
+    },
+    ByClient {
+        code: Option<u16>,
+        reason: String,
+    },
+    /// Torn down without a close frame by a drop fault.
+    Dropped,
+    /// The transport ended without a close frame from the client.
+    Vanished,
+}
+
+/// One piece of generated speech.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// Index of the connection in [`Handle::connections`].
+    pub connection: usize,
+    /// Context id (`""` on the single-context endpoint).
+    pub context: String,
+    pub text: String,
+}
+
+/// What the fake saw and did on one connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionRecord {
+    pub mode: Mode,
+    pub voice_id: String,
+    pub query: Vec<(String, String)>,
+    /// Client messages, parsed (invalid JSON is kept as a string value).
+    pub received: Vec<Value>,
+    /// Messages sent, in order (audio included).
+    pub sent: Vec<Value>,
+    /// Contexts closed by the client (`close_context`) or by inactivity, in order.
+    pub contexts_closed: Vec<String>,
+    pub closed: Option<Closed>,
+}
+
+#[derive(Default)]
+struct Log {
+    connections: Vec<ConnectionRecord>,
+    generations: Vec<Generation>,
+    /// Characters whose audio was actually sent.
+    characters_sent: u64,
+}
+
+/// Shared state of the fake.
+pub struct ElevenLabsState {
+    cfg: Config,
+    log: Mutex<Log>,
+    faults: FaultSwitch,
+}
+
+impl ElevenLabsState {
+    pub fn new(cfg: Config) -> Arc<Self> {
+        Arc::new(Self {
+            faults: FaultSwitch::with_seed(cfg.fault_seed),
+            log: Mutex::new(Log::default()),
+            cfg,
+        })
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, index: usize, edit: impl FnOnce(&mut ConnectionRecord)) {
+        if let Some(r) = self.log().connections.get_mut(index) {
+            edit(r);
+        }
+    }
+}
+
+/// The fake's routes (wrapped with faults, plus `/__faults`).
+pub fn router(state: Arc<ElevenLabsState>) -> Router {
+    let faults = state.faults.clone();
+    let app = Router::new()
+        .route(SINGLE_PATH, get(single))
+        .route(MULTI_PATH, get(multi))
+        .with_state(state);
+    // HTTP-level errors look like the REST API's: {"detail":{"status","message"}}.
+    let error: ErrorResponder = Arc::new(|status: StatusCode| {
+        let body = json!({"detail": {"status": "fault_injected", "message": "Injected fault (fake ElevenLabs)."}});
+        (status, Json(body)).into_response()
+    });
+    crate::fakes::faults::wrap(app, faults, error)
+}
+
+/// A running fake ElevenLabs.
+pub struct Handle {
+    server: Server,
+    state: Arc<ElevenLabsState>,
+}
+
+/// Starts the fake on `cfg.addr`.
+pub async fn spawn(cfg: Config) -> anyhow::Result<Handle> {
+    let addr = cfg.addr;
+    let state = ElevenLabsState::new(cfg);
+    let server = Server::start("elevenlabs", addr, router(state.clone())).await?;
+    Ok(Handle { server, state })
+}
+
+impl Handle {
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    pub fn base_url(&self) -> String {
+        self.server.base_url()
+    }
+
+    /// `ws://127.0.0.1:PORT`
+    pub fn ws_url(&self) -> String {
+        self.server.ws_url()
+    }
+
+    pub fn faults(&self) -> &FaultSwitch {
+        &self.state.faults
+    }
+
+    pub fn api_key(&self) -> &str {
+        &self.state.cfg.api_key
+    }
+
+    pub fn connections(&self) -> Vec<ConnectionRecord> {
+        self.state.log().connections.clone()
+    }
+
+    /// Characters whose audio was sent (what ElevenLabs would bill).
+    pub fn characters_synthesized(&self) -> u64 {
+        self.state.log().characters_sent
+    }
+
+    /// Every generation, in order.
+    pub fn generations(&self) -> Vec<Generation> {
+        self.state.log().generations.clone()
+    }
+
+    /// Generated texts grouped by context id (all connections).
+    pub fn texts_by_context(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for g in self.generations() {
+            out.entry(g.context).or_default().push(g.text);
+        }
+        out
+    }
+
+    /// Contexts closed, over all connections, in order.
+    pub fn contexts_closed(&self) -> Vec<String> {
+        self.connections()
+            .into_iter()
+            .flat_map(|c| c.contexts_closed)
+            .collect()
+    }
+
+    /// Polls the records until `check` holds or `timeout` passes.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&[ConnectionRecord]) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if check(&self.connections()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
+    }
+}
+
+/// Stream options from the query string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamOptions {
+    pub model_id: Option<String>,
+    pub inactivity_timeout_s: u64,
+}
+
+impl StreamOptions {
+    /// Validates the query; the error is `(error code, message)` for the error frame.
+    pub fn from_query(query: &[(String, String)]) -> Result<Self, (&'static str, String)> {
+        let get = |name: &str| {
+            query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        if let Some((unknown, _)) = query
+            .iter()
+            .find(|(k, _)| !KNOWN_QUERY.contains(&k.as_str()))
+        {
+            return Err((
+                "invalid_request",
+                format!("Unknown query parameter: {unknown}"),
+            ));
+        }
+        // The real default is mp3; anything but μ-law 8 kHz would be unplayable on a phone
+        // line, so the fake requires the format to be asked for explicitly.
+        match get("output_format") {
+            Some("ulaw_8000") => {}
+            Some(f) if KNOWN_OUTPUT_FORMATS.contains(&f) => {
+                return Err((
+                    "invalid_output_format",
+                    format!("fake ElevenLabs produces only ulaw_8000, not {f}"),
+                ))
+            }
+            Some(f) => {
+                return Err((
+                    "invalid_output_format",
+                    format!("Invalid output format: {f}"),
+                ))
+            }
+            None => {
+                return Err((
+                    "invalid_output_format",
+                    "output_format missing (default mp3_44100_128 is not phone audio)".to_owned(),
+                ))
+            }
+        }
+        let inactivity_timeout_s = match get("inactivity_timeout") {
+            None => DEFAULT_INACTIVITY_S,
+            Some(v) => match v.parse::<u64>() {
+                Ok(s) if (1..=MAX_INACTIVITY_S).contains(&s) => s,
+                _ => {
+                    return Err((
+                        "invalid_request",
+                        format!("inactivity_timeout must be an integer in 1..=180, got {v}"),
+                    ))
+                }
+            },
+        };
+        Ok(Self {
+            model_id: get("model_id").map(str::to_owned),
+            inactivity_timeout_s,
+        })
+    }
+}
+
+async fn single(
+    state: State<Arc<ElevenLabsState>>,
+    path: Path<String>,
+    headers: HeaderMap,
+    query: RawQuery,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    accept(Mode::Single, state, path, headers, query, upgrade)
+}
+
+async fn multi(
+    state: State<Arc<ElevenLabsState>>,
+    path: Path<String>,
+    headers: HeaderMap,
+    query: RawQuery,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    accept(Mode::Multi, state, path, headers, query, upgrade)
+}
+
+fn accept(
+    mode: Mode,
+    State(state): State<Arc<ElevenLabsState>>,
+    Path(voice_id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw_query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(raw_query.as_deref().unwrap_or("")).unwrap_or_default();
+    let header_key = headers
+        .get("xi-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let index = {
+        let mut log = state.log();
+        log.connections.push(ConnectionRecord {
+            mode,
+            voice_id,
+            query: query.clone(),
+            received: Vec::new(),
+            sent: Vec::new(),
+            contexts_closed: Vec::new(),
+            closed: None,
+        });
+        log.connections.len() - 1
+    };
+    let faults = state.faults.connection();
+    // Errors are reported on the socket (error frame + 1008), as the service does for
+    // auth and message problems, so the upgrade always succeeds.
+    upgrade.on_upgrade(move |socket| async move {
+        run_connection(socket, state, mode, query, header_key, index, faults).await;
+    })
+}
+
+/// Something the connection must do, produced by the [`Conversation`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send this JSON (the single-context isFinal).
+    Send(Value),
+    /// Send a message of one context (audio, or its isFinal): dropped if the context is
+    /// closed before it goes out. `chars` is the characters of audio it carries.
+    ContextMessage {
+        context: String,
+        epoch: u64,
+        chars: usize,
+        message: Value,
+    },
+    /// A generation happened (for the records).
+    Generated { context: String, text: String },
+    /// A context was closed (pending text and unsent audio must be dropped).
+    ContextClosed { context: String, epoch: u64 },
+    /// Report an error frame and close 1008.
+    Fail {
+        error: &'static str,
+        message: String,
+    },
+    /// Close normally (1000) after everything queued has been sent.
+    Close,
+}
+
+#[derive(Debug)]
+struct Context {
+    buffer: String,
+    schedule: Vec<u32>,
+    generations: usize,
+    last_activity: Instant,
+    epoch: u64,
+}
+
+/// The per-connection protocol state machine. Pure: no I/O, time is an argument.
+pub struct Conversation {
+    mode: Mode,
+    expected_key: String,
+    header_key: Option<String>,
+    started: bool,
+    inactivity: Duration,
+    last_message: Instant,
+    contexts: HashMap<String, Context>,
+    /// Bumped per context id every time a context with that id is opened.
+    next_epoch: u64,
+    finished: bool,
+}
+
+const SINGLE_FIELDS: &[&str] = &[
+    "text",
+    "voice_settings",
+    "generation_config",
+    "pronunciation_dictionary_locators",
+    "xi-api-key",
+    "authorization",
+    "flush",
+    "try_trigger_generation",
+];
+const MULTI_FIELDS: &[&str] = &[
+    "text",
+    "context_id",
+    "voice_settings",
+    "generation_config",
+    "pronunciation_dictionary_locators",
+    "xi_api_key",
+    "authorization",
+    "flush",
+    "close_context",
+    "close_socket",
+];
+/// Fields allowed only in the first message (of the socket, or of a context in multi).
+const INIT_ONLY: &[&str] = &[
+    "voice_settings",
+    "generation_config",
+    "pronunciation_dictionary_locators",
+];
+
+/// The internal id of the single-context endpoint's only context.
+const SINGLE_CONTEXT: &str = "";
+
+impl Conversation {
+    pub fn new(
+        mode: Mode,
+        expected_key: String,
+        header_key: Option<String>,
+        inactivity: Duration,
+        now: Instant,
+    ) -> Self {
+        Self {
+            mode,
+            expected_key,
+            header_key,
+            started: false,
+            inactivity,
+            last_message: now,
+            contexts: HashMap::new(),
+            next_epoch: 0,
+            finished: false,
+        }
+    }
+
+    /// Whether the conversation has ended (a Fail or Close was produced).
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    fn fail(&mut self, error: &'static str, message: impl Into<String>) -> Vec<Action> {
+        self.finished = true;
+        vec![Action::Fail {
+            error,
+            message: message.into(),
+        }]
+    }
+
+    /// The earliest instant at which [`Conversation::expire`] has something to do.
+    pub fn next_deadline(&self) -> Instant {
+        let socket = self.last_message + self.inactivity;
+        self.contexts
+            .values()
+            .map(|c| c.last_activity + self.inactivity)
+            .fold(socket, Instant::min)
+    }
+
+    /// Applies inactivity: idle contexts (multi) are closed; an idle socket fails with
+    /// `input_timeout_exceeded`. UNCONFIRMED: the exact error code of an idle close; the
+    /// fake uses the error-frame shape the service uses for every other socket error.
+    pub fn expire(&mut self, now: Instant) -> Vec<Action> {
+        if self.finished {
+            return Vec::new();
+        }
+        if now >= self.last_message + self.inactivity {
+            let secs = self.inactivity.as_secs_f64();
+            return self.fail(
+                "input_timeout_exceeded",
+                format!("Have not received new text for {secs} seconds"),
+            );
+        }
+        let mut out = Vec::new();
+        if self.mode == Mode::Multi {
+            let idle: Vec<String> = self
+                .contexts
+                .iter()
+                .filter(|(_, c)| now >= c.last_activity + self.inactivity)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in idle {
+                if let Some(c) = self.contexts.remove(&id) {
+                    out.push(Action::ContextClosed {
+                        context: id,
+                        epoch: c.epoch,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Handles one client text frame.
+    pub fn on_text(&mut self, text: &str, now: Instant) -> Vec<Action> {
+        if self.finished {
+            return Vec::new();
+        }
+        self.last_message = now;
+        let Ok(Value::Object(msg)) = serde_json::from_str::<Value>(text) else {
+            return self.fail("invalid_message", "Message is not a JSON object");
+        };
+        let allowed = match self.mode {
+            Mode::Single => SINGLE_FIELDS,
+            Mode::Multi => MULTI_FIELDS,
+        };
+        // Unknown fields are refused: the classic bug is the key spelled for the other
+        // endpoint (`xi_api_key` vs `xi-api-key`), which the service would just not see.
+        if let Some(unknown) = msg.keys().find(|k| !allowed.contains(&k.as_str())) {
+            let unknown = unknown.clone();
+            return self.fail("invalid_message", format!("Unknown field: {unknown}"));
+        }
+        let first = !self.started;
+        if first {
+            self.started = true;
+            let key_field = match self.mode {
+                Mode::Single => "xi-api-key",
+                Mode::Multi => "xi_api_key",
+            };
+            let key = msg
+                .get(key_field)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .or_else(|| self.header_key.clone());
+            if key.as_deref() != Some(self.expected_key.as_str()) {
+                return self.fail("invalid_api_key", "Invalid API key");
+            }
+            if msg.get("text").and_then(Value::as_str) != Some(" ") {
+                return self.fail(
+                    "invalid_message",
+                    "The first message must have text equal to a single space",
+                );
+            }
+        } else if msg.contains_key("xi-api-key") || msg.contains_key("xi_api_key") {
+            return self.fail(
+                "invalid_message",
+                "The API key is accepted only in the first message",
+            );
+        }
+        match self.mode {
+            Mode::Single => self.on_single(&msg, first, now),
+            Mode::Multi => self.on_multi(&msg, first, now),
+        }
+    }
+
+    fn on_single(&mut self, msg: &Map<String, Value>, first: bool, now: Instant) -> Vec<Action> {
+        let Some(text) = msg.get("text").and_then(Value::as_str) else {
+            return self.fail("invalid_message", "Field text is required");
+        };
+        if first {
+            return match self.open_context(SINGLE_CONTEXT, msg, now) {
+                Ok(()) => Vec::new(),
+                Err((e, m)) => self.fail(e, m),
+            };
+        }
+        if let Some(field) = INIT_ONLY.iter().find(|f| msg.contains_key(**f)) {
+            return self.fail(
+                "invalid_message",
+                format!("{field} is allowed only in the first message"),
+            );
+        }
+        let flush = msg.get("flush").and_then(Value::as_bool).unwrap_or(false);
+        if text.is_empty() {
+            // End of sequence: flush, isFinal, close.
+            let mut out = self.generate(SINGLE_CONTEXT, true);
+            out.push(Action::Send(json!({"isFinal": true})));
+            out.push(Action::Close);
+            self.finished = true;
+            return out;
+        }
+        self.add_text(SINGLE_CONTEXT, text, flush, now)
+    }
+
+    fn on_multi(&mut self, msg: &Map<String, Value>, first: bool, now: Instant) -> Vec<Action> {
+        if msg.get("close_socket").and_then(Value::as_bool) == Some(true) {
+            // Contexts already generating finish (their audio is queued first), then close.
+            self.finished = true;
+            return vec![Action::Close];
+        }
+        // The schema makes context_id optional (a default context); the fake requires it
+        // because our client must always address the turn it means.
+        let Some(id) = msg
+            .get("context_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            return self.fail("invalid_message", "context_id is required");
+        };
+        if msg.get("close_context").and_then(Value::as_bool) == Some(true) {
+            return match self.contexts.remove(&id) {
+                Some(c) => vec![Action::ContextClosed {
+                    context: id,
+                    epoch: c.epoch,
+                }],
+                // Closing an unknown/already closed context is harmless.
+                None => Vec::new(),
+            };
+        }
+        let text = msg.get("text").and_then(Value::as_str);
+        let is_new = !self.contexts.contains_key(&id);
+        if is_new {
+            if self.contexts.len() >= MAX_CONTEXTS {
+                return self.fail(
+                    "max_active_conversations",
+                    format!("Maximum of {MAX_CONTEXTS} simultaneous contexts exceeded"),
+                );
+            }
+            if let Err((e, m)) = self.open_context(&id, msg, now) {
+                return self.fail(e, m);
+            }
+        } else if let Some(field) = INIT_ONLY.iter().find(|f| msg.contains_key(**f)) {
+            return self.fail(
+                "invalid_message",
+                format!("{field} is allowed only in a context's first message"),
+            );
+        }
+        if let Some(c) = self.contexts.get_mut(&id) {
+            c.last_activity = now;
+        }
+        let flush = msg.get("flush").and_then(Value::as_bool).unwrap_or(false);
+        let text = match text {
+            Some(t) => t,
+            None if flush => "",
+            None => return self.fail("invalid_message", "Field text is required"),
+        };
+        if first || (is_new && text == " ") {
+            return Vec::new();
+        }
+        self.add_text(&id, text, flush, now)
+    }
+
+    fn open_context(
+        &mut self,
+        id: &str,
+        msg: &Map<String, Value>,
+        now: Instant,
+    ) -> Result<(), (&'static str, String)> {
+        if let Some(vs) = msg.get("voice_settings") {
+            validate_voice_settings(vs).map_err(|m| ("invalid_voice_settings", m))?;
+        }
+        let schedule = match msg.get("generation_config") {
+            Some(gc) => {
+                validate_generation_config(gc).map_err(|m| ("invalid_generation_config", m))?
+            }
+            None => None,
+        }
+        .unwrap_or_else(|| DEFAULT_SCHEDULE.to_vec());
+        self.next_epoch += 1;
+        self.contexts.insert(
+            id.to_owned(),
+            Context {
+                buffer: String::new(),
+                schedule,
+                generations: 0,
+                last_activity: now,
+                epoch: self.next_epoch,
+            },
+        );
+        Ok(())
+    }
+
+    fn add_text(&mut self, id: &str, text: &str, flush: bool, now: Instant) -> Vec<Action> {
+        let Some(c) = self.contexts.get_mut(id) else {
+            return Vec::new();
+        };
+        c.last_activity = now;
+        // A lone space after the first message is a keep-alive, not text.
+        if text != " " {
+            c.buffer.push_str(text);
+        }
+        if flush {
+            let epoch = c.epoch;
+            let mut out = self.generate(id, true);
+            if self.mode == Mode::Multi {
+                // UNCONFIRMED: that isFinal follows every flush of a context; the fake sends
+                // it so a client can tell a turn's audio is complete. It travels like audio:
+                // a context closed before it goes out never gets it.
+                out.push(Action::ContextMessage {
+                    context: id.to_owned(),
+                    epoch,
+                    chars: 0,
+                    message: json!({"isFinal": true, "contextId": id}),
+                });
+            }
+            return out;
+        }
+        self.generate(id, false)
+    }
+
+    /// Generates the buffer if `force`, or if it reached the schedule's next threshold.
+    fn generate(&mut self, id: &str, force: bool) -> Vec<Action> {
+        let Some(c) = self.contexts.get_mut(id) else {
+            return Vec::new();
+        };
+        let threshold = c
+            .schedule
+            .get(c.generations)
+            .or(c.schedule.last())
+            .copied()
+            .unwrap_or(DEFAULT_SCHEDULE[0]) as usize;
+        let len = c.buffer.chars().count();
+        if c.buffer.trim().is_empty() || (!force && len < threshold) {
+            if force {
+                c.buffer.clear();
+            }
+            return Vec::new();
+        }
+        c.generations += 1;
+        let text = std::mem::take(&mut c.buffer);
+        let epoch = c.epoch;
+        let mut out = vec![Action::Generated {
+            context: id.to_owned(),
+            text: text.clone(),
+        }];
+        let chars: Vec<char> = text.chars().collect();
+        for piece in chars.chunks(CHARS_PER_MESSAGE) {
+            let piece: String = piece.iter().collect();
+            let mut message = audio_message(&piece);
+            if self.mode == Mode::Multi {
+                message["contextId"] = json!(id);
+            }
+            out.push(Action::ContextMessage {
+                context: id.to_owned(),
+                epoch,
+                chars: piece.chars().count(),
+                message,
+            });
+        }
+        out
+    }
+}
+
+/// One audio message: base64 μ-law plus alignment relative to the start of this chunk.
+fn audio_message(text: &str) -> Value {
+    let bytes = audio::encode_text(text);
+    let chars: Vec<String> = text.chars().map(String::from).collect();
+    let ms = audio::MS_PER_CHAR;
+    let starts: Vec<u32> = (0..chars.len() as u32).map(|i| i * ms).collect();
+    let durations = vec![ms; chars.len()];
+    let alignment =
+        json!({"chars": chars, "charStartTimesMs": starts, "charDurationsMs": durations});
+    json!({
+        "audio": base64::engine::general_purpose::STANDARD.encode(bytes),
+        "alignment": alignment,
+        "normalizedAlignment": alignment,
+    })
+}
+
+fn validate_voice_settings(vs: &Value) -> Result<(), String> {
+    let Value::Object(map) = vs else {
+        return Err("voice_settings must be an object".to_owned());
+    };
+    for (key, value) in map {
+        let range = match key.as_str() {
+            "stability" | "similarity_boost" | "style" => 0.0..=1.0,
+            "speed" => 0.7..=1.2,
+            "use_speaker_boost" => {
+                if value.is_boolean() {
+                    continue;
+                }
+                return Err("use_speaker_boost must be a boolean".to_owned());
+            }
+            other => return Err(format!("Unknown voice setting: {other}")),
+        };
+        match value.as_f64() {
+            Some(v) if range.contains(&v) => {}
+            _ => {
+                return Err(format!(
+                    "{key} must be a number in {}..={}, got {value}",
+                    range.start(),
+                    range.end()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_generation_config(gc: &Value) -> Result<Option<Vec<u32>>, String> {
+    let Some(schedule) = gc.get("chunk_length_schedule") else {
+        return Ok(None);
+    };
+    let Some(items) = schedule.as_array().filter(|a| !a.is_empty()) else {
+        return Err("chunk_length_schedule must be a non-empty array".to_owned());
+    };
+    items
+        .iter()
+        .map(|v| match v.as_u64() {
+            Some(n) if (50..=500).contains(&n) => Ok(n as u32),
+            _ => Err(format!(
+                "chunk_length_schedule entries must be in 50..=500, got {v}"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// What the reader hands the writer.
+enum Outbound {
+    Json(Value),
+    /// A message of one context, sent only while that context is still open.
+    Context {
+        context: String,
+        epoch: u64,
+        chars: usize,
+        message: Value,
+    },
+    Close(u16, String),
+}
+
+/// Currently open context epochs, shared by reader and writer so audio of a context
+/// closed after it was queued is never sent.
+type OpenEpochs = Arc<Mutex<HashMap<String, u64>>>;
+
+#[allow(clippy::too_many_arguments)] // the connection's whole setup, passed once
+async fn run_connection(
+    socket: WebSocket,
+    state: Arc<ElevenLabsState>,
+    mode: Mode,
+    query: Vec<(String, String)>,
+    header_key: Option<String>,
+    index: usize,
+    faults: ConnectionFaults,
+) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let epochs: OpenEpochs = Arc::default();
+    let mut drop_timer = faults.drop_timer();
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        faults,
+        state.clone(),
+        index,
+        epochs.clone(),
+    ));
+
+    // The reader owns the only sender: when it ends, the writer drains the queue and stops.
+    let reader_state = state.clone();
+    let reader = async move {
+        let state = reader_state;
+        let options = match StreamOptions::from_query(&query) {
+            Ok(o) => o,
+            Err((error, message)) => {
+                send_failure(&tx, error, message);
+                return;
+            }
+        };
+        let inactivity = state.cfg.timeout_second * options.inactivity_timeout_s as u32;
+        let mut conv = Conversation::new(
+            mode,
+            state.cfg.api_key.clone(),
+            header_key,
+            inactivity,
+            Instant::now(),
+        );
+        loop {
+            let actions = tokio::select! {
+                m = stream.next() => match m {
+                    Some(Ok(Message::Text(text))) => {
+                        let parsed = serde_json::from_str(text.as_str()).unwrap_or_else(|_| Value::String(text.to_string()));
+                        state.record(index, |r| r.received.push(parsed));
+                        conv.on_text(text.as_str(), Instant::now())
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        // The protocol is JSON text only.
+                        conv.on_text("binary", Instant::now())
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(frame))) => {
+                        let (code, reason) = frame.map_or((None, String::new()), |f| (Some(f.code), f.reason.to_string()));
+                        state.record(index, |r| r.closed = Some(Closed::ByClient { code, reason }));
+                        return;
+                    }
+                    Some(Err(_)) | None => return,
+                },
+                () = tokio::time::sleep_until(conv.next_deadline()) => conv.expire(Instant::now()),
+            };
+            for action in actions {
+                apply(action, &tx, &state, index, &epochs);
+            }
+            if conv.finished() {
+                return;
+            }
+        }
+    };
+    tokio::pin!(reader);
+
+    let dropped = tokio::select! {
+        () = drop_timer.wait() => true,
+        end = &mut writer => matches!(end, Ok(WriterEnd::Dropped)),
+        () = &mut reader => tokio::select! {
+            () = drop_timer.wait() => true,
+            end = &mut writer => matches!(end, Ok(WriterEnd::Dropped)),
+        },
+    };
+    writer.abort();
+    state.record(index, |r| {
+        if dropped {
+            r.closed = Some(Closed::Dropped);
+        } else if r.closed.is_none() {
+            r.closed = Some(Closed::Vanished);
+        }
+    });
+}
+
+fn send_failure(tx: &mpsc::UnboundedSender<Outbound>, error: &str, message: String) {
+    tracing::info!(%error, %message, "elevenlabs fake: failing connection");
+    let _ = tx.send(Outbound::Json(
+        json!({"message": message, "error": error, "code": POLICY_CLOSE}),
+    ));
+    let _ = tx.send(Outbound::Close(POLICY_CLOSE, close_reason(error)));
+}
+
+/// Close reasons are limited to 123 bytes by RFC 6455.
+fn close_reason(text: &str) -> String {
+    let mut end = text.len().min(123);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+fn apply(
+    action: Action,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    state: &ElevenLabsState,
+    index: usize,
+    epochs: &OpenEpochs,
+) {
+    match action {
+        Action::Send(v) => {
+            let _ = tx.send(Outbound::Json(v));
+        }
+        Action::ContextMessage {
+            context,
+            epoch,
+            chars,
+            message,
+        } => {
+            epochs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(context.clone(), epoch);
+            let _ = tx.send(Outbound::Context {
+                context,
+                epoch,
+                chars,
+                message,
+            });
+        }
+        Action::Generated { context, text } => {
+            state.log().generations.push(Generation {
+                connection: index,
+                context,
+                text,
+            });
+        }
+        Action::ContextClosed { context, epoch } => {
+            let mut open = epochs.lock().unwrap_or_else(PoisonError::into_inner);
+            if open.get(&context) == Some(&epoch) {
+                open.remove(&context);
+            }
+            drop(open);
+            state.record(index, |r| r.contexts_closed.push(context));
+        }
+        Action::Fail { error, message } => send_failure(tx, error, message),
+        Action::Close => {
+            let _ = tx.send(Outbound::Close(1000, String::new()));
+        }
+    }
+}
+
+enum WriterEnd {
+    Closed,
+    Dropped,
+    Gone,
+}
+
+async fn write_loop(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    mut faults: ConnectionFaults,
+    state: Arc<ElevenLabsState>,
+    index: usize,
+    epochs: OpenEpochs,
+) -> WriterEnd {
+    let interval = state.cfg.audio_interval;
+    let is_open = |context: &str, epoch: u64| {
+        epochs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(context)
+            == Some(&epoch)
+    };
+    while let Some(out) = rx.recv().await {
+        let (message, context, chars) = match out {
+            Outbound::Json(v) => (v, None, 0),
+            Outbound::Context {
+                context,
+                epoch,
+                chars,
+                message,
+            } => (message, Some((context, epoch)), chars),
+            Outbound::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.clone().into(),
+                };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                state.record(index, |r| {
+                    if r.closed.is_none() {
+                        r.closed = Some(Closed::ByServer { code, reason });
+                    }
+                });
+                return WriterEnd::Closed;
+            }
+        };
+        let live = || context.as_ref().is_none_or(|(c, e)| is_open(c, *e));
+        if !live() {
+            continue;
+        }
+        if chars > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        if !faults.before_send().await {
+            return WriterEnd::Dropped;
+        }
+        // Checked again after every wait: close_context may have arrived meanwhile, and
+        // nothing of a closed context may go out after it.
+        if !live() {
+            continue;
+        }
+        if sink
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .is_err()
+        {
+            return WriterEnd::Gone;
+        }
+        state.log().characters_sent += chars as u64;
+        state.record(index, |r| r.sent.push(message));
+    }
+    WriterEnd::Gone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "k";
+
+    fn conv(mode: Mode) -> (Conversation, Instant) {
+        let now = Instant::now();
+        (
+            Conversation::new(mode, KEY.into(), None, Duration::from_secs(20), now),
+            now,
+        )
+    }
+
+    fn fail_code(actions: &[Action]) -> Option<&'static str> {
+        actions.iter().find_map(|a| match a {
+            Action::Fail { error, .. } => Some(*error),
+            _ => None,
+        })
+    }
+
+    fn audio_text(actions: &[Action]) -> String {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ContextMessage { message, .. } if message["audio"].is_string() => {
+                    let b = base64::engine::general_purpose::STANDARD
+                        .decode(message["audio"].as_str().unwrap())
+                        .unwrap();
+                    Some(audio::decode_text(&b))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The first message must carry the key (right spelling per endpoint) and text " ".
+    #[test]
+    fn first_message_rules() {
+        let (mut c, now) = conv(Mode::Single);
+        assert_eq!(
+            fail_code(&c.on_text(r#"{"text":" "}"#, now)),
+            Some("invalid_api_key")
+        );
+        let (mut c, now) = conv(Mode::Single);
+        assert_eq!(
+            fail_code(&c.on_text(r#"{"text":" ","xi_api_key":"k"}"#, now)),
+            Some("invalid_message")
+        );
+        let (mut c, now) = conv(Mode::Single);
+        assert_eq!(
+            fail_code(&c.on_text(r#"{"text":"Hello","xi-api-key":"k"}"#, now)),
+            Some("invalid_message")
+        );
+        let (mut c, now) = conv(Mode::Single);
+        assert!(c
+            .on_text(r#"{"text":" ","xi-api-key":"k"}"#, now)
+            .is_empty());
+        let (mut c, now) = conv(Mode::Multi);
+        assert!(c
+            .on_text(r#"{"text":" ","context_id":"a","xi_api_key":"k"}"#, now)
+            .is_empty());
+        // A key in the header is enough.
+        let now = Instant::now();
+        let mut c = Conversation::new(
+            Mode::Single,
+            KEY.into(),
+            Some(KEY.into()),
+            Duration::from_secs(20),
+            now,
+        );
+        assert!(c.on_text(r#"{"text":" "}"#, now).is_empty());
+    }
+
+    /// voice_settings and chunk_length_schedule ranges are enforced, and only at first.
+    #[test]
+    fn settings_validation() {
+        for bad in [
+            r#"{"stability":1.5}"#,
+            r#"{"similarity_boost":-0.1}"#,
+            r#"{"style":2}"#,
+            r#"{"speed":0.5}"#,
+            r#"{"speed":1.3}"#,
+            r#"{"use_speaker_boost":"yes"}"#,
+            r#"{"pitch":1}"#,
+        ] {
+            let (mut c, now) = conv(Mode::Single);
+            let msg = format!(r#"{{"text":" ","xi-api-key":"k","voice_settings":{bad}}}"#);
+            assert_eq!(
+                fail_code(&c.on_text(&msg, now)),
+                Some("invalid_voice_settings"),
+                "{bad}"
+            );
+        }
+        for bad in ["[]", "[49]", "[120,501]", "[\"x\"]"] {
+            let (mut c, now) = conv(Mode::Single);
+            let msg = format!(
+                r#"{{"text":" ","xi-api-key":"k","generation_config":{{"chunk_length_schedule":{bad}}}}}"#
+            );
+            assert_eq!(
+                fail_code(&c.on_text(&msg, now)),
+                Some("invalid_generation_config"),
+                "{bad}"
+            );
+        }
+        let (mut c, now) = conv(Mode::Single);
+        let ok = r#"{"text":" ","xi-api-key":"k","voice_settings":{"stability":0.5,"similarity_boost":0.75,"style":0,"use_speaker_boost":true,"speed":1.0},"generation_config":{"chunk_length_schedule":[50]}}"#;
+        assert!(c.on_text(ok, now).is_empty());
+        assert_eq!(
+            fail_code(&c.on_text(r#"{"text":"x ","voice_settings":{"speed":1.0}}"#, now)),
+            Some("invalid_message")
+        );
+    }
+
+    /// Text buffers until flush; the audio carries exactly the text; end-of-sequence closes.
+    #[test]
+    fn single_flush_and_end_of_sequence() {
+        let (mut c, now) = conv(Mode::Single);
+        c.on_text(r#"{"text":" ","xi-api-key":"k"}"#, now);
+        assert!(c.on_text(r#"{"text":"Hello there, "}"#, now).is_empty());
+        let out = c.on_text(r#"{"text":"how can I help? ","flush":true}"#, now);
+        assert_eq!(audio_text(&out), "Hello there, how can I help? ");
+        // ≤ 12 characters (480 ms) per audio message.
+        let audio_msgs = out
+            .iter()
+            .filter(|a| matches!(a, Action::ContextMessage { .. }))
+            .count();
+        assert_eq!(audio_msgs, 3);
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Send(_))),
+            "no isFinal on a single flush"
+        );
+        c.on_text(r#"{"text":"Bye. "}"#, now);
+        let end = c.on_text(r#"{"text":""}"#, now);
+        assert_eq!(audio_text(&end), "Bye. ");
+        assert!(end.contains(&Action::Send(json!({"isFinal": true}))));
+        assert_eq!(end.last(), Some(&Action::Close));
+        assert!(c.finished());
+    }
+
+    /// Alignment is per chunk, camelCase, 40 ms per character starting at 0.
+    #[test]
+    fn alignment_shape() {
+        let m = audio_message("Hi");
+        assert_eq!(m["alignment"]["chars"], json!(["H", "i"]));
+        assert_eq!(m["alignment"]["charStartTimesMs"], json!([0, 40]));
+        assert_eq!(m["alignment"]["charDurationsMs"], json!([40, 40]));
+        assert_eq!(m["normalizedAlignment"], m["alignment"]);
+    }
+
+    /// Reaching the chunk schedule generates without a flush; thresholds advance per generation.
+    #[test]
+    fn chunk_schedule_triggers_generation() {
+        let (mut c, now) = conv(Mode::Single);
+        c.on_text(r#"{"text":" ","xi-api-key":"k","generation_config":{"chunk_length_schedule":[50,60]}}"#, now);
+        let forty = "a".repeat(40);
+        assert!(c
+            .on_text(&json!({"text": forty}).to_string(), now)
+            .is_empty());
+        let out = c.on_text(&json!({"text": "b".repeat(10)}).to_string(), now);
+        assert_eq!(audio_text(&out).len(), 50);
+        // Next threshold is 60.
+        assert!(c
+            .on_text(&json!({"text": "c".repeat(59)}).to_string(), now)
+            .is_empty());
+        assert_eq!(
+            audio_text(&c.on_text(&json!({"text": "d"}).to_string(), now)).len(),
+            60
+        );
+    }
+
+    /// Multi: per-context flush with isFinal+contextId, close_context, reuse, 5-context cap.
+    #[test]
+    fn multi_contexts() {
+        let (mut c, now) = conv(Mode::Multi);
+        c.on_text(r#"{"text":" ","context_id":"t1","xi_api_key":"k"}"#, now);
+        c.on_text(r#"{"text":"Sure, one moment. ","context_id":"t1"}"#, now);
+        let out = c.on_text(r#"{"context_id":"t1","text":"","flush":true}"#, now);
+        assert_eq!(audio_text(&out), "Sure, one moment. ");
+        let Some(Action::ContextMessage { message, .. }) = out
+            .iter()
+            .find(|a| matches!(a, Action::ContextMessage { .. }))
+        else {
+            panic!("no audio")
+        };
+        assert_eq!(message["contextId"], "t1");
+        assert_eq!(
+            out.last(),
+            Some(&Action::ContextMessage {
+                context: "t1".into(),
+                epoch: 1,
+                chars: 0,
+                message: json!({"isFinal": true, "contextId": "t1"})
+            })
+        );
+        // close_context drops pending text.
+        c.on_text(r#"{"text":"never said ","context_id":"t1"}"#, now);
+        let closed = c.on_text(r#"{"context_id":"t1","close_context":true}"#, now);
+        assert!(matches!(&closed[..], [Action::ContextClosed { context, .. }] if context == "t1"));
+        // Reused id is a fresh context: the dropped text does not come back.
+        let again = c.on_text(r#"{"text":"fresh ","context_id":"t1","flush":true}"#, now);
+        assert_eq!(audio_text(&again), "fresh ");
+        for id in ["t2", "t3", "t4", "t5"] {
+            assert!(fail_code(
+                &c.on_text(&json!({"text": " ", "context_id": id}).to_string(), now)
+            )
+            .is_none());
+        }
+        let over = c.on_text(r#"{"text":" ","context_id":"t6"}"#, now);
+        assert_eq!(fail_code(&over), Some("max_active_conversations"));
+    }
+
+    /// Multi requires context_id; close_socket closes after queued work.
+    #[test]
+    fn multi_context_id_and_close_socket() {
+        let (mut c, now) = conv(Mode::Multi);
+        assert_eq!(
+            fail_code(&c.on_text(r#"{"text":" ","xi_api_key":"k"}"#, now)),
+            Some("invalid_message")
+        );
+        let (mut c, now) = conv(Mode::Multi);
+        c.on_text(r#"{"text":" ","context_id":"a","xi_api_key":"k"}"#, now);
+        assert_eq!(
+            c.on_text(r#"{"close_socket":true}"#, now),
+            vec![Action::Close]
+        );
+    }
+
+    /// Inactivity closes idle contexts (multi) and then the socket with an error frame.
+    #[test]
+    fn inactivity() {
+        let start = Instant::now();
+        let t = Duration::from_secs(20);
+        let mut c = Conversation::new(Mode::Multi, KEY.into(), None, t, start);
+        c.on_text(r#"{"text":" ","context_id":"a","xi_api_key":"k"}"#, start);
+        let later = start + Duration::from_secs(15);
+        c.on_text(r#"{"text":" ","context_id":"b"}"#, later);
+        assert_eq!(c.next_deadline(), start + t);
+        let out = c.expire(start + t);
+        assert!(matches!(&out[..], [Action::ContextClosed { context, .. }] if context == "a"));
+        assert_eq!(c.next_deadline(), later + t);
+        assert_eq!(
+            fail_code(&c.expire(later + t)),
+            Some("input_timeout_exceeded")
+        );
+    }
+
+    /// The query must ask for ulaw_8000; inactivity_timeout is bounded to 180.
+    #[test]
+    fn query_rules() {
+        let q = |s: &str| {
+            StreamOptions::from_query(
+                &serde_urlencoded::from_str::<Vec<(String, String)>>(s).unwrap(),
+            )
+        };
+        let ok =
+            q("model_id=eleven_flash_v2_5&output_format=ulaw_8000&inactivity_timeout=180").unwrap();
+        assert_eq!(ok.inactivity_timeout_s, 180);
+        assert_eq!(
+            q("output_format=ulaw_8000").unwrap().inactivity_timeout_s,
+            20
+        );
+        assert_eq!(
+            q("output_format=pcm_16000").unwrap_err().0,
+            "invalid_output_format"
+        );
+        assert_eq!(
+            q("output_format=wav").unwrap_err().0,
+            "invalid_output_format"
+        );
+        assert_eq!(q("model_id=x").unwrap_err().0, "invalid_output_format");
+        assert_eq!(
+            q("output_format=ulaw_8000&inactivity_timeout=181")
+                .unwrap_err()
+                .0,
+            "invalid_request"
+        );
+        assert_eq!(
+            q("output_format=ulaw_8000&voice=x").unwrap_err().0,
+            "invalid_request"
+        );
+    }
+}

@@ -197,7 +197,10 @@ impl ConnectionFaults {
     /// is spent: the caller must then drop the connection instead of sending.
     pub async fn before_send(&mut self) -> bool {
         let faults = self.switch.get();
-        if faults.drop_after_messages.is_some_and(|max| self.sent >= max) {
+        if faults
+            .drop_after_messages
+            .is_some_and(|max| self.sent >= max)
+        {
             return false;
         }
         let mut delay = self.switch.next_delay();
@@ -342,7 +345,9 @@ mod tests {
     use tower::ServiceExt as _;
 
     fn plain_error() -> ErrorResponder {
-        Arc::new(|status: StatusCode| (status, format!("fake error {}", status.as_u16())).into_response())
+        Arc::new(|status: StatusCode| {
+            (status, format!("fake error {}", status.as_u16())).into_response()
+        })
     }
 
     fn app(switch: &FaultSwitch) -> Router {
@@ -362,7 +367,9 @@ mod tests {
             .unwrap();
         let response = app.oneshot(request).await.unwrap();
         let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
@@ -431,7 +438,10 @@ mod tests {
             http_status: Some(42),
             ..Faults::default()
         });
-        assert_eq!(s.gate(), Some(Gate::Status(StatusCode::INTERNAL_SERVER_ERROR)));
+        assert_eq!(
+            s.gate(),
+            Some(Gate::Status(StatusCode::INTERNAL_SERVER_ERROR))
+        );
     }
 
     /// The message budget lets exactly N messages through, then asks for a drop.
@@ -514,7 +524,10 @@ mod tests {
     #[tokio::test]
     async fn middleware_gates_requests_but_not_control() {
         let s = FaultSwitch::new();
-        assert_eq!(call(app(&s), "GET", "/hello", "").await, (StatusCode::OK, "hi".into()));
+        assert_eq!(
+            call(app(&s), "GET", "/hello", "").await,
+            (StatusCode::OK, "hi".into())
+        );
         s.update(|f| f.http_status = Some(429));
         assert_eq!(
             call(app(&s), "GET", "/hello", "").await,

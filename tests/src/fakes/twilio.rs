@@ -12,6 +12,7 @@
 //! client input: bad requests get Twilio's error JSON, bad TwiML fails the call the way
 //! Twilio does and is recorded as a notification.
 
+pub mod app;
 mod call;
 mod media;
 mod rest;
@@ -55,6 +56,8 @@ pub struct TwilioConfig {
     pub default_script: CalleeScript,
     /// How long Twilio waits for a webhook (TwiML or callback) to answer.
     pub webhook_timeout: Duration,
+    /// Seed of the fault jitter.
+    pub fault_seed: u64,
 }
 
 impl TwilioConfig {
@@ -69,6 +72,7 @@ impl TwilioConfig {
             frame_interval: Duration::from_millis(20),
             default_script: CalleeScript::answer(SimScript::default_conversation()),
             webhook_timeout: Duration::from_secs(15),
+            fault_seed: faults::DEFAULT_SEED,
         }
     }
 }
@@ -251,7 +255,8 @@ pub struct StreamRecord {
     /// The `X-Twilio-Signature` sent on the upgrade.
     pub signature: String,
     pub custom_parameters: Vec<(String, String)>,
-    /// JSON messages sent to the server (`connected`, `start`, `media`, …).
+    /// JSON messages queued for the server (`connected`, `start`, `media`, …); a fault
+    /// may drop the connection before the last ones leave.
     pub messages_sent: u64,
     /// Inbound (callee) `media` frames sent.
     pub media_frames_sent: u64,
@@ -402,7 +407,8 @@ pub struct TwilioHandle {
 
 /// Starts the fake on `cfg.addr` and returns its handle.
 pub async fn spawn(cfg: TwilioConfig) -> anyhow::Result<TwilioHandle> {
-    let shared = new_shared(cfg, FaultSwitch::new())?;
+    let faults = FaultSwitch::with_seed(cfg.fault_seed);
+    let shared = new_shared(cfg, faults)?;
     let server = Server::start("twilio", shared.cfg.addr, router_for(shared.clone())).await?;
     Ok(TwilioHandle { server, shared })
 }
@@ -473,8 +479,16 @@ impl TwilioHandle {
 
     /// Every call so far, in creation order.
     pub fn calls(&self) -> Vec<CallRecord> {
-        let sids: Vec<String> = self.shared.lock().calls.iter().map(|c| c.sid.clone()).collect();
-        sids.iter().filter_map(|sid| self.shared.call(sid)).collect()
+        let sids: Vec<String> = self
+            .shared
+            .lock()
+            .calls
+            .iter()
+            .map(|c| c.sid.clone())
+            .collect();
+        sids.iter()
+            .filter_map(|sid| self.shared.call(sid))
+            .collect()
     }
 
     /// One call, if it exists.
@@ -482,7 +496,8 @@ impl TwilioHandle {
         self.shared.call(sid)
     }
 
-    /// Simulates the callee hanging up. Returns false if the call is unknown or over.
+    /// Simulates the callee hanging up (while it rings: declining, which ends it `busy`).
+    /// Returns false if the call is unknown or over.
     pub fn hangup(&self, call_sid: &str) -> bool {
         let state = self.shared.lock();
         state
@@ -512,7 +527,9 @@ impl TwilioHandle {
             let _ = tokio::time::timeout_at(wake, rx.changed()).await;
             if tokio::time::Instant::now() >= deadline {
                 let last = self.shared.call(sid);
-                anyhow::bail!("call {sid} did not reach the expected state in {timeout:?}; last: {last:#?}");
+                anyhow::bail!(
+                    "call {sid} did not reach the expected state in {timeout:?}; last: {last:#?}"
+                );
             }
         }
     }
@@ -531,7 +548,10 @@ impl TwilioHandle {
             if let Some(c) = self.shared.lock().calls.last() {
                 return Ok(c.sid.clone());
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 anyhow::bail!("no call was created within {timeout:?}");
             }
         }
@@ -565,7 +585,9 @@ mod tests {
         let sid = new_sid("CA");
         assert_eq!(sid.len(), 34);
         assert!(sid.starts_with("CA"));
-        assert!(sid[2..].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(sid[2..]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(sid, new_sid("CA"));
     }
 

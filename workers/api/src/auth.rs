@@ -99,6 +99,8 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let (Some(email), Some(name), true) = (email, name, problems.is_empty()) else {
         return Err(problems.into());
     };
+    // Before the costly hash; a taken email counts too (it is how accounts are probed).
+    crate::limits::registration(&req, ctx).await?;
 
     let hash = crypto::hash_password(&body.password)
         .await
@@ -158,9 +160,12 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     };
     // An email that cannot be valid cannot have an account; answer exactly as for a wrong
     // password, after the same amount of hashing work.
-    let user = match validate::email(&body.email) {
-        Ok(email) => ctx.store.user_by_email(&email).await?,
-        Err(_) => None,
+    let email = validate::email(&body.email).ok();
+    // Counted before the password is checked, given back on success (see `limits`).
+    let attempt = crate::limits::login_attempt(&req, ctx, email.as_deref()).await?;
+    let user = match email {
+        Some(email) => ctx.store.user_by_email(&email).await?,
+        None => None,
     };
     let Some(user) = user else {
         crypto::dummy_verify(&body.password)
@@ -174,6 +179,7 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     if !ok {
         return Err(invalid());
     }
+    attempt.succeeded(ctx).await?;
     if user.is_banned != 0 {
         return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
     }

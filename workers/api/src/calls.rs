@@ -154,12 +154,16 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         call_id: Some(&call_id),
         reason: "first minute",
     };
+    let guard = crate::limits::daily_call_guard(ctx, &session.user)?;
     match ctx
         .store
-        .insert_call_with_reservation(&call, &reserve, &ctx.now_iso())
+        .insert_call_with_reservation(&call, &reserve, guard, &ctx.now_iso())
         .await?
     {
         Ok(()) => {}
+        Err(WriteConflict::DailyLimit) => {
+            return Err(crate::limits::daily_limit_error(ctx, &session.user))
+        }
         Err(WriteConflict::LiveCall) => {
             return Err(ApiError::conflict(
                 "call_in_progress",

@@ -69,10 +69,20 @@ impl ApiError {
 
     pub fn into_response(self) -> worker::Result<Response> {
         let mut error = json!({ "code": self.code, "message": self.message });
+        // A 429's `details.retry_after` (seconds) is also the standard header.
+        let retry_after = self
+            .details
+            .as_ref()
+            .and_then(|d| d.get("retry_after"))
+            .and_then(serde_json::Value::as_u64);
         if let Some(details) = self.details {
             error["details"] = details;
         }
-        Ok(Response::from_json(&json!({ "error": error }))?.with_status(self.status))
+        let mut resp = Response::from_json(&json!({ "error": error }))?.with_status(self.status);
+        if let Some(secs) = retry_after {
+            resp.headers_mut().set("retry-after", &secs.to_string())?;
+        }
+        Ok(resp)
     }
 }
 

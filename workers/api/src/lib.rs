@@ -5,6 +5,9 @@
 //! answers through [`error::ApiError`], so clients always get the JSON error format of
 //! API.md, and a client mistake is never a 500.
 
+mod admin;
+mod analytics;
+mod audit;
 mod auth;
 mod calls;
 mod config;
@@ -14,10 +17,14 @@ mod error;
 mod favorites;
 mod health;
 mod http;
+mod limits;
 mod llm;
+mod payments;
 mod personas;
 mod session;
 mod store;
+mod store_admin;
+mod stripe;
 mod twilio;
 mod voice;
 
@@ -151,6 +158,24 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
         (Method::Post, ["api", "favorites"]) => favorites::add(req, &ctx).await,
         (Method::Delete, ["api", "favorites", id]) => favorites::remove(&req, &ctx, id).await,
 
+        (Method::Post, ["api", "payments", "checkout"]) => payments::checkout(req, &ctx).await,
+        (Method::Post, ["api", "payments", "webhook"]) => payments::webhook(req, &ctx).await,
+        (Method::Get, ["payments", "success"]) => payments::success_page(),
+        (Method::Get, ["payments", "cancel"]) => payments::cancel_page(),
+
+        (Method::Get, ["admin", "users"]) => admin::users(&req, &ctx).await,
+        (Method::Get, ["admin", "users", id]) => admin::user(&req, &ctx, id).await,
+        (Method::Post, ["admin", "users", id, "ban"]) => admin::ban(req, &ctx, id).await,
+        (Method::Post, ["admin", "users", id, "unban"]) => admin::unban(req, &ctx, id).await,
+        (Method::Post, ["admin", "users", id, "credits"]) => admin::credits(req, &ctx, id).await,
+        (Method::Get, ["admin", "calls"]) => admin::calls(&req, &ctx).await,
+        (Method::Get, ["admin", "calls", id]) => admin::call(&req, &ctx, id).await,
+        (Method::Get, ["admin", "personas"]) => admin::personas(&req, &ctx).await,
+        (Method::Get, ["admin", "audit"]) => audit::list(&req, &ctx).await,
+        (Method::Get, ["admin", "analytics", "calls"]) => analytics::calls(&req, &ctx).await,
+        (Method::Get, ["admin", "analytics", "revenue"]) => analytics::revenue(&req, &ctx).await,
+        (Method::Get, ["admin", "analytics", "costs"]) => analytics::costs(&req, &ctx).await,
+
         (_, ["api", ..]) | (_, ["admin", ..]) | (_, ["internal", ..]) => {
             if known_path(&segments) {
                 Err(ApiError::new(
@@ -223,5 +248,10 @@ fn known_path(segments: &[&str]) -> bool {
             | ["api", "calls", "trigger" | "schedule" | "history"]
             | ["api", "calls", _]
             | ["api", "voice", "twiml" | "status"]
+            | ["api", "payments", "checkout" | "webhook"]
+            | ["admin", "users" | "calls" | "personas" | "audit"]
+            | ["admin", "users" | "calls", _]
+            | ["admin", "users", _, "ban" | "unban" | "credits"]
+            | ["admin", "analytics", "calls" | "revenue" | "costs"]
     )
 }

@@ -299,6 +299,10 @@ impl CallSession {
             Err(WriteConflict::LiveCall) => {
                 Some("Another call was in progress at the scheduled time.".to_string())
             }
+            // Starting a scheduled call does not bump the daily counter (see `limits`).
+            Err(WriteConflict::DailyLimit) => {
+                Some("The daily call limit was reached at the scheduled time.".to_string())
+            }
         };
         if let Some(reason) = failure {
             store

@@ -146,6 +146,8 @@ pub enum WriteConflict {
     LiveCall,
     /// A CHECK constraint, e.g. `credits >= 0`.
     Check,
+    /// The user's calls-per-day cap (`call_day_counts`' `calls_per_day_cap`, see `limits`).
+    DailyLimit,
 }
 
 /// A call as stored; also its API view (API.md "A `call` object" plus `status_reason`).
@@ -239,6 +241,8 @@ fn classify(err: &worker::Error) -> Option<WriteConflict> {
         Some(WriteConflict::LiveCall)
     } else if text.contains("UNIQUE constraint failed") {
         Some(WriteConflict::Duplicate)
+    } else if text.contains("CHECK constraint failed: calls_per_day_cap") {
+        Some(WriteConflict::DailyLimit)
     } else if text.contains("CHECK constraint failed") {
         Some(WriteConflict::Check)
     } else {
@@ -538,15 +542,18 @@ impl Store {
 
     /// Inserts a call that dials now, reserving its first minute in the same transaction.
     /// `LiveCall` when the user already has a live call, `Check` when the balance is short.
+    /// `guard` (the daily call counter, `limits::daily_call_guard`) runs first in the same
+    /// transaction: `DailyLimit` when the user's cap is reached.
     pub async fn insert_call_with_reservation(
         &self,
         call: &CallRow,
         reserve: &LedgerEntry<'_>,
+        guard: D1PreparedStatement,
         now: &str,
     ) -> ApiResult<Result<(), WriteConflict>> {
         let insert = self.insert_call_stmt(call, now)?;
         let [ledger, balance] = self.ledger_stmts(reserve, now)?;
-        self.batch(vec![insert, ledger, balance]).await
+        self.batch(vec![guard, insert, ledger, balance]).await
     }
 
     fn insert_call_stmt(&self, call: &CallRow, now: &str) -> ApiResult<D1PreparedStatement> {

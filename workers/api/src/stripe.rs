@@ -169,6 +169,8 @@ async fn post_form(
 }
 
 #[cfg(test)]
+// A panic in a test is that test's failure.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

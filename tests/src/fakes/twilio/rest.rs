@@ -21,9 +21,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::call::{self, TwimlSource};
-use super::{
-    new_sid, rfc2822, CallRecord, CallStatus, Command, Shared, API_VERSION,
-};
+use super::{new_sid, rfc2822, CallRecord, CallStatus, Command, Shared, API_VERSION};
 use crate::fakes::faults::ErrorResponder;
 
 /// Twilio's default and maximum ring timeout, in seconds.
@@ -34,7 +32,10 @@ const UPDATE_SETTLE: Duration = Duration::from_secs(3);
 
 pub(super) fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/2010-04-01/Accounts/{account}/Calls.json", post(create_call))
+        .route(
+            "/2010-04-01/Accounts/{account}/Calls.json",
+            post(create_call),
+        )
         // `{sid}.json` is one path segment; the handlers strip the suffix themselves.
         .route(
             "/2010-04-01/Accounts/{account}/Calls/{call}",
@@ -110,7 +111,12 @@ pub(super) fn error_responder() -> ErrorResponder {
 }
 
 /// Checks HTTP Basic `AccountSid:AuthToken` and that the path names that account.
-fn authorize(shared: &Shared, headers: &HeaderMap, account: &str, path: &str) -> Result<(), TwilioError> {
+fn authorize(
+    shared: &Shared,
+    headers: &HeaderMap,
+    account: &str,
+    path: &str,
+) -> Result<(), TwilioError> {
     let unauthorized = || TwilioError::new(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
     let value = headers
         .get(header::AUTHORIZATION)
@@ -142,7 +148,9 @@ fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, TwilioError> {
 }
 
 fn first<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// `+` then 2 to 15 digits, the first not 0 (ITU-T E.164).
@@ -262,7 +270,9 @@ fn validate_create(form: &[(String, String)]) -> Result<NewCall, TwilioError> {
         None | Some("") => DEFAULT_TIMEOUT_SECS,
         Some(t) => t
             .parse::<u32>()
-            .map_err(|_| TwilioError::bad_request(20001, format!("Timeout must be an integer, got '{t}'")))?
+            .map_err(|_| {
+                TwilioError::bad_request(20001, format!("Timeout must be an integer, got '{t}'"))
+            })?
             // Twilio silently caps the ring timeout at 600 s.
             .min(MAX_TIMEOUT_SECS),
     };
@@ -418,10 +428,12 @@ async fn update_call(
 }
 
 /// Decides what an update asks of the call, or why it is refused.
-fn plan_update(record: &CallRecord, form: &[(String, String)]) -> Result<Option<Command>, TwilioError> {
-    let not_in_progress = || {
-        TwilioError::bad_request(21220, "Call is not in-progress. Cannot redirect.")
-    };
+fn plan_update(
+    record: &CallRecord,
+    form: &[(String, String)],
+) -> Result<Option<Command>, TwilioError> {
+    let not_in_progress =
+        || TwilioError::bad_request(21220, "Call is not in-progress. Cannot redirect.");
     match first(form, "Status") {
         Some("completed") => {
             if record.status.is_final() {
@@ -454,7 +466,10 @@ fn plan_update(record: &CallRecord, form: &[(String, String)]) -> Result<Option<
     let source = match (first(form, "Url"), first(form, "Twiml")) {
         (Some(url), _) if !url.is_empty() => {
             if !is_http_url(url) {
-                return Err(TwilioError::bad_request(21205, format!("Url is not a valid URL: {url}")));
+                return Err(TwilioError::bad_request(
+                    21205,
+                    format!("Url is not a valid URL: {url}"),
+                ));
             }
             TwimlSource::Url {
                 url: url.to_owned(),
@@ -480,7 +495,10 @@ async fn settle(shared: &Shared, sid: &str) {
         if shared.call(sid).is_none_or(|c| c.status.is_final()) {
             return;
         }
-        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
             tracing::warn!(fake = "twilio", call_sid = %sid, "call did not end within the update wait");
             return;
         }
@@ -490,7 +508,9 @@ async fn settle(shared: &Shared, sid: &str) {
 /// US numbers get Twilio's `(555) 867-5310` form; others are shown as given.
 fn formatted(number: &str) -> String {
     match number.strip_prefix("+1") {
-        Some(d) if d.len() == 10 => format!("({}) {}-{}", &d[..3], &d[3..6], &d[6..]),
+        Some(d) if d.len() == 10 && d.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("({}) {}-{}", &d[..3], &d[3..6], &d[6..])
+        }
         _ => number.to_owned(),
     }
 }
@@ -544,7 +564,10 @@ mod tests {
     use super::*;
 
     fn form(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     /// E.164: plus sign, 2–15 digits, no leading zero.
@@ -553,7 +576,14 @@ mod tests {
         for ok in ["+15558675310", "+447911123456", "+12"] {
             assert!(is_e164(ok), "{ok}");
         }
-        for bad in ["15558675310", "+0155586753", "+1555867531012345", "+1 555", "+", ""] {
+        for bad in [
+            "15558675310",
+            "+0155586753",
+            "+1555867531012345",
+            "+1 555",
+            "+",
+            "",
+        ] {
             assert!(!is_e164(bad), "{bad}");
         }
     }
@@ -561,7 +591,11 @@ mod tests {
     /// Each invalid create input maps to Twilio's code.
     #[test]
     fn create_validation_codes() {
-        let base = [("To", "+15558675310"), ("From", "+15017122661"), ("Url", "https://x.test/twiml")];
+        let base = [
+            ("To", "+15558675310"),
+            ("From", "+15017122661"),
+            ("Url", "https://x.test/twiml"),
+        ];
         let code = |pairs: &[(&str, &str)]| validate_create(&form(pairs)).err().map(|e| e.code);
         assert_eq!(code(&base), None);
         assert_eq!(code(&base[1..]), Some(21201));
@@ -570,10 +604,27 @@ mod tests {
         assert_eq!(code(&[base[0], ("From", "me"), base[2]]), Some(21212));
         assert_eq!(code(&base[..2]), Some(21205));
         assert_eq!(code(&[base[0], base[1], ("Url", "ftp://x/y")]), Some(21205));
-        assert_eq!(code(&[base[0], base[1], base[2], ("Timeout", "soon")]), Some(20001));
-        assert_eq!(code(&[base[0], base[1], base[2], ("MachineDetection", "yes")]), Some(20001));
-        assert_eq!(code(&[base[0], base[1], base[2], ("StatusCallbackEvent", "picked-up")]), Some(20001));
-        assert_eq!(code(&[base[0], base[1], base[2], ("Method", "PUT")]), Some(20001));
+        assert_eq!(
+            code(&[base[0], base[1], base[2], ("Timeout", "soon")]),
+            Some(20001)
+        );
+        assert_eq!(
+            code(&[base[0], base[1], base[2], ("MachineDetection", "yes")]),
+            Some(20001)
+        );
+        assert_eq!(
+            code(&[
+                base[0],
+                base[1],
+                base[2],
+                ("StatusCallbackEvent", "picked-up")
+            ]),
+            Some(20001)
+        );
+        assert_eq!(
+            code(&[base[0], base[1], base[2], ("Method", "PUT")]),
+            Some(20001)
+        );
     }
 
     /// Events are read from repeated keys and from space-joined values, deduplicated.

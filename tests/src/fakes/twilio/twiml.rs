@@ -274,7 +274,11 @@ mod tests {
     #[test]
     fn malformed_xml_is_12100() {
         for xml in ["<Response><Say>unclosed</Response>", "not xml", ""] {
-            assert_eq!(parse(xml).unwrap_err().code, DOCUMENT_PARSE_FAILURE, "{xml}");
+            assert_eq!(
+                parse(xml).unwrap_err().code,
+                DOCUMENT_PARSE_FAILURE,
+                "{xml}"
+            );
         }
     }
 

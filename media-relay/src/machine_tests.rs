@@ -1,0 +1,686 @@
+//! Unit tests of the call state machine, with explicit times (no clock, no sleeps).
+
+use super::*;
+
+fn hello(greeting: &str) -> Event {
+    Event::Hello {
+        greeting: greeting.into(),
+        max_duration_secs: 0,
+        idle_timeout_secs: 0,
+    }
+}
+
+/// Fake TTS output for `text`: `ms_per_char` of audio per non-whitespace character, with
+/// the alignment a server would send for it.
+fn speech(text: &str, ms_per_char: u32) -> (Vec<u8>, Vec<u32>) {
+    let n = u32::try_from(nonws_count(text)).expect("small");
+    let audio = vec![0x7f; (n * ms_per_char * 8) as usize];
+    let starts = (0..n).map(|i| i * ms_per_char).collect();
+    (audio, starts)
+}
+
+fn audio_event(ctx: u32, text: &str, ms_per_char: u32) -> Event {
+    let (audio, starts) = speech(text, ms_per_char);
+    Event::TtsAudio {
+        ctx,
+        audio,
+        char_starts_ms: Some(starts),
+    }
+}
+
+fn texts(actions: &[Action]) -> Vec<(u32, &str)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Tts(TtsCommand::Text {
+                ctx,
+                text,
+                flush: true,
+            }) => Some((*ctx, text.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn media_bytes(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .map(|a| {
+            if let Action::Media(f) = a {
+                f.bytes().len()
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+fn marks(actions: &[Action]) -> Vec<&str> {
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Mark(m) = a {
+                Some(m.as_str())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn to_do(actions: &[Action]) -> Vec<&RelayToDo> {
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::ToDo(m) = a {
+                Some(m)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn mark(name: &str) -> Event {
+    Event::Mark { name: name.into() }
+}
+
+fn interim(text: &str) -> Event {
+    Event::Transcript {
+        text: text.into(),
+        is_final: false,
+        speech_final: false,
+        audio_end_ms: None,
+    }
+}
+
+/// A call with an empty greeting, past its setup: ctx 2 is the spare.
+fn idle_call() -> CallState {
+    let mut s = CallState::new();
+    let a = s.handle(hello(""), 0);
+    assert_eq!(
+        a,
+        [
+            Action::Tts(TtsCommand::Open { ctx: 1 }),
+            Action::Tts(TtsCommand::Open { ctx: 2 }),
+            Action::Tts(TtsCommand::Close { ctx: 1 }),
+        ]
+    );
+    s
+}
+
+/// Clause boundaries need following whitespace, so decimals and ellipses stay whole.
+#[test]
+fn clause_boundaries() {
+    assert_eq!(clause_split("Hi there, you"), Some(9));
+    assert_eq!(clause_split("It costs 3.5 dollars"), None);
+    assert_eq!(clause_split("Wait... what"), Some(7));
+    assert_eq!(
+        clause_split("Done."),
+        None,
+        "end of text: wait for more or say_end"
+    );
+    assert_eq!(parse_mark("t3.c1.u7"), Some((7, 1)));
+    assert_eq!(parse_mark("bye.c0.u9"), Some((9, 0)));
+    assert_eq!(parse_mark("foreign"), None);
+}
+
+/// hello opens the greeting's context and a spare, and streams the greeting by clause
+/// with a flush at each boundary; the last clause goes out at once (the greeting is whole).
+#[test]
+fn greeting_is_sent_by_clause() {
+    let mut s = CallState::new();
+    let a = s.handle(hello("Hey there, it's Coach. Ready?"), 0);
+    assert_eq!(a[0], Action::Tts(TtsCommand::Open { ctx: 1 }));
+    assert_eq!(a[1], Action::Tts(TtsCommand::Open { ctx: 2 }));
+    assert_eq!(
+        texts(&a),
+        [(1, "Hey there, "), (1, "it's Coach. "), (1, "Ready? ")]
+    );
+    assert_eq!(s.tts_chars(), 27);
+    // A control reconnect repeats hello: nothing is spoken twice.
+    assert!(s
+        .handle(hello("Hey there, it's Coach. Ready?"), 50)
+        .is_empty());
+}
+
+/// Audio is paced in 160-byte frames, topped up between low and high water, and the
+/// clause mark sits exactly where the next clause's first character starts.
+#[test]
+fn pacing_and_mark_placement() {
+    let mut s = CallState::new();
+    s.handle(hello("Hi there, how are you?"), 0);
+    // 18 non-whitespace chars at 50 ms: 900 ms = 7200 bytes; clause 2 starts at 400 ms.
+    let a = s.handle(audio_event(1, "Hi there, how are you?", 50), 100);
+    assert!(
+        a.contains(&Action::Tts(TtsCommand::Close { ctx: 1 })),
+        "all text voiced: context released"
+    );
+    assert_eq!(media_bytes(&a), 15 * 160, "300 ms lead");
+    assert!(a
+        .iter()
+        .all(|x| !matches!(x, Action::Media(f) if f.bytes().len() != 160)));
+    assert_eq!(s.next_wake(), Some(300));
+
+    let a = s.handle(Event::Tick, 300);
+    // Topped up to 600 ms of lead: 10 frames, the mark after exactly 3200 bytes in total.
+    assert_eq!(media_bytes(&a), 10 * 160);
+    let frames_before_mark = a
+        .iter()
+        .take_while(|x| !matches!(x, Action::Mark(_)))
+        .count();
+    assert_eq!(
+        frames_before_mark, 5,
+        "15 + 5 frames = 3200 bytes precede the mark"
+    );
+    assert_eq!(marks(&a), ["t0.c0.u1"]);
+
+    let a = s.handle(Event::Tick, 500);
+    assert_eq!(media_bytes(&a), 10 * 160);
+    assert!(marks(&a).is_empty());
+    let a = s.handle(Event::Tick, 700);
+    assert_eq!(media_bytes(&a), 10 * 160, "45 frames in all");
+    assert_eq!(
+        marks(&a),
+        ["t0.c1.u1"],
+        "the last mark follows the last frame"
+    );
+    assert!(matches!(a.last(), Some(Action::Mark(_))));
+    assert_eq!(
+        s.next_wake(),
+        Some(60_000),
+        "queue drained; only the spare's keep-alive is due"
+    );
+}
+
+/// Mark echoes turn into cumulative `heard` reports; the last one ends the utterance.
+#[test]
+fn marks_report_what_was_heard() {
+    let mut s = CallState::new();
+    s.handle(hello("Hi there, how are you?"), 0);
+    s.handle(audio_event(1, "Hi there, how are you?", 50), 100);
+    for t in [300, 500, 700] {
+        s.handle(Event::Tick, t);
+    }
+    let a = s.handle(mark("t0.c0.u1"), 720);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::Heard {
+            turn: 0,
+            text: "Hi there,".into()
+        }]
+    );
+    assert!(s.persona_active());
+    let a = s.handle(mark("t0.c1.u1"), 1000);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::Heard {
+            turn: 0,
+            text: "Hi there, how are you?".into()
+        }]
+    );
+    assert!(!s.persona_active(), "fully heard greeting is done");
+    // A duplicate echo changes nothing.
+    assert!(s.handle(mark("t0.c1.u1"), 1001).is_empty());
+}
+
+/// VAD alone (a cough) or interim words without VAD do not interrupt; VAD then words do:
+/// clear, drop queued audio, and report only what the marks confirmed.
+#[test]
+fn barge_in_needs_speech_confirmed_by_words() {
+    let mut s = CallState::new();
+    s.handle(hello("Hi there, how are you?"), 0);
+    let mut sent = media_bytes(&s.handle(audio_event(1, "Hi there, how are you?", 50), 100));
+    sent += media_bytes(&s.handle(Event::Tick, 300));
+    sent += media_bytes(&s.handle(mark("t0.c0.u1"), 520));
+
+    let a = s.handle(interim("uh"), 540);
+    assert!(!a.contains(&Action::Clear), "words without VAD");
+    sent += media_bytes(&a);
+    s.handle(Event::SpeechStarted, 550);
+    assert!(
+        s.handle(interim(""), 560).is_empty(),
+        "a cough: VAD without words"
+    );
+
+    let a = s.handle(interim("wait"), 600);
+    assert_eq!(a[0], Action::Clear);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::Interrupted {
+            turn: 0,
+            heard_text: "Hi there,".into()
+        }]
+    );
+    // Everything not yet sent of the 7200 bytes is dropped.
+    let dropped = (7200 - sent).div_ceil(160) as u64;
+    assert!(dropped > 0);
+    assert!(
+        a.contains(&Action::Observe(Observation::FramesDropped(dropped))),
+        "{a:?}"
+    );
+    assert!(!s.persona_active());
+    // Twilio echoes the pending mark after `clear`: it must not count as heard.
+    assert!(s.handle(mark("t0.c1.u1"), 610).is_empty());
+}
+
+/// A final transcript interrupts even without VAD; the interrupted reply's context is
+/// closed, and the DO's late deltas for that turn are dropped.
+#[test]
+fn final_words_interrupt_a_reply_and_late_deltas_are_dropped() {
+    let mut s = idle_call();
+    let a = s.handle(
+        Event::SayDelta {
+            turn: 3,
+            text: "Sure, let me".into(),
+        },
+        1000,
+    );
+    assert_eq!(
+        a[0],
+        Action::Tts(TtsCommand::Open { ctx: 3 }),
+        "a new spare replaces the one taken"
+    );
+    assert_eq!(texts(&a), [(2, "Sure, ")]);
+
+    let fin = Event::Transcript {
+        text: "no stop".into(),
+        is_final: true,
+        speech_final: false,
+        audio_end_ms: None,
+    };
+    let a = s.handle(fin, 1100);
+    assert_eq!(
+        a[..3],
+        [
+            Action::Clear,
+            Action::Tts(TtsCommand::Close { ctx: 2 }),
+            Action::ToDo(RelayToDo::Interrupted {
+                turn: 3,
+                heard_text: String::new()
+            }),
+        ]
+    );
+    assert!(s
+        .handle(
+            Event::SayDelta {
+                turn: 3,
+                text: " check that.".into()
+            },
+            1200
+        )
+        .is_empty());
+    assert!(s.handle(Event::SayEnd { turn: 3 }, 1201).is_empty());
+    // The next turn speaks normally, on the spare context.
+    let a = s.handle(
+        Event::SayDelta {
+            turn: 4,
+            text: "Okay. ".into(),
+        },
+        1300,
+    );
+    assert_eq!(texts(&a), [(3, "Okay. ")]);
+}
+
+/// Finals accumulate and `speech_final` ends the turn with the joined text and the STT
+/// latency measured from the end of the audio.
+#[test]
+fn speech_final_ends_the_turn() {
+    let mut s = idle_call();
+    let f1 = Event::Transcript {
+        text: "book a table".into(),
+        is_final: true,
+        speech_final: false,
+        audio_end_ms: Some(2000),
+    };
+    assert!(to_do(&s.handle(f1, 2100)).is_empty());
+    let f2 = Event::Transcript {
+        text: "for two".into(),
+        is_final: true,
+        speech_final: true,
+        audio_end_ms: Some(2600),
+    };
+    let a = s.handle(f2, 2800);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::UserTurn {
+            text: "book a table for two".into(),
+            stt_final_ms: 200,
+            end_of_turn_at_ms: 2800
+        }]
+    );
+    assert!(a.contains(&Action::Observe(Observation::SttFinalLatency(200))));
+    // An UtteranceEnd after speech_final has nothing left to send.
+    assert!(to_do(&s.handle(
+        Event::UtteranceEnd {
+            last_word_end_ms: Some(2600)
+        },
+        3600
+    ))
+    .is_empty());
+}
+
+/// Without speech_final, UtteranceEnd ends the turn; an empty speech_final sends nothing.
+#[test]
+fn utterance_end_is_the_fallback() {
+    let mut s = idle_call();
+    let empty = Event::Transcript {
+        text: String::new(),
+        is_final: true,
+        speech_final: true,
+        audio_end_ms: Some(500),
+    };
+    assert!(to_do(&s.handle(empty, 600)).is_empty());
+    let f = Event::Transcript {
+        text: "yes".into(),
+        is_final: true,
+        speech_final: false,
+        audio_end_ms: Some(900),
+    };
+    s.handle(f, 1000);
+    let a = s.handle(
+        Event::UtteranceEnd {
+            last_word_end_ms: Some(900),
+        },
+        1900,
+    );
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::UserTurn {
+            text: "yes".into(),
+            stt_final_ms: 1000,
+            end_of_turn_at_ms: 1900
+        }]
+    );
+}
+
+/// LLM first token, TTS first byte and end-of-turn-to-first-audio are measured, and the
+/// DO gets a latency report when the reply's first frame goes out.
+#[test]
+fn reply_latencies_are_measured() {
+    let mut s = idle_call();
+    let f = Event::Transcript {
+        text: "hi".into(),
+        is_final: true,
+        speech_final: true,
+        audio_end_ms: Some(900),
+    };
+    s.handle(f, 1000);
+    let a = s.handle(
+        Event::SayDelta {
+            turn: 1,
+            text: "Great.".into(),
+        },
+        1300,
+    );
+    assert!(a.contains(&Action::Observe(Observation::LlmFirstToken(300))));
+    assert!(
+        texts(&a).is_empty(),
+        "no boundary yet: 'Great.' may continue"
+    );
+    let a = s.handle(Event::SayEnd { turn: 1 }, 1350);
+    assert_eq!(texts(&a), [(2, "Great. ")]);
+    let a = s.handle(audio_event(2, "Great.", 50), 1500);
+    assert!(a.contains(&Action::Observe(Observation::TtsFirstByte(150))));
+    assert!(a.contains(&Action::Observe(Observation::EndOfTurnToFirstAudio(500))));
+    assert!(to_do(&a).contains(&&RelayToDo::LatencyReport {
+        turn: 1,
+        end_of_turn_to_first_audio_ms: 500,
+        tts_first_audio_ms: 150
+    }));
+    assert_eq!(s.first_audio_latencies(), [500]);
+}
+
+/// hang_up plays the goodbye and closes only once its mark echoes back.
+#[test]
+fn hang_up_waits_for_the_goodbye() {
+    let mut s = idle_call();
+    let a = s.handle(
+        Event::HangUp {
+            reason: "user_done".into(),
+            goodbye: Some("Bye now.".into()),
+        },
+        100,
+    );
+    assert_eq!(
+        texts(&a),
+        [(2, "Bye now. ")],
+        "goodbye uses the spare; no new spare"
+    );
+    assert!(!a.iter().any(|x| matches!(x, Action::Hangup { .. })));
+    let a = s.handle(audio_event(2, "Bye now.", 50), 200);
+    assert!(!a.iter().any(|x| matches!(x, Action::Hangup { .. })));
+    let a = s.handle(Event::Tick, 400);
+    assert_eq!(marks(&a), ["bye.c0.u2"]);
+    let a = s.handle(mark("bye.c0.u2"), 700);
+    assert_eq!(
+        a,
+        [Action::Hangup {
+            reason: "user_done".into()
+        }],
+        "goodbye is not reported as heard"
+    );
+    assert!(s.is_ended());
+    assert!(s.handle(Event::Tick, 800).is_empty());
+}
+
+/// hang_up with nothing to say closes at once; with speech that never plays, at the grace deadline.
+#[test]
+fn hang_up_without_goodbye_and_deadline() {
+    let mut s = idle_call();
+    let a = s.handle(
+        Event::HangUp {
+            reason: "canceled".into(),
+            goodbye: None,
+        },
+        100,
+    );
+    assert_eq!(
+        a,
+        [
+            Action::Tts(TtsCommand::Close { ctx: 2 }),
+            Action::Hangup {
+                reason: "canceled".into()
+            }
+        ]
+    );
+
+    let mut s = idle_call();
+    s.handle(
+        Event::HangUp {
+            reason: "max_duration".into(),
+            goodbye: Some("Time's up.".into()),
+        },
+        100,
+    );
+    assert_eq!(s.next_wake(), Some(5_100), "no-audio fallback first");
+    s.handle(Event::Tick, 5_100);
+    assert_eq!(s.next_wake(), Some(30_100));
+    assert!(!s
+        .handle(Event::Tick, 30_099)
+        .iter()
+        .any(|x| matches!(x, Action::Hangup { .. })));
+    assert_eq!(
+        s.handle(Event::Tick, 30_100),
+        [Action::Hangup {
+            reason: "max_duration".into()
+        }]
+    );
+}
+
+/// The idle timeout counts from the last speech on either side; max duration is absolute.
+#[test]
+fn idle_and_max_duration() {
+    let mut s = CallState::new();
+    s.handle(
+        Event::Hello {
+            greeting: String::new(),
+            max_duration_secs: 60,
+            idle_timeout_secs: 10,
+        },
+        0,
+    );
+    assert_eq!(s.next_wake(), Some(10_000));
+    s.handle(interim("hello?"), 5_000);
+    assert!(s.handle(Event::Tick, 10_000).is_empty());
+    assert_eq!(
+        s.handle(Event::Tick, 15_000),
+        [Action::Hangup {
+            reason: "idle_timeout".into()
+        }]
+    );
+
+    let mut s = CallState::new();
+    s.handle(
+        Event::Hello {
+            greeting: String::new(),
+            max_duration_secs: 30,
+            idle_timeout_secs: 0,
+        },
+        0,
+    );
+    assert_eq!(s.next_wake(), Some(30_000));
+    assert_eq!(
+        s.handle(Event::Tick, 30_000),
+        [Action::Hangup {
+            reason: "max_duration".into()
+        }]
+    );
+}
+
+/// When the TTS socket is replaced mid-clause, audio of finished clauses stays, the rest
+/// is cut from the queue and re-synthesised on re-opened contexts.
+#[test]
+fn tts_reconnect_resends_unfinished_clauses() {
+    let mut s = CallState::new();
+    s.handle(hello("One, two."), 0);
+    // 6 of 8 chars arrive at 100 ms/char: 4800 bytes, clause 2 starting at 3200.
+    let (audio, starts) = speech("One,tw", 100);
+    let a = s.handle(
+        Event::TtsAudio {
+            ctx: 1,
+            audio,
+            char_starts_ms: Some(starts),
+        },
+        100,
+    );
+    assert_eq!(media_bytes(&a), 2400);
+    let a = s.handle(Event::TtsReconnected, 150);
+    assert_eq!(
+        a[..4],
+        [
+            Action::Tts(TtsCommand::Resync),
+            Action::Tts(TtsCommand::Open { ctx: 1 }),
+            Action::Tts(TtsCommand::Text {
+                ctx: 1,
+                text: "two. ".into(),
+                flush: true
+            }),
+            Action::Observe(Observation::FramesDropped(10)),
+        ]
+    );
+    assert_eq!(
+        a[4],
+        Action::Tts(TtsCommand::Open { ctx: 2 }),
+        "spare re-opened"
+    );
+    // The re-synthesised clause arrives and completes the greeting.
+    let a = s.handle(audio_event(1, "two.", 100), 300);
+    assert!(a.contains(&Action::Tts(TtsCommand::Close { ctx: 1 })));
+    let mut all = a;
+    for t in [500, 700, 900] {
+        all.extend(s.handle(Event::Tick, t));
+    }
+    assert_eq!(marks(&all), ["t0.c0.u1", "t0.c1.u1"]);
+    assert_eq!(
+        media_bytes(&all),
+        3200 - 2400 + 3200,
+        "rest of clause 1, then clause 2"
+    );
+}
+
+/// A pacer woken late counts the frames that missed their slot.
+#[test]
+fn late_wakeups_count_late_frames() {
+    let mut s = CallState::new();
+    s.handle(hello("Hello."), 0);
+    s.handle(audio_event(1, "Hello.", 200), 0);
+    assert_eq!(s.next_wake(), Some(200));
+    let a = s.handle(Event::Tick, 450);
+    assert!(
+        a.contains(&Action::Observe(Observation::LateFrames(7))),
+        "{a:?}"
+    );
+}
+
+/// Without alignment, marks are placed when the audio goes quiet after the last text.
+#[test]
+fn quiet_fallback_without_alignment() {
+    let mut s = CallState::new();
+    s.handle(hello("Hello."), 0);
+    let a = s.handle(
+        Event::TtsAudio {
+            ctx: 1,
+            audio: vec![0x7f; 800],
+            char_starts_ms: None,
+        },
+        100,
+    );
+    assert!(
+        !a.contains(&Action::Tts(TtsCommand::Close { ctx: 1 })),
+        "end not known yet"
+    );
+    assert_eq!(s.next_wake(), Some(1_600));
+    let a = s.handle(Event::Tick, 1_600);
+    assert!(a.contains(&Action::Tts(TtsCommand::Close { ctx: 1 })));
+    assert_eq!(marks(&a), ["t0.c0.u1"]);
+}
+
+/// A final flag before all text is voiced is ignored when alignment says otherwise.
+#[test]
+fn early_final_is_ignored_with_alignment() {
+    let mut s = CallState::new();
+    s.handle(hello("One, two."), 0);
+    s.handle(audio_event(1, "One,", 50), 100);
+    let a = s.handle(Event::TtsFinal { ctx: 1 }, 150);
+    assert!(!a.contains(&Action::Tts(TtsCommand::Close { ctx: 1 })));
+    let a = s.handle(audio_event(1, "two.", 50), 200);
+    assert!(a.contains(&Action::Tts(TtsCommand::Close { ctx: 1 })));
+}
+
+/// Above four seconds of queued audio the machine asks for TTS reads to pause.
+#[test]
+fn backpressure_on_tts() {
+    let mut s = CallState::new();
+    s.handle(hello("Long."), 0);
+    assert!(s.wants_tts_audio());
+    s.handle(
+        Event::TtsAudio {
+            ctx: 1,
+            audio: vec![0x7f; 5 * 8000],
+            char_starts_ms: None,
+        },
+        0,
+    );
+    assert!(!s.wants_tts_audio());
+    for t in (200..=2000).step_by(200) {
+        s.handle(Event::Tick, t);
+    }
+    assert!(s.wants_tts_audio());
+}
+
+/// The spare context is kept alive, audio for unknown contexts is dropped, DTMF is forwarded.
+#[test]
+fn spare_keepalive_stale_audio_and_dtmf() {
+    let mut s = idle_call();
+    assert_eq!(s.next_wake(), Some(60_000));
+    assert_eq!(
+        s.handle(Event::Tick, 60_000),
+        [Action::Tts(TtsCommand::KeepAlive { ctx: 2 })]
+    );
+    assert!(s.handle(audio_event(9, "stale", 50), 60_001).is_empty());
+    assert_eq!(
+        s.handle(Event::Dtmf { digit: "5".into() }, 60_002),
+        [Action::ToDo(RelayToDo::Dtmf { digit: "5".into() })]
+    );
+}

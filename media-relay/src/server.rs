@@ -1,0 +1,475 @@
+//! HTTP surface and process lifecycle: `app(state)` (routes `/health`, `/metrics`,
+//! `/twilio`) and `run(listener, config, shutdown)`.
+//!
+//! Owns shared process state (config, metrics, call slots, shutdown signal) and the
+//! upgrade gate: config present, Twilio signature valid, capacity available. It must not
+//! hold per-call logic; an upgraded socket is handed to `call::serve` and its errors are
+//! logged there, never reaching the accept loop.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::nonce::{NonceCache, NonceRejected};
+
+/// The crate version reported on `/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Largest Twilio message we accept: a 20 ms media frame is ~400 bytes of JSON, and the
+/// `start` message with custom parameters a few KB. Anything bigger is not Twilio.
+const TWILIO_MAX_MESSAGE: usize = 64 * 1024;
+
+/// Process-wide state shared by every request. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    config: Result<Arc<Config>, ConfigError>,
+    metrics: Metrics,
+    active_calls: AtomicUsize,
+    nonces: Mutex<NonceCache>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl AppState {
+    /// Builds the state; a bad config is kept (not fatal) so `/health` can name it.
+    pub fn new(config: Result<Config, ConfigError>) -> Self {
+        let nonce_capacity = config
+            .as_ref()
+            .map_or(1, |c| c.max_calls.saturating_mul(4).max(1024));
+        Self {
+            inner: Arc::new(Shared {
+                config: config.map(Arc::new),
+                metrics: Metrics::new(),
+                active_calls: AtomicUsize::new(0),
+                nonces: Mutex::new(NonceCache::new(nonce_capacity)),
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The validated config, or every problem with it.
+    pub fn config(&self) -> Result<&Arc<Config>, &ConfigError> {
+        self.inner.config.as_ref()
+    }
+
+    /// Metric handles.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Calls currently holding a slot.
+    pub fn active_calls(&self) -> usize {
+        self.inner.active_calls.load(Ordering::Acquire)
+    }
+
+    /// Cancelled when the process starts shutting down; calls close cleanly on it.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Records a stream-token nonce, refusing one already used and not yet expired.
+    pub fn claim_nonce(
+        &self,
+        nonce: &str,
+        expires_at: i64,
+        now_unix: i64,
+    ) -> Result<(), NonceRejected> {
+        // A poisoned lock only means another call panicked mid-insert; the set is still a
+        // valid set, so keep using it rather than failing every later call.
+        let mut set = self
+            .inner
+            .nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.claim(nonce, expires_at, now_unix)
+    }
+
+    /// Takes a call slot if fewer than `max` are active. The slot frees itself on drop.
+    pub fn try_acquire_call(&self, max: usize) -> Option<CallSlot> {
+        let counter = &self.inner.active_calls;
+        let mut current = counter.load(Ordering::Acquire);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match counter.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
+        }
+        self.inner.metrics.active_calls.inc();
+        Some(CallSlot {
+            state: self.clone(),
+        })
+    }
+
+    /// Logs every configuration problem at error level (once, at start-up).
+    pub fn log_config_problems(&self) {
+        if let Err(e) = &self.inner.config {
+            for p in &e.problems {
+                tracing::error!(name = %p.name, problem = %p.problem, "relay configuration problem");
+            }
+            tracing::error!(
+                count = e.problems.len(),
+                "relay configuration is invalid: /health answers 503 and calls are refused"
+            );
+        }
+    }
+
+    /// Spawns a per-call task that shutdown waits for.
+    pub fn spawn_call<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tracker.spawn(fut);
+    }
+}
+
+/// One active call's capacity slot; releases on drop, whatever way the call ends.
+pub struct CallSlot {
+    state: AppState,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.state.inner.active_calls.fetch_sub(1, Ordering::AcqRel);
+        self.state.inner.metrics.active_calls.dec();
+    }
+}
+
+/// The relay's routes.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/twilio", get(twilio))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then gives in-flight calls
+/// `config.shutdown_grace` to close cleanly.
+pub async fn run(
+    listener: TcpListener,
+    config: Result<Config, ConfigError>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = config.as_ref().map_or(Duration::ZERO, |c| c.shutdown_grace);
+    let state = AppState::new(config);
+    state.log_config_problems();
+    let token = state.inner.shutdown.clone();
+    let serve = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: refusing new calls, closing active ones");
+        // Upgraded sockets are detached from hyper's connection tracking, so the calls
+        // are told directly.
+        token.cancel();
+    });
+    serve.await?;
+
+    let tracker = &state.inner.tracker;
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = tracker.len(),
+            "grace period over; abandoning calls"
+        );
+    }
+    Ok(())
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    match state.config() {
+        Ok(_) => Json(json!({
+            "status": "ok",
+            "version": VERSION,
+            "checks": {"config": {"ok": true}, "active_calls": state.active_calls()},
+        }))
+        .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unhealthy",
+                "version": VERSION,
+                "checks": {"config": {"ok": false, "problems": e.problems}},
+            })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics().encode(),
+    )
+        .into_response()
+}
+
+/// The Twilio Media Streams upgrade. Everything checkable before the upgrade is checked
+/// here, so a refused stream never costs a WebSocket.
+async fn twilio(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let config = match state.config() {
+        Ok(c) => Arc::clone(c),
+        Err(_) => {
+            tracing::error!("refusing Twilio stream: relay configuration is invalid");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "config_invalid",
+                "relay configuration is invalid",
+            );
+        }
+    };
+    if state.shutdown_token().is_cancelled() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "relay is shutting down",
+        );
+    }
+    let signature = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok());
+    let signed = signature.is_some_and(|sig| {
+        cmb_core::twilio_sig::validate_request(
+            config.twilio_auth_token.expose(),
+            &config.public_url,
+            &[],
+            sig,
+        )
+    });
+    if !signed {
+        tracing::warn!(
+            present = signature.is_some(),
+            "refusing Twilio stream: bad X-Twilio-Signature"
+        );
+        state.metrics().call_ended("rejected_signature");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "bad_signature",
+            "invalid X-Twilio-Signature",
+        );
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    // Capacity is taken before the upgrade so concurrent upgrades cannot overshoot it.
+    let slot = state.try_acquire_call(config.max_calls);
+    ws.max_message_size(TWILIO_MAX_MESSAGE)
+        .max_frame_size(TWILIO_MAX_MESSAGE)
+        // Small buffers keep a call small: inbound frames are ~400 bytes, outbound
+        // batches a few KB (the read buffer is allocated eagerly; the default is 128 KiB).
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .on_upgrade(move |mut socket| async move {
+            let Some(slot) = slot else {
+                tracing::warn!(
+                    max_calls = config.max_calls,
+                    "refusing Twilio stream: relay at capacity"
+                );
+                state.metrics().call_ended("rejected_capacity");
+                // 1013 "try again later": a clean close, so Twilio ends the <Connect> promptly.
+                let close = CloseFrame {
+                    code: 1013,
+                    reason: "relay at capacity".into(),
+                };
+                let _ = socket.send(Message::Close(Some(close))).await;
+                return;
+            };
+            let spawner = state.clone();
+            spawner.spawn_call(crate::call::serve(state, config, socket, slot));
+        })
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::collections::HashMap;
+    use tower::ServiceExt;
+
+    fn good_config() -> Config {
+        let vars = HashMap::from([
+            ("RELAY_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("RELAY_PUBLIC_URL", "wss://example.com/media"),
+            ("TWILIO_AUTH_TOKEN", "12345"),
+            ("WORKER_URL", "http://127.0.0.1:8787"),
+            ("DEEPGRAM_API_KEY", "dg"),
+            ("ELEVENLABS_API_KEY", "xi"),
+            ("RELAY_MAX_CALLS", "2"),
+        ]);
+        Config::from_lookup(|k| vars.get(k).map(|v| (*v).to_owned())).expect("valid test config")
+    }
+
+    async fn get_json(app: Router, uri: &str) -> (StatusCode, serde_json::Value) {
+        let res = app
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&bytes).expect("json body"))
+    }
+
+    /// A good config gives 200 with status ok, the version and the active call count.
+    #[tokio::test]
+    async fn health_ok_with_good_config() {
+        let state = AppState::new(Ok(good_config()));
+        let _slot = state.try_acquire_call(2).expect("slot");
+        let (status, body) = get_json(app(state), "/health").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            json!({"status": "ok", "version": VERSION, "checks": {"config": {"ok": true}, "active_calls": 1}})
+        );
+    }
+
+    /// A bad config gives 503 naming every problem.
+    #[tokio::test]
+    async fn health_names_config_problems() {
+        let err = Config::from_lookup(|k| (k == "RELAY_SECRET").then(|| "short".to_owned()))
+            .expect_err("invalid");
+        let (status, body) = get_json(app(AppState::new(Err(err))), "/health").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "unhealthy");
+        assert_eq!(body["checks"]["config"]["ok"], false);
+        let problems = body["checks"]["config"]["problems"]
+            .as_array()
+            .expect("array");
+        let names: Vec<&str> = problems.iter().filter_map(|p| p["name"].as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "RELAY_SECRET",
+                "RELAY_PUBLIC_URL",
+                "TWILIO_AUTH_TOKEN",
+                "WORKER_URL",
+                "DEEPGRAM_API_KEY",
+                "ELEVENLABS_API_KEY"
+            ]
+        );
+        assert_eq!(
+            problems[3],
+            json!({"name": "WORKER_URL", "problem": "missing"})
+        );
+    }
+
+    /// `/metrics` serves the text exposition with the relay's metrics in it.
+    #[tokio::test]
+    async fn metrics_are_served() {
+        let state = AppState::new(Ok(good_config()));
+        state.metrics().frames_out.inc_by(3);
+        let res = app(state)
+            .oneshot(
+                Request::get("/metrics")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::OK);
+        let ct = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let text = String::from_utf8(bytes.to_vec()).expect("utf8");
+        assert!(text.contains("relay_frames_out_total 3"), "{text}");
+        assert!(text.contains("relay_active_calls 0"), "{text}");
+    }
+
+    fn upgrade_request(signature: Option<&str>) -> Request<Body> {
+        let mut b = Request::get("/twilio")
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_VERSION, "13")
+            .header(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==");
+        if let Some(sig) = signature {
+            b = b.header("x-twilio-signature", sig);
+        }
+        b.body(Body::empty()).expect("request")
+    }
+
+    /// The upgrade is refused with 403 without a valid signature over RELAY_PUBLIC_URL.
+    #[tokio::test]
+    async fn twilio_upgrade_requires_signature() {
+        let state = AppState::new(Ok(good_config()));
+        for sig in [None, Some("AAAAAAAAAAAAAAAAAAAAAAAAAAA=")] {
+            let res = app(state.clone())
+                .oneshot(upgrade_request(sig))
+                .await
+                .expect("infallible");
+            assert_eq!(res.status(), StatusCode::FORBIDDEN, "signature {sig:?}");
+        }
+    }
+
+    /// With a bad config the upgrade is refused even when correctly signed.
+    #[tokio::test]
+    async fn twilio_refused_with_bad_config() {
+        let err = Config::from_lookup(|_| None).expect_err("invalid");
+        let res = app(AppState::new(Err(err)))
+            .oneshot(upgrade_request(Some("7PR3qMkpDyEJtMrVOY/LDyNq8J8=")))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// Call slots stop at the maximum and free themselves on drop.
+    #[test]
+    fn call_slots_are_bounded() {
+        let state = AppState::new(Ok(good_config()));
+        let a = state.try_acquire_call(2).expect("first");
+        let _b = state.try_acquire_call(2).expect("second");
+        assert!(state.try_acquire_call(2).is_none());
+        drop(a);
+        assert_eq!(state.active_calls(), 1);
+        assert!(state.try_acquire_call(2).is_some());
+    }
+}

@@ -1,0 +1,318 @@
+//! The Deepgram socket task: caller audio in, transcript events out.
+//!
+//! Owns the connection's lifetime: connect, KeepAlive while no audio flows, reconnect with
+//! backoff, and a bounded buffer of the caller's audio while disconnected, replayed on
+//! reconnect so no speech is lost. Converts Deepgram's per-connection audio times to
+//! stream time. It must not decide anything about turns: events go to the call loop as is.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cmb_core::secret::Secret;
+use futures::{SinkExt, StreamExt};
+use http::header::AUTHORIZATION;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{debug, info, warn};
+use url::Url;
+
+use crate::deepgram::{self, DeepgramEvent};
+use crate::machine::{Event, Ms};
+use crate::ws::{self, Backoff, ClientSocket, PROVIDER_DELAYS};
+
+/// Deepgram closes after 10 s without data; KeepAlive well inside that.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(4);
+/// Caller audio kept while Deepgram is unreachable: 5 s of 20 ms frames.
+const RING_FRAMES: usize = 250;
+/// Largest Deepgram message accepted (a long final with word timings).
+const MAX_MESSAGE: usize = 256 * 1024;
+/// A connection that lived this long was healthy: its failure restarts the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// One inbound audio frame, stamped with its arrival in stream time.
+#[derive(Debug, Clone)]
+pub struct AudioFrame {
+    pub at_ms: Ms,
+    pub data: Bytes,
+}
+
+/// What the task tells the call loop.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SttOut {
+    Event(Event),
+    /// Deepgram could not be restored.
+    Failed,
+}
+
+/// Starts the task. It reads `audio` until the call loop drops the sender.
+pub fn spawn(
+    url: Url,
+    key: Secret,
+    audio: mpsc::Receiver<AudioFrame>,
+    reconnects: Counter,
+) -> (mpsc::Receiver<SttOut>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(32);
+    let task = tokio::spawn(run(url, key, audio, tx, reconnects));
+    (rx, task)
+}
+
+/// Audio buffered while disconnected; oldest dropped past five seconds.
+#[derive(Default)]
+struct Ring(VecDeque<AudioFrame>);
+
+impl Ring {
+    fn push(&mut self, f: AudioFrame) {
+        if self.0.len() >= RING_FRAMES {
+            self.0.pop_front();
+        }
+        self.0.push_back(f);
+    }
+}
+
+async fn run(
+    url: Url,
+    key: Secret,
+    mut audio: mpsc::Receiver<AudioFrame>,
+    tx: mpsc::Sender<SttOut>,
+    reconnects: Counter,
+) {
+    let mut ring = Ring::default();
+    let mut backoff = Backoff::new(PROVIDER_DELAYS);
+    let mut connected_before = false;
+    let header = match ws::header_value(&format!("Token {}", key.expose())) {
+        Ok(v) => [(AUTHORIZATION, v)],
+        Err(e) => {
+            warn!(provider = "deepgram", error = %e, "bad Deepgram key");
+            let _ = tx.send(SttOut::Failed).await;
+            return;
+        }
+    };
+    loop {
+        // Keep taking (and buffering) the caller's audio while connecting.
+        let connecting = ws::connect(&url, &header, MAX_MESSAGE);
+        tokio::pin!(connecting);
+        let result = loop {
+            tokio::select! {
+                r = &mut connecting => break r,
+                f = audio.recv() => match f {
+                    Some(f) => ring.push(f),
+                    None => return,
+                },
+            }
+        };
+        let mut socket = match result {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(provider = "deepgram", error = %e, "Deepgram connect failed");
+                let Some(delay) = backoff.next_delay() else {
+                    let _ = tx.send(SttOut::Failed).await;
+                    return;
+                };
+                if !buffer_for(delay, &mut audio, &mut ring).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if connected_before {
+            reconnects.inc();
+            info!(
+                provider = "deepgram",
+                buffered = ring.0.len(),
+                "Deepgram reconnected; replaying audio"
+            );
+        }
+        connected_before = true;
+        let opened = Instant::now();
+        match session(&mut socket, &mut ring, &mut audio, &tx).await {
+            Ended::CallOver => {
+                let _ = socket.send(Message::text(deepgram::CLOSE_STREAM)).await;
+                let _ = socket.close(None).await;
+                return;
+            }
+            Ended::Dropped => {
+                debug!(provider = "deepgram", "Deepgram connection dropped");
+                if opened.elapsed() >= HEALTHY_AFTER {
+                    backoff.reset();
+                }
+                let Some(delay) = backoff.next_delay() else {
+                    let _ = tx.send(SttOut::Failed).await;
+                    return;
+                };
+                if !buffer_for(delay, &mut audio, &mut ring).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits `delay` while buffering audio; false if the call ended meanwhile.
+async fn buffer_for(
+    delay: Duration,
+    audio: &mut mpsc::Receiver<AudioFrame>,
+    ring: &mut Ring,
+) -> bool {
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return true,
+            f = audio.recv() => match f {
+                Some(f) => ring.push(f),
+                None => return false,
+            },
+        }
+    }
+}
+
+enum Ended {
+    Dropped,
+    CallOver,
+}
+
+async fn session(
+    socket: &mut ClientSocket,
+    ring: &mut Ring,
+    audio: &mut mpsc::Receiver<AudioFrame>,
+    tx: &mpsc::Sender<SttOut>,
+) -> Ended {
+    // Deepgram's clock starts at the first audio byte of this connection.
+    let mut epoch: Option<Ms> = None;
+    for f in ring.0.drain(..) {
+        epoch.get_or_insert(f.at_ms);
+        if socket.send(Message::Binary(f.data)).await.is_err() {
+            return Ended::Dropped;
+        }
+    }
+    let mut last_sent = Instant::now();
+    loop {
+        let keep_alive_at = last_sent + KEEP_ALIVE_EVERY;
+        tokio::select! {
+            biased;
+            frame = socket.next() => {
+                let text = match frame {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(c))) => {
+                        debug!(provider = "deepgram", close = ?c, "Deepgram closed the stream");
+                        return Ended::Dropped;
+                    }
+                    None | Some(Err(_)) => return Ended::Dropped,
+                    Some(Ok(_)) => continue,
+                };
+                let event = match deepgram::parse(text.as_str()) {
+                    Ok(Some(e)) => e,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!(provider = "deepgram", error = %e, "ignoring bad Deepgram message");
+                        continue;
+                    }
+                };
+                if let Some(ev) = to_event(event, epoch) {
+                    if tx.send(SttOut::Event(ev)).await.is_err() {
+                        return Ended::CallOver;
+                    }
+                }
+            }
+            f = audio.recv() => {
+                let Some(f) = f else { return Ended::CallOver };
+                epoch.get_or_insert(f.at_ms);
+                if socket.send(Message::Binary(f.data)).await.is_err() {
+                    return Ended::Dropped;
+                }
+                last_sent = Instant::now();
+            }
+            () = tokio::time::sleep_until(keep_alive_at) => {
+                if socket.send(Message::text(deepgram::KEEP_ALIVE)).await.is_err() {
+                    return Ended::Dropped;
+                }
+                last_sent = Instant::now();
+            }
+        }
+    }
+}
+
+/// Deepgram audio seconds → stream milliseconds, given where this connection's audio began.
+fn stream_ms(epoch: Option<Ms>, seconds: f64) -> Option<Ms> {
+    let epoch = epoch?;
+    // Non-negative, bounded seconds; `as` saturates anything odd.
+    Some(epoch + (seconds.max(0.0) * 1000.0).round() as u64)
+}
+
+fn to_event(e: DeepgramEvent, epoch: Option<Ms>) -> Option<Event> {
+    Some(match e {
+        DeepgramEvent::Results {
+            transcript,
+            is_final,
+            speech_final,
+            end_s,
+        } => Event::Transcript {
+            text: transcript,
+            is_final: is_final || speech_final,
+            speech_final,
+            audio_end_ms: stream_ms(epoch, end_s),
+        },
+        DeepgramEvent::SpeechStarted => Event::SpeechStarted,
+        DeepgramEvent::UtteranceEnd { last_word_end_s } => Event::UtteranceEnd {
+            last_word_end_ms: last_word_end_s.and_then(|s| stream_ms(epoch, s)),
+        },
+        DeepgramEvent::Error { description } => {
+            warn!(provider = "deepgram", %description, "Deepgram error");
+            return None;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deepgram times are offset by where the connection's audio began in the stream.
+    #[test]
+    fn times_map_to_stream_time() {
+        let e = DeepgramEvent::Results {
+            transcript: "hi".into(),
+            is_final: true,
+            speech_final: true,
+            end_s: 1.25,
+        };
+        assert_eq!(
+            to_event(e, Some(10_000)),
+            Some(Event::Transcript {
+                text: "hi".into(),
+                is_final: true,
+                speech_final: true,
+                audio_end_ms: Some(11_250)
+            })
+        );
+        assert_eq!(
+            to_event(
+                DeepgramEvent::UtteranceEnd {
+                    last_word_end_s: Some(2.0)
+                },
+                None
+            ),
+            Some(Event::UtteranceEnd {
+                last_word_end_ms: None
+            })
+        );
+    }
+
+    /// The reconnect buffer keeps only the newest five seconds.
+    #[test]
+    fn ring_is_bounded() {
+        let mut r = Ring::default();
+        for i in 0..300 {
+            r.push(AudioFrame {
+                at_ms: i,
+                data: Bytes::from_static(&[0xff]),
+            });
+        }
+        assert_eq!(r.0.len(), RING_FRAMES);
+        assert_eq!(r.0.front().map(|f| f.at_ms), Some(50));
+    }
+}

@@ -1,0 +1,179 @@
+//! Outbound WebSocket plumbing shared by the provider and control tasks: connecting with
+//! small buffers and TLS, and the reconnect backoff schedule.
+//!
+//! Owns how a socket is opened, never what is said on it. Buffers are sized per socket so
+//! that a call (four sockets) stays within the relay's memory budget.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use url::Url;
+
+/// A connected client socket.
+pub type ClientSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Longest a connect (TCP + TLS + upgrade) may take before it counts as a failure.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid request: {0}")]
+    Request(String),
+    #[error("connect timed out")]
+    Timeout,
+    #[error(transparent)]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+}
+
+/// Socket buffer sizes: `read_buffer` is allocated eagerly, so it stays small; writes are
+/// flushed per message, so the write buffer only needs to hold one.
+pub fn config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_message.max(64 * 1024))
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+/// Process-wide TLS client config (ring provider, webpki roots), built once.
+fn tls() -> Result<Arc<rustls::ClientConfig>, ConnectError> {
+    static TLS: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+        .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(ConnectError::Request)
+}
+
+/// Opens `url` with extra request `headers` (auth).
+pub async fn connect(
+    url: &Url,
+    headers: &[(HeaderName, HeaderValue)],
+    max_message: usize,
+) -> Result<ClientSocket, ConnectError> {
+    let mut request = url.as_str().into_client_request()?;
+    for (name, value) in headers {
+        request.headers_mut().insert(name.clone(), value.clone());
+    }
+    let connector = if url.scheme() == "wss" {
+        Connector::Rustls(tls()?)
+    } else {
+        Connector::Plain
+    };
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(config(max_message)),
+        true,
+        Some(connector),
+    );
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok((socket, _response))) => Ok(socket),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ConnectError::Timeout),
+    }
+}
+
+/// A header value from a secret; a value with control characters is a config problem
+/// surfaced as a connect error rather than a panic.
+pub fn header_value(value: &str) -> Result<HeaderValue, ConnectError> {
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| ConnectError::Request("invalid header value".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Reconnect delays: the first retry is immediate, then quickly growing, so a blip is
+/// bridged within a second and a dead provider is given up on in bounded time.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    delays: &'static [Duration],
+    attempt: usize,
+}
+
+/// Providers: 0, 0.1, 0.25, 0.5, 1, 2 s — about four seconds in all before giving up.
+pub const PROVIDER_DELAYS: &[Duration] = &[
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// Control channel: the DO may be restarting; keep trying for about 20 s.
+pub const CONTROL_DELAYS: &[Duration] = &[
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(4),
+    Duration::from_secs(4),
+    Duration::from_secs(4),
+];
+
+impl Backoff {
+    /// A fresh schedule.
+    pub fn new(delays: &'static [Duration]) -> Self {
+        Self { delays, attempt: 0 }
+    }
+
+    /// The wait before the next attempt, or `None` once the schedule is exhausted.
+    pub fn next_delay(&mut self) -> Option<Duration> {
+        let d = self.delays.get(self.attempt).copied();
+        self.attempt += 1;
+        d
+    }
+
+    /// Called after a successful connect: the next failure starts over.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first retry is immediate, the first three fit in a second, and it ends.
+    #[test]
+    fn backoff_schedule() {
+        let mut b = Backoff::new(PROVIDER_DELAYS);
+        assert_eq!(b.next_delay(), Some(Duration::ZERO));
+        let first_three: Duration = [
+            Duration::ZERO,
+            b.next_delay().expect("2"),
+            b.next_delay().expect("3"),
+        ]
+        .iter()
+        .sum();
+        assert!(first_three < Duration::from_secs(1));
+        while b.next_delay().is_some() {}
+        assert_eq!(b.next_delay(), None, "stays exhausted");
+        b.reset();
+        assert_eq!(b.next_delay(), Some(Duration::ZERO));
+    }
+
+    /// The TLS config builds with the explicit ring provider.
+    #[test]
+    fn tls_config_builds() {
+        assert!(tls().is_ok());
+    }
+}

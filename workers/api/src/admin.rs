@@ -1,0 +1,412 @@
+//! The admin API: users with balances and debt, ban and unban, credit grants, any call
+//! with its transcript and economics, and the full persona catalog.
+//!
+//! Every route starts with [`require_admin`]: anonymous is 401, anyone else 403. The
+//! admin role must still hold *now* (stored role or `ADMIN_EMAILS`), not just when the
+//! token was issued. Every change writes its audit row in the same transaction as the
+//! change (`store_admin.rs`). This module never touches a call's state directly: a
+//! banned user's pending calls are canceled through each call's Durable Object.
+
+use cmb_core::validate;
+use futures::future::join_all;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use worker::{Request, Response};
+
+use crate::audit::{self, action};
+use crate::auth::{authenticate, Session};
+use crate::calls::session_op;
+use crate::crypto;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{json, parse_json, query, read_body};
+use crate::session::{CancelOutcome, SessionOp};
+use crate::store::{LedgerEntry, PersonaRow, WriteConflict};
+use crate::store_admin::{AdminUserRow, AuditEntry};
+use crate::Ctx;
+
+/// Default and largest page of the admin lists.
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+/// Largest single grant or deduction: a typo should not mint a fortune.
+const MAX_ADJUSTMENT: i64 = 1_000_000;
+const REASON_MAX_CHARS: usize = 500;
+/// 1 credit = 1 US cent = 10,000 micro-dollars.
+pub const MICROS_PER_CREDIT: i64 = 10_000;
+
+/// Authenticates an admin: 401 without a valid token, 403 for anyone not an admin now.
+pub async fn require_admin(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
+    let session = authenticate(req, ctx).await?;
+    let still_admin = session.user.role == "admin" || ctx.cfg.is_admin_email(&session.user.email);
+    if !(session.is_admin() && still_admin) {
+        return Err(ApiError::forbidden("This route is for admins only."));
+    }
+    Ok(session)
+}
+
+/// Validated `limit`/`offset` of an admin list.
+pub fn page(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    let offset = offset.unwrap_or(0);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_PAGE}."),
+        ));
+    }
+    if offset < 0 {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "offset must not be negative.",
+        ));
+    }
+    Ok((limit, offset))
+}
+
+fn user_view(ctx: &Ctx, u: &AdminUserRow) -> Value {
+    let role = if u.role == "admin" || ctx.cfg.is_admin_email(&u.email) {
+        "admin"
+    } else {
+        "user"
+    };
+    json!({
+        "id": u.id,
+        "email": u.email,
+        "name": u.name,
+        "phone_number": u.phone_number,
+        "role": role,
+        "tier": u.tier,
+        "credits": u.credits,
+        "debt": u.debt,
+        "is_banned": u.is_banned != 0,
+        "created_at": u.created_at,
+    })
+}
+
+async fn target_user(ctx: &Ctx, id: &str) -> ApiResult<AdminUserRow> {
+    ctx.store
+        .admin_user(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("User"))
+}
+
+fn new_id() -> ApiResult<String> {
+    crypto::uuid().map_err(|e| ApiError::internal("uuid", e))
+}
+
+/// A free-text reason: trimmed, one line, at most 500 characters.
+fn reason(input: &str) -> ApiResult<String> {
+    Ok(validate::text("reason", input, 1, REASON_MAX_CHARS, false)?)
+}
+
+/// An optional reason; blank counts as none.
+fn optional_reason(input: Option<&str>) -> ApiResult<Option<String>> {
+    input
+        .filter(|r| !r.trim().is_empty())
+        .map(reason)
+        .transpose()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersQuery {
+    limit: Option<i64>,
+    offset: Option<i64>,
+    q: Option<String>,
+}
+
+/// `GET /admin/users?limit&offset&q=`: newest first; `q` matches email or name.
+pub async fn users(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
+    require_admin(req, ctx).await?;
+    let q: UsersQuery = query(req)?;
+    let (limit, offset) = page(q.limit, q.offset)?;
+    let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    if search.is_some_and(|s| s.chars().count() > 100) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "q must be at most 100 characters.",
+        ));
+    }
+    let (rows, total) = ctx.store.admin_users(search, limit, offset).await?;
+    let users: Vec<Value> = rows.iter().map(|u| user_view(ctx, u)).collect();
+    json(200, &json!({ "users": users, "total": total }))
+}
+
+/// `GET /admin/users/:id`: the user and their 50 latest ledger entries.
+pub async fn user(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    require_admin(req, ctx).await?;
+    let user = target_user(ctx, id).await?;
+    let ledger = ctx.store.ledger_of_user(id, 50).await?;
+    json(
+        200,
+        &json!({ "user": user_view(ctx, &user), "ledger": ledger }),
+    )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BanBody {
+    reason: Option<String>,
+}
+
+/// The optional JSON body of ban/unban (an empty body is fine).
+async fn ban_body(req: &mut Request) -> ApiResult<BanBody> {
+    let body = read_body(req).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(BanBody::default());
+    }
+    parse_json(&body)
+}
+
+/// `POST /admin/users/:id/ban {reason?}`: the user's tokens stop working on their next
+/// request (authentication reloads the user), and their scheduled or queued calls are
+/// canceled through each call's Durable Object.
+pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = require_admin(&req, ctx).await?;
+    let body = ban_body(&mut req).await?;
+    let reason = optional_reason(body.reason.as_deref())?;
+    if id == session.user.id {
+        return Err(ApiError::bad_request(
+            "cannot_ban_self",
+            "You cannot ban your own account.",
+        ));
+    }
+    target_user(ctx, id).await?;
+    let actor = audit::actor(&session);
+    let audit_id = new_id()?;
+    let entry = AuditEntry {
+        id: &audit_id,
+        actor: &actor,
+        action: action::USER_BAN,
+        target_type: "user",
+        target_id: Some(id),
+        before: None,
+        after: None,
+        reason: reason.as_deref(),
+    };
+    ctx.store
+        .set_banned(id, true, &entry, &ctx.now_iso())
+        .await?;
+    worker::console_log!("user banned user_id={id} by={}", session.user.id);
+
+    // The ban already holds; canceling is best effort per call, reported per call.
+    let pending = ctx.store.cancelable_calls(id).await?;
+    let outcomes = join_all(pending.iter().map(|call_id| async move {
+        let outcome = session_op::<CancelOutcome>(ctx, call_id, &SessionOp::Cancel).await;
+        (call_id, outcome)
+    }))
+    .await;
+    let mut canceled = Vec::new();
+    let mut not_canceled = Vec::new();
+    for (call_id, outcome) in outcomes {
+        match outcome {
+            Ok(o) if o.canceled => canceled.push(json!(call_id)),
+            Ok(o) => not_canceled.push(json!({ "id": call_id, "status": o.status.as_str() })),
+            Err(e) => {
+                worker::console_error!("ban: cancel failed call_id={call_id} error={}", e.message);
+                not_canceled.push(json!({ "id": call_id, "error": e.code }));
+            }
+        }
+    }
+    let user = target_user(ctx, id).await?;
+    json(
+        200,
+        &json!({
+            "user": user_view(ctx, &user),
+            "canceled_calls": canceled,
+            "not_canceled_calls": not_canceled,
+        }),
+    )
+}
+
+/// `POST /admin/users/:id/unban {reason?}`.
+pub async fn unban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = require_admin(&req, ctx).await?;
+    let body = ban_body(&mut req).await?;
+    let reason = optional_reason(body.reason.as_deref())?;
+    target_user(ctx, id).await?;
+    let actor = audit::actor(&session);
+    let audit_id = new_id()?;
+    let entry = AuditEntry {
+        id: &audit_id,
+        actor: &actor,
+        action: action::USER_UNBAN,
+        target_type: "user",
+        target_id: Some(id),
+        before: None,
+        after: None,
+        reason: reason.as_deref(),
+    };
+    ctx.store
+        .set_banned(id, false, &entry, &ctx.now_iso())
+        .await?;
+    let user = target_user(ctx, id).await?;
+    json(200, &json!({ "user": user_view(ctx, &user) }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditsBody {
+    amount: i64,
+    reason: String,
+}
+
+/// `POST /admin/users/:id/credits {amount, reason}`: a positive amount grants, a
+/// negative one deducts (never below zero). An `Idempotency-Key` header makes a retried
+/// request a no-op that answers the current state with `"replayed": true`.
+pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = require_admin(&req, ctx).await?;
+    let client_key = req
+        .headers()
+        .get("idempotency-key")
+        .ok()
+        .flatten()
+        .map(|k| k.trim().to_string());
+    let body: CreditsBody = crate::http::json_body(&mut req).await?;
+    if body.amount == 0 || body.amount.abs() > MAX_ADJUSTMENT {
+        return Err(ApiError::bad_request(
+            "invalid_amount",
+            format!("amount must be a non-zero whole number of credits between -{MAX_ADJUSTMENT} and {MAX_ADJUSTMENT}."),
+        )
+        .with_details(json!([{ "field": "amount" }])));
+    }
+    let reason = reason(&body.reason)?;
+    if client_key
+        .as_deref()
+        .is_some_and(|k| k.is_empty() || k.len() > 100)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 100 characters.",
+        ));
+    }
+    target_user(ctx, id).await?;
+    let ledger_id = new_id()?;
+    let key = match &client_key {
+        Some(k) => format!("admin:{id}:{k}"),
+        None => format!("admin:{ledger_id}"),
+    };
+    let entry = LedgerEntry {
+        id: &ledger_id,
+        user_id: id,
+        kind: if body.amount > 0 { "grant" } else { "adjust" },
+        amount: body.amount,
+        key: &key,
+        call_id: None,
+        reason: &reason,
+    };
+    let actor = audit::actor(&session);
+    let audit_id = new_id()?;
+    let replayed = match ctx
+        .store
+        .admin_adjust_credits(&entry, &audit_id, &actor, &ctx.now_iso())
+        .await?
+    {
+        Ok(()) => false,
+        Err(WriteConflict::Duplicate) if client_key.is_some() => true,
+        Err(WriteConflict::Check) => {
+            let have = ctx.store.user_credits(id).await?;
+            return Err(ApiError::conflict(
+                "insufficient_credits",
+                format!(
+                    "Cannot deduct {} credits; the user has {have}.",
+                    -body.amount
+                ),
+            ));
+        }
+        Err(e) => return Err(ApiError::internal("adjust credits", format!("{e:?}"))),
+    };
+    worker::console_log!(
+        "credits adjusted user_id={id} amount={} by={} replayed={replayed}",
+        body.amount,
+        session.user.id
+    );
+    let user = target_user(ctx, id).await?;
+    json(
+        200,
+        &json!({ "user": user_view(ctx, &user), "replayed": replayed }),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallsQuery {
+    limit: Option<i64>,
+    offset: Option<i64>,
+    user_id: Option<String>,
+    status: Option<String>,
+}
+
+/// `GET /admin/calls?limit&offset&user_id&status`: any user's calls, newest first.
+pub async fn calls(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
+    require_admin(req, ctx).await?;
+    let q: CallsQuery = query(req)?;
+    let (limit, offset) = page(q.limit, q.offset)?;
+    let user_id = q.user_id.as_deref().filter(|s| !s.is_empty());
+    let status = q.status.as_deref().filter(|s| !s.is_empty());
+    let (calls, total) = ctx
+        .store
+        .admin_calls(user_id, status, limit, offset)
+        .await?;
+    json(200, &json!({ "calls": calls, "total": total }))
+}
+
+/// `GET /admin/calls/:id`: the call, its owner, transcript, what it cost us per
+/// provider against what it earned, per-turn latencies and its ledger entries.
+pub async fn call(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    require_admin(req, ctx).await?;
+    let call = ctx
+        .store
+        .admin_call(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Call"))?;
+    let transcript: Vec<Value> = ctx
+        .store
+        .transcript(id)
+        .await?
+        .into_iter()
+        .map(|t| json!({ "role": t.role, "text": t.text, "at": t.at, "interrupted": t.interrupted != 0 }))
+        .collect();
+    let lines = ctx.store.costs(id).await?;
+    let cost_micros: i64 = lines.iter().map(|c| c.cost_micros).sum();
+    let revenue_micros = call.cost_cents.unwrap_or(0) * MICROS_PER_CREDIT;
+    let costs = json!({
+        "credits_charged": call.cost_cents,
+        "providers": lines,
+        "total_cost_micros": cost_micros,
+        "revenue_micros": revenue_micros,
+        "margin_micros": revenue_micros - cost_micros,
+    });
+    let latencies = ctx.store.latencies(id).await?;
+    let ledger = ctx.store.ledger_of_call(id).await?;
+    json(
+        200,
+        &json!({
+            "call": call,
+            "transcript": transcript,
+            "costs": costs,
+            "latencies": latencies,
+            "ledger": ledger,
+        }),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersonasQuery {
+    include_custom: Option<bool>,
+}
+
+/// `GET /admin/personas?include_custom=false`: the whole catalog, retired personas
+/// included (changes go through `/api/personas`, which admits admins).
+pub async fn personas(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
+    require_admin(req, ctx).await?;
+    let q: PersonasQuery = query(req)?;
+    let personas: Vec<_> = ctx
+        .store
+        .all_personas(q.include_custom.unwrap_or(false))
+        .await?
+        .iter()
+        .map(PersonaRow::view)
+        .collect();
+    json(200, &json!({ "personas": personas }))
+}

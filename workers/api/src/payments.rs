@@ -1,0 +1,575 @@
+//! Buying credits: Stripe Checkout (`POST /api/payments/checkout`), the Stripe webhook
+//! (`POST /api/payments/webhook`), and the two pages Checkout returns to.
+//!
+//! Owns the money rules: which events grant (`checkout.session.completed` when
+//! `payment_status` is `paid`, and `checkout.session.async_payment_succeeded`), which
+//! take back (`charge.refunded`, proportionally, never below zero — the shortfall is
+//! recorded as debt), and that each happens exactly once however often and in whatever
+//! order Stripe delivers: per event (`stripe_events`) and per session (ledger key
+//! `stripe:session:<id>`), both inside the granting transaction. The signature is
+//! verified over the raw body before anything is parsed; a bad one is a 400 with
+//! nothing changed. Event types we do not handle get a 200 so Stripe stops retrying.
+//!
+//! Settings read here (all optional, documented for operators):
+//! - `CHECKOUT_SUCCESS_URL`: where Checkout sends the buyer after paying; default
+//!   `<PUBLIC_BASE_URL>/payments/success?session_id={CHECKOUT_SESSION_ID}`;
+//! - `CHECKOUT_CANCEL_URL`: where it sends them on cancel; default
+//!   `<PUBLIC_BASE_URL>/payments/cancel`.
+//!
+//! The pack catalogue is `cmb_core::pricing::CreditPack` (API.md defaults).
+
+use std::collections::BTreeMap;
+
+use cmb_core::pricing::CreditPack;
+use cmb_core::stripe_sig;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use worker::{Request, Response};
+
+use crate::auth::authenticate;
+use crate::crypto;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{json, json_body, parse_json, read_body};
+use crate::store::WriteConflict;
+use crate::store_admin::{Fulfilment, NewPurchase, PurchaseRow, RefundStep};
+use crate::stripe::{self, NewCheckout};
+use crate::Ctx;
+
+/// Checkout requests without a client `Idempotency-Key` share a Stripe key for this
+/// long, so a double-click opens one session while a later purchase opens a new one.
+const CHECKOUT_KEY_BUCKET_SECS: i64 = 60;
+const CLIENT_KEY_MAX: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutBody {
+    pack: String,
+}
+
+/// The Stripe idempotency key of a checkout: the client's key when it sent one,
+/// otherwise a one-minute time bucket.
+pub fn checkout_idempotency_key(
+    user_id: &str,
+    pack: CreditPack,
+    client_key: Option<&str>,
+    now_secs: i64,
+) -> String {
+    match client_key {
+        Some(k) => format!("cmb-checkout:{user_id}:{}:c:{k}", pack.name()),
+        None => format!(
+            "cmb-checkout:{user_id}:{}:t:{}",
+            pack.name(),
+            now_secs.div_euclid(CHECKOUT_KEY_BUCKET_SECS)
+        ),
+    }
+}
+
+fn valid_client_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= CLIENT_KEY_MAX
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// An optional URL setting (not part of the typed config: only checkout needs it).
+fn url_setting(ctx: &Ctx, name: &'static str, default: String) -> ApiResult<String> {
+    let value = ctx
+        .env
+        .var(name)
+        .map(|v| v.to_string())
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty());
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match url::Url::parse(&value) {
+        Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => Ok(value),
+        _ => Err(ApiError::new(
+            503,
+            "misconfigured",
+            format!("The service is misconfigured: {name} must be an http(s) URL."),
+        )),
+    }
+}
+
+/// `POST /api/payments/checkout {pack}` → `200 {url, session_id}`.
+pub async fn checkout(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(&req, ctx).await?;
+    let client_key = req
+        .headers()
+        .get("idempotency-key")
+        .ok()
+        .flatten()
+        .map(|k| k.trim().to_string());
+    let body: CheckoutBody = json_body(&mut req).await?;
+    let pack = CreditPack::from_name(body.pack.trim()).ok_or_else(|| {
+        ApiError::bad_request("invalid_pack", "pack must be one of starter, plus, pro.")
+            .with_details(json!([{ "field": "pack", "allowed": ["starter", "plus", "pro"] }]))
+    })?;
+    if client_key.as_deref().is_some_and(|k| !valid_client_key(k)) {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 100 letters, digits or - _ . :",
+        ));
+    }
+    let base = &ctx.cfg.public_base_url;
+    let success_url = url_setting(
+        ctx,
+        "CHECKOUT_SUCCESS_URL",
+        format!("{base}/payments/success?session_id={{CHECKOUT_SESSION_ID}}"),
+    )?;
+    let cancel_url = url_setting(
+        ctx,
+        "CHECKOUT_CANCEL_URL",
+        format!("{base}/payments/cancel"),
+    )?;
+    let user = &session.user;
+    let key = checkout_idempotency_key(&user.id, pack, client_key.as_deref(), ctx.now_secs());
+    let created = stripe::create_checkout_session(
+        &ctx.cfg,
+        &NewCheckout {
+            user_id: &user.id,
+            email: &user.email,
+            pack,
+            success_url: &success_url,
+            cancel_url: &cancel_url,
+            idempotency_key: &key,
+        },
+    )
+    .await
+    .map_err(|e| {
+        worker::console_warn!("stripe checkout failed user_id={} error={e}", user.id);
+        ApiError::new(502, "payment_provider_error", e.message)
+    })?;
+    ctx.store
+        .record_checkout(
+            &NewPurchase {
+                id: &created.id,
+                user_id: &user.id,
+                pack: pack.name(),
+                credits: pack.credits(),
+                amount_cents: created.amount_total.unwrap_or(pack.price_cents()),
+                currency: created.currency.as_deref().unwrap_or("usd"),
+            },
+            &ctx.now_iso(),
+        )
+        .await?;
+    // A replay of a key whose session was already paid has no page left to show.
+    let Some(url) = created.url else {
+        return Err(ApiError::conflict(
+            "checkout_completed",
+            "This checkout was already completed. Start a new purchase in a minute.",
+        ));
+    };
+    json(200, &json!({ "url": url, "session_id": created.id }))
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    data: EventData,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventData {
+    object: Value,
+    #[serde(default)]
+    previous_attributes: Option<Value>,
+}
+
+/// The fields of a `checkout.session` we use.
+#[derive(Debug, Deserialize)]
+struct SessionObject {
+    id: String,
+    #[serde(default)]
+    client_reference_id: Option<String>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    payment_status: Option<String>,
+    #[serde(default)]
+    amount_total: Option<i64>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    payment_intent: Option<String>,
+}
+
+/// The fields of a `charge` we use.
+#[derive(Debug, Deserialize)]
+struct ChargeObject {
+    id: String,
+    amount: i64,
+    amount_refunded: i64,
+    #[serde(default)]
+    refunded: bool,
+    #[serde(default)]
+    payment_intent: Option<String>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+fn invalid_event(e: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("invalid_event", format!("Unexpected event shape: {e}"))
+}
+
+fn received(outcome: &str) -> ApiResult<Response> {
+    json(200, &json!({ "received": true, "outcome": outcome }))
+}
+
+/// `POST /api/payments/webhook`: verify, then act once.
+pub async fn webhook(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let bad_signature = |why: &str| {
+        worker::console_warn!("stripe webhook refused: {why}");
+        ApiError::bad_request("invalid_signature", "Invalid Stripe signature.")
+    };
+    let header = req
+        .headers()
+        .get("stripe-signature")
+        .ok()
+        .flatten()
+        .ok_or_else(|| bad_signature("no Stripe-Signature header"))?;
+    let body = read_body(&mut req).await?;
+    stripe_sig::verify(
+        ctx.cfg.stripe_webhook_secret.expose(),
+        &header,
+        &body,
+        ctx.now_secs(),
+        stripe_sig::DEFAULT_TOLERANCE_SECS,
+    )
+    .map_err(|e| bad_signature(&e.to_string()))?;
+    let event: Event = parse_json(&body)?;
+    match event.kind.as_str() {
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            let session: SessionObject =
+                serde_json::from_value(event.data.object.clone()).map_err(invalid_event)?;
+            // `completed` also arrives for delayed methods still unpaid: those grant on
+            // `async_payment_succeeded` instead.
+            let paid = event.kind == "checkout.session.async_payment_succeeded"
+                || session.payment_status.as_deref() == Some("paid");
+            if !paid {
+                return received("awaiting_payment");
+            }
+            fulfil(ctx, &event, &session).await
+        }
+        "checkout.session.async_payment_failed" | "checkout.session.expired" => {
+            let session: SessionObject =
+                serde_json::from_value(event.data.object.clone()).map_err(invalid_event)?;
+            let status = if event.kind.ends_with("failed") {
+                "failed"
+            } else {
+                "expired"
+            };
+            match ctx
+                .store
+                .close_purchase(&event.id, &event.kind, &session.id, status, &ctx.now_iso())
+                .await?
+            {
+                Ok(()) => received(status),
+                Err(_) => received("duplicate"),
+            }
+        }
+        "charge.refunded" => refund(ctx, &event).await,
+        other => {
+            worker::console_log!("stripe webhook ignored type={other} event={}", event.id);
+            received("ignored")
+        }
+    }
+}
+
+/// Who bought what: our purchase row when we created the session, else the session's
+/// own `client_reference_id`/metadata (a row lost after Stripe created the session).
+fn purchase_of(row: Option<PurchaseRow>, s: &SessionObject) -> Option<(String, CreditPack, i64)> {
+    if let Some(p) = row {
+        let pack = CreditPack::from_name(&p.pack)?;
+        return Some((p.user_id, pack, p.credits));
+    }
+    let meta = s.metadata.as_ref();
+    let user = s
+        .client_reference_id
+        .clone()
+        .or_else(|| meta.and_then(|m| m.get("user_id").cloned()))?;
+    let pack = CreditPack::from_name(meta?.get("pack")?)?;
+    Some((user, pack, pack.credits()))
+}
+
+async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Response> {
+    let row = ctx.store.purchase(&s.id).await?;
+    let Some((user_id, pack, credits)) = purchase_of(row, s) else {
+        worker::console_warn!(
+            "stripe session not ours session={} event={}",
+            s.id,
+            event.id
+        );
+        return received("not_ours");
+    };
+    if ctx.store.user_by_id(&user_id).await?.is_none() {
+        // Paid, but for an account that no longer exists: an operator must look.
+        worker::console_error!(
+            "stripe payment for unknown user user_id={user_id} session={}",
+            s.id
+        );
+        return received("unknown_user");
+    }
+    let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let audit_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let f = Fulfilment {
+        event_id: &event.id,
+        event_type: &event.kind,
+        purchase: NewPurchase {
+            id: &s.id,
+            user_id: &user_id,
+            pack: pack.name(),
+            credits,
+            amount_cents: s.amount_total.unwrap_or(pack.price_cents()),
+            currency: s.currency.as_deref().unwrap_or("usd"),
+        },
+        payment_intent: s.payment_intent.as_deref(),
+        ledger_id: &ledger_id,
+        audit_id: &audit_id,
+    };
+    match ctx.store.fulfil_purchase(&f, &ctx.now_iso()).await? {
+        Ok(()) => {
+            worker::console_log!(
+                "credits purchased user_id={user_id} session={} credits={credits}",
+                s.id
+            );
+            received("fulfilled")
+        }
+        Err(WriteConflict::Duplicate) => {
+            ctx.store
+                .note_stripe_event(&event.id, &event.kind, &s.id, "duplicate", &ctx.now_iso())
+                .await?;
+            received("duplicate")
+        }
+        Err(e) => Err(ApiError::internal("fulfil purchase", format!("{e:?}"))),
+    }
+}
+
+/// Credits bought by `refunded` cents of a charge of `amount` that bought `credits`,
+/// rounded down — so the steps of a charge refunded in parts add up to exactly
+/// `credits` once it is fully refunded.
+pub fn credits_for_refunded(credits: i64, amount: i64, refunded: i64) -> i64 {
+    if amount <= 0 {
+        return if refunded > 0 { credits } else { 0 };
+    }
+    let refunded = refunded.clamp(0, amount);
+    let scaled = i128::from(credits) * i128::from(refunded) / i128::from(amount);
+    i64::try_from(scaled).unwrap_or(credits)
+}
+
+async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
+    let charge: ChargeObject =
+        serde_json::from_value(event.data.object.clone()).map_err(invalid_event)?;
+    let purchase = match charge.payment_intent.as_deref() {
+        Some(pi) => ctx.store.purchase_by_payment_intent(pi).await?,
+        None => None,
+    };
+    let meta = charge.metadata.as_ref();
+    let (user_id, credits, purchase_id) = match &purchase {
+        Some(p) => (p.user_id.clone(), p.credits, Some(p.id.clone())),
+        None => {
+            // Refund seen before the purchase (or without our row): the charge carries
+            // the user and pack we put in the PaymentIntent's metadata.
+            let user = meta.and_then(|m| m.get("user_id")).cloned();
+            let pack = meta
+                .and_then(|m| m.get("pack"))
+                .and_then(|p| CreditPack::from_name(p));
+            match (user, pack) {
+                (Some(u), Some(p)) => (u, p.credits(), None),
+                _ => {
+                    worker::console_warn!("stripe refund not ours charge={}", charge.id);
+                    return received("not_ours");
+                }
+            }
+        }
+    };
+    // Stripe reports the cumulative refunded amount; the step is the difference from
+    // the previous value (previous_attributes), else from what we recorded.
+    let previous = event
+        .data
+        .previous_attributes
+        .as_ref()
+        .and_then(|p| p.get("amount_refunded"))
+        .and_then(Value::as_i64)
+        .or_else(|| purchase.as_ref().map(|p| p.refunded_cents))
+        .unwrap_or(0);
+    let step_cents = charge.amount_refunded - previous;
+    if step_cents <= 0 {
+        return received("nothing_to_refund");
+    }
+    let due = credits_for_refunded(credits, charge.amount, charge.amount_refunded)
+        - credits_for_refunded(credits, charge.amount, previous);
+    if ctx.store.user_by_id(&user_id).await?.is_none() {
+        worker::console_error!("stripe refund for unknown user user_id={user_id}");
+        return received("unknown_user");
+    }
+    let step_id = format!("{}:{}", charge.id, charge.amount_refunded);
+    let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let audit_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let step = RefundStep {
+        event_id: &event.id,
+        event_type: &event.kind,
+        id: &step_id,
+        charge_id: &charge.id,
+        purchase_id: purchase_id.as_deref(),
+        user_id: &user_id,
+        refunded_cents: step_cents,
+        cumulative_refunded_cents: charge.amount_refunded,
+        fully_refunded: charge.refunded,
+        credits_due: due.max(0),
+        ledger_id: &ledger_id,
+        audit_id: &audit_id,
+    };
+    match ctx.store.refund_purchase(&step, &ctx.now_iso()).await? {
+        Ok(()) => {
+            worker::console_log!(
+                "credits refunded user_id={user_id} charge={} due={due}",
+                charge.id
+            );
+            received("refunded")
+        }
+        Err(WriteConflict::Duplicate) => {
+            ctx.store
+                .note_stripe_event(
+                    &event.id,
+                    &event.kind,
+                    &charge.id,
+                    "duplicate",
+                    &ctx.now_iso(),
+                )
+                .await?;
+            received("duplicate")
+        }
+        Err(e) => Err(ApiError::internal("refund purchase", format!("{e:?}"))),
+    }
+}
+
+fn page(title: &str, text: &str) -> ApiResult<Response> {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title}</title></head><body style=\"font-family:sans-serif;text-align:center;padding:3em\">\
+         <h1>{title}</h1><p>{text}</p></body></html>"
+    );
+    let mut resp = Response::ok(html)?;
+    resp.headers_mut()
+        .set("content-type", "text/html; charset=utf-8")?;
+    Ok(resp)
+}
+
+/// `GET /payments/success`: where Checkout returns after paying (default setting).
+pub fn success_page() -> ApiResult<Response> {
+    page(
+        "Payment received",
+        "Thank you! Your credits will appear in the app in a moment. You can close this page.",
+    )
+}
+
+/// `GET /payments/cancel`: where Checkout returns when the buyer cancels.
+pub fn cancel_page() -> ApiResult<Response> {
+    page(
+        "Payment canceled",
+        "No payment was taken. You can close this page.",
+    )
+}
+
+#[cfg(test)]
+// A panic in a test is that test's failure.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Partial refunds add up to the whole pack, never more; a zero-amount charge is
+    /// all or nothing.
+    #[test]
+    fn refund_credits_are_proportional_and_sum_exactly() {
+        assert_eq!(credits_for_refunded(1200, 1000, 1000), 1200);
+        assert_eq!(credits_for_refunded(1200, 1000, 0), 0);
+        assert_eq!(credits_for_refunded(1200, 1000, 333), 399);
+        let steps = [0, 333, 666, 1000];
+        let total: i64 = steps
+            .windows(2)
+            .map(|w| {
+                credits_for_refunded(1200, 1000, w[1]) - credits_for_refunded(1200, 1000, w[0])
+            })
+            .sum();
+        assert_eq!(total, 1200);
+        assert_eq!(
+            credits_for_refunded(500, 500, 9_999),
+            500,
+            "clamped to the charge"
+        );
+        assert_eq!(credits_for_refunded(500, 0, 1), 500);
+        assert_eq!(credits_for_refunded(500, 0, 0), 0);
+    }
+
+    /// The same user, pack and minute share a key; a client key overrides the bucket;
+    /// a different pack or minute is a different checkout.
+    #[test]
+    fn checkout_keys() {
+        let k = |c: Option<&str>, t: i64| checkout_idempotency_key("u1", CreditPack::Starter, c, t);
+        assert_eq!(k(None, 120), k(None, 179));
+        assert_ne!(k(None, 179), k(None, 180));
+        assert_ne!(
+            k(None, 120),
+            checkout_idempotency_key("u1", CreditPack::Pro, None, 120)
+        );
+        assert_eq!(k(Some("abc"), 1), k(Some("abc"), 9_999));
+        assert_eq!(k(Some("abc"), 1), "cmb-checkout:u1:starter:c:abc");
+        assert!(valid_client_key("order-1:retry_2.x"));
+        assert!(!valid_client_key("has space"));
+        assert!(!valid_client_key(&"x".repeat(101)));
+    }
+
+    /// Our purchase row wins over the session's own metadata; without a row the
+    /// metadata must name both user and a known pack.
+    #[test]
+    fn purchase_resolution() {
+        let session = |meta: &[(&str, &str)], reference: Option<&str>| SessionObject {
+            id: "cs_1".into(),
+            client_reference_id: reference.map(String::from),
+            metadata: Some(
+                meta.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            payment_status: Some("paid".into()),
+            amount_total: Some(500),
+            currency: Some("usd".into()),
+            payment_intent: None,
+        };
+        let row = PurchaseRow {
+            id: "cs_1".into(),
+            user_id: "owner".into(),
+            pack: "plus".into(),
+            credits: 1200,
+            amount_cents: 1000,
+            currency: "usd".into(),
+            status: "open".into(),
+            payment_intent: None,
+            refunded_cents: 0,
+            created_at: String::new(),
+            paid_at: None,
+        };
+        let s = session(&[("user_id", "meta"), ("pack", "starter")], Some("ref"));
+        assert_eq!(
+            purchase_of(Some(row), &s),
+            Some(("owner".into(), CreditPack::Plus, 1200))
+        );
+        assert_eq!(
+            purchase_of(None, &s),
+            Some(("ref".into(), CreditPack::Starter, 500))
+        );
+        let s = session(&[("user_id", "meta"), ("pack", "starter")], None);
+        assert_eq!(purchase_of(None, &s).map(|p| p.0), Some("meta".into()));
+        assert_eq!(
+            purchase_of(None, &session(&[("pack", "gold")], Some("u"))),
+            None
+        );
+        assert_eq!(purchase_of(None, &session(&[], Some("u"))), None);
+    }
+}

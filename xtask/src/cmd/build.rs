@@ -1,0 +1,68 @@
+//! `cargo xtask build-worker`: runs worker-build for `workers/api` so that
+//! `build/worker/shim.mjs` (wrangler.toml's `main`) exists, fully offline.
+//!
+//! worker-build would otherwise download wasm-bindgen and wasm-opt from GitHub and esbuild
+//! from npm at build time; we hand it the ones `cargo xtask setup` installed
+//! (`WASM_BINDGEN_BIN`, `WASM_OPT_BIN`, `ESBUILD_BIN`). It installs nothing itself.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use xtask::repo::Repo;
+use xtask::toolchain::{CargoTool, Node};
+
+use super::run_checked;
+
+/// Dev builds skip wasm-opt (tens of seconds saved per build); `--release` runs binaryen's
+/// wasm-opt from `node_modules` as worker-build's release profile asks.
+pub fn build_worker(repo: &Repo, release: bool) -> Result<()> {
+    let started = Instant::now();
+    let wasm_bindgen = CargoTool::wasm_bindgen(repo)?.require(repo)?;
+    let worker_build = CargoTool::worker_build(repo)?.require(repo)?;
+    let node = Node::require(repo)?;
+    let esbuild = repo.esbuild_bin();
+    if !esbuild.is_file() {
+        bail!(
+            "{} missing: run `cargo xtask setup` (npm ci installs it)",
+            esbuild.display()
+        );
+    }
+
+    let mut cmd = Command::new(worker_build);
+    // worker-build finds the crate from its working directory; `--out-dir` is resolved
+    // against the crate, so pass it absolute to land in <repo>/build.
+    cmd.current_dir(repo.worker_crate_dir())
+        .env("WASM_BINDGEN_BIN", &wasm_bindgen)
+        .env("ESBUILD_BIN", &esbuild)
+        // binaryen's wasm-opt is a Node script.
+        .env("PATH", node.path_env());
+    if release {
+        let wasm_opt = repo.wasm_opt_bin();
+        if !wasm_opt.is_file() {
+            bail!("{} missing: run `cargo xtask setup`", wasm_opt.display());
+        }
+        cmd.arg("--release").env("WASM_OPT_BIN", wasm_opt);
+    } else {
+        cmd.args(["--dev", "--no-opt"]);
+    }
+    cmd.arg("--out-dir").arg(repo.worker_build_dir());
+
+    let profile = if release { "release" } else { "dev" };
+    println!("build-worker: worker-build ({profile}) for workers/api …");
+    run_checked(&mut cmd, "worker-build")?;
+
+    let shim = repo.worker_shim();
+    if !shim.is_file() {
+        bail!(
+            "worker-build succeeded but {} was not written; wrangler.toml's `main` needs it",
+            shim.display()
+        );
+    }
+    println!(
+        "build-worker: {} ready ({profile}, {:.1}s)",
+        shim.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
