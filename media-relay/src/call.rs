@@ -66,10 +66,15 @@ where
     Si: Sink<Message> + Unpin,
     St: Stream<Item = Result<Message, E>> + Unpin,
 {
-    let start = match wait_for_start(&mut tw_rx).await {
+    let shutdown = state.shutdown_token().clone();
+    let started = tokio::select! {
+        s = wait_for_start(&mut tw_rx) => s,
+        () = shutdown.cancelled() => Err(()),
+    };
+    let start = match started {
         Ok(s) => s,
         Err(()) => {
-            warn!("Twilio stream closed or silent before `start`");
+            warn!("Twilio stream closed, silent or shut down before `start`");
             close(&mut tw_tx, CLOSE_POLICY, "no start").await;
             return "rejected_handshake";
         }

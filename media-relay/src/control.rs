@@ -88,6 +88,8 @@ pub fn spawn(params: ControlParams, reconnects: Counter) -> ControlLink {
 struct Outbox {
     next_seq: u64,
     unacked: VecDeque<(u64, String)>,
+    /// Warned once already that the DO does not ack (avoids a log line per frame).
+    overflow_warned: bool,
 }
 
 impl Outbox {
@@ -104,7 +106,10 @@ impl Outbox {
         };
         if keep {
             if self.unacked.len() >= MAX_UNACKED {
-                warn!("DO is not acknowledging control frames; dropping the oldest");
+                if !self.overflow_warned {
+                    warn!("DO is not acknowledging control frames; forgetting the oldest");
+                    self.overflow_warned = true;
+                }
                 self.unacked.pop_front();
             }
             self.unacked.push_back((self.next_seq, json.clone()));

@@ -4,8 +4,12 @@
 //!
 //! Entry points: [`run`] (serve a bound listener until shutdown) and [`app`] (the router,
 //! for `oneshot` tests). Layout follows "codec apart from socket apart from behaviour":
-//! wire formats live in their own modules, the per-call decisions in a pure state
-//! machine, and the socket tasks in `call` only move bytes.
+//!
+//! - codecs (no I/O): [`twilio`], [`deepgram`], [`elevenlabs`];
+//! - behaviour (no I/O, no clock): [`machine`], the per-call state machine;
+//! - sockets: [`call`] (handshake and call loop), [`control`] (DO channel), [`stt`] and
+//!   [`tts`] (provider tasks), [`ws`] (connect and backoff);
+//! - process: [`config`], [`server`], [`metrics`], [`nonce`].
 
 pub mod call;
 pub mod config;

@@ -40,6 +40,8 @@ async fn peer() -> (String, mpsc::Receiver<Accepted>) {
         while let Ok((tcp, _)) = listener.accept().await {
             let mut uri = String::new();
             let mut headers = HashMap::new();
+            // The callback's error type is fixed by tungstenite's `Callback` trait.
+            #[allow(clippy::result_large_err)]
             let cb = |req: &Request, res: Response| {
                 uri = req.uri().to_string();
                 for (k, v) in req.headers() {
@@ -365,4 +367,66 @@ async fn a_call_flows_through_every_socket() {
         timeout(WAIT, task).await.expect("in time").expect("join"),
         "caller_hung_up"
     );
+}
+
+/// Through the real server on port 0: a correctly signed upgrade is accepted, one beyond
+/// RELAY_MAX_CALLS is closed cleanly with 1013, and shutdown ends `run` with calls open.
+#[tokio::test]
+async fn server_enforces_capacity_and_shuts_down() {
+    let public = "wss://relay.example.com/twilio";
+    let vars = HashMap::from([
+        ("RELAY_SECRET", SECRET),
+        ("RELAY_PUBLIC_URL", public),
+        ("TWILIO_AUTH_TOKEN", "tw"),
+        ("WORKER_URL", "http://127.0.0.1:9"),
+        ("DEEPGRAM_API_KEY", "dg"),
+        ("ELEVENLABS_API_KEY", "xi"),
+        ("RELAY_MAX_CALLS", "1"),
+    ]);
+    let cfg = Config::from_lookup(|k| vars.get(k).map(|v| (*v).to_owned())).expect("valid config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(media_relay::run(listener, Ok(cfg), async {
+        let _ = stopped.await;
+    }));
+
+    let signed = || {
+        let url = format!("ws://{addr}/twilio");
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .expect("request");
+        let sig = cmb_core::twilio_sig::compute_signature("tw", public, &[]);
+        req.headers_mut()
+            .insert("x-twilio-signature", sig.parse().expect("header"));
+        req
+    };
+    let (mut first, _) = tokio_tungstenite::connect_async(signed())
+        .await
+        .expect("first call accepted");
+    let (mut second, _) = tokio_tungstenite::connect_async(signed())
+        .await
+        .expect("upgrade then close");
+    match timeout(WAIT, second.next()).await.expect("in time") {
+        Some(Ok(Message::Close(Some(c)))) => assert_eq!(u16::from(c.code), 1013),
+        other => panic!("expected a 1013 close, got {other:?}"),
+    }
+
+    stop.send(()).expect("server running");
+    timeout(WAIT, server)
+        .await
+        .expect("run returns within the grace period")
+        .expect("join")
+        .expect("ok");
+    // The first call, still waiting for `start`, was closed by the shutdown.
+    let closed = timeout(WAIT, async {
+        loop {
+            match first.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok());
 }

@@ -178,3 +178,70 @@ pub async fn admin(api: &ApiClient) -> TestUser {
     *ADMIN.lock().expect("admin lock") = Some(user.clone());
     user
 }
+
+/// Provider keys of the voice stack's fakes.
+pub const DG_KEY: &str = "dg-e2e-key";
+pub const XI_KEY: &str = "xi-e2e-key";
+pub const LLM_KEY: &str = "csk-e2e-key";
+
+/// The whole voice path: Worker and relay processes, and in-process fakes for Twilio
+/// (with the phone simulator), Deepgram, ElevenLabs and Cerebras.
+pub struct VoiceStack {
+    pub stack: Stack,
+    pub twilio: fakes::twilio::TwilioHandle,
+    pub deepgram: fakes::deepgram::Handle,
+    pub elevenlabs: fakes::elevenlabs::Handle,
+    pub cerebras: fakes::cerebras::Handle,
+}
+
+impl VoiceStack {
+    /// Starts everything; the LLM answers with `replies` in order, then echoes.
+    pub fn start(replies: Vec<String>) -> VoiceStack {
+        use fakes::{cerebras, deepgram, elevenlabs, twilio};
+        let mut tcfg = twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
+        tcfg.ring = std::time::Duration::from_millis(200);
+        let twilio = on_fakes_runtime(twilio::spawn(tcfg)).expect("fake Twilio");
+        let deepgram = on_fakes_runtime(deepgram::spawn(deepgram::Config {
+            api_key: DG_KEY.into(),
+            ..Default::default()
+        }))
+        .expect("fake Deepgram");
+        let elevenlabs = on_fakes_runtime(elevenlabs::spawn(elevenlabs::Config {
+            api_key: XI_KEY.into(),
+            ..Default::default()
+        }))
+        .expect("fake ElevenLabs");
+        let cerebras = on_fakes_runtime(cerebras::spawn(cerebras::Config {
+            api_key: LLM_KEY.into(),
+            script: replies,
+            ..Default::default()
+        }))
+        .expect("fake Cerebras");
+
+        let mut worker_vars = worker_vars(&twilio.base_url());
+        worker_vars.insert("LLM_API_BASE".into(), format!("{}/v1", cerebras.base_url()));
+        worker_vars.insert("LLM_API_KEY".into(), LLM_KEY.into());
+        // The launcher points RELAY_URL at the relay it starts.
+        worker_vars.remove("RELAY_URL");
+        let relay_env = BTreeMap::from([
+            ("DEEPGRAM_API_KEY".to_string(), DG_KEY.to_string()),
+            ("DEEPGRAM_URL".to_string(), format!("{}/v1/listen", deepgram.ws_url())),
+            ("ELEVENLABS_API_KEY".to_string(), XI_KEY.to_string()),
+            ("ELEVENLABS_URL".to_string(), elevenlabs.ws_url()),
+        ]);
+        let stack = Stack::start(StackOptions {
+            worker_vars,
+            with_relay: true,
+            relay_env,
+            with_fakes: false,
+        })
+        .expect("start Worker and relay");
+        VoiceStack {
+            stack,
+            twilio,
+            deepgram,
+            elevenlabs,
+            cerebras,
+        }
+    }
+}

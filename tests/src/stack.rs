@@ -230,6 +230,23 @@ impl Stack {
     }
 
     /// The relay's base URL (`http://…`; its media endpoint is `ws://…/twilio`), if started.
+    /// Kills a service at once — SIGKILL to its whole process group, as a crash would,
+    /// with no chance to shut down cleanly. `name` is the service's name (e.g. "relay").
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let prefixed = format!("{name}:");
+        let Some(service) = self.services.iter().find(|s| s.name() == name || s.name().starts_with(&prefixed)) else {
+            bail!("no service named {name} in this stack");
+        };
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", service.pgid())])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -KILL of {name} failed: {status}");
+        }
+        Ok(())
+    }
+
     pub fn relay_url(&self) -> Option<String> {
         self.relay_url.clone()
     }

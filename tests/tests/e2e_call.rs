@@ -8,85 +8,22 @@
 // A failed expectation in a test is a test failure: panicking is the point.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cmb_tests::api::{ApiClient, TestUser};
-use cmb_tests::fakes::{cerebras, deepgram, elevenlabs, twilio};
-use cmb_tests::harness::{self, on_fakes_runtime, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN};
+use cmb_tests::fakes::twilio;
+use cmb_tests::harness::{VoiceStack, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN};
 use cmb_tests::sim::{SimScript, Speaker, Step, Utterance};
-use cmb_tests::stack::{Stack, StackOptions};
 use serde_json::{json, Value};
-
-struct VoiceStack {
-    stack: Stack,
-    twilio: twilio::TwilioHandle,
-    deepgram: deepgram::Handle,
-    elevenlabs: elevenlabs::Handle,
-    cerebras: cerebras::Handle,
-}
-
-const DG_KEY: &str = "dg-e2e-key";
-const XI_KEY: &str = "xi-e2e-key";
-const LLM_KEY: &str = "csk-e2e-key";
-
-/// A long reply for the turn the caller interrupts, so there is audio left to drop.
-const LONG_REPLY: &str = "Great question! Start with three sets of ten squats, then lunges, then planks for a minute, and finish with a slow stretch for your hamstrings and calves.";
 
 fn voice() -> &'static VoiceStack {
     static STACK: OnceLock<VoiceStack> = OnceLock::new();
-    STACK.get_or_init(|| {
-        let mut tcfg = twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
-        tcfg.ring = Duration::from_millis(200);
-        let twilio = on_fakes_runtime(twilio::spawn(tcfg)).unwrap();
-        let deepgram = on_fakes_runtime(deepgram::spawn(deepgram::Config {
-            api_key: DG_KEY.into(),
-            ..Default::default()
-        }))
-        .unwrap();
-        let elevenlabs = on_fakes_runtime(elevenlabs::spawn(elevenlabs::Config {
-            api_key: XI_KEY.into(),
-            ..Default::default()
-        }))
-        .unwrap();
-        let cerebras = on_fakes_runtime(cerebras::spawn(cerebras::Config {
-            api_key: LLM_KEY.into(),
-            script: vec![
-                "Nice! Legs today, then.".into(),
-                LONG_REPLY.into(),
-                "Sure, go ahead.".into(),
-            ],
-            ..Default::default()
-        }))
-        .unwrap();
-
-        let mut worker_vars = harness::worker_vars(&twilio.base_url());
-        worker_vars.insert("LLM_API_BASE".into(), format!("{}/v1", cerebras.base_url()));
-        worker_vars.insert("LLM_API_KEY".into(), LLM_KEY.into());
-        worker_vars.remove("RELAY_URL");
-        let relay_env = BTreeMap::from([
-            ("DEEPGRAM_API_KEY".to_string(), DG_KEY.to_string()),
-            ("DEEPGRAM_URL".to_string(), format!("{}/v1/listen", deepgram.ws_url())),
-            ("ELEVENLABS_API_KEY".to_string(), XI_KEY.to_string()),
-            ("ELEVENLABS_URL".to_string(), elevenlabs.ws_url()),
-        ]);
-        let stack = Stack::start(StackOptions {
-            worker_vars,
-            with_relay: true,
-            relay_env,
-            with_fakes: false,
-        })
-        .unwrap();
-        VoiceStack {
-            stack,
-            twilio,
-            deepgram,
-            elevenlabs,
-            cerebras,
-        }
-    })
+    STACK.get_or_init(|| VoiceStack::start(vec!["Nice! Legs today, then.".into(), LONG_REPLY.into(), "Sure, go ahead.".into()]))
 }
+
+/// A long reply for the turn the caller interrupts, so there is audio left to drop.
+const LONG_REPLY: &str = "Great question! Start with three sets of ten squats, then lunges, then planks for a minute, and finish with a slow stretch for your hamstrings and calves.";
 
 fn unique_number() -> String {
     let n = uuid::Uuid::new_v4().as_u128() % 10_000_000;

@@ -1,0 +1,141 @@
+//! The voice path under failure, each test on its own stack (faults and kills would
+//! disturb other calls): Deepgram dropping mid-call, and the relay dying mid-call.
+
+// A failed expectation in a test is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::fakes::faults::Faults;
+use cmb_tests::fakes::twilio::{CallRecord, CalleeScript};
+use cmb_tests::harness::VoiceStack;
+use cmb_tests::sim::{SimScript, Speaker, Step, Utterance};
+use serde_json::{json, Value};
+
+async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> String {
+    let r = api
+        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "alex", "phone_number": number }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["call"]["id"].as_str().unwrap().to_string()
+}
+
+async fn wait_settled(api: &ApiClient, user: &TestUser, id: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+        if !r.body["call"]["cost_cents"].is_null() {
+            return r.body;
+        }
+        assert!(Instant::now() < deadline, "call never settled: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the caller has heard `n` persona lines in full.
+async fn wait_persona_lines(v: &VoiceStack, number: &str, n: usize) -> CallRecord {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(c) = v.twilio.calls().into_iter().find(|c| c.to == number) {
+            if c.transcript.iter().filter(|l| l.speaker == Speaker::Persona).count() >= n {
+                return c;
+            }
+        }
+        assert!(Instant::now() < deadline, "persona never spoke {n} lines");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn user_lines(body: &Value) -> Vec<String> {
+    body["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "user")
+        .map(|t| t["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Deepgram dropping the connection mid-call: the relay reconnects, and the user's next
+/// turn is still transcribed and answered.
+#[tokio::test]
+async fn deepgram_drop_mid_call_recovers() {
+    let v = VoiceStack::start(vec!["Got it, first thing noted.".into(), "And the second one too.".into()]);
+    let api = ApiClient::new(v.stack.worker_url());
+    let user = api.register_user("dgdrop").await.unwrap();
+    let number = "+16285550123";
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Say(Utterance::text("first thing")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Pause(2500),
+            Step::Say(Utterance::text("second thing after the drop")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+    let id = trigger(&api, &user, number).await;
+    // Greeting and the first reply heard: now cut Deepgram off.
+    wait_persona_lines(&v, number, 2).await;
+    let before = v.deepgram.connection_count();
+    v.deepgram.faults().set(Faults {
+        drop_after_ms: Some(1),
+        ..Default::default()
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while v.deepgram.close_reasons().iter().all(Option::is_none) {
+        assert!(Instant::now() < deadline, "the drop never happened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    v.deepgram.faults().reset();
+
+    let done = wait_settled(&api, &user, &id, Duration::from_secs(60)).await;
+    let lines = user_lines(&done);
+    assert!(lines.iter().any(|l| l.contains("second thing after the drop")), "{lines:?}");
+    assert!(v.deepgram.connection_count() > before, "the relay reconnected to Deepgram");
+    let heard = v.twilio.calls().into_iter().find(|c| c.to == number).unwrap().heard_text;
+    assert!(heard.contains("And the second one too."), "the turn after the drop was answered: {heard}");
+}
+
+/// The relay dying mid-call: what was said so far is stored and the call is settled.
+#[tokio::test]
+async fn relay_killed_mid_call_keeps_transcript_and_settles() {
+    let mut v = VoiceStack::start(vec!["I'll remember that.".into()]);
+    let api = ApiClient::new(v.stack.worker_url());
+    let user = api.register_user("relaykill").await.unwrap();
+    let number = "+16285550124";
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Say(Utterance::text("remember this line")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Pause(20_000),
+            Step::HangUp,
+        ])),
+    );
+    let id = trigger(&api, &user, number).await;
+    wait_persona_lines(&v, number, 2).await;
+    v.stack.kill("relay").unwrap();
+
+    let done = wait_settled(&api, &user, &id, Duration::from_secs(90)).await;
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let lines = user_lines(&done);
+    assert!(lines.iter().any(|l| l.contains("remember this line")), "{lines:?}");
+    let persona: Vec<&str> = done["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "assistant")
+        .filter_map(|t| t["text"].as_str())
+        .collect();
+    assert!(persona.iter().any(|t| t.contains("I'll remember that.")), "{persona:?}");
+    let charged = done["call"]["cost_cents"].as_i64().unwrap();
+    assert!(charged >= 25, "billed for the connected call: {charged}");
+    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
+    assert_eq!(me.body["user"]["credits"].as_i64().unwrap(), 200 - charged, "reservation settled");
+}
