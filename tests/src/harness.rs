@@ -225,7 +225,10 @@ impl VoiceStack {
         worker_vars.remove("RELAY_URL");
         let relay_env = BTreeMap::from([
             ("DEEPGRAM_API_KEY".to_string(), DG_KEY.to_string()),
-            ("DEEPGRAM_URL".to_string(), format!("{}/v1/listen", deepgram.ws_url())),
+            (
+                "DEEPGRAM_URL".to_string(),
+                format!("{}/v1/listen", deepgram.ws_url()),
+            ),
             ("ELEVENLABS_API_KEY".to_string(), XI_KEY.to_string()),
             ("ELEVENLABS_URL".to_string(), elevenlabs.ws_url()),
         ]);

@@ -234,7 +234,11 @@ impl Stack {
     /// with no chance to shut down cleanly. `name` is the service's name (e.g. "relay").
     pub fn kill(&mut self, name: &str) -> Result<()> {
         let prefixed = format!("{name}:");
-        let Some(service) = self.services.iter().find(|s| s.name() == name || s.name().starts_with(&prefixed)) else {
+        let Some(service) = self
+            .services
+            .iter()
+            .find(|s| s.name() == name || s.name().starts_with(&prefixed))
+        else {
             bail!("no service named {name} in this stack");
         };
         let status = std::process::Command::new("kill")

@@ -19,7 +19,13 @@ use serde_json::{json, Value};
 
 fn voice() -> &'static VoiceStack {
     static STACK: OnceLock<VoiceStack> = OnceLock::new();
-    STACK.get_or_init(|| VoiceStack::start(vec!["Nice! Legs today, then.".into(), LONG_REPLY.into(), "Sure, go ahead.".into()]))
+    STACK.get_or_init(|| {
+        VoiceStack::start(vec![
+            "Nice! Legs today, then.".into(),
+            LONG_REPLY.into(),
+            "Sure, go ahead.".into(),
+        ])
+    })
 }
 
 /// A long reply for the turn the caller interrupts, so there is audio left to drop.
@@ -33,9 +39,17 @@ fn unique_number() -> String {
 async fn wait_final(api: &ApiClient, user: &TestUser, id: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
-        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
-        let status = r.body["call"]["status"].as_str().unwrap_or_default().to_string();
-        if ["completed", "failed", "busy", "no_answer", "canceled"].contains(&status.as_str()) && !r.body["call"]["cost_cents"].is_null() {
+        let r = api
+            .get(&format!("/api/calls/{id}"), Some(&user.token))
+            .await
+            .unwrap();
+        let status = r.body["call"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if ["completed", "failed", "busy", "no_answer", "canceled"].contains(&status.as_str())
+            && !r.body["call"]["cost_cents"].is_null()
+        {
             return r.body;
         }
         assert!(Instant::now() < deadline, "call never finished: {}", r.body);
@@ -62,57 +76,122 @@ async fn a_whole_call_with_barge_in() {
         Step::WaitForPersonaToFinish { silence_ms: 700 },
         Step::HangUp,
     ]);
-    v.twilio.set_script(number.clone(), twilio::CalleeScript::answer(script));
+    v.twilio
+        .set_script(number.clone(), twilio::CalleeScript::answer(script));
 
     let r = api
-        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "brad", "phone_number": number }))
+        .post(
+            "/api/calls/trigger",
+            Some(&user.token),
+            &json!({ "persona_id": "brad", "phone_number": number }),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.body["call"]["id"].as_str().unwrap().to_string();
 
     let done = wait_final(&api, &user, &id, Duration::from_secs(90)).await;
-    let fake = v.twilio.calls().into_iter().find(|c| c.to == number).unwrap();
+    let fake = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap();
     let heard = fake.heard_text.clone();
-    assert_eq!(done["call"]["status"], "completed", "{done}\nheard: {heard}\n{:#?}", fake.transcript);
+    assert_eq!(
+        done["call"]["status"], "completed",
+        "{done}\nheard: {heard}\n{:#?}",
+        fake.transcript
+    );
 
     // The caller heard the greeting and the first reply in full.
-    assert!(heard.contains("Ready to crush it today"), "greeting heard: {heard}");
-    assert!(heard.contains("Nice! Legs today, then."), "first reply heard: {heard}");
+    assert!(
+        heard.contains("Ready to crush it today"),
+        "greeting heard: {heard}"
+    );
+    assert!(
+        heard.contains("Nice! Legs today, then."),
+        "first reply heard: {heard}"
+    );
     // The barge-in: Twilio was told to clear, and the rest of the long reply never played.
     let stream = fake.streams.first().expect("a media stream");
     assert!(!stream.clears.is_empty(), "a clear reached Twilio");
-    assert!(!heard.contains("calves"), "the interrupted reply was cut: {heard}");
+    assert!(
+        !heard.contains("calves"),
+        "the interrupted reply was cut: {heard}"
+    );
 
     let transcript = done["transcript"].as_array().unwrap();
     let texts: Vec<(&str, &str, bool)> = transcript
         .iter()
-        .map(|t| (t["role"].as_str().unwrap(), t["text"].as_str().unwrap(), t["interrupted"].as_bool().unwrap()))
+        .map(|t| {
+            (
+                t["role"].as_str().unwrap(),
+                t["text"].as_str().unwrap(),
+                t["interrupted"].as_bool().unwrap(),
+            )
+        })
         .collect();
-    let user_lines: Vec<&str> = texts.iter().filter(|t| t.0 == "user").map(|t| t.1).collect();
-    assert!(user_lines.iter().any(|l| l.contains("what should I train today")), "{texts:?}");
-    assert!(user_lines.iter().any(|l| l.contains("give me a full workout")), "{texts:?}");
+    let user_lines: Vec<&str> = texts
+        .iter()
+        .filter(|t| t.0 == "user")
+        .map(|t| t.1)
+        .collect();
+    assert!(
+        user_lines
+            .iter()
+            .any(|l| l.contains("what should I train today")),
+        "{texts:?}"
+    );
+    assert!(
+        user_lines
+            .iter()
+            .any(|l| l.contains("give me a full workout")),
+        "{texts:?}"
+    );
     let interrupted: Vec<_> = texts.iter().filter(|t| t.0 == "assistant" && t.2).collect();
-    assert_eq!(interrupted.len(), 1, "exactly one interrupted persona turn: {texts:?}");
+    assert_eq!(
+        interrupted.len(),
+        1,
+        "exactly one interrupted persona turn: {texts:?}"
+    );
     let cut = interrupted[0].1;
-    assert!(LONG_REPLY.starts_with(cut.trim_end()), "stored text is what was played: {cut:?}");
+    assert!(
+        LONG_REPLY.starts_with(cut.trim_end()),
+        "stored text is what was played: {cut:?}"
+    );
     assert!(cut.len() < LONG_REPLY.len(), "and only that: {cut:?}");
 
     // Costs: every provider has a line; credits settled against the reservation.
-    let providers: Vec<&str> = done["costs"]["providers"].as_array().unwrap().iter().map(|c| c["provider"].as_str().unwrap()).collect();
+    let providers: Vec<&str> = done["costs"]["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["provider"].as_str().unwrap())
+        .collect();
     for p in ["twilio", "deepgram", "llm", "elevenlabs"] {
         assert!(providers.contains(&p), "{p} cost line: {providers:?}");
     }
-    eprintln!("stored transcript: {texts:#?}\ncosts: {}\nheard: {heard}", done["costs"]);
+    eprintln!(
+        "stored transcript: {texts:#?}\ncosts: {}\nheard: {heard}",
+        done["costs"]
+    );
     let charged = done["call"]["cost_cents"].as_i64().unwrap();
     assert!(charged >= 65, "at least base + one minute: {charged}");
     let me = api.get("/api/me", Some(&user.token)).await.unwrap();
     assert_eq!(me.body["user"]["credits"].as_i64().unwrap(), 200 - charged);
 
     // The simulator's own view agrees that the persona spoke and the caller spoke.
-    assert!(fake.transcript.iter().any(|l| l.speaker == Speaker::Persona));
+    assert!(fake
+        .transcript
+        .iter()
+        .any(|l| l.speaker == Speaker::Persona));
     assert!(fake.transcript.iter().any(|l| l.speaker == Speaker::Caller));
-    assert!(v.deepgram.connections().iter().all(|c| c.query.iter().any(|(k, v)| k == "encoding" && v == "mulaw")));
+    assert!(v
+        .deepgram
+        .connections()
+        .iter()
+        .all(|c| c.query.iter().any(|(k, v)| k == "encoding" && v == "mulaw")));
     assert!(!v.elevenlabs.connections().is_empty());
     assert!(!v.cerebras.requests().is_empty());
 }
@@ -127,10 +206,20 @@ async fn forged_stream_token_is_refused() {
     let dg_before = v.deepgram.connections().len();
     let mut req = relay_public.clone().into_client_request().unwrap();
     let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &relay_public, &[]);
-    req.headers_mut().insert("X-Twilio-Signature", sig.parse().unwrap());
+    req.headers_mut()
+        .insert("X-Twilio-Signature", sig.parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    ws.send(Message::text(json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string())).await.unwrap();
-    let forged = cmb_core::stream_token::mint("not-the-relay-secret-but-long-enough-1234567890", "call-x", i64::MAX / 2, "n1");
+    ws.send(Message::text(
+        json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let forged = cmb_core::stream_token::mint(
+        "not-the-relay-secret-but-long-enough-1234567890",
+        "call-x",
+        i64::MAX / 2,
+        "n1",
+    );
     let start = json!({"event":"start","sequenceNumber":"1","streamSid":"MZ00000000000000000000000000000001",
         "start":{"accountSid":TWILIO_ACCOUNT_SID,"streamSid":"MZ00000000000000000000000000000001","callSid":"CA00000000000000000000000000000001",
         "tracks":["inbound"],"customParameters":{"callId":"call-x","streamToken":forged},
@@ -147,10 +236,15 @@ async fn forged_stream_token_is_refused() {
     .await
     .unwrap();
     assert_eq!(close, Some(1008));
-    assert_eq!(v.deepgram.connections().len(), dg_before, "nothing opened for a forged token");
+    assert_eq!(
+        v.deepgram.connections().len(),
+        dg_before,
+        "nothing opened for a forged token"
+    );
 
     // And an upgrade without a valid Twilio signature never becomes a WebSocket.
     let mut bad = relay_public.into_client_request().unwrap();
-    bad.headers_mut().insert("X-Twilio-Signature", "bogus".parse().unwrap());
+    bad.headers_mut()
+        .insert("X-Twilio-Signature", "bogus".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(bad).await.is_err());
 }

@@ -15,7 +15,11 @@ use serde_json::{json, Value};
 
 async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> String {
     let r = api
-        .post("/api/calls/trigger", Some(&user.token), &json!({ "persona_id": "alex", "phone_number": number }))
+        .post(
+            "/api/calls/trigger",
+            Some(&user.token),
+            &json!({ "persona_id": "alex", "phone_number": number }),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
@@ -25,7 +29,10 @@ async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> String {
 async fn wait_settled(api: &ApiClient, user: &TestUser, id: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
-        let r = api.get(&format!("/api/calls/{id}"), Some(&user.token)).await.unwrap();
+        let r = api
+            .get(&format!("/api/calls/{id}"), Some(&user.token))
+            .await
+            .unwrap();
         if !r.body["call"]["cost_cents"].is_null() {
             return r.body;
         }
@@ -39,7 +46,12 @@ async fn wait_persona_lines(v: &VoiceStack, number: &str, n: usize) -> CallRecor
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         if let Some(c) = v.twilio.calls().into_iter().find(|c| c.to == number) {
-            if c.transcript.iter().filter(|l| l.speaker == Speaker::Persona).count() >= n {
+            if c.transcript
+                .iter()
+                .filter(|l| l.speaker == Speaker::Persona)
+                .count()
+                >= n
+            {
                 return c;
             }
         }
@@ -62,7 +74,10 @@ fn user_lines(body: &Value) -> Vec<String> {
 /// turn is still transcribed and answered.
 #[tokio::test]
 async fn deepgram_drop_mid_call_recovers() {
-    let v = VoiceStack::start(vec!["Got it, first thing noted.".into(), "And the second one too.".into()]);
+    let v = VoiceStack::start(vec![
+        "Got it, first thing noted.".into(),
+        "And the second one too.".into(),
+    ]);
     let api = ApiClient::new(v.stack.worker_url());
     let user = api.register_user("dgdrop").await.unwrap();
     let number = "+16285550123";
@@ -95,10 +110,27 @@ async fn deepgram_drop_mid_call_recovers() {
 
     let done = wait_settled(&api, &user, &id, Duration::from_secs(60)).await;
     let lines = user_lines(&done);
-    assert!(lines.iter().any(|l| l.contains("second thing after the drop")), "{lines:?}");
-    assert!(v.deepgram.connection_count() > before, "the relay reconnected to Deepgram");
-    let heard = v.twilio.calls().into_iter().find(|c| c.to == number).unwrap().heard_text;
-    assert!(heard.contains("And the second one too."), "the turn after the drop was answered: {heard}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("second thing after the drop")),
+        "{lines:?}"
+    );
+    assert!(
+        v.deepgram.connection_count() > before,
+        "the relay reconnected to Deepgram"
+    );
+    let heard = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap()
+        .heard_text;
+    assert!(
+        heard.contains("And the second one too."),
+        "the turn after the drop was answered: {heard}"
+    );
 }
 
 /// The relay dying mid-call: what was said so far is stored and the call is settled.
@@ -125,7 +157,10 @@ async fn relay_killed_mid_call_keeps_transcript_and_settles() {
     let done = wait_settled(&api, &user, &id, Duration::from_secs(90)).await;
     assert_eq!(done["call"]["status"], "completed", "{done}");
     let lines = user_lines(&done);
-    assert!(lines.iter().any(|l| l.contains("remember this line")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("remember this line")),
+        "{lines:?}"
+    );
     let persona: Vec<&str> = done["transcript"]
         .as_array()
         .unwrap()
@@ -133,9 +168,16 @@ async fn relay_killed_mid_call_keeps_transcript_and_settles() {
         .filter(|t| t["role"] == "assistant")
         .filter_map(|t| t["text"].as_str())
         .collect();
-    assert!(persona.iter().any(|t| t.contains("I'll remember that.")), "{persona:?}");
+    assert!(
+        persona.iter().any(|t| t.contains("I'll remember that.")),
+        "{persona:?}"
+    );
     let charged = done["call"]["cost_cents"].as_i64().unwrap();
     assert!(charged >= 25, "billed for the connected call: {charged}");
     let me = api.get("/api/me", Some(&user.token)).await.unwrap();
-    assert_eq!(me.body["user"]["credits"].as_i64().unwrap(), 200 - charged, "reservation settled");
+    assert_eq!(
+        me.body["user"]["credits"].as_i64().unwrap(),
+        200 - charged,
+        "reservation settled"
+    );
 }

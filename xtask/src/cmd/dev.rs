@@ -162,7 +162,8 @@ pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
         fake_urls: &fake_urls,
         worker_health: &worker_health,
         relay_health: &relay_health,
-        overridden: &worker_vars,
+        worker_overrides: &worker_vars,
+        relay_env: &relay_env,
     });
 
     let outcome = supervise(&mut services, &stop_rx);
@@ -299,7 +300,8 @@ struct BannerInfo<'a> {
     fake_urls: &'a BTreeMap<String, String>,
     worker_health: &'a HealthReply,
     relay_health: &'a HealthReply,
-    overridden: &'a BTreeMap<String, String>,
+    worker_overrides: &'a BTreeMap<String, String>,
+    relay_env: &'a BTreeMap<String, String>,
 }
 
 fn print_banner(info: &BannerInfo<'_>) {
@@ -320,15 +322,10 @@ fn print_banner(info: &BannerInfo<'_>) {
     );
     println!("  debugger   127.0.0.1:{}", info.inspector_port);
     println!("  local D1/KV/DO state  {}", info.state_dir.display());
-    println!("  Worker secrets from .dev.vars; vars from wrangler.toml, overridden here:");
-    for key in info.overridden.keys() {
-        let shown = if is_secret(key) {
-            "<generated>"
-        } else {
-            &info.overridden[key]
-        };
-        println!("    {key} = {shown}");
-    }
+    println!("  Worker: secrets from .dev.vars, vars from wrangler.toml, overridden with:");
+    print_settings(info.worker_overrides);
+    println!("  relay: .env if present, overridden with:");
+    print_settings(info.relay_env);
     match info.mode {
         ProviderMode::Simulated => {
             println!("  providers are SIMULATED (fakes): no real provider keys configured");
@@ -353,8 +350,22 @@ fn print_banner(info: &BannerInfo<'_>) {
     println!("{rule}");
 }
 
+/// Prints settings, masking secret values.
+fn print_settings(settings: &BTreeMap<String, String>) {
+    for (key, value) in settings {
+        let shown = if is_secret(key) {
+            "<set>"
+        } else {
+            value.as_str()
+        };
+        println!("    {key} = {shown}");
+    }
+}
+
 fn is_secret(key: &str) -> bool {
-    WORKER_PROVIDER_KEYS.contains(&key) || key.ends_with("_SECRET")
+    WORKER_PROVIDER_KEYS.contains(&key)
+        || RELAY_PROVIDER_KEYS.contains(&key)
+        || key.ends_with("_SECRET")
 }
 
 #[cfg(test)]
@@ -384,6 +395,8 @@ mod tests {
     fn secrets_are_recognised() {
         assert!(is_secret("TWILIO_AUTH_TOKEN"));
         assert!(is_secret("STRIPE_WEBHOOK_SECRET"));
+        assert!(is_secret("RELAY_SECRET"));
+        assert!(is_secret("DEEPGRAM_API_KEY"));
         assert!(!is_secret("TWILIO_API_BASE"));
         assert!(!is_secret("PUBLIC_BASE_URL"));
     }
