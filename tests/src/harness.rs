@@ -197,6 +197,14 @@ pub struct VoiceStack {
 impl VoiceStack {
     /// Starts everything; the LLM answers with `replies` in order, then echoes.
     pub fn start(replies: Vec<String>) -> VoiceStack {
+        Self::start_with(replies, BTreeMap::new())
+    }
+
+    /// Like [`VoiceStack::start`], with extra Worker settings (e.g. a short idle timeout).
+    pub fn start_with(
+        replies: Vec<String>,
+        extra_worker_vars: BTreeMap<String, String>,
+    ) -> VoiceStack {
         use fakes::{cerebras, deepgram, elevenlabs, twilio};
         let mut tcfg = twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
         tcfg.ring = std::time::Duration::from_millis(200);
@@ -223,6 +231,7 @@ impl VoiceStack {
         worker_vars.insert("LLM_API_KEY".into(), LLM_KEY.into());
         // The launcher points RELAY_URL at the relay it starts.
         worker_vars.remove("RELAY_URL");
+        worker_vars.extend(extra_worker_vars);
         let relay_env = BTreeMap::from([
             ("DEEPGRAM_API_KEY".to_string(), DG_KEY.to_string()),
             (

@@ -10,6 +10,10 @@
 //! Children die with the test process however it ends (see `xtask::service`: a watchdog
 //! pipe per process group), so a `Stack` may live in a `static` and never be dropped. A
 //! dropped `Stack` stops its services and deletes its state directory.
+//!
+//! Each stack lives in `target/cmb-stack/<pid>-<n>/` (state plus `worker.log`,
+//! `relay.log`, `fakes.log`). `CMB_STACK_LOG=1` also streams every line to stderr with a
+//! `worker:<port> |` style prefix; `CMB_STACK_KEEP=1` keeps the directory after a drop.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -82,10 +86,10 @@ impl Stack {
     pub fn start(opts: StackOptions) -> Result<Stack> {
         let repo = Repo::from_crate_dir(env!("CARGO_MANIFEST_DIR"))?;
         let prereqs = Prereqs::check(&repo, &opts)?;
-        let dir = fresh_state_dir(&prereqs.bins)?;
         let echo = std::env::var_os("CMB_STACK_LOG").is_some_and(|v| v == "1");
 
         let worker_port = free_port()?;
+        let inspector_port = free_port()?;
         let worker_url = format!("http://127.0.0.1:{worker_port}");
         let relay_port = if opts.with_relay {
             Some(free_port()?)
@@ -93,6 +97,9 @@ impl Stack {
             None
         };
 
+        // From here on every failure drops `stack`, which stops whatever already started
+        // and removes the directory.
+        let dir = fresh_state_dir(&prereqs.bins)?;
         let mut stack = Stack {
             dir: dir.clone(),
             worker_url: worker_url.clone(),
@@ -168,7 +175,7 @@ impl Stack {
         std::fs::write(&empty_env, "").context("writing the empty env file")?;
         let wrangler = WranglerDev {
             port: worker_port,
-            inspector_port: free_port()?,
+            inspector_port,
             persist_to: persist,
             vars: worker_vars,
             env_file: Some(empty_env),
@@ -230,27 +237,6 @@ impl Stack {
     }
 
     /// The relay's base URL (`http://…`; its media endpoint is `ws://…/twilio`), if started.
-    /// Kills a service at once — SIGKILL to its whole process group, as a crash would,
-    /// with no chance to shut down cleanly. `name` is the service's name (e.g. "relay").
-    pub fn kill(&mut self, name: &str) -> Result<()> {
-        let prefixed = format!("{name}:");
-        let Some(service) = self
-            .services
-            .iter()
-            .find(|s| s.name() == name || s.name().starts_with(&prefixed))
-        else {
-            bail!("no service named {name} in this stack");
-        };
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", service.pgid())])
-            .status()
-            .context("running kill")?;
-        if !status.success() {
-            bail!("kill -KILL of {name} failed: {status}");
-        }
-        Ok(())
-    }
-
     pub fn relay_url(&self) -> Option<String> {
         self.relay_url.clone()
     }
@@ -284,6 +270,20 @@ impl Stack {
         )
     }
 
+    /// Kills a service at once: SIGKILL to its whole process group, as a crash would, with
+    /// no chance to shut down cleanly. `name` is `worker`, `relay` or `fakes`.
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let prefixed = format!("{name}:");
+        let Some(service) = self
+            .services
+            .iter_mut()
+            .find(|s| s.name() == name || s.name().starts_with(&prefixed))
+        else {
+            bail!("no service named {name} in this stack");
+        };
+        service.kill()
+    }
+
     /// The recent output of every service, for a failing test's message.
     pub fn logs(&self) -> String {
         self.services
@@ -299,7 +299,7 @@ impl Drop for Stack {
         while let Some(mut service) = self.services.pop() {
             let _ = service.stop(Duration::from_secs(5));
         }
-        if std::env::var_os("CMB_STACK_KEEP").is_some() {
+        if std::env::var_os("CMB_STACK_KEEP").is_some_and(|v| v == "1") {
             eprintln!("stack: kept {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);

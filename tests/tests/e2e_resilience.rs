@@ -174,10 +174,68 @@ async fn relay_killed_mid_call_keeps_transcript_and_settles() {
     );
     let charged = done["call"]["cost_cents"].as_i64().unwrap();
     assert!(charged >= 25, "billed for the connected call: {charged}");
+    // Twilio asked what to do once the stream died: the caller got an apology, not silence.
+    let heard = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap()
+        .heard_text;
+    assert!(
+        heard.contains("Sorry, we lost the connection"),
+        "fallback spoken: {heard}"
+    );
     let me = api.get("/api/me", Some(&user.token)).await.unwrap();
     assert_eq!(
         me.body["user"]["credits"].as_i64().unwrap(),
         200 - charged,
         "reservation settled"
+    );
+}
+
+/// A silent caller: the persona checks in once, then says goodbye and the call ends —
+/// with the goodbye heard and no fallback apology after it.
+#[tokio::test]
+async fn idle_caller_gets_a_check_in_then_a_goodbye() {
+    let extra =
+        std::collections::BTreeMap::from([("CALL_IDLE_TIMEOUT_SECS".to_string(), "3".to_string())]);
+    let v = VoiceStack::start_with(vec![], extra);
+    let api = ApiClient::new(v.stack.worker_url());
+    let user = api.register_user("idle").await.unwrap();
+    let number = "+16285550125";
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![Step::Pause(60_000)])),
+    );
+    let id = trigger(&api, &user, number).await;
+    let done = wait_settled(&api, &user, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let heard = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap()
+        .heard_text;
+    assert!(
+        heard.contains("Are you still there?"),
+        "check-in heard: {heard}"
+    );
+    assert!(heard.contains("I'll let you go"), "goodbye heard: {heard}");
+    assert!(
+        !heard.contains("Sorry, we lost the connection"),
+        "no fallback after a goodbye: {heard}"
+    );
+    let persona: Vec<&str> = done["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "assistant")
+        .filter_map(|t| t["text"].as_str())
+        .collect();
+    assert!(
+        persona.iter().any(|t| t.contains("Are you still there?")),
+        "{persona:?}"
     );
 }

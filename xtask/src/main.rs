@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand};
 use xtask::repo::Repo;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Call Me Back developer tasks")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Call Me Back developer tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

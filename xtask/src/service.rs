@@ -362,6 +362,17 @@ impl Service {
     }
 }
 
+impl Service {
+    /// SIGKILL to the whole group at once, as a crash would: no clean shutdown. The
+    /// service is reaped later by [`Service::stop`] or drop. A group already gone is fine.
+    pub fn kill(&mut self) -> Result<()> {
+        match killpg(self.pgid, Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("killing {}", self.name)),
+        }
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.stop(Duration::from_secs(5));
@@ -437,7 +448,7 @@ mod tests {
         cond()
     }
 
-    /// Output lines are captured in order and a matching line is found.
+    /// Both stdout and stderr lines are captured, and a matching line is found.
     #[test]
     fn captures_lines_and_finds_a_pattern() {
         let mut svc =
@@ -446,8 +457,10 @@ mod tests {
             .wait_for_line(Duration::from_secs(10), |l| l == "ready")
             .unwrap();
         assert_eq!(line, "ready");
-        assert!(svc.lines().contains(&"one".to_owned()));
-        assert!(svc.lines().contains(&"two".to_owned()));
+        assert!(svc.lines().contains(&"one".to_owned()), "stdout order kept");
+        // stderr has its own pump, so it may land after "ready": wait for it too.
+        svc.wait_for_line(Duration::from_secs(10), |l| l == "two")
+            .unwrap();
         svc.stop(Duration::from_secs(5)).unwrap();
     }
 
@@ -506,6 +519,28 @@ mod tests {
         assert!(err.contains("exited"), "{err}");
         assert!(err.contains("boom"), "{err}");
         assert_eq!(svc.exited().unwrap().and_then(|s| s.code()), Some(3));
+    }
+
+    /// `kill` ends the whole group at once, even a service that ignores SIGTERM.
+    #[test]
+    fn kill_is_immediate_for_the_whole_group() {
+        let mut svc = Service::spawn(sh(
+            "t",
+            "trap '' TERM; sleep 300 & echo grandchild $!; while :; do sleep 1; done",
+        ))
+        .unwrap();
+        let line = svc
+            .wait_for_line(Duration::from_secs(10), |l| l.starts_with("grandchild "))
+            .unwrap();
+        let pid: i32 = line["grandchild ".len()..].parse().unwrap();
+        svc.kill().unwrap();
+        assert!(wait_until(Duration::from_secs(2), || !alive(pid)));
+        assert!(wait_until(Duration::from_secs(2), || svc
+            .exited()
+            .unwrap()
+            .is_some()));
+        // Killing a group that is already gone is not an error.
+        svc.kill().unwrap();
     }
 
     /// Output is also written to the log file.

@@ -20,7 +20,11 @@ use crate::twilio;
 /// Longest call we allow, whatever the balance.
 pub const MAX_CALL_SECS: u32 = 15 * 60;
 /// Silence (no user speech) before the persona checks in, and again before it hangs up.
+/// `CALL_IDLE_TIMEOUT_SECS` overrides it.
 pub const IDLE_TIMEOUT_SECS: u32 = 45;
+/// The relay enforces its own idle and duration limits as a backstop in case this
+/// object is unreachable; they sit this far beyond ours so ours always act first.
+const RELAY_BACKSTOP_SECS: u32 = 30;
 /// How many recent outgoing frames are kept for a reconnecting relay.
 const OUTBOX_LEN: usize = 64;
 /// After the relay reports the end, how long to wait for Twilio's final status before
@@ -86,6 +90,16 @@ fn rt(e: impl std::fmt::Display) -> worker::Error {
 }
 
 impl CallSession {
+    /// The idle timeout: `CALL_IDLE_TIMEOUT_SECS` when set to a positive number.
+    fn idle_timeout_secs(&self) -> u32 {
+        self.env
+            .var("CALL_IDLE_TIMEOUT_SECS")
+            .ok()
+            .and_then(|v| v.to_string().trim().parse::<u32>().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(IDLE_TIMEOUT_SECS)
+    }
+
     pub(crate) async fn load_conv(&self) -> Result<Conversation> {
         Ok(self
             .state
@@ -180,8 +194,8 @@ impl CallSession {
             },
             stt: SttOptions::default(),
             greeting: persona.greeting.clone(),
-            max_duration_secs: MAX_CALL_SECS,
-            idle_timeout_secs: IDLE_TIMEOUT_SECS,
+            max_duration_secs: MAX_CALL_SECS + RELAY_BACKSTOP_SECS,
+            idle_timeout_secs: 2 * self.idle_timeout_secs() + RELAY_BACKSTOP_SECS,
         };
         self.send(&pair.server, &mut conv, hello)?;
         self.save_conv(&conv).await?;
@@ -454,7 +468,8 @@ impl CallSession {
         };
         // Reserve the next minute a few seconds before it starts.
         let next_minute = start + u64::from(conv.minutes_reserved) * 60_000 - 5_000;
-        let idle = conv.last_user_speech_ms.unwrap_or(start) + u64::from(IDLE_TIMEOUT_SECS) * 1000;
+        let idle =
+            conv.last_user_speech_ms.unwrap_or(start) + u64::from(self.idle_timeout_secs()) * 1000;
         let max = start + u64::from(MAX_CALL_SECS) * 1000;
         let when = next_minute.min(idle).min(max).max(now_ms() + 100);
         self.set_alarm_at(when).await
@@ -484,7 +499,7 @@ impl CallSession {
             return Ok(true);
         }
         let idle_deadline =
-            conv.last_user_speech_ms.unwrap_or(start) + u64::from(IDLE_TIMEOUT_SECS) * 1000;
+            conv.last_user_speech_ms.unwrap_or(start) + u64::from(self.idle_timeout_secs()) * 1000;
         if now >= idle_deadline {
             if conv.checked_in {
                 self.hang_up(st, &mut conv, "idle", IDLE_GOODBYE).await?;

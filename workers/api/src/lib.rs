@@ -151,6 +151,7 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
 
         (Method::Post, ["api", "voice", "twiml"]) => voice::twiml(req, &ctx).await,
         (Method::Post, ["api", "voice", "status"]) => voice::status(req, &ctx).await,
+        (Method::Post, ["api", "voice", "stream-ended"]) => voice::stream_ended(req, &ctx).await,
 
         (Method::Get, ["internal", "calls", id, "session"]) => relay_session(req, &ctx, id).await,
 
@@ -247,7 +248,7 @@ fn known_path(segments: &[&str]) -> bool {
             | ["api", "favorites", _]
             | ["api", "calls", "trigger" | "schedule" | "history"]
             | ["api", "calls", _]
-            | ["api", "voice", "twiml" | "status"]
+            | ["api", "voice", "twiml" | "status" | "stream-ended"]
             | ["api", "payments", "checkout" | "webhook"]
             | ["admin", "users" | "calls" | "personas" | "audit"]
             | ["admin", "users" | "calls", _]

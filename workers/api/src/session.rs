@@ -69,6 +69,14 @@ pub enum SessionOp {
     TwilioStatus {
         params: Vec<(String, String)>,
     },
+    /// Twilio reports the media stream over (its `<Connect action>` request).
+    StreamEnded,
+}
+
+/// The object's answer to `StreamEnded`: whether the conversation ended on purpose.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StreamEndedOutcome {
+    pub graceful: bool,
 }
 
 /// The object's answer to `Cancel`.
@@ -155,6 +163,12 @@ impl DurableObject for CallSession {
                     }
                 }
                 Response::from_json(&serde_json::json!({ "ok": true }))
+            }
+            SessionOp::StreamEnded => {
+                let conv = self.load_conv().await?;
+                Response::from_json(&StreamEndedOutcome {
+                    graceful: conv.hanging_up,
+                })
             }
             SessionOp::TwilioStatus { params } => {
                 self.apply_status(&params).await?;

@@ -18,7 +18,7 @@ use crate::Ctx;
 /// How long a stream token stays valid: the relay must receive `start` within this.
 const STREAM_TOKEN_TTL_SECS: i64 = 120;
 const FALLBACK_SAY: &str =
-    "Sorry, we could not connect your call right now. Please try again in a moment. Goodbye.";
+    "Sorry, we lost the connection to your call. Please try again in a moment. Goodbye.";
 const MACHINE_SAY: &str = "Hi, this is Call Me Back. We will try you again later. Goodbye.";
 
 /// A verified Twilio webhook: its call id and form parameters.
@@ -105,15 +105,33 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
         ctx.now_secs() + STREAM_TOKEN_TTL_SECS,
         &nonce,
     );
+    let action = format!(
+        "{}/api/voice/stream-ended?callId={}",
+        ctx.cfg.public_base_url, v.call_id
+    );
     let xml = twiml::connect_stream(
         &ctx.cfg.relay_url,
         &[
             ("callId", v.call_id.as_str()),
             ("streamToken", token.as_str()),
         ],
-        FALLBACK_SAY,
+        &action,
     );
     twiml_response(xml)
+}
+
+/// Twilio's `<Connect action>`: the media stream ended while the call is still up. If we
+/// ended the conversation on purpose (goodbye said), hang up; otherwise the relay could
+/// not be reached or dropped the call, so apologise before hanging up — never silence.
+pub async fn stream_ended(req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let v = verify(req, ctx).await?;
+    let outcome: crate::session::StreamEndedOutcome =
+        session_op(ctx, &v.call_id, &SessionOp::StreamEnded).await?;
+    if outcome.graceful {
+        return twiml_response(twiml::say_and_hangup(""));
+    }
+    worker::console_warn!("media stream ended unexpectedly call_id={}", v.call_id);
+    twiml_response(twiml::say_and_hangup(FALLBACK_SAY))
 }
 
 pub async fn status(req: Request, ctx: &Ctx) -> ApiResult<Response> {

@@ -36,13 +36,18 @@ fn say(text: &str) -> String {
     }
 }
 
-/// Bridges the call to the relay: `<Connect><Stream url>` with one `<Parameter>` per
-/// pair (Twilio drops query strings on stream URLs, so per-call data goes here), then a
-/// `<Say>` that Twilio only reaches when the stream ends or cannot be opened — the
-/// spoken fallback when the relay is unreachable.
-pub fn connect_stream(relay_url: &str, params: &[(&str, &str)], fallback_say: &str) -> String {
+/// Bridges the call to the relay: `<Connect action><Stream url>` with one `<Parameter>`
+/// per pair (Twilio drops query strings on stream URLs, so per-call data goes here).
+///
+/// When the stream ends, Twilio requests `action_url` and runs the TwiML it answers
+/// instead of anything after `<Connect>`: that is where the Worker decides between a
+/// plain hang-up (the conversation ended on purpose) and a spoken fallback (the relay
+/// could not be reached or dropped the call). A fallback placed after `<Connect>` would
+/// also play after every goodbye.
+pub fn connect_stream(relay_url: &str, params: &[(&str, &str)], action_url: &str) -> String {
     let mut xml = format!(
-        r#"{XML_DECLARATION}<Response><Connect><Stream url="{}">"#,
+        r#"{XML_DECLARATION}<Response><Connect action="{}" method="POST"><Stream url="{}">"#,
+        escape_xml(action_url),
         escape_xml(relay_url)
     );
     for (name, value) in params {
@@ -54,9 +59,7 @@ pub fn connect_stream(relay_url: &str, params: &[(&str, &str)], fallback_say: &s
             escape_xml(value)
         );
     }
-    xml.push_str("</Stream></Connect>");
-    xml.push_str(&say(fallback_say));
-    xml.push_str("</Response>");
+    xml.push_str("</Stream></Connect></Response>");
     xml
 }
 
@@ -73,22 +76,23 @@ pub fn say_and_hangup(text: &str) -> String {
 mod tests {
     use super::*;
 
-    /// The full document, with parameters in order and the fallback after `<Connect>`.
+    /// The full document: action on `<Connect>`, parameters in order, nothing after.
     #[test]
     fn connect_stream_document() {
         let xml = connect_stream(
             "wss://relay.example.com/twilio",
             &[("callId", "c-1"), ("token", "abc.def")],
-            "Sorry, we could not connect your call.",
+            "https://api.example.com/api/voice/stream-ended?callId=c-1",
         );
         assert_eq!(
             xml,
             concat!(
-                r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect>"#,
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response>"#,
+                r#"<Connect action="https://api.example.com/api/voice/stream-ended?callId=c-1" method="POST">"#,
                 r#"<Stream url="wss://relay.example.com/twilio">"#,
                 r#"<Parameter name="callId" value="c-1"/>"#,
                 r#"<Parameter name="token" value="abc.def"/>"#,
-                r#"</Stream></Connect><Say>Sorry, we could not connect your call.</Say></Response>"#
+                r#"</Stream></Connect></Response>"#
             )
         );
     }
@@ -102,7 +106,7 @@ mod tests {
         assert_eq!(
             xml,
             format!(
-                r#"{XML_DECLARATION}<Response><Connect><Stream url="{escaped}"><Parameter name="{escaped}" value="{escaped}"/></Stream></Connect><Say>{escaped}</Say></Response>"#
+                r#"{XML_DECLARATION}<Response><Connect action="{escaped}" method="POST"><Stream url="{escaped}"><Parameter name="{escaped}" value="{escaped}"/></Stream></Connect></Response>"#
             )
         );
         assert_eq!(
@@ -117,17 +121,11 @@ mod tests {
         assert_eq!(escape_xml("a\u{0}b\u{1b}c\td\ne é"), "abc\td\ne é");
     }
 
-    /// A blank fallback or goodbye renders no `<Say>` at all.
+    /// A blank goodbye renders a bare hang-up.
     #[test]
     fn blank_say_omitted() {
         assert_eq!(
-            connect_stream("wss://r/x", &[], "  "),
-            format!(
-                r#"{XML_DECLARATION}<Response><Connect><Stream url="wss://r/x"></Stream></Connect></Response>"#
-            )
-        );
-        assert_eq!(
-            say_and_hangup(""),
+            say_and_hangup("  "),
             format!("{XML_DECLARATION}<Response><Hangup/></Response>")
         );
     }

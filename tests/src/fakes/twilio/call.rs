@@ -259,7 +259,19 @@ impl Session<'_> {
                         .await
                 }
                 Verb::Hangup => VerbEnd::Hangup,
-                Verb::Connect(noun) => media::run_stream(self, noun, base_url.as_deref()).await,
+                Verb::Connect(noun) => {
+                    let action = noun.action.clone();
+                    let end = media::run_stream(self, noun, base_url.as_deref()).await;
+                    match (end, action) {
+                        // Like Twilio: once the stream ends, the action URL's TwiML takes
+                        // over (the verbs after <Connect> never run).
+                        (VerbEnd::Next, Some(url)) => VerbEnd::Redirect(TwimlSource::Url {
+                            url: resolve_url(base_url.as_deref(), &url),
+                            method: "POST".to_owned(),
+                        }),
+                        (end, _) => end,
+                    }
+                }
             };
             match end {
                 VerbEnd::Next => {}
@@ -621,4 +633,15 @@ fn progress_params(
         }
     }
     params
+}
+
+/// Resolves a possibly relative TwiML URL against the document it came from.
+fn resolve_url(base: Option<&str>, url: &str) -> String {
+    match base
+        .and_then(|b| url::Url::parse(b).ok())
+        .and_then(|b| b.join(url).ok())
+    {
+        Some(joined) => joined.to_string(),
+        None => url.to_owned(),
+    }
 }

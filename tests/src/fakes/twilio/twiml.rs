@@ -39,6 +39,9 @@ pub struct StreamNoun {
     pub status_callback_method: Option<String>,
     /// `<Parameter name value>` children, in document order.
     pub parameters: Vec<(String, String)>,
+    /// The `<Connect action>` URL: requested when the stream ends, and its TwiML replaces
+    /// the rest of the document.
+    pub action: Option<String>,
 }
 
 /// Why a TwiML document was refused, with the Twilio error code it maps to.
@@ -193,7 +196,18 @@ fn parse_connect(node: roxmltree::Node<'_, '_>) -> Result<Verb, TwimlError> {
         };
         parameters.push((name.to_owned(), value.to_owned()));
     }
+    if let Some(method) = node.attribute("method") {
+        if method != "GET" && method != "POST" {
+            return Err(TwimlError::schema(format!(
+                "<Connect method=\"{method}\"> must be GET or POST"
+            )));
+        }
+    }
     Ok(Verb::Connect(StreamNoun {
+        action: node
+            .attribute("action")
+            .filter(|a| !a.trim().is_empty())
+            .map(str::to_owned),
         url: url.to_owned(),
         name: stream.attribute("name").map(str::to_owned),
         status_callback: stream.attribute("statusCallback").map(str::to_owned),
@@ -243,6 +257,7 @@ mod tests {
                         ("callId".into(), "c-1".into()),
                         ("token".into(), "a&b".into())
                     ],
+                    action: None,
                 }),
                 Verb::Say {
                     text: "Sorry, goodbye.".into(),
@@ -250,6 +265,22 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// `<Connect action>` is kept so the call can fetch it when the stream ends.
+    #[test]
+    fn connect_action() {
+        let xml = r#"<Response><Connect action="https://w.example/after?callId=1" method="POST"><Stream url="wss://r/x"/></Connect></Response>"#;
+        let Verb::Connect(noun) = &parse(xml).unwrap()[0] else {
+            panic!("not a Connect");
+        };
+        assert_eq!(
+            noun.action.as_deref(),
+            Some("https://w.example/after?callId=1")
+        );
+        let bad =
+            r#"<Response><Connect method="PUT"><Stream url="wss://r/x"/></Connect></Response>"#;
+        assert!(parse(bad).is_err());
     }
 
     /// Say, Pause and Hangup with their attributes; comments are ignored.
