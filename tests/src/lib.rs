@@ -4,5 +4,6 @@ pub mod api;
 pub mod audio;
 pub mod fakes;
 pub mod harness;
+pub mod pg;
 pub mod sim;
 pub mod stack;

@@ -136,6 +136,8 @@ impl ServiceSpec {
 #[derive(Default)]
 struct LogLines {
     lines: VecDeque<String>,
+    /// Output streams still being read; 0 once everything the service wrote is here.
+    open_streams: usize,
 }
 
 #[derive(Default)]
@@ -159,6 +161,21 @@ impl Log {
         }
         state.lines.push_back(line);
         self.grew.notify_all();
+    }
+
+    fn stream_closed(&self) {
+        let mut state = self.lock();
+        state.open_streams = state.open_streams.saturating_sub(1);
+        self.grew.notify_all();
+    }
+
+    /// Waits (bounded) until every stream hit EOF, so an exited service's last words are
+    /// in the log before it is quoted in an error.
+    fn drain(&self, timeout: Duration) {
+        let state = self.lock();
+        let _ = self
+            .grew
+            .wait_timeout_while(state, timeout, |s| s.open_streams > 0);
     }
 }
 
@@ -216,7 +233,9 @@ impl Service {
                 .take()
                 .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ];
-        for stream in pumps.into_iter().flatten() {
+        let streams: Vec<_> = pumps.into_iter().flatten().collect();
+        log.lock().open_streams = streams.len();
+        for stream in streams {
             let pump = Pump {
                 prefix: spec.name.clone(),
                 echo: spec.echo,
@@ -255,12 +274,17 @@ impl Service {
     }
 
     /// The exit status if the service has ended (it should not, until stopped).
+    /// On first seeing the exit it lets the output drain briefly, so a following
+    /// [`Service::tail`] quotes the service's last words.
     pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
             self.status = self
                 .child
                 .try_wait()
                 .with_context(|| format!("checking on {}", self.name))?;
+            if self.status.is_some() {
+                self.log.drain(Duration::from_millis(500));
+            }
         }
         Ok(self.status)
     }
@@ -318,6 +342,10 @@ impl Service {
                     .wait_timeout(state, left.min(Duration::from_millis(200)));
             }
             if let Some(status) = self.exited()? {
+                // The line may have arrived with the exit (exited() drained the output).
+                if let Some(line) = self.log.lock().lines.iter().find(|l| pred(l)) {
+                    return Ok(line.clone());
+                }
                 bail!(
                     "{} exited ({status}) before it was ready; last output:\n{}",
                     self.name,
@@ -399,7 +427,10 @@ impl Pump {
         loop {
             raw.clear();
             match reader.read_until(b'\n', &mut raw) {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    self.log.stream_closed();
+                    return;
+                }
                 Ok(_) => {}
             }
             // Tools may print invalid UTF-8 or CRLF; neither should break logging.

@@ -15,6 +15,7 @@ use worker::Env;
 pub const DB_BINDING: &str = "DB";
 pub const KV_BINDING: &str = "TOKEN_BLACKLIST";
 pub const CALL_SESSION_BINDING: &str = "CALL_SESSION";
+pub const HYPERDRIVE_BINDING: &str = "HYPERDRIVE";
 
 thread_local! {
     static CACHED: RefCell<Option<Rc<WorkerConfig>>> = const { RefCell::new(None) };

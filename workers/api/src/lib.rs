@@ -13,6 +13,7 @@ mod calls;
 mod config;
 mod conversation;
 mod crypto;
+mod db;
 mod error;
 mod favorites;
 mod health;

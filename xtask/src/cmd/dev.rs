@@ -74,14 +74,6 @@ pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
     println!("dev: applying D1 migrations to {} …", state_dir.display());
     apply_migrations(repo, &node, &state_dir)?;
 
-    // From here on, Ctrl-C/SIGTERM must stop our services instead of killing us outright
-    // (which would also stop them, via the watchdog pipes, but without a clean report).
-    let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.send(());
-    })
-    .context("installing the Ctrl-C handler")?;
-
     let worker_url = format!("http://127.0.0.1:{}", args.port);
     let relay_origin = format!("127.0.0.1:{}", args.relay_port);
     let relay_public_url = format!("ws://{relay_origin}/twilio");
@@ -166,6 +158,13 @@ pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
         relay_env: &relay_env,
     });
 
+    // Until now Ctrl-C simply kills us, and the watchdog pipes take the services down.
+    // From here it stops them in order, with a report.
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.send(());
+    })
+    .context("installing the Ctrl-C handler")?;
     let outcome = supervise(&mut services, &stop_rx);
     println!("dev: stopping {} services …", services.len());
     // Reverse start order: the relay and Worker go before the fakes they call.
