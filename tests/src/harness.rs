@@ -93,6 +93,22 @@ pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
     vars
 }
 
+/// Which database the integration suite runs on: `CMB_DB_BACKEND=postgres` (set by
+/// `cargo xtask test` for its second pass) or D1, the default.
+pub fn postgres_mode() -> bool {
+    std::env::var("CMB_DB_BACKEND").is_ok_and(|v| v == "postgres")
+}
+
+/// Points a stack at a fresh Postgres database when the suite runs on Postgres.
+pub fn with_backend(mut opts: StackOptions, label: &str) -> StackOptions {
+    if postgres_mode() {
+        let db = crate::pg::fresh_database(label).expect("a fresh Postgres database");
+        opts.worker_vars.insert("DB_BACKEND".into(), "postgres".into());
+        opts.postgres_url = Some(db.url());
+    }
+    opts
+}
+
 /// The shared Worker of this test binary, started on first use.
 pub fn worker() -> &'static TestWorker {
     static WORKER: OnceLock<TestWorker> = OnceLock::new();
@@ -113,7 +129,7 @@ pub fn worker() -> &'static TestWorker {
             // launcher fills it in once it knows the port.
             ..Default::default()
         };
-        let stack = Stack::start(opts).expect("start the Worker under wrangler dev");
+        let stack = Stack::start(with_backend(opts, "api")).expect("start the Worker under wrangler dev");
         stripe.set_webhook(Some(fakes::stripe::WebhookTarget {
             url: format!("{}/api/payments/webhook", stack.worker_url()),
             secret: STRIPE_WEBHOOK_SECRET.into(),
@@ -241,13 +257,16 @@ impl VoiceStack {
             ("ELEVENLABS_API_KEY".to_string(), XI_KEY.to_string()),
             ("ELEVENLABS_URL".to_string(), elevenlabs.ws_url()),
         ]);
-        let stack = Stack::start(StackOptions {
-            worker_vars,
-            with_relay: true,
-            relay_env,
-            with_fakes: false,
-        })
-        .expect("start Worker and relay");
+        let opts = with_backend(
+            StackOptions {
+                worker_vars,
+                with_relay: true,
+                relay_env,
+                ..Default::default()
+            },
+            "voice",
+        );
+        let stack = Stack::start(opts).expect("start Worker and relay");
         VoiceStack {
             stack,
             twilio,

@@ -66,6 +66,9 @@ pub struct StackOptions {
     /// not given in `worker_vars`/`relay_env` get generated stand-ins, which the fakes are
     /// given too.
     pub with_fakes: bool,
+    /// Postgres for the Worker's `HYPERDRIVE` binding (wrangler dev connects to it
+    /// directly); set together with `DB_BACKEND=postgres` in `worker_vars`.
+    pub postgres_url: Option<String>,
 }
 
 /// A running stack. Dropping it stops every process and deletes its state.
@@ -180,8 +183,11 @@ impl Stack {
             vars: worker_vars,
             env_file: Some(empty_env),
         };
-        let spec = wrangler
-            .spec(&repo, &prereqs.node, &format!("worker:{worker_port}"))?
+        let mut spec = wrangler.spec(&repo, &prereqs.node, &format!("worker:{worker_port}"))?;
+        if let Some(url) = &opts.postgres_url {
+            spec = spec.env("CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE", url);
+        }
+        let spec = spec
             .log_file(dir.join("worker.log"))
             .echo(echo)
             // Plain text in log files, and wrangler's own debug log beside them rather
