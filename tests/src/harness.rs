@@ -103,7 +103,8 @@ pub fn postgres_mode() -> bool {
 pub fn with_backend(mut opts: StackOptions, label: &str) -> StackOptions {
     if postgres_mode() {
         let db = crate::pg::fresh_database(label).expect("a fresh Postgres database");
-        opts.worker_vars.insert("DB_BACKEND".into(), "postgres".into());
+        opts.worker_vars
+            .insert("DB_BACKEND".into(), "postgres".into());
         opts.postgres_url = Some(db.url());
     }
     opts
@@ -129,7 +130,8 @@ pub fn worker() -> &'static TestWorker {
             // launcher fills it in once it knows the port.
             ..Default::default()
         };
-        let stack = Stack::start(with_backend(opts, "api")).expect("start the Worker under wrangler dev");
+        let stack =
+            Stack::start(with_backend(opts, "api")).expect("start the Worker under wrangler dev");
         stripe.set_webhook(Some(fakes::stripe::WebhookTarget {
             url: format!("{}/api/payments/webhook", stack.worker_url()),
             secret: STRIPE_WEBHOOK_SECRET.into(),

@@ -185,7 +185,10 @@ impl Stack {
         };
         let mut spec = wrangler.spec(&repo, &prereqs.node, &format!("worker:{worker_port}"))?;
         if let Some(url) = &opts.postgres_url {
-            spec = spec.env("CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE", url);
+            spec = spec.env(
+                "CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE",
+                url,
+            );
         }
         let spec = spec
             .log_file(dir.join("worker.log"))

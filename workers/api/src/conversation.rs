@@ -14,7 +14,7 @@ use worker::{Response, Result, WebSocket, WebSocketPair};
 use crate::config;
 use crate::llm;
 use crate::session::{CallSession, CallState};
-use crate::store::{CostRow, LedgerEntry, Store, TranscriptRow, WriteConflict};
+use crate::store::{CostRow, LedgerEntry, TranscriptRow, WriteConflict};
 use crate::twilio;
 
 /// Longest call we allow, whatever the balance.
@@ -146,7 +146,7 @@ impl CallSession {
         if st.settled || st.status.is_final() {
             return Response::error("call already ended", 410);
         }
-        let store = Store::new(self.env.d1(config::DB_BINDING)?);
+        let store = self.store().await?;
         let call = store.call(&st.call_id).await.map_err(|e| rt(e.message))?;
         let persona = match call {
             Some(c) => store
@@ -543,7 +543,7 @@ impl CallSession {
 
     /// Reserves credits for minute `n` of the call; false when the balance can't pay.
     async fn reserve_minute(&self, st: &mut CallState, n: u32) -> Result<bool> {
-        let store = Store::new(self.env.d1(config::DB_BINDING)?);
+        let store = self.store().await?;
         let id = crate::crypto::uuid().map_err(rt)?;
         let key = format!("reserve:{}:{n}", st.call_id);
         let amount = cmb_core::pricing::PER_MINUTE_CREDITS;
@@ -581,7 +581,7 @@ impl CallSession {
         if conv.lines.is_empty() {
             return Ok(());
         }
-        let store = Store::new(self.env.d1(config::DB_BINDING)?);
+        let store = self.store().await?;
         let rows: Vec<TranscriptRow> = conv
             .lines
             .iter()

@@ -71,8 +71,55 @@ pub enum WriteConflict {
     Duplicate,
     /// The user already has a live call (the `calls_one_live_per_user` index).
     LiveCall,
+    /// The user's calls-per-day cap (`call_day_counts`' `calls_per_day_cap`, see `limits`).
+    DailyLimit,
     /// A CHECK constraint, e.g. `credits >= 0`.
     Check,
+}
+
+/// A failed statement (the message names the cause; constraint failures included).
+#[derive(Debug)]
+pub struct DbError(pub String);
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A statement bound to the database that will run it: `run` it alone, or hand several
+/// to [`Db::batch_bound`] for one transaction.
+pub struct Bound<'a> {
+    db: &'a Db,
+    pub(crate) stmt: Stmt,
+}
+
+/// What a single statement changed (shaped like D1's result metadata).
+pub struct RunResult {
+    changes: u64,
+}
+
+pub struct RunMeta {
+    pub changes: Option<usize>,
+}
+
+impl RunResult {
+    pub fn meta(&self) -> Result<Option<RunMeta>, DbError> {
+        Ok(Some(RunMeta {
+            changes: Some(self.changes as usize),
+        }))
+    }
+}
+
+impl Bound<'_> {
+    /// Runs the statement alone. Any failure, constraint violations included, is an error.
+    pub async fn run(self) -> Result<RunResult, DbError> {
+        match self.db.exec(self.stmt).await {
+            Ok(Ok(changes)) => Ok(RunResult { changes }),
+            Ok(Err(conflict)) => Err(DbError(format!("constraint violated: {conflict:?}"))),
+            Err(e) => Err(DbError(format!("{}: {}", e.code, e.message))),
+        }
+    }
 }
 
 /// Which SQL dialect answers, for the rare query that must differ (date functions).
@@ -153,12 +200,21 @@ impl Db {
         }
     }
 
-    /// Builds a statement (no I/O).
-    pub fn stmt(&self, sql: &str, args: &[Arg]) -> ApiResult<Stmt> {
-        Ok(Stmt {
-            sql: sql.to_string(),
-            args: args.to_vec(),
-        })
+    /// Builds a statement bound to this database (no I/O).
+    pub fn bind(&self, sql: &str, args: &[Arg]) -> Bound<'_> {
+        Bound {
+            db: self,
+            stmt: Stmt {
+                sql: sql.to_string(),
+                args: args.to_vec(),
+            },
+        }
+    }
+
+    /// Runs bound statements as one transaction (see [`Db::batch`]).
+    pub async fn batch_bound(&self, stmts: Vec<Bound<'_>>) -> ApiResult<Result<(), WriteConflict>> {
+        self.batch(stmts.into_iter().map(|b| b.stmt).collect())
+            .await
     }
 
     /// The first row, decoded into `T`.
@@ -263,7 +319,10 @@ impl Db {
     }
 
     async fn rows(&self, sql: &str, args: &[Arg]) -> ApiResult<Vec<Value>> {
-        let stmt = self.stmt(sql, args)?;
+        let stmt = Stmt {
+            sql: sql.to_string(),
+            args: args.to_vec(),
+        };
         match &self.backend {
             Backend::D1(d1) => {
                 let result = d1_prepare(d1, &stmt)?
@@ -339,6 +398,7 @@ fn classify_pg(err: &tokio_postgres::Error) -> Option<WriteConflict> {
             Some(WriteConflict::LiveCall)
         }
         "23505" => Some(WriteConflict::Duplicate),
+        "23514" if db.constraint() == Some("calls_per_day_cap") => Some(WriteConflict::DailyLimit),
         "23514" => Some(WriteConflict::Check),
         _ => None,
     }

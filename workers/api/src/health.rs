@@ -21,13 +21,22 @@ pub async fn health(env: &Env) -> ApiResult<Response> {
             (json!({ "ok": false, "problems": problems }), false)
         }
     };
-    let (db_check, db_ok) = match env.d1(config::DB_BINDING) {
-        Ok(db) => match crate::store::Store::new(db).ping().await {
-            Ok(()) => (json!({ "ok": true }), true),
-            Err(e) => (json!({ "ok": false, "problem": e }), false),
+    // The configured backend (D1 unless a valid configuration says Postgres).
+    let backend = config::load(env).map_or(cmb_core::config::DbBackend::D1, |c| c.db_backend);
+    let backend_name = match backend {
+        cmb_core::config::DbBackend::D1 => "d1",
+        cmb_core::config::DbBackend::Postgres => "postgres",
+    };
+    let (db_check, db_ok) = match crate::store::Store::open(env, backend).await {
+        Ok(store) => match store.ping().await {
+            Ok(()) => (json!({ "ok": true, "backend": backend_name }), true),
+            Err(e) => (
+                json!({ "ok": false, "backend": backend_name, "problem": e }),
+                false,
+            ),
         },
-        Err(_) => (
-            json!({ "ok": false, "problem": "binding DB missing" }),
+        Err(e) => (
+            json!({ "ok": false, "backend": backend_name, "problem": e.message }),
             false,
         ),
     };

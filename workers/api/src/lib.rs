@@ -119,13 +119,11 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
         )
     })?;
     let cors = cfg.cors_origins.clone();
-    let db = env
-        .d1(config::DB_BINDING)
-        .map_err(|e| ApiError::internal("d1 binding", e))?;
+    let store = store::Store::open(&env, cfg.db_backend).await?;
     let ctx = Ctx {
         env,
         cfg,
-        store: store::Store::new(db),
+        store,
         now_ms: worker::Date::now().as_millis(),
     };
     if method == Method::Options {

@@ -20,7 +20,9 @@
 //! sets when the client did not). Without it every client shares one `unknown` bucket.
 
 use serde_json::json;
-use worker::{D1PreparedStatement, Request};
+use worker::Request;
+
+use crate::store::Bound;
 
 use crate::error::{ApiError, ApiResult};
 use crate::store::UserRow;
@@ -178,7 +180,7 @@ pub async fn registration(req: &Request, ctx: &Ctx) -> ApiResult<()> {
 /// The statement that counts one more triggered call for `user` today; it goes in the
 /// same batch as the call insert and aborts it with `WriteConflict::DailyLimit` when
 /// the tier's cap is reached.
-pub fn daily_call_guard(ctx: &Ctx, user: &UserRow) -> ApiResult<D1PreparedStatement> {
+pub fn daily_call_guard<'a>(ctx: &'a Ctx, user: &UserRow) -> ApiResult<Bound<'a>> {
     let (day, _) = utc_day(ctx.now_secs());
     ctx.store
         .daily_call_stmt(&user.id, &day, calls_per_day(&user.tier))

@@ -268,8 +268,15 @@ impl CallSession {
         self.finish(st, pending).await
     }
 
-    fn store(&self) -> Result<Store> {
-        Ok(Store::new(self.env.d1(config::DB_BINDING)?))
+    /// The configured database (D1 or Postgres), opened for this event.
+    pub(crate) async fn store(&self) -> Result<Store> {
+        let cfg = config::load(&self.env).map_err(|r| {
+            let names: Vec<&str> = r.problems.iter().map(|p| p.name).collect();
+            worker::Error::RustError(format!("misconfigured: {}", names.join(", ")))
+        })?;
+        Store::open(&self.env, cfg.db_backend)
+            .await
+            .map_err(|e| worker::Error::RustError(format!("{}: {}", e.code, e.message)))
     }
 
     pub(crate) async fn load(&self) -> Result<Option<CallState>> {
@@ -287,7 +294,7 @@ impl CallSession {
     /// A scheduled call's time has come: reserve its first minute. Returns false (and
     /// ends the call with the reason) when it can no longer be paid for.
     async fn reserve_scheduled(&self, st: &mut CallState) -> Result<bool> {
-        let store = self.store()?;
+        let store = self.store().await?;
         let id = crypto::uuid().map_err(|e| worker::Error::RustError(e.to_string()))?;
         let key = format!("reserve:{}", st.call_id);
         let amount = cmb_core::pricing::MIN_CREDITS_TO_START;
@@ -355,7 +362,7 @@ impl CallSession {
             status_callback: &status_url,
             timeout_secs: RING_TIMEOUT_SECS,
         };
-        let store = self.store()?;
+        let store = self.store().await?;
         let now = iso(now_ms());
         match twilio::create_call(&cfg, &dial).await {
             Ok(sid) => {
@@ -383,7 +390,7 @@ impl CallSession {
         status: CallStatus,
         reason: &str,
     ) -> Result<()> {
-        let store = self.store()?;
+        let store = self.store().await?;
         let id = crypto::uuid().map_err(|e| worker::Error::RustError(e.to_string()))?;
         let key = format!("release:{}", st.call_id);
         let release = LedgerEntry {
@@ -504,7 +511,8 @@ impl CallSession {
         let started_at = (new_status == CallStatus::InProgress).then(|| iso(now));
         st.status = new_status;
         self.save(&st).await?;
-        self.store()?
+        self.store()
+            .await?
             .update_call_progress(
                 &st.call_id,
                 new_status.as_str(),
@@ -551,7 +559,7 @@ impl CallSession {
         };
         let conv = self.load_conv().await?;
         self.persist_conversation(st, &conv).await?;
-        let store = self.store()?;
+        let store = self.store().await?;
         let now = iso(now_ms());
         let mut reason: Option<String> = machine.then(|| "Answered by a machine.".to_string());
         for attempt in 0..2 {

@@ -7,8 +7,11 @@
 //! read-then-write.
 
 use serde::{Deserialize, Serialize};
-use wasm_bindgen::JsValue;
-use worker::{D1Database, D1PreparedStatement};
+use worker::{D1Database, Env};
+
+use crate::db::Db;
+pub use crate::db::WriteConflict;
+pub(crate) use crate::db::{flag, int, opt, opt_int, opt_ts, real, s, ts, Arg, Bound};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -137,19 +140,6 @@ pub struct PersonaWrite {
     pub speed: f64,
 }
 
-/// How a failed batch failed, for the callers that care.
-#[derive(Debug, PartialEq, Eq)]
-pub enum WriteConflict {
-    /// A UNIQUE constraint: the row (or the idempotency key) already exists.
-    Duplicate,
-    /// The user already has a live call (the `calls_one_live_per_user` index).
-    LiveCall,
-    /// A CHECK constraint, e.g. `credits >= 0`.
-    Check,
-    /// The user's calls-per-day cap (`call_day_counts`' `calls_per_day_cap`, see `limits`).
-    DailyLimit,
-}
-
 /// A call as stored; also its API view (API.md "A `call` object" plus `status_reason`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct CallRow {
@@ -215,39 +205,7 @@ pub struct Settlement<'a> {
 }
 
 pub struct Store {
-    db: D1Database,
-}
-
-pub(crate) fn s(v: &str) -> JsValue {
-    JsValue::from_str(v)
-}
-
-pub(crate) fn opt(v: Option<&str>) -> JsValue {
-    v.map_or(JsValue::NULL, JsValue::from_str)
-}
-
-/// Integers cross into JS as numbers; every value we store is far below 2^53.
-pub(crate) fn int(v: i64) -> JsValue {
-    JsValue::from_f64(v as f64)
-}
-
-pub(crate) fn real(v: f64) -> JsValue {
-    JsValue::from_f64(v)
-}
-
-fn classify(err: &worker::Error) -> Option<WriteConflict> {
-    let text = err.to_string();
-    if text.contains("UNIQUE constraint failed: calls.user_id") {
-        Some(WriteConflict::LiveCall)
-    } else if text.contains("UNIQUE constraint failed") {
-        Some(WriteConflict::Duplicate)
-    } else if text.contains("CHECK constraint failed: calls_per_day_cap") {
-        Some(WriteConflict::DailyLimit)
-    } else if text.contains("CHECK constraint failed") {
-        Some(WriteConflict::Check)
-    } else {
-        None
-    }
+    db: Db,
 }
 
 const USER_COLUMNS: &str =
@@ -257,65 +215,56 @@ const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, g
 
 impl Store {
     pub fn new(db: D1Database) -> Self {
-        Self { db }
+        Self { db: Db::d1(db) }
     }
 
-    pub(crate) fn stmt(&self, sql: &str, args: &[JsValue]) -> ApiResult<D1PreparedStatement> {
-        self.db
-            .prepare(sql)
-            .bind(args)
-            .map_err(|e| ApiError::internal("d1 bind", e))
+    /// The configured database: D1, or Postgres through Hyperdrive (`DB_BACKEND`).
+    pub async fn open(env: &Env, backend: cmb_core::config::DbBackend) -> ApiResult<Self> {
+        Ok(Self {
+            db: Db::open(env, backend).await?,
+        })
+    }
+
+    pub fn dialect(&self) -> crate::db::Dialect {
+        self.db.dialect()
+    }
+
+    pub(crate) fn stmt(&self, sql: &str, args: &[Arg]) -> ApiResult<Bound<'_>> {
+        Ok(self.db.bind(sql, args))
     }
 
     pub(crate) async fn first<T: for<'de> Deserialize<'de>>(
         &self,
         sql: &str,
-        args: &[JsValue],
+        args: &[Arg],
     ) -> ApiResult<Option<T>> {
-        self.stmt(sql, args)?
-            .first::<T>(None)
-            .await
-            .map_err(|e| ApiError::internal("d1 first", e))
+        self.db.first(sql, args).await
     }
 
     pub(crate) async fn all<T: for<'de> Deserialize<'de>>(
         &self,
         sql: &str,
-        args: &[JsValue],
+        args: &[Arg],
     ) -> ApiResult<Vec<T>> {
-        let result = self
-            .stmt(sql, args)?
-            .all()
-            .await
-            .map_err(|e| ApiError::internal("d1 all", e))?;
-        result
-            .results::<T>()
-            .map_err(|e| ApiError::internal("d1 decode", e))
+        self.db.all(sql, args).await
     }
 
     /// Runs statements as one transaction; a constraint failure is returned as a
     /// [`WriteConflict`] with nothing applied.
     pub(crate) async fn batch(
         &self,
-        stmts: Vec<D1PreparedStatement>,
+        stmts: Vec<Bound<'_>>,
     ) -> ApiResult<Result<(), WriteConflict>> {
-        match self.db.batch(stmts).await {
-            Ok(_) => Ok(Ok(())),
-            Err(e) => match classify(&e) {
-                Some(conflict) => Ok(Err(conflict)),
-                None => Err(ApiError::internal("d1 batch", e)),
-            },
-        }
+        self.db.batch_bound(stmts).await
     }
 
     /// Liveness check for `/health`.
     pub async fn ping(&self) -> Result<(), String> {
         self.db
-            .prepare("SELECT 1 AS ok")
-            .first::<serde_json::Value>(None)
+            .first::<serde_json::Value>("SELECT 1 AS ok", &[])
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.message)
     }
 
     // ---- users ----
@@ -338,12 +287,12 @@ impl Store {
         let insert = self.stmt(
             "INSERT INTO users (id, email, name, phone_number, password_hash, role, credits, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-            &[s(id), s(email), s(name), opt(phone_number), s(password_hash), s(role), int(free_credits), s(now)],
+            &[s(id), s(email), s(name), opt(phone_number), s(password_hash), s(role), int(free_credits), ts(now)],
         )?;
         let grant = self.stmt(
             "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, reason, created_at) \
              VALUES (?1, ?2, 'grant', ?3, ?4, 'signup', ?5)",
-            &[s(ledger_id), s(id), int(free_credits), s(&format!("signup:{id}")), s(now)],
+            &[s(ledger_id), s(id), int(free_credits), s(&format!("signup:{id}")), ts(now)],
         )?;
         self.batch(vec![insert, grant]).await
     }
@@ -371,7 +320,7 @@ impl Store {
         self.all(
             &format!(
                 "SELECT {PERSONA_COLUMNS} FROM personas \
-                 WHERE is_active = 1 AND (owner_id IS NULL OR owner_id = ?1) \
+                 WHERE is_active = TRUE AND (owner_id IS NULL OR owner_id = ?1) \
                  ORDER BY owner_id IS NOT NULL, created_at, name"
             ),
             &[opt(viewer)],
@@ -397,7 +346,7 @@ impl Store {
         let stmt = self.stmt(
             "INSERT INTO personas (id, owner_id, name, description, system_prompt, greeting, voice_id, \
              stability, similarity_boost, style, speed, is_active, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12, ?12)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, TRUE, ?12, ?12)",
             &[
                 s(id),
                 opt(owner),
@@ -410,7 +359,7 @@ impl Store {
                 real(p.similarity_boost),
                 real(p.style),
                 real(p.speed),
-                s(now),
+                ts(now),
             ],
         )?;
         stmt.run()
@@ -434,7 +383,7 @@ impl Store {
                 real(p.similarity_boost),
                 real(p.style),
                 real(p.speed),
-                s(now),
+                ts(now),
             ],
         )?;
         stmt.run()
@@ -445,8 +394,8 @@ impl Store {
 
     pub async fn deactivate_persona(&self, id: &str, now: &str) -> ApiResult<()> {
         let stmt = self.stmt(
-            "UPDATE personas SET is_active = 0, updated_at = ?2 WHERE id = ?1",
-            &[s(id), s(now)],
+            "UPDATE personas SET is_active = FALSE, updated_at = ?2 WHERE id = ?1",
+            &[s(id), ts(now)],
         )?;
         stmt.run()
             .await
@@ -461,7 +410,7 @@ impl Store {
         let stmt = self.stmt(
             "INSERT INTO favorites (user_id, persona_id, created_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (user_id, persona_id) DO NOTHING",
-            &[s(user), s(persona), s(now)],
+            &[s(user), s(persona), ts(now)],
         )?;
         stmt.run()
             .await
@@ -486,7 +435,7 @@ impl Store {
             "SELECT p.id, p.owner_id, p.name, p.description, p.system_prompt, p.greeting, p.voice_id, \
              p.stability, p.similarity_boost, p.style, p.speed, p.is_active, p.created_at, p.updated_at \
              FROM favorites f JOIN personas p ON p.id = f.persona_id \
-             WHERE f.user_id = ?1 AND p.is_active = 1 AND (p.owner_id IS NULL OR p.owner_id = ?1) \
+             WHERE f.user_id = ?1 AND p.is_active = TRUE AND (p.owner_id IS NULL OR p.owner_id = ?1) \
              ORDER BY f.created_at DESC",
             &[s(user)],
         )
@@ -495,19 +444,15 @@ impl Store {
 
     // ---- credits ----
 
-    pub(crate) fn ledger_stmts(
-        &self,
-        e: &LedgerEntry<'_>,
-        now: &str,
-    ) -> ApiResult<[D1PreparedStatement; 2]> {
+    pub(crate) fn ledger_stmts(&self, e: &LedgerEntry<'_>, now: &str) -> ApiResult<[Bound<'_>; 2]> {
         let insert = self.stmt(
             "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, call_id, reason, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            &[s(e.id), s(e.user_id), s(e.kind), int(e.amount), s(e.key), opt(e.call_id), s(e.reason), s(now)],
+            &[s(e.id), s(e.user_id), s(e.kind), int(e.amount), s(e.key), opt(e.call_id), s(e.reason), ts(now)],
         )?;
         let update = self.stmt(
             "UPDATE users SET credits = credits + ?2, updated_at = ?3 WHERE id = ?1",
-            &[s(e.user_id), int(e.amount), s(now)],
+            &[s(e.user_id), int(e.amount), ts(now)],
         )?;
         Ok([insert, update])
     }
@@ -531,7 +476,7 @@ impl Store {
         }
         let sum: Option<Sum> = self
             .first(
-                "SELECT SUM(amount) AS total FROM credit_ledger WHERE user_id = ?1",
+                "SELECT CAST(SUM(amount) AS BIGINT) AS total FROM credit_ledger WHERE user_id = ?1",
                 &[s(user_id)],
             )
             .await?;
@@ -548,7 +493,7 @@ impl Store {
         &self,
         call: &CallRow,
         reserve: &LedgerEntry<'_>,
-        guard: D1PreparedStatement,
+        guard: Bound<'_>,
         now: &str,
     ) -> ApiResult<Result<(), WriteConflict>> {
         let insert = self.insert_call_stmt(call, now)?;
@@ -556,7 +501,7 @@ impl Store {
         self.batch(vec![guard, insert, ledger, balance]).await
     }
 
-    fn insert_call_stmt(&self, call: &CallRow, now: &str) -> ApiResult<D1PreparedStatement> {
+    fn insert_call_stmt(&self, call: &CallRow, now: &str) -> ApiResult<Bound<'_>> {
         self.stmt(
             "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
@@ -566,9 +511,9 @@ impl Store {
                 s(&call.persona_id),
                 s(&call.phone_number),
                 s(&call.status),
-                opt(call.scheduled_time.as_deref()),
+                opt_ts(call.scheduled_time.as_deref()),
                 int(call.reserved_credits),
-                s(now),
+                ts(now),
             ],
         )
     }
@@ -590,8 +535,8 @@ impl Store {
                 s(&call.user_id),
                 s(&call.persona_id),
                 s(&call.phone_number),
-                opt(call.scheduled_time.as_deref()),
-                s(now),
+                opt_ts(call.scheduled_time.as_deref()),
+                ts(now),
                 int(max_pending),
             ],
         )?;
@@ -616,7 +561,7 @@ impl Store {
     ) -> ApiResult<Result<(), WriteConflict>> {
         let update = self.stmt(
             "UPDATE calls SET status = 'queued', reserved_credits = reserved_credits + ?2, updated_at = ?3 WHERE id = ?1",
-            &[s(call_id), int(-reserve.amount), s(now)],
+            &[s(call_id), int(-reserve.amount), ts(now)],
         )?;
         let [ledger, balance] = self.ledger_stmts(reserve, now)?;
         self.batch(vec![update, ledger, balance]).await
@@ -671,7 +616,7 @@ impl Store {
         self.stmt(
             "UPDATE calls SET status = ?2, twilio_call_sid = COALESCE(?3, twilio_call_sid), \
              started_at = COALESCE(started_at, ?4), answered_by = COALESCE(?5, answered_by), updated_at = ?6 WHERE id = ?1",
-            &[s(id), s(status), opt(twilio_sid), opt(started_at), opt(answered_by), s(now)],
+            &[s(id), s(status), opt(twilio_sid), opt_ts(started_at), opt(answered_by), ts(now)],
         )?
         .run()
         .await
@@ -692,7 +637,7 @@ impl Store {
         let mut stmts = vec![self.stmt(
             "UPDATE calls SET status = ?2, status_reason = ?3, reserved_credits = 0, cost_cents = 0, \
              ended_at = COALESCE(ended_at, ?4), updated_at = ?4 WHERE id = ?1",
-            &[s(id), s(status), s(reason), s(now)],
+            &[s(id), s(status), s(reason), ts(now)],
         )?];
         if let Some(r) = release.filter(|r| r.amount != 0) {
             stmts.extend(self.ledger_stmts(r, now)?);
@@ -742,7 +687,7 @@ impl Store {
                 s(st.call_id),
                 s(st.status),
                 opt(st.reason),
-                s(st.ended_at),
+                ts(st.ended_at),
                 int(st.duration_seconds),
                 int(st.charge),
             ],
@@ -790,7 +735,7 @@ impl Store {
             stmts.push(self.stmt(
                 "INSERT INTO call_transcripts (call_id, seq, role, text, at, interrupted) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT (call_id, seq) DO UPDATE SET text = excluded.text, interrupted = excluded.interrupted",
-                &[s(call_id), int(r.seq), s(&r.role), s(&r.text), s(&r.at), int(r.interrupted)],
+                &[s(call_id), int(r.seq), s(&r.role), s(&r.text), ts(&r.at), flag(r.interrupted != 0)],
             )?);
         }
         match self.batch(stmts).await? {
@@ -827,13 +772,13 @@ impl Store {
     ) -> ApiResult<()> {
         let mut stmts = Vec::with_capacity(rows.len());
         for (turn, audio, llm) in rows {
-            let opt_int = |v: &Option<u32>| v.map_or(JsValue::NULL, |x| int(i64::from(x)));
+            let opt_int = |v: &Option<u32>| opt_int(v.map(i64::from));
             stmts.push(self.stmt(
                 "INSERT INTO call_turn_latencies (call_id, turn, end_of_turn_to_first_audio_ms, llm_first_token_ms, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (call_id, turn) DO UPDATE SET \
                  end_of_turn_to_first_audio_ms = COALESCE(excluded.end_of_turn_to_first_audio_ms, end_of_turn_to_first_audio_ms), \
                  llm_first_token_ms = COALESCE(excluded.llm_first_token_ms, llm_first_token_ms)",
-                &[s(call_id), int(i64::from(*turn)), opt_int(audio), opt_int(llm), s(now)],
+                &[s(call_id), int(i64::from(*turn)), opt_int(audio), opt_int(llm), ts(now)],
             )?);
         }
         if stmts.is_empty() {

@@ -8,8 +8,8 @@
 //! depend on the current balance (refunds that may not overdraw) are computed by SQL
 //! inside the batch, never read first and written later. Routes never write SQL.
 
+use crate::store::Bound;
 use serde::{Deserialize, Serialize};
-use worker::D1PreparedStatement;
 
 use crate::error::{ApiError, ApiResult};
 use crate::store::{int, opt, s, LedgerEntry, PersonaRow, Store, WriteConflict};
@@ -257,18 +257,15 @@ pub fn like_pattern(q: &str) -> String {
     out
 }
 
-fn json_text(v: &Option<serde_json::Value>) -> wasm_bindgen::JsValue {
-    match v {
-        Some(v) => s(&v.to_string()),
-        None => wasm_bindgen::JsValue::NULL,
-    }
+fn json_text(v: &Option<serde_json::Value>) -> crate::store::Arg {
+    crate::store::Arg::Text(v.as_ref().map(|v| v.to_string()))
 }
 
 impl Store {
     // ---- audit ----
 
     /// The insert of an audit record whose states the caller knows.
-    pub fn audit_stmt(&self, e: &AuditEntry<'_>, now: &str) -> ApiResult<D1PreparedStatement> {
+    pub fn audit_stmt(&self, e: &AuditEntry<'_>, now: &str) -> ApiResult<Bound<'_>> {
         self.stmt(
             "INSERT INTO audit_log (id, actor_id, actor, action, target_type, target_id, before_json, after_json, reason, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -302,7 +299,7 @@ impl Store {
         extra_after: &serde_json::Value,
         reason: Option<&str>,
         now: &str,
-    ) -> ApiResult<D1PreparedStatement> {
+    ) -> ApiResult<Bound<'_>> {
         self.stmt(
             &format!(
                 "INSERT INTO audit_log (id, actor_id, actor, action, target_type, target_id, before_json, after_json, reason, created_at) \
@@ -407,7 +404,7 @@ impl Store {
         object_id: &str,
         outcome: &str,
         now: &str,
-    ) -> ApiResult<D1PreparedStatement> {
+    ) -> ApiResult<Bound<'_>> {
         self.stmt(
             "INSERT INTO stripe_events (id, type, object_id, outcome, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             &[s(id), s(kind), s(object_id), s(outcome), s(now)],
@@ -825,12 +822,7 @@ impl Store {
 
     /// The per-day call counter bump, for the same batch as the call insert: it aborts
     /// the batch (`WriteConflict::DailyLimit`) when the count would pass `cap`.
-    pub fn daily_call_stmt(
-        &self,
-        user_id: &str,
-        day: &str,
-        cap: i64,
-    ) -> ApiResult<D1PreparedStatement> {
+    pub fn daily_call_stmt(&self, user_id: &str, day: &str, cap: i64) -> ApiResult<Bound<'_>> {
         self.stmt(
             "INSERT INTO call_day_counts (user_id, day, count, cap) VALUES (?1, ?2, 1, ?3) \
              ON CONFLICT (user_id, day) DO UPDATE SET count = count + 1, cap = excluded.cap",
