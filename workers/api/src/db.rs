@@ -30,6 +30,8 @@ pub enum Arg {
     Bool(Option<bool>),
     /// An RFC 3339 timestamp: TEXT in D1, `timestamptz` in Postgres.
     Time(Option<String>),
+    /// A `YYYY-MM-DD` day: TEXT in D1, `date` in Postgres.
+    Date(Option<String>),
 }
 
 pub fn s(v: &str) -> Arg {
@@ -55,6 +57,9 @@ pub fn ts(v: &str) -> Arg {
 }
 pub fn opt_ts(v: Option<&str>) -> Arg {
     Arg::Time(v.map(str::to_string))
+}
+pub fn day(v: &str) -> Arg {
+    Arg::Date(Some(v.to_string()))
 }
 
 /// One statement: SQL in the shared dialect plus its arguments.
@@ -269,8 +274,10 @@ impl Db {
                     .collect();
                 match client.execute(sql.as_str(), &refs).await {
                     Ok(n) => Ok(Ok(n)),
-                    Err(e) => classify_pg(&e)
-                        .map_or_else(|| Err(internal("postgres execute", e)), |c| Ok(Err(c))),
+                    Err(e) => classify_pg(&e).map_or_else(
+                        || Err(internal("postgres execute", pg_message(&e))),
+                        |c| Ok(Err(c)),
+                    ),
                 }
             }
         }
@@ -305,8 +312,10 @@ impl Db {
                         .collect();
                     if let Err(e) = client.execute(sql.as_str(), &refs).await {
                         let _ = client.batch_execute("ROLLBACK").await;
-                        return classify_pg(&e)
-                            .map_or_else(|| Err(internal("postgres batch", e)), |c| Ok(Err(c)));
+                        return classify_pg(&e).map_or_else(
+                            || Err(internal("postgres batch", pg_message(&e))),
+                            |c| Ok(Err(c)),
+                        );
                     }
                 }
                 client
@@ -342,7 +351,7 @@ impl Db {
                 let rows = client
                     .query(sql.as_str(), &refs)
                     .await
-                    .map_err(|e| internal("postgres query", e))?;
+                    .map_err(|e| internal("postgres query", pg_message(&e)))?;
                 rows.iter().map(pg_row_to_json).collect()
             }
         }
@@ -353,7 +362,9 @@ impl Db {
 
 fn d1_arg(a: &Arg) -> JsValue {
     match a {
-        Arg::Text(v) | Arg::Time(v) => v.as_deref().map_or(JsValue::NULL, JsValue::from_str),
+        Arg::Text(v) | Arg::Time(v) | Arg::Date(v) => {
+            v.as_deref().map_or(JsValue::NULL, JsValue::from_str)
+        }
         // Integers cross into JS as numbers; every value we store is far below 2^53.
         Arg::Int(v) => v.map_or(JsValue::NULL, |i| JsValue::from_f64(i as f64)),
         Arg::Real(v) => v.map_or(JsValue::NULL, JsValue::from_f64),
@@ -391,6 +402,19 @@ pub fn classify_message(text: &str) -> Option<WriteConflict> {
 
 // ---- Postgres ----
 
+/// tokio-postgres' Display says only "db error"; the server's message is what helps.
+fn pg_message(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!(
+            "{} ({}): {}",
+            db.message(),
+            db.code().code(),
+            db.detail().unwrap_or("")
+        ),
+        None => err.to_string(),
+    }
+}
+
 fn classify_pg(err: &tokio_postgres::Error) -> Option<WriteConflict> {
     let db = err.as_db_error()?;
     match db.code().code() {
@@ -414,6 +438,7 @@ fn pg_params(stmt: &Stmt) -> (String, Vec<Box<dyn ToSql + Sync>>) {
             Some(Arg::Real(_)) => "::float8",
             Some(Arg::Bool(_)) => "::boolean",
             Some(Arg::Time(_)) => "::text::timestamptz",
+            Some(Arg::Date(_)) => "::text::date",
         };
         format!("${n}{cast}")
     });
@@ -422,7 +447,7 @@ fn pg_params(stmt: &Stmt) -> (String, Vec<Box<dyn ToSql + Sync>>) {
         .iter()
         .map(|a| -> Box<dyn ToSql + Sync> {
             match a {
-                Arg::Text(v) | Arg::Time(v) => Box::new(v.clone()),
+                Arg::Text(v) | Arg::Time(v) | Arg::Date(v) => Box::new(v.clone()),
                 Arg::Int(v) => Box::new(*v),
                 Arg::Real(v) => Box::new(*v),
                 Arg::Bool(v) => Box::new(*v),
@@ -495,6 +520,12 @@ fn pg_row_to_json(row: &tokio_postgres::Row) -> ApiResult<Value> {
             row.try_get::<_, Option<bool>>(i)
                 .map_err(decode)?
                 .map_or(Value::Null, |b| Value::from(i64::from(b)))
+        } else if *t == Type::DATE {
+            row.try_get::<_, Option<chrono::NaiveDate>>(i)
+                .map_err(decode)?
+                .map_or(Value::Null, |d| {
+                    Value::String(d.format("%Y-%m-%d").to_string())
+                })
         } else if *t == Type::TIMESTAMPTZ {
             row.try_get::<_, Option<DateTime<Utc>>>(i)
                 .map_err(decode)?

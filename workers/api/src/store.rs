@@ -11,7 +11,7 @@ use worker::{D1Database, Env};
 
 use crate::db::Db;
 pub use crate::db::WriteConflict;
-pub(crate) use crate::db::{flag, int, opt, opt_int, opt_ts, real, s, ts, Arg, Bound};
+pub(crate) use crate::db::{day, flag, int, opt, opt_int, opt_ts, real, s, ts, Arg, Bound};
 
 use crate::error::{ApiError, ApiResult};
 

@@ -788,7 +788,7 @@ impl Store {
         let row: Option<Count> = self
             .first(
                 "INSERT INTO rate_limits (key, window_start, count) VALUES (?1, ?2, 1) \
-                 ON CONFLICT (key, window_start) DO UPDATE SET count = count + 1 RETURNING count AS n",
+                 ON CONFLICT (key, window_start) DO UPDATE SET count = rate_limits.count + 1 RETURNING count AS n",
                 &[s(key), int(window_start)],
             )
             .await?;
@@ -825,8 +825,8 @@ impl Store {
     pub fn daily_call_stmt(&self, user_id: &str, day: &str, cap: i64) -> ApiResult<Bound<'_>> {
         self.stmt(
             "INSERT INTO call_day_counts (user_id, day, count, cap) VALUES (?1, ?2, 1, ?3) \
-             ON CONFLICT (user_id, day) DO UPDATE SET count = count + 1, cap = excluded.cap",
-            &[s(user_id), s(day), int(cap)],
+             ON CONFLICT (user_id, day) DO UPDATE SET count = call_day_counts.count + 1, cap = excluded.cap",
+            &[s(user_id), crate::store::day(day), int(cap)],
         )
     }
 
