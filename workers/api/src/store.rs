@@ -776,8 +776,8 @@ impl Store {
             stmts.push(self.stmt(
                 "INSERT INTO call_turn_latencies (call_id, turn, end_of_turn_to_first_audio_ms, llm_first_token_ms, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (call_id, turn) DO UPDATE SET \
-                 end_of_turn_to_first_audio_ms = COALESCE(excluded.end_of_turn_to_first_audio_ms, end_of_turn_to_first_audio_ms), \
-                 llm_first_token_ms = COALESCE(excluded.llm_first_token_ms, llm_first_token_ms)",
+                 end_of_turn_to_first_audio_ms = COALESCE(excluded.end_of_turn_to_first_audio_ms, call_turn_latencies.end_of_turn_to_first_audio_ms), \
+                 llm_first_token_ms = COALESCE(excluded.llm_first_token_ms, call_turn_latencies.llm_first_token_ms)",
                 &[s(call_id), int(i64::from(*turn)), opt_int(audio), opt_int(llm), ts(now)],
             )?);
         }
