@@ -1,7 +1,8 @@
 //! `cargo xtask test`: everything CI checks, in a fixed order, stopping at the first
 //! failure: setup, rustfmt, clippy (native and wasm32), the Worker build, the native
 //! binaries the stack launcher runs, then `cargo test --workspace` (unit and integration
-//! tests; the integration tests start their own `wrangler dev` via `cmb_tests::stack`).
+//! tests; the integration tests start their own `wrangler dev` via `cmb_tests::stack`) on
+//! D1, and the Worker-backed integration suites once more on PostgreSQL.
 //!
 //! Prints each step's wall time and a summary. It does not start services itself.
 
@@ -134,11 +135,27 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
             "cargo build (relay, fakes)",
         )
     })?;
-    step("cargo test --workspace", &mut || {
+    step("cargo test --workspace (D1)", &mut || {
         let mut cmd = cargo_in_root(&["test", "--workspace"]);
         if !args.test_args.is_empty() {
             cmd.arg("--").args(&args.test_args);
         }
         run_checked(&mut cmd, "cargo test")
+    })?;
+    // The same Worker-backed suites again with DB_BACKEND=postgres: each stack gets a
+    // fresh database on the local PostgreSQL server (started if it is not running).
+    step("integration tests on Postgres", &mut || {
+        let mut cmd = cargo_in_root(&["test", "-p", "cmb-tests"]);
+        for suite in POSTGRES_SUITES {
+            cmd.args(["--test", suite]);
+        }
+        cmd.env("CMB_DB_BACKEND", "postgres");
+        if !args.test_args.is_empty() {
+            cmd.arg("--").args(&args.test_args);
+        }
+        run_checked(&mut cmd, "cargo test (Postgres)")
     })
 }
+
+/// Every integration test binary that runs the Worker: all of them run on both backends.
+const POSTGRES_SUITES: &[&str] = &["api_*", "e2e_*"];
