@@ -121,6 +121,40 @@ impl ApiClient {
         .await
     }
 
+    /// The user's current balance (`GET /api/me`).
+    pub async fn credits(&self, user: &TestUser) -> anyhow::Result<i64> {
+        let me = self.get("/api/me", Some(&user.token)).await?;
+        me.body["user"]["credits"]
+            .as_i64()
+            .with_context(|| format!("no credits in /api/me: {}", me.body))
+    }
+
+    /// Polls `GET /api/calls/:id` until `done` holds for its body, or fails after
+    /// `within` with the last body.
+    pub async fn wait_call(
+        &self,
+        user: &TestUser,
+        id: &str,
+        within: std::time::Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let r = self
+                .get(&format!("/api/calls/{id}"), Some(&user.token))
+                .await?;
+            if done(&r.body) {
+                return Ok(r.body);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "call {id} not done in {within:?}: {}",
+                r.body
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Registers a fresh user with a unique email and returns it with its token.
     pub async fn register_user(&self, label: &str) -> anyhow::Result<TestUser> {
         let email = format!("{label}-{}@example.com", uuid::Uuid::new_v4().simple());

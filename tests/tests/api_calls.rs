@@ -102,11 +102,6 @@ async fn wait_status(
     }
 }
 
-async fn credits(api: &ApiClient, user: &TestUser) -> i64 {
-    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
-    me.body["user"]["credits"].as_i64().unwrap()
-}
-
 async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> Value {
     let r = api
         .post(
@@ -142,7 +137,7 @@ async fn triggered_call_progresses_and_settles() {
     assert_eq!(body["call"]["status"], "queued");
     let id = body["call"]["id"].as_str().unwrap().to_string();
     assert_eq!(
-        credits(&api, &user).await,
+        api.credits(&user).await.unwrap(),
         200 - 65,
         "first minute reserved"
     );
@@ -179,7 +174,7 @@ async fn triggered_call_progresses_and_settles() {
         3 * 13_000,
         "Twilio: 3 minutes at $0.013"
     );
-    assert_eq!(credits(&api, &user).await, 200 - 145);
+    assert_eq!(api.credits(&user).await.unwrap(), 200 - 145);
 
     let fake = wait_fake_finished(&number).await;
     assert_eq!(fake.param("From"), Some("+15005550006"));
@@ -226,7 +221,7 @@ async fn busy_and_no_answer_cost_nothing() {
         assert_eq!(body["call"]["status"], status, "{body}");
         assert_eq!(body["call"]["cost_cents"], 0);
         assert_eq!(
-            credits(&api, &user).await,
+            api.credits(&user).await.unwrap(),
             200,
             "{status}: reservation released, nothing charged"
         );
@@ -255,7 +250,7 @@ async fn answering_machine_pays_base_fee_only() {
     let (body, _) = wait_status(&api, &user, &id, &["completed", "failed"]).await;
     assert_eq!(body["call"]["status"], "completed");
     assert_eq!(body["call"]["cost_cents"], 25);
-    assert_eq!(credits(&api, &user).await, 200 - 25);
+    assert_eq!(api.credits(&user).await.unwrap(), 200 - 25);
     let fake = wait_fake_finished(&number).await;
     let twiml = &fake.twiml_fetches[0];
     let xml = format!("{twiml:?}");
@@ -329,7 +324,7 @@ async fn webhooks_refuse_bad_signatures() {
         "nothing changed: {}",
         r.body
     );
-    assert_eq!(credits(&api, &user).await, 200 - 65);
+    assert_eq!(api.credits(&user).await.unwrap(), 200 - 65);
 }
 
 /// After a call settled, replayed and out-of-order callbacks change nothing.
@@ -345,7 +340,7 @@ async fn replayed_and_out_of_order_callbacks_change_nothing() {
         .to_string();
     let (done, _) = wait_status(&api, &user, &id, &["completed"]).await;
     let fake = wait_fake_finished(&number).await;
-    let balance = credits(&api, &user).await;
+    let balance = api.credits(&user).await.unwrap();
     assert_eq!(balance, 200 - 65);
 
     let http = reqwest::Client::new();
@@ -389,7 +384,11 @@ async fn replayed_and_out_of_order_callbacks_change_nothing() {
         after.body["call"], done["call"],
         "the call record did not move"
     );
-    assert_eq!(credits(&api, &user).await, balance, "nothing billed twice");
+    assert_eq!(
+        api.credits(&user).await.unwrap(),
+        balance,
+        "nothing billed twice"
+    );
 }
 
 /// 20 concurrent triggers: at most what the balance allows is reserved (here one live
@@ -427,7 +426,7 @@ async fn concurrent_triggers_never_overdraw() {
         }
     }
     assert_eq!(created, 1, "one live call per user");
-    let balance = credits(&api, &user).await;
+    let balance = api.credits(&user).await.unwrap();
     assert_eq!(balance, 200 - 65);
     let history = api
         .get("/api/calls/history?limit=100", Some(&user.token))
@@ -453,7 +452,7 @@ async fn insufficient_credits_is_402() {
         body["call"]["cost_cents"], 200,
         "capped at what could be collected: {body}"
     );
-    assert_eq!(credits(&api, &user).await, 0);
+    assert_eq!(api.credits(&user).await.unwrap(), 0);
     let r = api
         .post(
             "/api/calls/trigger",
@@ -502,7 +501,7 @@ async fn bad_numbers_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status, 400);
-    assert_eq!(credits(&api, &user).await, 200, "nothing reserved");
+    assert_eq!(api.credits(&user).await.unwrap(), 200, "nothing reserved");
 }
 
 /// A scheduled call dials at its time; a canceled one never dials.
@@ -538,7 +537,7 @@ async fn scheduled_call_dials_on_time_and_canceled_never_does() {
     assert_eq!(r2.status, 201, "camelCase aliases accepted: {}", r2.body);
     let cancel_id = r2.body["call"]["id"].as_str().unwrap().to_string();
     assert_eq!(
-        credits(&api, &user).await,
+        api.credits(&user).await.unwrap(),
         200,
         "nothing reserved until dialing"
     );

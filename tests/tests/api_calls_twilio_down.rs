@@ -7,15 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::api::ApiClient;
 use cmb_tests::fakes::faults::Faults;
 use cmb_tests::harness;
 use serde_json::{json, Value};
-
-async fn credits(api: &ApiClient, user: &TestUser) -> i64 {
-    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
-    me.body["user"]["credits"].as_i64().unwrap()
-}
 
 /// A Twilio 5xx fails the call with its reason and releases the reservation.
 #[tokio::test]
@@ -55,5 +50,5 @@ async fn twilio_error_fails_the_call_and_releases() {
         reason.contains("503"),
         "reason names Twilio's answer: {reason}"
     );
-    assert_eq!(credits(&api, &user).await, 200);
+    assert_eq!(api.credits(&user).await.unwrap(), 200);
 }

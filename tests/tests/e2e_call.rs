@@ -9,13 +9,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::api::ApiClient;
 use cmb_tests::fakes::twilio;
 use cmb_tests::harness::{VoiceStack, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN};
 use cmb_tests::sim::{SimScript, Speaker, Step, Utterance};
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn voice() -> &'static VoiceStack {
     static STACK: OnceLock<VoiceStack> = OnceLock::new();
@@ -34,27 +34,6 @@ const LONG_REPLY: &str = "Great question! Start with three sets of ten squats, t
 fn unique_number() -> String {
     let n = uuid::Uuid::new_v4().as_u128() % 10_000_000;
     format!("+1628{n:07}")
-}
-
-async fn wait_final(api: &ApiClient, user: &TestUser, id: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = api
-            .get(&format!("/api/calls/{id}"), Some(&user.token))
-            .await
-            .unwrap();
-        let status = r.body["call"]["status"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if ["completed", "failed", "busy", "no_answer", "canceled"].contains(&status.as_str())
-            && !r.body["call"]["cost_cents"].is_null()
-        {
-            return r.body;
-        }
-        assert!(Instant::now() < deadline, "call never finished: {}", r.body);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The product's promise in one test: greeting, two answered turns, a barge-in that
@@ -90,7 +69,12 @@ async fn a_whole_call_with_barge_in() {
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.body["call"]["id"].as_str().unwrap().to_string();
 
-    let done = wait_final(&api, &user, &id, Duration::from_secs(90)).await;
+    let done = api
+        .wait_call(&user, &id, Duration::from_secs(90), |b| {
+            !b["call"]["cost_cents"].is_null()
+        })
+        .await
+        .unwrap();
     let fake = v
         .twilio
         .calls()
@@ -178,8 +162,7 @@ async fn a_whole_call_with_barge_in() {
     );
     let charged = done["call"]["cost_cents"].as_i64().unwrap();
     assert!(charged >= 65, "at least base + one minute: {charged}");
-    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
-    assert_eq!(me.body["user"]["credits"].as_i64().unwrap(), 200 - charged);
+    assert_eq!(api.credits(&user).await.unwrap(), 200 - charged);
 
     // The simulator's own view agrees that the persona spoke and the caller spoke.
     assert!(fake

@@ -27,18 +27,9 @@ async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> String {
 }
 
 async fn wait_settled(api: &ApiClient, user: &TestUser, id: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = api
-            .get(&format!("/api/calls/{id}"), Some(&user.token))
-            .await
-            .unwrap();
-        if !r.body["call"]["cost_cents"].is_null() {
-            return r.body;
-        }
-        assert!(Instant::now() < deadline, "call never settled: {}", r.body);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    api.wait_call(user, id, within, |b| !b["call"]["cost_cents"].is_null())
+        .await
+        .unwrap()
 }
 
 /// Waits until the caller has heard `n` persona lines in full.

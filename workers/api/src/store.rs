@@ -208,6 +208,21 @@ pub struct Store {
     db: Db,
 }
 
+/// A persona's writable fields as arguments, in column order (name … speed).
+fn persona_args(p: &PersonaWrite) -> [Arg; 9] {
+    [
+        s(&p.name),
+        s(&p.description),
+        s(&p.system_prompt),
+        s(&p.greeting),
+        s(&p.voice_id),
+        real(p.stability),
+        real(p.similarity_boost),
+        real(p.style),
+        real(p.speed),
+    ]
+}
+
 const USER_COLUMNS: &str =
     "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, created_at";
 const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
@@ -343,24 +358,14 @@ impl Store {
         p: &PersonaWrite,
         now: &str,
     ) -> ApiResult<()> {
+        let mut args = vec![s(id), opt(owner)];
+        args.extend(persona_args(p));
+        args.push(ts(now));
         let stmt = self.stmt(
             "INSERT INTO personas (id, owner_id, name, description, system_prompt, greeting, voice_id, \
              stability, similarity_boost, style, speed, is_active, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, TRUE, ?12, ?12)",
-            &[
-                s(id),
-                opt(owner),
-                s(&p.name),
-                s(&p.description),
-                s(&p.system_prompt),
-                s(&p.greeting),
-                s(&p.voice_id),
-                real(p.stability),
-                real(p.similarity_boost),
-                real(p.style),
-                real(p.speed),
-                ts(now),
-            ],
+            &args,
         )?;
         stmt.run()
             .await
@@ -369,22 +374,13 @@ impl Store {
     }
 
     pub async fn update_persona(&self, id: &str, p: &PersonaWrite, now: &str) -> ApiResult<()> {
+        let mut args = vec![s(id)];
+        args.extend(persona_args(p));
+        args.push(ts(now));
         let stmt = self.stmt(
             "UPDATE personas SET name = ?2, description = ?3, system_prompt = ?4, greeting = ?5, voice_id = ?6, \
              stability = ?7, similarity_boost = ?8, style = ?9, speed = ?10, updated_at = ?11 WHERE id = ?1",
-            &[
-                s(id),
-                s(&p.name),
-                s(&p.description),
-                s(&p.system_prompt),
-                s(&p.greeting),
-                s(&p.voice_id),
-                real(p.stability),
-                real(p.similarity_boost),
-                real(p.style),
-                real(p.speed),
-                ts(now),
-            ],
+            &args,
         )?;
         stmt.run()
             .await
