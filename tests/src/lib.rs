@@ -4,6 +4,7 @@ pub mod api;
 pub mod audio;
 pub mod fakes;
 pub mod harness;
+pub mod loadgen;
 pub mod pg;
 pub mod sim;
 pub mod stack;

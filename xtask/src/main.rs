@@ -4,7 +4,7 @@
 //! - `build-worker`: build the Worker with worker-build, offline.
 //! - `dev`: the whole local stack (Worker, relay, fakes) until Ctrl-C.
 //! - `test`: everything CI checks, in order, failing on the first problem.
-//! - `bench`: reserved for the load benchmark (a later issue).
+//! - `bench relay`: the media relay under load (figures in docs/PERFORMANCE.md).
 //!
 //! Argument parsing and dispatch only; each command lives in `cmd/`.
 
@@ -43,8 +43,8 @@ enum Command {
     Dev(cmd::dev::DevArgs),
     /// Setup, format check, clippy (native and wasm32), Worker build, all tests.
     Test(cmd::test::TestArgs),
-    /// Load benchmark (not implemented yet).
-    Bench,
+    /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S]`).
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,10 +61,7 @@ fn main() -> ExitCode {
         Command::BuildWorker { release } => cmd::build::build_worker(&repo, release),
         Command::Dev(args) => cmd::dev::run(&repo, &args),
         Command::Test(args) => cmd::test::run(&repo, &args),
-        Command::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet (the load benchmark comes in a later issue)");
-            return ExitCode::from(2);
-        }
+        Command::Bench(args) => cmd::bench::run(&repo, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
