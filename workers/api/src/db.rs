@@ -32,6 +32,8 @@ pub enum Arg {
     Time(Option<String>),
     /// A `YYYY-MM-DD` day: TEXT in D1, `date` in Postgres.
     Date(Option<String>),
+    /// JSON text: TEXT in D1, `jsonb` in Postgres.
+    Json(Option<String>),
 }
 
 pub fn s(v: &str) -> Arg {
@@ -362,7 +364,7 @@ impl Db {
 
 fn d1_arg(a: &Arg) -> JsValue {
     match a {
-        Arg::Text(v) | Arg::Time(v) | Arg::Date(v) => {
+        Arg::Text(v) | Arg::Time(v) | Arg::Date(v) | Arg::Json(v) => {
             v.as_deref().map_or(JsValue::NULL, JsValue::from_str)
         }
         // Integers cross into JS as numbers; every value we store is far below 2^53.
@@ -439,6 +441,7 @@ fn pg_params(stmt: &Stmt) -> (String, Vec<Box<dyn ToSql + Sync>>) {
             Some(Arg::Bool(_)) => "::boolean",
             Some(Arg::Time(_)) => "::text::timestamptz",
             Some(Arg::Date(_)) => "::text::date",
+            Some(Arg::Json(_)) => "::text::jsonb",
         };
         format!("${n}{cast}")
     });
@@ -447,7 +450,7 @@ fn pg_params(stmt: &Stmt) -> (String, Vec<Box<dyn ToSql + Sync>>) {
         .iter()
         .map(|a| -> Box<dyn ToSql + Sync> {
             match a {
-                Arg::Text(v) | Arg::Time(v) | Arg::Date(v) => Box::new(v.clone()),
+                Arg::Text(v) | Arg::Time(v) | Arg::Date(v) | Arg::Json(v) => Box::new(v.clone()),
                 Arg::Int(v) => Box::new(*v),
                 Arg::Real(v) => Box::new(*v),
                 Arg::Bool(v) => Box::new(*v),
@@ -520,6 +523,11 @@ fn pg_row_to_json(row: &tokio_postgres::Row) -> ApiResult<Value> {
             row.try_get::<_, Option<bool>>(i)
                 .map_err(decode)?
                 .map_or(Value::Null, |b| Value::from(i64::from(b)))
+        } else if *t == Type::JSONB || *t == Type::JSON {
+            // JSON reads back as its text, as D1 stores it.
+            row.try_get::<_, Option<Value>>(i)
+                .map_err(decode)?
+                .map_or(Value::Null, |j| Value::String(j.to_string()))
         } else if *t == Type::DATE {
             row.try_get::<_, Option<chrono::NaiveDate>>(i)
                 .map_err(decode)?

@@ -12,7 +12,7 @@ use crate::store::Bound;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
-use crate::store::{int, opt, s, LedgerEntry, PersonaRow, Store, WriteConflict};
+use crate::store::{flag, int, opt, s, ts, LedgerEntry, PersonaRow, Store, WriteConflict};
 
 /// Who did something, as recorded in the audit log.
 #[derive(Debug, Clone)]
@@ -232,7 +232,7 @@ struct Count {
 const CALL_DAY: &str = "date(COALESCE(c.started_at, c.scheduled_time, c.created_at))";
 
 const ADMIN_USER_COLUMNS: &str = "u.id, u.email, u.name, u.phone_number, u.role, u.tier, u.credits, u.is_banned, \
-     COALESCE((SELECT SUM(r.credits_due - r.credits_taken) FROM payment_refunds r WHERE r.user_id = u.id), 0) AS debt, \
+     COALESCE((SELECT CAST(SUM(r.credits_due - r.credits_taken) AS BIGINT) FROM payment_refunds r WHERE r.user_id = u.id), 0) AS debt, \
      u.created_at";
 
 const ADMIN_CALL_COLUMNS: &str = "c.id, c.user_id, u.email AS user_email, c.persona_id, c.phone_number, c.status, \
@@ -258,7 +258,7 @@ pub fn like_pattern(q: &str) -> String {
 }
 
 fn json_text(v: &Option<serde_json::Value>) -> crate::store::Arg {
-    crate::store::Arg::Text(v.as_ref().map(|v| v.to_string()))
+    crate::store::Arg::Json(v.as_ref().map(|v| v.to_string()))
 }
 
 impl Store {
@@ -279,7 +279,7 @@ impl Store {
                 json_text(&e.before),
                 json_text(&e.after),
                 opt(e.reason),
-                s(now),
+                ts(now),
             ],
         )
     }
@@ -300,11 +300,22 @@ impl Store {
         reason: Option<&str>,
         now: &str,
     ) -> ApiResult<Bound<'_>> {
+        // JSON is built in SQL so the before/after balance is the one this transaction
+        // sees; the two databases spell JSON functions differently.
+        let (before, after) = match self.dialect() {
+            crate::db::Dialect::Sqlite => (
+                "json_object('credits', credits)".to_string(),
+                format!("json_patch(json_object('credits', credits + ({delta_sql})), ?8)"),
+            ),
+            crate::db::Dialect::Postgres => (
+                "jsonb_build_object('credits', credits)".to_string(),
+                format!("jsonb_build_object('credits', credits + ({delta_sql})) || ?8"),
+            ),
+        };
         self.stmt(
             &format!(
                 "INSERT INTO audit_log (id, actor_id, actor, action, target_type, target_id, before_json, after_json, reason, created_at) \
-                 SELECT ?1, ?2, ?3, ?4, 'user', id, json_object('credits', credits), \
-                 json_patch(json_object('credits', credits + ({delta_sql})), ?8), ?6, ?7 FROM users WHERE id = ?5"
+                 SELECT ?1, ?2, ?3, ?4, 'user', id, {before}, {after}, ?6, ?7 FROM users WHERE id = ?5"
             ),
             &[
                 s(id),
@@ -313,8 +324,8 @@ impl Store {
                 s(action),
                 s(user_id),
                 opt(reason),
-                s(now),
-                s(&extra_after.to_string()),
+                ts(now),
+                crate::store::Arg::Json(Some(extra_after.to_string())),
                 int(delta_param),
             ],
         )
@@ -370,7 +381,7 @@ impl Store {
                 int(p.credits),
                 int(p.amount_cents),
                 s(p.currency),
-                s(now),
+                ts(now),
             ],
         )?
         .run()
@@ -407,7 +418,7 @@ impl Store {
     ) -> ApiResult<Bound<'_>> {
         self.stmt(
             "INSERT INTO stripe_events (id, type, object_id, outcome, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            &[s(id), s(kind), s(object_id), s(outcome), s(now)],
+            &[s(id), s(kind), s(object_id), s(outcome), ts(now)],
         )
     }
 
@@ -423,7 +434,7 @@ impl Store {
         self.stmt(
             "INSERT INTO stripe_events (id, type, object_id, outcome, received_at) VALUES (?1, ?2, ?3, ?4, ?5) \
              ON CONFLICT (id) DO NOTHING",
-            &[s(id), s(kind), s(object_id), s(outcome), s(now)],
+            &[s(id), s(kind), s(object_id), s(outcome), ts(now)],
         )?
         .run()
         .await
@@ -488,7 +499,7 @@ impl Store {
                 int(p.amount_cents),
                 s(p.currency),
                 opt(f.payment_intent),
-                s(now),
+                ts(now),
             ],
         )?);
         self.batch(stmts).await
@@ -506,7 +517,7 @@ impl Store {
         let event = self.event_stmt(event_id, event_type, session_id, status, now)?;
         let update = self.stmt(
             "UPDATE purchases SET status = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'open'",
-            &[s(session_id), s(status), s(now)],
+            &[s(session_id), s(status), ts(now)],
         )?;
         self.batch(vec![event, update]).await
     }
@@ -527,7 +538,7 @@ impl Store {
         // Every statement below reads `credits` before the final UPDATE changes it.
         stmts.push(self.stmt(
             "INSERT INTO payment_refunds (id, charge_id, purchase_id, user_id, refunded_cents, credits_due, credits_taken, created_at) \
-             SELECT ?1, ?2, ?3, id, ?5, ?6, MIN(credits, ?6), ?7 FROM users WHERE id = ?4",
+             SELECT ?1, ?2, ?3, id, ?5, ?6, CASE WHEN credits < ?6 THEN credits ELSE ?6 END, ?7 FROM users WHERE id = ?4",
             &[
                 s(r.id),
                 s(r.charge_id),
@@ -535,7 +546,7 @@ impl Store {
                 s(r.user_id),
                 int(r.refunded_cents),
                 int(r.credits_due),
-                s(now),
+                ts(now),
             ],
         )?);
         stmts.push(self.balance_audit_stmt(
@@ -543,7 +554,7 @@ impl Store {
             &Actor::stripe(),
             "payment.refund",
             r.user_id,
-            "-MIN(credits, ?9)",
+            "-(CASE WHEN credits < ?9 THEN credits ELSE ?9 END)",
             r.credits_due,
             &serde_json::json!({
                 "charge_id": r.charge_id,
@@ -556,29 +567,29 @@ impl Store {
         )?);
         stmts.push(self.stmt(
             "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, call_id, reason, created_at) \
-             SELECT ?1, id, 'refund', -MIN(credits, ?3), ?4, NULL, ?5, ?6 FROM users WHERE id = ?2",
+             SELECT ?1, id, 'refund', -(CASE WHEN credits < ?3 THEN credits ELSE ?3 END), ?4, NULL, ?5, ?6 FROM users WHERE id = ?2",
             &[
                 s(r.ledger_id),
                 s(r.user_id),
                 int(r.credits_due),
                 s(&key),
                 s(&reason),
-                s(now),
+                ts(now),
             ],
         )?);
         stmts.push(self.stmt(
-            "UPDATE users SET credits = credits - MIN(credits, ?2), updated_at = ?3 WHERE id = ?1",
-            &[s(r.user_id), int(r.credits_due), s(now)],
+            "UPDATE users SET credits = credits - (CASE WHEN credits < ?2 THEN credits ELSE ?2 END), updated_at = ?3 WHERE id = ?1",
+            &[s(r.user_id), int(r.credits_due), ts(now)],
         )?);
         if let Some(purchase) = r.purchase_id {
             stmts.push(self.stmt(
-                "UPDATE purchases SET refunded_cents = MAX(refunded_cents, ?2), \
-                 status = CASE WHEN ?3 = 1 THEN 'refunded' ELSE status END, updated_at = ?4 WHERE id = ?1",
+                "UPDATE purchases SET refunded_cents = CASE WHEN refunded_cents > ?2 THEN refunded_cents ELSE ?2 END, \
+                 status = CASE WHEN ?3 THEN 'refunded' ELSE status END, updated_at = ?4 WHERE id = ?1",
                 &[
                     s(purchase),
                     int(r.cumulative_refunded_cents),
-                    int(i64::from(r.fully_refunded)),
-                    s(now),
+                    flag(r.fully_refunded),
+                    ts(now),
                 ],
             )?);
         }
@@ -594,9 +605,9 @@ impl Store {
         offset: i64,
     ) -> ApiResult<(Vec<AdminUserRow>, i64)> {
         let pattern = q.map(like_pattern);
-        // SQLite's LIKE is case-insensitive for ASCII, which is what emails and most
-        // names need here.
-        let filter = "(?1 IS NULL OR u.email LIKE ?1 ESCAPE '\\' OR u.name LIKE ?1 ESCAPE '\\')";
+        // Case-insensitive on both databases (SQLite's LIKE already is for ASCII;
+        // Postgres' is not).
+        let filter = "(?1 IS NULL OR LOWER(u.email) LIKE LOWER(?1) ESCAPE '\\' OR LOWER(u.name) LIKE LOWER(?1) ESCAPE '\\')";
         let rows = self
             .all(
                 &format!(
@@ -641,12 +652,21 @@ impl Store {
         audit: &AuditEntry<'_>,
         now: &str,
     ) -> ApiResult<()> {
-        let from = i64::from(!banned);
-        let to = i64::from(banned);
+        let (before, after) = match self.dialect() {
+            crate::db::Dialect::Sqlite => (
+                "json_object('is_banned', json(CASE WHEN is_banned THEN 'true' ELSE 'false' END))",
+                "json_object('is_banned', json(?8))",
+            ),
+            crate::db::Dialect::Postgres => (
+                "jsonb_build_object('is_banned', is_banned)",
+                "jsonb_build_object('is_banned', ?8)",
+            ),
+        };
         let audit_stmt = self.stmt(
-            "INSERT INTO audit_log (id, actor_id, actor, action, target_type, target_id, before_json, after_json, reason, created_at) \
-             SELECT ?1, ?2, ?3, ?4, 'user', id, json_object('is_banned', json(CASE WHEN is_banned = 1 THEN 'true' ELSE 'false' END)), \
-             json_object('is_banned', json(?8)), ?6, ?7 FROM users WHERE id = ?5 AND is_banned = ?9",
+            &format!(
+                "INSERT INTO audit_log (id, actor_id, actor, action, target_type, target_id, before_json, after_json, reason, created_at) \
+                 SELECT ?1, ?2, ?3, ?4, 'user', id, {before}, {after}, ?6, ?7 FROM users WHERE id = ?5 AND is_banned = ?9"
+            ),
             &[
                 s(audit.id),
                 opt(audit.actor.id.as_deref()),
@@ -654,14 +674,17 @@ impl Store {
                 s(audit.action),
                 s(user_id),
                 opt(audit.reason),
-                s(now),
-                s(if banned { "true" } else { "false" }),
-                int(from),
+                ts(now),
+                match self.dialect() {
+                    crate::db::Dialect::Sqlite => s(if banned { "true" } else { "false" }),
+                    crate::db::Dialect::Postgres => flag(banned),
+                },
+                flag(!banned),
             ],
         )?;
         let update = self.stmt(
             "UPDATE users SET is_banned = ?2, updated_at = ?3 WHERE id = ?1 AND is_banned = ?4",
-            &[s(user_id), int(to), s(now), int(from)],
+            &[s(user_id), flag(banned), ts(now), flag(!banned)],
         )?;
         match self.batch(vec![audit_stmt, update]).await? {
             Ok(()) => Ok(()),
@@ -836,14 +859,14 @@ impl Store {
         self.all(
             &format!(
                 "SELECT {CALL_DAY} AS day, c.status AS status, COUNT(*) AS calls, \
-                 COALESCE(SUM(c.duration_seconds), 0) AS duration_seconds, \
-                 COALESCE(SUM(CASE WHEN c.status = 'completed' AND c.duration_seconds > 0 \
-                   THEN (c.duration_seconds + 59) / 60 ELSE 0 END), 0) AS billed_minutes, \
-                 COALESCE(SUM(c.cost_cents), 0) AS credits_charged \
+                 COALESCE(CAST(SUM(c.duration_seconds) AS BIGINT), 0) AS duration_seconds, \
+                 COALESCE(CAST(SUM(CASE WHEN c.status = 'completed' AND c.duration_seconds > 0 \
+                   THEN (c.duration_seconds + 59) / 60 ELSE 0 END) AS BIGINT), 0) AS billed_minutes, \
+                 COALESCE(CAST(SUM(c.cost_cents) AS BIGINT), 0) AS credits_charged \
                  FROM calls c WHERE {CALL_DAY} BETWEEN ?1 AND ?2 \
                  GROUP BY 1, 2 ORDER BY 1, 2"
             ),
-            &[s(from), s(to)],
+            &[crate::store::day(from), crate::store::day(to)],
         )
         .await
     }
@@ -861,35 +884,43 @@ impl Store {
                  r AS ( \
                    SELECT day, ms, ROW_NUMBER() OVER (PARTITION BY day ORDER BY ms) AS rn, \
                    COUNT(*) OVER (PARTITION BY day) AS n FROM l) \
-                 SELECT day, COUNT(*) AS turns, AVG(ms) AS avg_ms, \
+                 SELECT day, COUNT(*) AS turns, CAST(AVG(ms) AS DOUBLE PRECISION) AS avg_ms, \
                  MIN(CASE WHEN rn * 100 >= n * 95 THEN ms END) AS p95_ms \
                  FROM r GROUP BY day ORDER BY day"
             )
         };
-        let mut rows: Vec<LatencyDayRow> = self.all(&query(CALL_DAY), &[s(from), s(to)]).await?;
+        let mut rows: Vec<LatencyDayRow> = self
+            .all(
+                &query(CALL_DAY),
+                &[crate::store::day(from), crate::store::day(to)],
+            )
+            .await?;
         rows.extend(
-            self.all::<LatencyDayRow>(&query("'total'"), &[s(from), s(to)])
-                .await?,
+            self.all::<LatencyDayRow>(
+                &query("'total'"),
+                &[crate::store::day(from), crate::store::day(to)],
+            )
+            .await?,
         );
         Ok(rows)
     }
 
     pub async fn sales_by_day(&self, from: &str, to: &str) -> ApiResult<Vec<SalesDayRow>> {
         self.all(
-            "SELECT date(paid_at) AS day, COUNT(*) AS purchases, SUM(credits) AS credits_sold, \
-             SUM(amount_cents) AS sales_cents FROM purchases \
+            "SELECT date(paid_at) AS day, COUNT(*) AS purchases, CAST(SUM(credits) AS BIGINT) AS credits_sold, \
+             CAST(SUM(amount_cents) AS BIGINT) AS sales_cents FROM purchases \
              WHERE paid_at IS NOT NULL AND date(paid_at) BETWEEN ?1 AND ?2 GROUP BY 1 ORDER BY 1",
-            &[s(from), s(to)],
+            &[crate::store::day(from), crate::store::day(to)],
         )
         .await
     }
 
     pub async fn refunds_by_day(&self, from: &str, to: &str) -> ApiResult<Vec<RefundDayRow>> {
         self.all(
-            "SELECT date(created_at) AS day, COUNT(*) AS refunds, SUM(refunded_cents) AS refunded_cents, \
-             SUM(credits_taken) AS credits_taken, SUM(credits_due - credits_taken) AS debt_credits \
+            "SELECT date(created_at) AS day, COUNT(*) AS refunds, CAST(SUM(refunded_cents) AS BIGINT) AS refunded_cents, \
+             CAST(SUM(credits_taken) AS BIGINT) AS credits_taken, CAST(SUM(credits_due - credits_taken) AS BIGINT) AS debt_credits \
              FROM payment_refunds WHERE date(created_at) BETWEEN ?1 AND ?2 GROUP BY 1 ORDER BY 1",
-            &[s(from), s(to)],
+            &[crate::store::day(from), crate::store::day(to)],
         )
         .await
     }
@@ -897,12 +928,12 @@ impl Store {
     pub async fn costs_by_day(&self, from: &str, to: &str) -> ApiResult<Vec<CostDayRow>> {
         self.all(
             &format!(
-                "SELECT {CALL_DAY} AS day, k.provider AS provider, SUM(k.quantity) AS quantity, \
-                 SUM(k.cost_micros) AS cost_micros \
+                "SELECT {CALL_DAY} AS day, k.provider AS provider, CAST(SUM(k.quantity) AS DOUBLE PRECISION) AS quantity, \
+                 CAST(SUM(k.cost_micros) AS BIGINT) AS cost_micros \
                  FROM call_costs k JOIN calls c ON c.id = k.call_id \
                  WHERE {CALL_DAY} BETWEEN ?1 AND ?2 GROUP BY 1, 2 ORDER BY 1, 2"
             ),
-            &[s(from), s(to)],
+            &[crate::store::day(from), crate::store::day(to)],
         )
         .await
     }
