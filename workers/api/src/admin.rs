@@ -120,10 +120,12 @@ pub async fn users(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let q: UsersQuery = query(req)?;
     let (limit, offset) = page(q.limit, q.offset)?;
     let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    if search.is_some_and(|s| s.chars().count() > 100) {
+    // D1 refuses LIKE patterns over 50 bytes ("pattern too complex"): say so as a 400
+    // rather than fail inside the database.
+    if search.is_some_and(|s| crate::store_admin::like_pattern(s).len() > 50) {
         return Err(ApiError::bad_request(
             "invalid_query",
-            "q must be at most 100 characters.",
+            "q is too long: search with at most 48 characters (e.g. part of the email).",
         ));
     }
     let (rows, total) = ctx.store.admin_users(search, limit, offset).await?;

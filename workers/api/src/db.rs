@@ -395,6 +395,8 @@ pub fn classify_message(text: &str) -> Option<WriteConflict> {
         Some(WriteConflict::LiveCall)
     } else if text.contains("UNIQUE constraint failed") {
         Some(WriteConflict::Duplicate)
+    } else if text.contains("CHECK constraint failed: calls_per_day_cap") {
+        Some(WriteConflict::DailyLimit)
     } else if text.contains("CHECK constraint failed") {
         Some(WriteConflict::Check)
     } else {
@@ -583,6 +585,10 @@ mod tests {
         assert_eq!(
             classify_message("CHECK constraint failed: credits >= 0"),
             Some(WriteConflict::Check)
+        );
+        assert_eq!(
+            classify_message("CHECK constraint failed: calls_per_day_cap: SQLITE_CONSTRAINT"),
+            Some(WriteConflict::DailyLimit)
         );
         assert_eq!(classify_message("no such table"), None);
     }
