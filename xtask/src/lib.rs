@@ -8,6 +8,7 @@
 
 pub mod health;
 pub mod net;
+pub mod pg;
 pub mod providers;
 pub mod repo;
 pub mod service;

@@ -49,7 +49,20 @@ pub struct DevArgs {
     /// First port for the fake providers (consecutive ports from here).
     #[arg(long, default_value_t = 8790)]
     fakes_base_port: u16,
+    /// The database: `d1` (local SQLite, the default) or `postgres` (the machine's
+    /// PostgreSQL server, database `cmb_dev`, through the Worker's Hyperdrive binding).
+    #[arg(long, value_enum, default_value_t = DevDb::D1)]
+    db: DevDb,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevDb {
+    D1,
+    Postgres,
+}
+
+/// The development database on Postgres (persistent; only new migrations are applied).
+const DEV_PG_DATABASE: &str = "cmb_dev";
 
 pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
     setup::run(repo)?;
@@ -82,6 +95,19 @@ pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
         ("PUBLIC_BASE_URL".to_owned(), worker_url.clone()),
         ("RELAY_URL".to_owned(), relay_public_url.clone()),
     ]);
+    let postgres_url = if args.db == DevDb::Postgres {
+        let migrations = repo.root().join("migrations/postgres");
+        let db = xtask::pg::persistent_database(DEV_PG_DATABASE, &migrations)?;
+        println!(
+            "dev: database: PostgreSQL {} (Postgres migrations applied)",
+            db.name
+        );
+        worker_vars.insert("DB_BACKEND".to_owned(), "postgres".to_owned());
+        Some(db.url())
+    } else {
+        println!("dev: database: local D1 in {}", state_dir.display());
+        None
+    };
     let mut relay_env = BTreeMap::from([
         ("RELAY_LISTEN".to_owned(), relay_origin.clone()),
         ("RELAY_PUBLIC_URL".to_owned(), relay_public_url.clone()),
@@ -123,9 +149,14 @@ pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
         vars: worker_vars.clone(),
         env_file: None,
     };
-    services.push(Service::spawn(
-        wrangler.spec(repo, &node, "worker")?.echo(true),
-    )?);
+    let mut worker_spec = wrangler.spec(repo, &node, "worker")?.echo(true);
+    if let Some(url) = &postgres_url {
+        worker_spec = worker_spec.env(
+            "CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE",
+            url,
+        );
+    }
+    services.push(Service::spawn(worker_spec)?);
     let mut relay = ServiceSpec::new("relay", bins.join("media-relay"))
         .cwd(repo.root())
         .echo(true);
