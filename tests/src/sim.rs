@@ -61,12 +61,18 @@ impl SimScript {
         self
     }
 
-    /// The script the `fakes` binary uses: wait for the greeting, say two short things
-    /// (each after the persona finished its reply), then hang up.
+    /// The script the `fakes` binary uses (so `cargo xtask dev` shows a whole call): wait
+    /// for the greeting, take two turns, interrupt the persona's second reply, take one
+    /// more turn, then hang up.
     pub fn default_conversation() -> Self {
         Self::new(vec![
             Step::WaitForPersonaToFinish { silence_ms: 800 },
             Step::Say(Utterance::text("Hi, I am ready.")),
+            Step::WaitForPersonaToFinish { silence_ms: 800 },
+            Step::Say(Utterance::text("Tell me about my plan for today.")),
+            // Barge in a little way into the persona's answer, as people do.
+            Step::InterruptAfterMs(600),
+            Step::Say(Utterance::text("Sorry, one more thing.")),
             Step::WaitForPersonaToFinish { silence_ms: 800 },
             Step::Say(Utterance::text("Thanks, bye.")),
             Step::WaitForPersonaToFinish { silence_ms: 800 },
