@@ -134,6 +134,69 @@ pub struct ClientConfig {
     pub speak_every_ms: u64,
     /// … this utterance (tone-coded so the fake Deepgram transcribes it).
     pub utterance: String,
+    /// Where tagged frames' send times go (see [`FrameClock`]).
+    pub frames: FrameClock,
+}
+
+/// Send and receive times of tagged silence frames, to time caller → relay → Deepgram.
+/// One in every [`TAG_EVERY`] silence frames carries an id in its first bytes, written
+/// with μ-law codes of near-zero amplitude so it stays silence to any VAD.
+#[derive(Clone, Default)]
+pub struct FrameClock {
+    sent: Arc<std::sync::Mutex<std::collections::HashMap<u32, Instant>>>,
+    received: Arc<std::sync::Mutex<Vec<(u32, Instant)>>>,
+}
+
+pub const TAG_EVERY: u64 = 5;
+
+impl FrameClock {
+    /// Writes `id` into a silence frame.
+    pub fn tag(frame: &mut [u8; 160], id: u32) {
+        frame[0] = 0xFE;
+        frame[1] = 0x7E;
+        for i in 0..8 {
+            frame[2 + i] = 0xF0 | ((id >> (28 - 4 * i)) & 0x0F) as u8;
+        }
+    }
+
+    /// The id of a tagged frame.
+    pub fn read(frame: &[u8]) -> Option<u32> {
+        if frame.len() < 10 || frame[0] != 0xFE || frame[1] != 0x7E {
+            return None;
+        }
+        frame[2..10].iter().try_fold(0u32, |acc, b| {
+            (b & 0xF0 == 0xF0).then_some((acc << 4) | u32::from(b & 0x0F))
+        })
+    }
+
+    fn sent(&self, id: u32) {
+        if let Ok(mut m) = self.sent.lock() {
+            m.insert(id, Instant::now());
+        }
+    }
+
+    /// For the Deepgram fake's audio tap.
+    pub fn received(&self, frame: &[u8]) {
+        if let Some(id) = Self::read(frame) {
+            if let Ok(mut v) = self.received.lock() {
+                v.push((id, Instant::now()));
+            }
+        }
+    }
+
+    /// Caller send → Deepgram receive, in ms, for every tagged frame that arrived.
+    pub fn latencies_ms(&self) -> Vec<f64> {
+        let (Ok(sent), Ok(received)) = (self.sent.lock(), self.received.lock()) else {
+            return Vec::new();
+        };
+        received
+            .iter()
+            .filter_map(|(id, at)| {
+                sent.get(id)
+                    .map(|s| at.duration_since(*s).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    }
 }
 
 /// What one call measured.
@@ -244,6 +307,7 @@ async fn run_call_inner(
     // Stagger the calls so utterances do not all start on the same tick.
     let offset_ms = (index as u64 * 137) % cfg.speak_every_ms.max(1);
     let silence = [audio::ULAW_SILENCE; 160];
+    let mut tagged = silence;
     while started.elapsed() < duration {
         tokio::select! {
             Some(name) = mark_rx.recv() => {
@@ -255,7 +319,16 @@ async fn run_call_inner(
                 let ms = chunk * 20;
                 let phase = (ms + offset_ms) % cfg.speak_every_ms;
                 let at = (phase / 20) as usize * 160;
-                let frame: &[u8] = if at + 160 <= speech.len() { &speech[at..at + 160] } else { &silence };
+                let frame: &[u8] = if at + 160 <= speech.len() {
+                    &speech[at..at + 160]
+                } else if chunk % TAG_EVERY == 0 {
+                    let id = ((index as u32 & 0xFFF) << 20) | (chunk as u32 & 0xF_FFFF);
+                    FrameClock::tag(&mut tagged, id);
+                    cfg.frames.sent(id);
+                    &tagged
+                } else {
+                    &silence
+                };
                 // Turns in the first second could be mistaken for the greeting's audio.
                 if at < speech.len() && at + 160 >= speech.len() && started.elapsed() > Duration::from_secs(1) {
                     // The last frame of the utterance goes out now.
@@ -292,6 +365,19 @@ pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tagged frame's id reads back; untagged silence and speech do not.
+    #[test]
+    fn frame_tags_round_trip() {
+        let mut f = [audio::ULAW_SILENCE; 160];
+        FrameClock::tag(&mut f, 0xABC1_2345);
+        assert_eq!(FrameClock::read(&f), Some(0xABC1_2345));
+        assert_eq!(FrameClock::read(&[audio::ULAW_SILENCE; 160]), None);
+        assert!(
+            audio::energy_dbfs(&f) < -40.0,
+            "a tag stays silence to a VAD"
+        );
+    }
 
     /// Nearest-rank percentiles on a known set.
     #[test]

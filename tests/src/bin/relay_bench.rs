@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use cmb_tests::fakes::{deepgram, elevenlabs, LOOPBACK_ANY};
-use cmb_tests::loadgen::{self, ClientConfig, ControlPeer};
+use cmb_tests::loadgen::{self, ClientConfig, ControlPeer, FrameClock};
 
 const SECRET: &str = "bench-relay-secret-0123456789abcdef0123456789";
 const TWILIO_TOKEN: &str = "bench-twilio-token";
@@ -88,9 +88,14 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
+    let frames = FrameClock::default();
+    let tap = frames.clone();
     let dg = deepgram::spawn(deepgram::Config {
         api_key: DG_KEY.into(),
         idle_timeout: Duration::from_secs(600),
+        audio_tap: Some(deepgram::AudioTap(std::sync::Arc::new(
+            move |b: &[u8]| tap.received(b),
+        ))),
         ..Default::default()
     })
     .await?;
@@ -148,6 +153,7 @@ async fn run(args: Args) -> Result<()> {
         relay_secret: SECRET.into(),
         speak_every_ms: 4000,
         utterance: "hello there".into(),
+        frames: frames.clone(),
     };
     let ramp = Duration::from_secs(args.ramp_secs);
     let steady = Duration::from_secs(args.duration_secs);
@@ -206,6 +212,8 @@ async fn run(args: Args) -> Result<()> {
     let rss_steady = loadgen::percentile(&rss_samples, 0.5).unwrap_or(0.0);
     let rss_per_call_kib = (rss_steady - rss_idle as f64) / args.calls as f64;
     let p = |q| loadgen::percentile(&latencies, q).unwrap_or(f64::NAN);
+    let frame_ms = frames.latencies_ms();
+    let f = |q| loadgen::percentile(&frame_ms, q).unwrap_or(f64::NAN);
 
     println!(
         "relay benchmark: {} calls, {}s ramp, {:.0}s measured window",
@@ -234,6 +242,12 @@ async fn run(args: Args) -> Result<()> {
         "    minus {ENDPOINTING_MS:.0} ms endpointing         p50 {:.1} ms  p99 {:.1} ms",
         p(0.5) - ENDPOINTING_MS,
         p(0.99) - ENDPOINTING_MS
+    );
+    println!(
+        "  caller frame → Deepgram (forwarding) p50 {:.3} ms  p99 {:.3} ms  (n = {})",
+        f(0.5),
+        f(0.99),
+        frame_ms.len()
     );
     println!(
         "  relay late frames (its counter)      {}",

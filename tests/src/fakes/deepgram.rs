@@ -110,6 +110,21 @@ pub struct Config {
     pub interim_every_ms: u64,
     /// Seed of the fault jitter.
     pub fault_seed: u64,
+    /// Called with every audio frame as it arrives (benchmarks timestamp frames here).
+    pub audio_tap: Option<AudioTap>,
+}
+
+/// The callback type of an [`AudioTap`].
+pub type AudioTapFn = dyn Fn(&[u8]) + Send + Sync;
+
+/// A callback that sees each binary audio frame the fake receives.
+#[derive(Clone)]
+pub struct AudioTap(pub Arc<AudioTapFn>);
+
+impl std::fmt::Debug for AudioTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AudioTap")
+    }
 }
 
 impl Default for Config {
@@ -122,6 +137,7 @@ impl Default for Config {
             vad_threshold_dbfs: -40.0,
             interim_every_ms: 400,
             fault_seed: crate::fakes::faults::DEFAULT_SEED,
+            audio_tap: None,
         }
     }
 }
@@ -652,6 +668,9 @@ async fn read_loop(
                     return;
                 }
                 idle_deadline = Instant::now() + idle_timeout;
+                if let Some(tap) = &state.cfg.audio_tap {
+                    (tap.0)(&bytes);
+                }
                 state.record(index, |r| r.bytes_received += bytes.len() as u64);
                 let mut script = ScriptSource(&state);
                 send_all(session.push_audio(&bytes, &mut script));
