@@ -32,6 +32,9 @@ pub struct TestWorker {
     /// The fake Stripe behind `STRIPE_API_BASE`; its pay page delivers signed
     /// `checkout.session.completed` events to this Worker's webhook.
     pub stripe: fakes::stripe::StripeHandle,
+    /// The Worker's Postgres database when the suite runs on Postgres; `None` on D1
+    /// (whose file is under [`Stack::dir`]).
+    pub postgres_url: Option<String>,
 }
 
 impl TestWorker {
@@ -130,8 +133,9 @@ pub fn worker() -> &'static TestWorker {
             // launcher fills it in once it knows the port.
             ..Default::default()
         };
-        let stack =
-            Stack::start(with_backend(opts, "api")).expect("start the Worker under wrangler dev");
+        let opts = with_backend(opts, "api");
+        let postgres_url = opts.postgres_url.clone();
+        let stack = Stack::start(opts).expect("start the Worker under wrangler dev");
         stripe.set_webhook(Some(fakes::stripe::WebhookTarget {
             url: format!("{}/api/payments/webhook", stack.worker_url()),
             secret: STRIPE_WEBHOOK_SECRET.into(),
@@ -140,6 +144,7 @@ pub fn worker() -> &'static TestWorker {
             stack,
             twilio,
             stripe,
+            postgres_url,
         }
     })
 }

@@ -286,7 +286,9 @@ impl Store {
 
     /// Audit of a balance change computed by SQL from the balance as it is inside the
     /// batch (place it before the balance update). `delta_sql` is an expression over
-    /// `credits` and the bound parameter `?9`.
+    /// `credits` and the bound parameter `?9`. Bound numbers arrive as JS doubles, so the
+    /// delta is cast back to an integer before it lands in JSON (no column affinity
+    /// does it there).
     #[allow(clippy::too_many_arguments)]
     fn balance_audit_stmt(
         &self,
@@ -305,7 +307,7 @@ impl Store {
         let (before, after) = match self.dialect() {
             crate::db::Dialect::Sqlite => (
                 "json_object('credits', credits)".to_string(),
-                format!("json_patch(json_object('credits', credits + ({delta_sql})), ?8)"),
+                format!("json_patch(json_object('credits', credits + CAST(({delta_sql}) AS INTEGER)), ?8)"),
             ),
             crate::db::Dialect::Postgres => (
                 "jsonb_build_object('credits', credits)".to_string(),
