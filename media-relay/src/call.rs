@@ -458,30 +458,52 @@ where
     let shutdown: CancellationToken = state.shutdown_token().clone();
     let hello_deadline = call.t0 + HELLO_TIMEOUT;
     let mut buf = BytesMut::new();
+    // The shutdown future and the one timer live across iterations: re-creating them per
+    // 20 ms frame would cost a lock and a timer-wheel update every time.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let timer = tokio::time::sleep_until(hello_deadline);
+    tokio::pin!(timer);
+    let mut armed = Some(hello_deadline);
 
     let end = loop {
+        let waiting_hello = call.tts.is_none();
         let wake = call
             .machine
             .next_wake()
             .map(|ms| call.t0 + Duration::from_millis(ms));
+        // The machine's next wake, or the hello deadline while waiting for `hello`.
+        let deadline = match (wake, waiting_hello) {
+            (Some(w), true) => Some(w.min(hello_deadline)),
+            (None, true) => Some(hello_deadline),
+            (w, false) => w,
+        };
+        if let Some(d) = deadline.filter(|d| armed != Some(*d)) {
+            timer.as_mut().reset(d);
+            armed = Some(d);
+        }
         let wants_tts = call.machine.wants_tts_audio();
-        let waiting_hello = call.tts.is_none();
         let tts_rx = call.tts.as_mut().map(|t| &mut t.rx);
         let step: Result<Option<Event>, End> = tokio::select! {
             biased;
-            () = shutdown.cancelled() => Err(End::new("relay_shutdown", "relay_shutdown")),
+            () = &mut cancelled => Err(End::new("relay_shutdown", "relay_shutdown")),
             ev = control.rx.recv() => match ev {
-                Some(ControlEvent::Message(msg)) => call.on_do(msg),
+                Some(ControlEvent::Message(msg)) => call.on_do(*msg),
                 Some(ControlEvent::Lost) | None => Err(End::new("control_lost", "control_lost")),
             },
             ev = recv_opt(&mut call.stt_rx) => match ev {
                 Some(SttOut::Event(e)) => Ok(Some(e)),
                 Some(SttOut::Failed) | None => Err(End::new("stt_unavailable", "stt_unavailable")),
             },
-            () = tokio::time::sleep_until(wake.unwrap_or(hello_deadline)), if wake.is_some() => Ok(Some(Event::Tick)),
-            () = tokio::time::sleep_until(hello_deadline), if waiting_hello => {
-                warn!("no hello from the DO");
-                Err(End::new("no_hello", "control_lost"))
+            () = &mut timer, if deadline.is_some() => {
+                // Fired: the next iteration re-arms it.
+                armed = None;
+                if waiting_hello && Instant::now() >= hello_deadline {
+                    warn!("no hello from the DO");
+                    Err(End::new("no_hello", "control_lost"))
+                } else {
+                    Ok(Some(Event::Tick))
+                }
             }
             msg = tw_rx.next() => match msg {
                 Some(Ok(Message::Text(text))) => call.on_twilio(text.as_str(), &audio_tx, &mut buf),

@@ -33,8 +33,9 @@ const CHANNEL: usize = 64;
 /// What the control task tells the call loop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ControlEvent {
-    /// A DO message for the call (not ping/ack, which are handled here).
-    Message(DoToRelay),
+    /// A DO message for the call (not ping/ack, which are handled here). Boxed: `hello`
+    /// is large and rare, and an unboxed variant would size every slot of the channel.
+    Message(Box<DoToRelay>),
     /// The channel could not be restored: the call cannot continue.
     Lost,
 }
@@ -259,7 +260,7 @@ async fn session(
                         }
                     }
                     msg => {
-                        if to_loop.send(ControlEvent::Message(msg)).await.is_err() {
+                        if to_loop.send(ControlEvent::Message(Box::new(msg))).await.is_err() {
                             return SessionEnd::Done;
                         }
                     }

@@ -291,7 +291,7 @@ async fn twilio(
         .max_frame_size(TWILIO_MAX_MESSAGE)
         // Small buffers keep a call small: inbound frames are ~400 bytes, outbound
         // batches a few KB (the read buffer is allocated eagerly; the default is 128 KiB).
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(crate::ws::READ_BUFFER)
         .write_buffer_size(4 * 1024)
         .on_upgrade(move |mut socket| async move {
             let Some(slot) = slot else {

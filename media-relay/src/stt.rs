@@ -189,9 +189,12 @@ async fn session(
             return Ended::Dropped;
         }
     }
+    // One timer for the connection, re-armed only when it fires: resetting a timer per
+    // 20 ms frame would cost a timer-wheel update per frame.
     let mut last_sent = Instant::now();
+    let keep_alive = tokio::time::sleep_until(last_sent + KEEP_ALIVE_EVERY);
+    tokio::pin!(keep_alive);
     loop {
-        let keep_alive_at = last_sent + KEEP_ALIVE_EVERY;
         tokio::select! {
             biased;
             frame = socket.next() => {
@@ -221,16 +224,29 @@ async fn session(
             f = audio.recv() => {
                 let Some(f) = f else { return Ended::CallOver };
                 epoch.get_or_insert(f.at_ms);
-                if socket.send(Message::Binary(f.data)).await.is_err() {
+                // Frames that queued up meanwhile go out in the same write: no frame
+                // waits for another, but a busy relay makes one syscall, not several.
+                let mut next = Some(f);
+                while let Some(f) = next {
+                    next = audio.try_recv().ok();
+                    if socket.feed(Message::Binary(f.data)).await.is_err() {
+                        return Ended::Dropped;
+                    }
+                }
+                if socket.flush().await.is_err() {
                     return Ended::Dropped;
                 }
                 last_sent = Instant::now();
             }
-            () = tokio::time::sleep_until(keep_alive_at) => {
-                if socket.send(Message::text(deepgram::KEEP_ALIVE)).await.is_err() {
-                    return Ended::Dropped;
+            () = &mut keep_alive => {
+                let due = last_sent + KEEP_ALIVE_EVERY;
+                if Instant::now() >= due {
+                    if socket.send(Message::text(deepgram::KEEP_ALIVE)).await.is_err() {
+                        return Ended::Dropped;
+                    }
+                    last_sent = Instant::now();
                 }
-                last_sent = Instant::now();
+                keep_alive.as_mut().reset(last_sent + KEEP_ALIVE_EVERY);
             }
         }
     }

@@ -31,12 +31,19 @@ pub enum ConnectError {
     Ws(#[from] tokio_tungstenite::tungstenite::Error),
 }
 
-/// Socket buffer sizes: `read_buffer` is allocated eagerly, so it stays small; writes are
-/// flushed per message, so the write buffer only needs to hold one.
+/// Bytes read from a socket at a time. tungstenite allocates this eagerly and grows the
+/// buffer to hold a whole message when one is larger, so a small value bounds a quiet
+/// socket's memory without limiting message size. Twilio and Deepgram frames fit in one
+/// read; a large TTS audio message takes a few.
+pub const READ_BUFFER: usize = 2 * 1024;
+
+/// Socket buffer sizes: reads per [`READ_BUFFER`]. Every `send` flushes; `feed` gathers
+/// messages up to this many bytes so that a batch (frames that queued up together) is one
+/// write.
 pub fn config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(4 * 1024)
         .max_write_buffer_size(max_message.max(64 * 1024))
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
@@ -75,12 +82,14 @@ pub async fn connect(
     } else {
         Connector::Plain
     };
-    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+    // Boxed: the handshake future is ~14 KiB and would otherwise be inlined into every
+    // socket task's state for the whole call, though it lives only while connecting.
+    let connecting = Box::pin(tokio_tungstenite::connect_async_tls_with_config(
         request,
         Some(config(max_message)),
         true,
         Some(connector),
-    );
+    ));
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok((socket, _response))) => Ok(socket),
         Ok(Err(e)) => Err(e.into()),
