@@ -27,7 +27,7 @@ use crate::control::{self, ControlEvent, ControlParams};
 use crate::machine::{Action, CallState, Event, Ms, Observation};
 use crate::metrics::{Metrics, ProviderLabel};
 use crate::server::{AppState, CallSlot};
-use crate::stt::{self, AudioFrame, SttOut};
+use crate::stt::{self, AudioFrame, SttOut, SttProbes};
 use crate::tts::{self, TtsLink, TtsOut};
 use crate::twilio::{self, StartInfo, TwilioEvent};
 use crate::{deepgram, elevenlabs};
@@ -254,12 +254,13 @@ impl Call<'_> {
                     // Deepgram and ElevenLabs connect in parallel, each in its own task.
                     let url = deepgram::listen_url(&self.config.deepgram_url, &stt);
                     if let Some(audio) = self.audio_rx.take() {
-                        let (rx, task) = stt::spawn(
-                            url,
-                            self.config.deepgram_api_key.clone(),
-                            audio,
-                            self.reconnects("deepgram"),
-                        );
+                        let probes = SttProbes {
+                            t0: self.t0,
+                            reconnects: self.reconnects("deepgram"),
+                            forward_in: self.metrics().forward_in.clone(),
+                        };
+                        let (rx, task) =
+                            stt::spawn(url, self.config.deepgram_api_key.clone(), audio, probes);
                         self.stt_rx = Some(rx);
                         self.stt_task = Some(task);
                     }
@@ -310,7 +311,7 @@ impl Call<'_> {
                 if let Some(data) = twilio::decode_payload(&payload, buf) {
                     self.stt_audio_bytes += data.len() as u64;
                     let frame = AudioFrame {
-                        at_ms: self.now(),
+                        read_at: Instant::now(),
                         data,
                     };
                     if audio_tx.try_send(frame).is_err() {
@@ -335,13 +336,15 @@ impl Call<'_> {
         &mut self,
         actions: Vec<Action>,
         tw_tx: &mut Si,
-    ) -> Result<(), End> {
+    ) -> Result<u32, End> {
         let mut fed = false;
+        let mut media = 0u32;
         let mut end = None;
         for action in actions {
             let twilio_msg = match action {
                 Action::Media(frame) => {
                     self.metrics().frames_out.inc();
+                    media += 1;
                     self.outbound.media(frame.bytes())
                 }
                 Action::Mark(name) => self.outbound.mark(&name),
@@ -383,7 +386,7 @@ impl Call<'_> {
         if fed && tw_tx.flush().await.is_err() {
             return Err(End::caller_gone());
         }
-        end.map_or(Ok(()), Err)
+        end.map_or(Ok(media), Err)
     }
 
     fn observe(&self, o: Observation) {
@@ -484,6 +487,7 @@ where
         }
         let wants_tts = call.machine.wants_tts_audio();
         let tts_rx = call.tts.as_mut().map(|t| &mut t.rx);
+        let mut tts_read_at = None;
         let step: Result<Option<Event>, End> = tokio::select! {
             biased;
             () = &mut cancelled => Err(End::new("relay_shutdown", "relay_shutdown")),
@@ -511,7 +515,10 @@ where
                 Some(Ok(_)) => Ok(None),
             },
             ev = async { match tts_rx { Some(rx) => rx.recv().await, None => std::future::pending().await } }, if wants_tts => match ev {
-                Some(TtsOut::Event(e)) => Ok(Some(e)),
+                Some(TtsOut::Event { event, read_at }) => {
+                    tts_read_at = Some(read_at);
+                    Ok(Some(event))
+                }
                 Some(TtsOut::Reconnected) => Ok(Some(Event::TtsReconnected)),
                 Some(TtsOut::Failed) | None => {
                     warn!(provider = "elevenlabs", "TTS could not be restored; ending the call");
@@ -526,8 +533,17 @@ where
         };
         let now = call.now();
         let actions = call.machine.handle(event, now);
-        if let Err(end) = call.perform(actions, tw_tx).await {
-            break end;
+        match call.perform(actions, tw_tx).await {
+            Ok(media) => {
+                // TTS audio the pacer sent at once: time from ElevenLabs to Twilio.
+                if let Some(read_at) = tts_read_at.filter(|_| media > 0) {
+                    let secs = read_at.elapsed().as_secs_f64();
+                    for _ in 0..media {
+                        call.metrics().forward_out.observe(secs);
+                    }
+                }
+            }
+            Err(end) => break end,
         }
     };
 

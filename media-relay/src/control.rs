@@ -192,7 +192,7 @@ async fn run(
         .await
         {
             SessionEnd::Done => {
-                let _ = socket.close(None).await;
+                let _ = socket.as_mut().close(None).await;
                 return;
             }
             SessionEnd::Dropped => {

@@ -291,6 +291,9 @@ fn nonws_count(text: &str) -> usize {
     text.chars().filter(|c| !c.is_whitespace()).count()
 }
 
+/// Capacity an empty outbound audio queue may keep (about six frames).
+const IDLE_QUEUE_BYTES: usize = 1024;
+
 /// Audio waiting to go to Twilio, with marks at absolute byte positions.
 #[derive(Debug, Default)]
 struct OutQueue {
@@ -315,6 +318,14 @@ impl OutQueue {
         self.waiting_since.get_or_insert(now);
     }
 
+    /// Gives back an empty queue's memory: a reply's audio can be seconds long, and most
+    /// of a call is spent listening, so an idle call should not keep that capacity.
+    fn release(&mut self) {
+        if self.audio.is_empty() && self.audio.capacity() > IDLE_QUEUE_BYTES {
+            self.audio = VecDeque::new();
+        }
+    }
+
     fn frames_in(bytes: usize) -> u64 {
         bytes.div_ceil(FRAME_BYTES) as u64
     }
@@ -323,6 +334,7 @@ impl OutQueue {
     fn clear(&mut self, now: Ms) -> u64 {
         let dropped = Self::frames_in(self.audio.len());
         self.audio.clear();
+        self.release();
         self.enqueued = self.sent;
         self.marks.clear();
         self.play_cursor = now;
@@ -920,6 +932,7 @@ impl CallState {
         }
         if q.audio.is_empty() {
             q.waiting_since = None;
+            q.release();
         } else if q.sent != before {
             q.waiting_since = Some(now);
         }

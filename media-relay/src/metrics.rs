@@ -51,6 +51,11 @@ pub struct Metrics {
     pub tts_first_byte: Histogram,
     /// From `user_turn` sent to the DO's first `say_delta` (the LLM's first token).
     pub llm_first_token: Histogram,
+    /// A caller frame read from Twilio → written to Deepgram's socket.
+    pub forward_in: Histogram,
+    /// TTS audio read from ElevenLabs → its first frame written to Twilio, for audio the
+    /// pacer sends at once (audio held back to pace playback is not overhead).
+    pub forward_out: Histogram,
 }
 
 impl Default for Metrics {
@@ -75,6 +80,8 @@ impl Metrics {
             stt_final_latency: latency_histogram(),
             tts_first_byte: latency_histogram(),
             llm_first_token: latency_histogram(),
+            forward_in: forwarding_histogram(),
+            forward_out: forwarding_histogram(),
             registry: Registry::default(),
         };
         // Counter names get `_total` and unit-tagged names `_seconds` from the encoder.
@@ -133,6 +140,18 @@ impl Metrics {
             Unit::Seconds,
             m.llm_first_token.clone(),
         );
+        registry.register_with_unit(
+            "relay_forward_in",
+            "Caller frame read from Twilio to written to Deepgram",
+            Unit::Seconds,
+            m.forward_in.clone(),
+        );
+        registry.register_with_unit(
+            "relay_forward_out",
+            "TTS audio read from ElevenLabs to its first frame written to Twilio (unpaced)",
+            Unit::Seconds,
+            m.forward_out.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -164,6 +183,14 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 11))
 }
 
+/// 10 µs … 100 ms: per-frame work inside the relay, with room for a stalled machine.
+fn forwarding_histogram() -> Histogram {
+    Histogram::new([
+        10e-6, 25e-6, 50e-6, 75e-6, 100e-6, 150e-6, 200e-6, 300e-6, 500e-6, 1e-3, 2e-3, 5e-3,
+        10e-3, 25e-3, 50e-3, 100e-3,
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +216,8 @@ mod tests {
             "relay_stt_final_latency_seconds_count 0",
             "relay_tts_first_byte_seconds_count 1",
             "relay_llm_first_token_seconds_sum",
+            "relay_forward_in_seconds_bucket{le=\"0.0002\"}",
+            "relay_forward_out_seconds_count 0",
         ] {
             assert!(text.contains(name), "missing {name:?} in\n{text}");
         }

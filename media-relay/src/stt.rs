@@ -13,6 +13,7 @@ use cmb_core::secret::Secret;
 use futures::{SinkExt, StreamExt};
 use http::header::AUTHORIZATION;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -33,11 +34,27 @@ const MAX_MESSAGE: usize = 256 * 1024;
 /// A connection that lived this long was healthy: its failure restarts the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
-/// One inbound audio frame, stamped with its arrival in stream time.
+/// One inbound audio frame, stamped with when the relay read it from Twilio.
 #[derive(Debug, Clone)]
 pub struct AudioFrame {
-    pub at_ms: Ms,
+    pub read_at: Instant,
     pub data: Bytes,
+}
+
+/// What the task needs besides its sockets: where stream time starts, and its metrics.
+#[derive(Debug, Clone)]
+pub struct SttProbes {
+    /// Stream time zero (the call loop's `t0`), to map Deepgram's audio times.
+    pub t0: Instant,
+    pub reconnects: Counter,
+    /// Frame read from Twilio → written to Deepgram.
+    pub forward_in: Histogram,
+}
+
+impl SttProbes {
+    fn stream_ms(&self, at: Instant) -> Ms {
+        u64::try_from(at.saturating_duration_since(self.t0).as_millis()).unwrap_or(Ms::MAX)
+    }
 }
 
 /// What the task tells the call loop.
@@ -53,10 +70,10 @@ pub fn spawn(
     url: Url,
     key: Secret,
     audio: mpsc::Receiver<AudioFrame>,
-    reconnects: Counter,
+    probes: SttProbes,
 ) -> (mpsc::Receiver<SttOut>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(32);
-    let task = tokio::spawn(run(url, key, audio, tx, reconnects));
+    let task = tokio::spawn(run(url, key, audio, tx, probes));
     (rx, task)
 }
 
@@ -78,7 +95,7 @@ async fn run(
     key: Secret,
     mut audio: mpsc::Receiver<AudioFrame>,
     tx: mpsc::Sender<SttOut>,
-    reconnects: Counter,
+    probes: SttProbes,
 ) {
     let mut ring = Ring::default();
     let mut backoff = Backoff::new(PROVIDER_DELAYS);
@@ -119,7 +136,7 @@ async fn run(
             }
         };
         if connected_before {
-            reconnects.inc();
+            probes.reconnects.inc();
             info!(
                 provider = "deepgram",
                 buffered = ring.0.len(),
@@ -128,10 +145,10 @@ async fn run(
         }
         connected_before = true;
         let opened = Instant::now();
-        match session(&mut socket, &mut ring, &mut audio, &tx).await {
+        match session(&mut socket, &mut ring, &mut audio, &tx, &probes).await {
             Ended::CallOver => {
                 let _ = socket.send(Message::text(deepgram::CLOSE_STREAM)).await;
-                let _ = socket.close(None).await;
+                let _ = socket.as_mut().close(None).await;
                 return;
             }
             Ended::Dropped => {
@@ -180,11 +197,12 @@ async fn session(
     ring: &mut Ring,
     audio: &mut mpsc::Receiver<AudioFrame>,
     tx: &mpsc::Sender<SttOut>,
+    probes: &SttProbes,
 ) -> Ended {
     // Deepgram's clock starts at the first audio byte of this connection.
     let mut epoch: Option<Ms> = None;
     for f in ring.0.drain(..) {
-        epoch.get_or_insert(f.at_ms);
+        epoch.get_or_insert_with(|| probes.stream_ms(f.read_at));
         if socket.send(Message::Binary(f.data)).await.is_err() {
             return Ended::Dropped;
         }
@@ -223,12 +241,15 @@ async fn session(
             }
             f = audio.recv() => {
                 let Some(f) = f else { return Ended::CallOver };
-                epoch.get_or_insert(f.at_ms);
+                epoch.get_or_insert_with(|| probes.stream_ms(f.read_at));
                 // Frames that queued up meanwhile go out in the same write: no frame
                 // waits for another, but a busy relay makes one syscall, not several.
+                let first_read = f.read_at;
+                let mut batch = 0u32;
                 let mut next = Some(f);
                 while let Some(f) = next {
                     next = audio.try_recv().ok();
+                    batch += 1;
                     if socket.feed(Message::Binary(f.data)).await.is_err() {
                         return Ended::Dropped;
                     }
@@ -237,6 +258,11 @@ async fn session(
                     return Ended::Dropped;
                 }
                 last_sent = Instant::now();
+                // Per frame; a batch is timed by its oldest frame (an upper bound).
+                let secs = last_sent.saturating_duration_since(first_read).as_secs_f64();
+                for _ in 0..batch {
+                    probes.forward_in.observe(secs);
+                }
             }
             () = &mut keep_alive => {
                 let due = last_sent + KEEP_ALIVE_EVERY;
@@ -321,14 +347,18 @@ mod tests {
     /// The reconnect buffer keeps only the newest five seconds.
     #[test]
     fn ring_is_bounded() {
+        let t0 = Instant::now();
         let mut r = Ring::default();
         for i in 0..300 {
             r.push(AudioFrame {
-                at_ms: i,
+                read_at: t0 + Duration::from_millis(i * 20),
                 data: Bytes::from_static(&[0xff]),
             });
         }
         assert_eq!(r.0.len(), RING_FRAMES);
-        assert_eq!(r.0.front().map(|f| f.at_ms), Some(50));
+        assert_eq!(
+            r.0.front().map(|f| f.read_at),
+            Some(t0 + Duration::from_millis(50 * 20))
+        );
     }
 }

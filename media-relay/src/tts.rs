@@ -34,7 +34,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// What the task tells the call loop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TtsOut {
-    Event(Event),
+    /// A provider event, with when its message was read from the socket.
+    Event { event: Event, read_at: Instant },
     /// A new socket replaced a dropped one: contexts must be re-created.
     Reconnected,
     /// ElevenLabs could not be restored.
@@ -159,7 +160,7 @@ async fn run(
         match session(&mut socket, &voice, resync, &mut commands, &out).await {
             Ended::CallOver => {
                 let _ = socket.send(Message::text(elevenlabs::CLOSE_SOCKET)).await;
-                let _ = socket.close(None).await;
+                let _ = socket.as_mut().close(None).await;
                 return;
             }
             Ended::Dropped => {
@@ -191,7 +192,7 @@ async fn session(
 ) -> Ended {
     // One event at a time waits for the call loop; meanwhile the socket is not read
     // (TCP backpressure) but commands still go out.
-    let mut pending: Option<Event> = None;
+    let mut pending: Option<(Event, Instant)> = None;
     loop {
         tokio::select! {
             biased;
@@ -212,8 +213,8 @@ async fn session(
             }
             permit = out.reserve(), if pending.is_some() => {
                 let Ok(permit) = permit else { return Ended::CallOver };
-                if let Some(ev) = pending.take() {
-                    permit.send(TtsOut::Event(ev));
+                if let Some((event, read_at)) = pending.take() {
+                    permit.send(TtsOut::Event { event, read_at });
                 }
             }
             frame = socket.next(), if pending.is_none() => {
@@ -227,7 +228,7 @@ async fn session(
                     Some(Ok(_)) => continue,
                 };
                 match elevenlabs::parse(text.as_str()) {
-                    Ok(Some(msg)) => pending = to_event(msg),
+                    Ok(Some(msg)) => pending = to_event(msg).map(|e| (e, Instant::now())),
                     Ok(None) => {}
                     Err(e) => warn!(provider = "elevenlabs", error = %e, "ignoring bad ElevenLabs message"),
                 }

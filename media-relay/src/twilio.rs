@@ -182,8 +182,9 @@ pub fn decode_payload(payload: &str, buf: &mut BytesMut) -> Option<Bytes> {
     }
 }
 
-/// Allocation unit for decoded inbound audio: room for ~25 frames.
-const DECODE_CHUNK: usize = 4096;
+/// Allocation unit for decoded inbound audio: room for six 160-byte frames, so a call
+/// allocates once per ~120 ms of audio and holds little while its frames are in flight.
+const DECODE_CHUNK: usize = 1024;
 
 /// Builds outbound messages for one stream. Holds the JSON-escaped stream sid so a media
 /// frame is one exact-size allocation.

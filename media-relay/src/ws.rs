@@ -72,7 +72,7 @@ pub async fn connect(
     url: &Url,
     headers: &[(HeaderName, HeaderValue)],
     max_message: usize,
-) -> Result<ClientSocket, ConnectError> {
+) -> Result<Box<ClientSocket>, ConnectError> {
     let mut request = url.as_str().into_client_request()?;
     for (name, value) in headers {
         request.headers_mut().insert(name.clone(), value.clone());
@@ -91,7 +91,9 @@ pub async fn connect(
         Some(connector),
     ));
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok((socket, _response))) => Ok(socket),
+        // Boxed: a socket is ~1.4 KiB, and an async fn that moves one across awaits may
+        // keep several inline copies of it for the task's whole life.
+        Ok(Ok((socket, _response))) => Ok(Box::new(socket)),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ConnectError::Timeout),
     }
