@@ -7,8 +7,6 @@
 //! Provider tolerance: both `isFinal`/`is_final` and `contextId`/`context_id` are
 //! accepted, since sources disagree on the server's spelling.
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use cmb_core::channel::VoiceSettings;
 use serde::Deserialize;
 use serde_json::json;
@@ -141,8 +139,8 @@ pub fn parse(text: &str) -> Result<Option<TtsMessage>, ElevenLabsError> {
         return Ok(Some(TtsMessage::Error { message }));
     }
     if let Some(b64) = raw.audio.as_deref().filter(|a| !a.is_empty()) {
-        let audio = BASE64
-            .decode(b64)
+        let audio = base64_simd::STANDARD
+            .decode_to_vec(b64)
             .map_err(|e| ElevenLabsError::Malformed(format!("audio is not base64: {e}")))?;
         let char_starts_ms = raw.alignment.and_then(non_whitespace_starts);
         return Ok(Some(TtsMessage::Audio {
