@@ -289,10 +289,12 @@ async fn twilio(
     let slot = state.try_acquire_call(config.max_calls);
     ws.max_message_size(TWILIO_MAX_MESSAGE)
         .max_frame_size(TWILIO_MAX_MESSAGE)
-        // Small buffers keep a call small: inbound frames are ~400 bytes, outbound
-        // batches a few KB (the read buffer is allocated eagerly; the default is 128 KiB).
+        // Small buffers keep a call small: inbound frames are ~400 bytes (the read buffer
+        // is allocated eagerly; the default is 128 KiB). A pacing burst (~10 frames of
+        // ~330 bytes) is written in ~1 KiB pieces: the write buffer keeps its peak size
+        // for the whole call, so a few more syscalls per burst buy ~3 KiB per call.
         .read_buffer_size(crate::ws::READ_BUFFER)
-        .write_buffer_size(4 * 1024)
+        .write_buffer_size(1024)
         .on_upgrade(move |mut socket| async move {
             let Some(slot) = slot else {
                 tracing::warn!(
