@@ -29,7 +29,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::audio;
 
-/// What the fake control peer says back to every user turn.
+/// What the fake control peer says back to every user turn: a fake LLM at zero latency,
+/// so the benchmark measures the relay, not a model.
 pub const REPLY: &str = "Sure, let's do that.";
 
 /// Shared state of the control peer.
@@ -47,12 +48,48 @@ impl ControlPeer {
         }
     }
 
-    /// `GET /internal/calls/{id}/session`, as the Worker serves it.
+    /// `GET /internal/calls/{id}/session`, as the Worker serves it, and
+    /// `GET /internal/calls/{id}/stream-token`, which mints what the Worker would put in
+    /// the TwiML's `<Parameter>`s, so any load generator can start valid streams.
     pub fn router(self) -> Router {
         Router::new()
             .route("/internal/calls/{id}/session", get(session))
+            .route("/internal/calls/{id}/stream-token", get(stream_token))
             .with_state(self)
     }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let expected = format!("Bearer {}", self.secret);
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == expected)
+    }
+}
+
+/// How long a minted stream token stays valid.
+const TOKEN_TTL_SECS: i64 = 300;
+
+/// A fresh single-use stream token for `call_id` (what the Worker mints per call).
+pub fn mint_stream_token(secret: &str, call_id: &str) -> (String, i64) {
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + TOKEN_TTL_SECS;
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    (
+        cmb_core::stream_token::mint(secret, call_id, exp, &nonce),
+        exp,
+    )
+}
+
+async fn stream_token(
+    State(peer): State<ControlPeer>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !peer.authorized(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let (token, exp) = mint_stream_token(&peer.secret, &call_id);
+    axum::Json(json!({"callId": call_id, "streamToken": token, "expiresAt": exp})).into_response()
 }
 
 async fn session(
@@ -61,12 +98,7 @@ async fn session(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let expected = format!("Bearer {}", peer.secret);
-    let ok = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == expected);
-    if !ok {
+    if !peer.authorized(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     ws.on_upgrade(move |socket| run_session(peer, call_id, socket))
@@ -244,13 +276,7 @@ async fn run_call_inner(
     req.headers_mut().insert("X-Twilio-Signature", sig.parse()?);
     let (ws, _) = tokio_tungstenite::connect_async(req).await?;
     let (mut tx, mut rx) = ws.split();
-    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 300;
-    let token = cmb_core::stream_token::mint(
-        &cfg.relay_secret,
-        &call_id,
-        exp,
-        &uuid::Uuid::new_v4().simple().to_string(),
-    );
+    let (token, _) = mint_stream_token(&cfg.relay_secret, &call_id);
     tx.send(Message::text(
         json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string(),
     ))
@@ -351,6 +377,52 @@ async fn run_call_inner(
     Ok(out)
 }
 
+/// Estimates quantile `q` of the Prometheus histogram `name` (base name, without
+/// `_bucket`) in a text exposition, as Prometheus' `histogram_quantile` does: linear
+/// interpolation inside the bucket the rank falls in; a rank in the `+Inf` bucket gives
+/// the highest finite bound. `None` when the histogram is absent or empty.
+pub fn histogram_quantile(metrics_text: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = metrics_text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = rest.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(le, count) in &buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            let in_bucket = count - below;
+            let frac = if in_bucket > 0.0 {
+                (rank - below) / in_bucket
+            } else {
+                1.0
+            };
+            return Some(lower + (le - lower) * frac);
+        }
+        lower = le;
+        below = count;
+    }
+    Some(lower)
+}
+
 /// The value at quantile `q` (0..=1) of `values` (nearest rank); `None` when empty.
 pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
     if values.is_empty() {
@@ -377,6 +449,67 @@ mod tests {
             audio::energy_dbfs(&f) < -40.0,
             "a tag stays silence to a VAD"
         );
+    }
+
+    /// Quantiles interpolate inside the right bucket; `+Inf` gives the top finite bound;
+    /// a missing or empty histogram is `None`.
+    #[test]
+    fn histogram_quantiles() {
+        let text = "# TYPE x_seconds histogram\n\
+            x_seconds_sum 1.0\n\
+            x_seconds_count 100\n\
+            x_seconds_bucket{le=\"0.001\"} 50\n\
+            x_seconds_bucket{le=\"0.002\"} 90\n\
+            x_seconds_bucket{le=\"0.004\"} 99\n\
+            x_seconds_bucket{le=\"+Inf\"} 100\n\
+            y_seconds_bucket{le=\"+Inf\"} 0\n";
+        let q = |q| histogram_quantile(text, "x_seconds", q).expect("present");
+        assert!((q(0.5) - 0.001).abs() < 1e-12, "{}", q(0.5));
+        assert!((q(0.25) - 0.0005).abs() < 1e-12, "{}", q(0.25));
+        assert!((q(0.7) - 0.0015).abs() < 1e-12, "{}", q(0.7));
+        assert!((q(0.99) - 0.004).abs() < 1e-12, "{}", q(0.99));
+        assert!(
+            (q(1.0) - 0.004).abs() < 1e-12,
+            "+Inf → highest finite bound"
+        );
+        assert_eq!(histogram_quantile(text, "y_seconds", 0.5), None, "empty");
+        assert_eq!(histogram_quantile(text, "z_seconds", 0.5), None, "absent");
+    }
+
+    /// The control peer mints tokens the relay accepts for that call, and only for a
+    /// caller that knows the shared secret.
+    #[tokio::test]
+    async fn control_peer_mints_valid_stream_tokens() {
+        let server = spawn_control_peer(ControlPeer::new("s3cret"), crate::fakes::LOOPBACK_ANY)
+            .await
+            .expect("serve");
+        let url = format!("{}/internal/calls/call-7/stream-token", server.base_url());
+        let http = reqwest::Client::new();
+        let ok: Value = http
+            .get(&url)
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(ok["callId"], "call-7");
+        let token = ok["streamToken"].as_str().expect("token");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims =
+            cmb_core::stream_token::verify("s3cret", token, "call-7", now).expect("verifies");
+        assert_eq!(claims.call_id, "call-7");
+        assert_eq!(Some(claims.expires_at), ok["expiresAt"].as_i64());
+        assert!(cmb_core::stream_token::verify("s3cret", token, "call-8", now).is_err());
+        let wrong = http
+            .get(&url)
+            .bearer_auth("guess")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(wrong.status(), reqwest::StatusCode::UNAUTHORIZED);
+        server.shutdown().await;
     }
 
     /// Nearest-rank percentiles on a known set.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use cmb_tests::fakes::{cerebras, deepgram, elevenlabs, stripe, twilio};
+use cmb_tests::loadgen::{self, ControlPeer};
 use cmb_tests::sim::SimScript;
 
 /// The fakes, in base-port order: with `--base-port N`, the i-th listens on N + i.
@@ -23,14 +24,28 @@ enum Fake {
     Elevenlabs,
     Cerebras,
     Stripe,
+    /// The relay's CallSession peer (for relay load tests; `--only control`): speaks the
+    /// relay <-> DO channel, answers every user turn at once and mints stream tokens.
+    Control,
 }
 
+/// What runs without `--only`: the providers the Worker and the relay call.
 const ALL: [Fake; 5] = [
     Fake::Twilio,
     Fake::Deepgram,
     Fake::Elevenlabs,
     Fake::Cerebras,
     Fake::Stripe,
+];
+
+/// Every fake, in base-port order.
+const EVERY: [Fake; 6] = [
+    Fake::Twilio,
+    Fake::Deepgram,
+    Fake::Elevenlabs,
+    Fake::Cerebras,
+    Fake::Stripe,
+    Fake::Control,
 ];
 
 impl Fake {
@@ -41,6 +56,7 @@ impl Fake {
             Self::Elevenlabs => "elevenlabs",
             Self::Cerebras => "cerebras",
             Self::Stripe => "stripe",
+            Self::Control => "control",
         }
     }
 
@@ -51,11 +67,13 @@ impl Fake {
             Self::Elevenlabs => 2,
             Self::Cerebras => 3,
             Self::Stripe => 4,
+            Self::Control => 5,
         }
     }
 }
 
-/// Runs fake Twilio, Deepgram, ElevenLabs, Cerebras and Stripe on loopback.
+/// Runs fake Twilio, Deepgram, ElevenLabs, Cerebras and Stripe on loopback (and, with
+/// `--only control`, the relay's CallSession peer for load tests).
 #[derive(Debug, Parser)]
 #[command(name = "fakes", version)]
 struct Args {
@@ -69,7 +87,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
     /// Consecutive ports from N in the order twilio, deepgram, elevenlabs, cerebras,
-    /// stripe; 0 gives every fake a free port.
+    /// stripe, control; 0 gives every fake a free port.
     #[arg(long)]
     base_port: Option<u16>,
     #[arg(long)]
@@ -82,6 +100,8 @@ struct Args {
     cerebras_port: Option<u16>,
     #[arg(long)]
     stripe_port: Option<u16>,
+    #[arg(long)]
+    control_port: Option<u16>,
 
     #[arg(long, env = "TWILIO_ACCOUNT_SID", hide_env_values = true)]
     twilio_account_sid: Option<String>,
@@ -101,6 +121,10 @@ struct Args {
     /// Where the pay page delivers the webhook; default `$WORKER_URL/api/payments/webhook`.
     #[arg(long, env = "STRIPE_WEBHOOK_URL")]
     stripe_webhook_url: Option<String>,
+    /// Shared with the relay: the control fake checks it on the channel and signs stream
+    /// tokens with it. Required for `control`; there is no stand-in.
+    #[arg(long, env = "RELAY_SECRET", hide_env_values = true)]
+    relay_secret: Option<String>,
     /// The Worker's base URL (for the default Stripe webhook URL).
     #[arg(long, env = "WORKER_URL")]
     worker_url: Option<String>,
@@ -129,7 +153,10 @@ impl Args {
         if self.only.is_empty() {
             ALL.to_vec()
         } else {
-            ALL.into_iter().filter(|f| self.only.contains(f)).collect()
+            EVERY
+                .into_iter()
+                .filter(|f| self.only.contains(f))
+                .collect()
         }
     }
 
@@ -141,6 +168,7 @@ impl Args {
             Fake::Elevenlabs => self.elevenlabs_port,
             Fake::Cerebras => self.cerebras_port,
             Fake::Stripe => self.stripe_port,
+            Fake::Control => self.control_port,
         };
         match (explicit, self.base_port) {
             (Some(port), _) => Ok(port),
@@ -168,6 +196,7 @@ enum Running {
     Elevenlabs(elevenlabs::Handle),
     Cerebras(cerebras::Handle),
     Stripe(stripe::StripeHandle),
+    Control(cmb_tests::fakes::Server),
 }
 
 impl Running {
@@ -178,6 +207,7 @@ impl Running {
             Self::Elevenlabs(h) => h.base_url(),
             Self::Cerebras(h) => h.base_url(),
             Self::Stripe(h) => h.base_url(),
+            Self::Control(h) => h.base_url(),
         }
     }
 
@@ -188,6 +218,7 @@ impl Running {
             Self::Elevenlabs(h) => h.shutdown().await,
             Self::Cerebras(h) => h.shutdown().await,
             Self::Stripe(h) => h.shutdown().await,
+            Self::Control(h) => h.shutdown().await,
         }
     }
 }
@@ -245,6 +276,11 @@ async fn start(args: &Args, fake: Fake) -> anyhow::Result<Running> {
                 tracing::info!(url = %target.url, "fake stripe delivers checkout.session.completed on payment");
             }
             Running::Stripe(stripe::spawn(cfg).await?)
+        }
+        Fake::Control => {
+            let secret = given(&args.relay_secret)
+                .context("the control fake needs RELAY_SECRET (the relay's shared secret)")?;
+            Running::Control(loadgen::spawn_control_peer(ControlPeer::new(&secret), addr).await?)
         }
     })
 }
@@ -311,6 +347,11 @@ mod tests {
         assert_eq!(
             parse(&["--only", "stripe,twilio"]).selected(),
             vec![Fake::Twilio, Fake::Stripe]
+        );
+        assert!(!ALL.contains(&Fake::Control), "control only when asked for");
+        assert_eq!(
+            parse(&["--only", "control,deepgram"]).selected(),
+            vec![Fake::Deepgram, Fake::Control]
         );
         assert!(Args::try_parse_from(["fakes", "--only", "twillio"]).is_err());
         assert!(Args::try_parse_from(["fakes", "--only", "twilio", "--all"]).is_err());

@@ -1,12 +1,17 @@
-//! `relay-bench`: N concurrent simulated calls through the media relay, measured from
+//! `relay-bench`: N concurrent simulated calls through a media relay, measured from
 //! outside (run it with `cargo xtask bench relay`).
 //!
-//! Starts the fake Deepgram and ElevenLabs (zero added latency) and the fake control peer
-//! in this process, starts the relay binary pointed at them (or uses `--relay-url` for
-//! any implementation already running against `--providers-only` fakes), ramps up the
-//! calls, and reports: end of turn → first persona audio, the relay's own late and
-//! dropped frame counters, and the relay's CPU seconds per call-second and resident
-//! memory per call from /proc.
+//! Plays every side but the relay's: the fake Deepgram and ElevenLabs (zero added
+//! latency), the fake control peer (the CallSession channel, replying at once), and N
+//! Twilio Media Streams callers. With `--relay-bin` it starts that relay binary pointed at
+//! them; with `--relay-url` it aims at a relay someone else started (any implementation
+//! speaking the same protocols), printing the environment that relay must be given.
+//!
+//! Reports: end of turn → first persona audio, caller frame → Deepgram (from outside),
+//! the relay's own forwarding histograms and late/dropped counters when it exports them
+//! (`/metrics` on the relay's host:port), and its CPU seconds (user and system) per
+//! call-second and resident memory per call from /proc (needs the pid: known for
+//! `--relay-bin`, `--relay-pid` otherwise).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
-use cmb_tests::fakes::{deepgram, elevenlabs, LOOPBACK_ANY};
+use cmb_tests::fakes::{deepgram, elevenlabs};
 use cmb_tests::loadgen::{self, ClientConfig, ControlPeer, FrameClock};
 
 const SECRET: &str = "bench-relay-secret-0123456789abcdef0123456789";
@@ -39,16 +44,49 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     ramp_secs: u64,
     /// The relay binary to start.
+    #[arg(
+        long,
+        required_unless_present = "relay_url",
+        conflicts_with = "relay_url"
+    )]
+    relay_bin: Option<PathBuf>,
+    /// A relay already running (`ws://HOST:PORT/twilio`): start only the fakes and load.
     #[arg(long)]
-    relay_bin: PathBuf,
+    relay_url: Option<String>,
+    /// With `--relay-url`: the relay's process, for CPU and memory from /proc.
+    #[arg(long, requires = "relay_url")]
+    relay_pid: Option<u32>,
+    /// With `--relay-url`: how long to wait for the relay's port to accept.
+    #[arg(long, default_value_t = 60)]
+    wait_secs: u64,
+    /// Ports of the in-process fakes (0 = any free port; give fixed ones when the relay
+    /// under test is configured by hand).
+    #[arg(long, default_value_t = 0)]
+    deepgram_port: u16,
+    #[arg(long, default_value_t = 0)]
+    elevenlabs_port: u16,
+    #[arg(long, default_value_t = 0)]
+    control_port: u16,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn free_addr() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// (CPU seconds used so far, resident KiB) of a process, from /proc.
-fn proc_sample(pid: u32) -> Result<(f64, u64)> {
+/// One /proc reading of a process.
+#[derive(Clone, Copy)]
+struct ProcSample {
+    user_secs: f64,
+    sys_secs: f64,
+    rss_kib: u64,
+}
+
+/// CPU seconds so far (user, system) and resident KiB of a process, from /proc.
+fn proc_sample(pid: u32) -> Result<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are 14th and 15th.
     let rest = stat
@@ -56,7 +94,7 @@ fn proc_sample(pid: u32) -> Result<(f64, u64)> {
         .map(|(_, r)| r)
         .context("stat format")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let (utime, stime): (f64, f64) = (f[11].parse()?, f[12].parse()?);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib = status
         .lines()
@@ -65,9 +103,14 @@ fn proc_sample(pid: u32) -> Result<(f64, u64)> {
         .and_then(|v| v.parse().ok())
         .context("VmRSS")?;
     // USER_HZ is 100 on Linux.
-    Ok((ticks / 100.0, rss_kib))
+    Ok(ProcSample {
+        user_secs: utime / 100.0,
+        sys_secs: stime / 100.0,
+        rss_kib,
+    })
 }
 
+/// The relay this run started, killed on drop.
 struct Relay {
     child: Child,
 }
@@ -77,6 +120,18 @@ impl Drop for Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits until `addr` accepts TCP connections.
+async fn wait_for_port(addr: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing accepted connections on {addr} within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -91,6 +146,7 @@ async fn run(args: Args) -> Result<()> {
     let frames = FrameClock::default();
     let tap = frames.clone();
     let dg = deepgram::spawn(deepgram::Config {
+        addr: loopback(args.deepgram_port),
         api_key: DG_KEY.into(),
         idle_timeout: Duration::from_secs(600),
         audio_tap: Some(deepgram::AudioTap(std::sync::Arc::new(
@@ -100,52 +156,84 @@ async fn run(args: Args) -> Result<()> {
     })
     .await?;
     let xi = elevenlabs::spawn(elevenlabs::Config {
+        addr: loopback(args.elevenlabs_port),
         api_key: XI_KEY.into(),
         ..Default::default()
     })
     .await?;
     let peer = ControlPeer::new(SECRET);
-    let control = loadgen::spawn_control_peer(peer.clone(), LOOPBACK_ANY).await?;
+    let control = loadgen::spawn_control_peer(peer.clone(), loopback(args.control_port)).await?;
+    let relay_env = |relay_url: &str| {
+        [
+            ("RELAY_SECRET", SECRET.to_owned()),
+            ("RELAY_PUBLIC_URL", relay_url.to_owned()),
+            ("TWILIO_AUTH_TOKEN", TWILIO_TOKEN.to_owned()),
+            ("WORKER_URL", control.base_url()),
+            ("DEEPGRAM_API_KEY", DG_KEY.to_owned()),
+            ("DEEPGRAM_URL", format!("{}/v1/listen", dg.ws_url())),
+            ("ELEVENLABS_API_KEY", XI_KEY.to_owned()),
+            ("ELEVENLABS_URL", xi.ws_url()),
+            ("RELAY_MAX_CALLS", (args.calls + 10).to_string()),
+        ]
+    };
 
-    let relay_addr = free_addr()?;
-    let relay_url = format!("ws://{relay_addr}/twilio");
-    let child = Command::new(&args.relay_bin)
-        .env_clear()
-        .env("RELAY_LISTEN", relay_addr.to_string())
-        .env("RELAY_SECRET", SECRET)
-        .env("RELAY_PUBLIC_URL", &relay_url)
-        .env("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
-        .env("WORKER_URL", control.base_url())
-        .env("DEEPGRAM_API_KEY", DG_KEY)
-        .env("DEEPGRAM_URL", format!("{}/v1/listen", dg.ws_url()))
-        .env("ELEVENLABS_API_KEY", XI_KEY)
-        .env("ELEVENLABS_URL", xi.ws_url())
-        .env("RELAY_MAX_CALLS", (args.calls + 10).to_string())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", args.relay_bin.display()))?;
-    let relay = Relay { child };
-    let pid = relay.child.id();
+    // Start the relay, or wait for the one under test.
+    let (relay_url, relay_host, started, pid) = match (&args.relay_bin, &args.relay_url) {
+        (Some(bin), _) => {
+            let relay_addr = free_addr()?;
+            let relay_url = format!("ws://{relay_addr}/twilio");
+            let child = Command::new(bin)
+                .env_clear()
+                .envs(relay_env(&relay_url))
+                .env("RELAY_LISTEN", relay_addr.to_string())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let relay = Relay { child };
+            let pid = relay.child.id();
+            (relay_url, relay_addr.to_string(), Some(relay), Some(pid))
+        }
+        (None, Some(url)) => {
+            let parsed = url::Url::parse(url).context("--relay-url")?;
+            let host = format!(
+                "{}:{}",
+                parsed.host_str().context("--relay-url has no host")?,
+                parsed
+                    .port_or_known_default()
+                    .context("--relay-url has no port")?
+            );
+            println!("relay under test: {url}; start it with this environment:");
+            for (k, v) in relay_env(url) {
+                println!("  {k}={v}");
+            }
+            wait_for_port(&host, Duration::from_secs(args.wait_secs)).await?;
+            (url.clone(), host, None, args.relay_pid)
+        }
+        (None, None) => bail!("give --relay-bin or --relay-url"),
+    };
     let http = reqwest::Client::new();
-    let health = format!("http://{relay_addr}/health");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if http
-            .get(&health)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
+    let metrics_url = format!("http://{relay_host}/metrics");
+    if started.is_some() {
+        let health = format!("http://{relay_host}/health");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if http
+                .get(&health)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the relay never answered {health}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if Instant::now() > deadline {
-            bail!("the relay never answered {health}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, rss_idle) = proc_sample(pid)?;
+    let idle = pid.map(proc_sample).transpose()?;
 
     let cfg = ClientConfig {
         relay_url: relay_url.clone(),
@@ -170,21 +258,22 @@ async fn run(args: Args) -> Result<()> {
     }
     // Measure over the steady window only, when every call is up.
     tokio::time::sleep_until((start + ramp + Duration::from_secs(1)).into()).await;
-    let (cpu0, _) = proc_sample(pid)?;
+    let cpu0 = pid.map(proc_sample).transpose()?;
     let t0 = Instant::now();
     let mut rss_samples = Vec::new();
     while t0.elapsed() < steady.saturating_sub(Duration::from_secs(1)) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        rss_samples.push(proc_sample(pid)?.1 as f64);
+        if let Some(pid) = pid {
+            rss_samples.push(proc_sample(pid)?.rss_kib as f64);
+        }
     }
-    let (cpu1, _) = proc_sample(pid)?;
+    let cpu1 = pid.map(proc_sample).transpose()?;
     let window = t0.elapsed().as_secs_f64();
-    let metrics = http
-        .get(format!("http://{relay_addr}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    // Another implementation may not serve Prometheus metrics: then those lines say so.
+    let metrics = match http.get(&metrics_url).send().await {
+        Ok(r) if r.status().is_success() => Some(r.text().await?),
+        _ => None,
+    };
 
     let mut latencies = Vec::new();
     let (mut frames_in, mut frames_out, mut failed) = (0u64, 0u64, 0usize);
@@ -199,18 +288,17 @@ async fn run(args: Args) -> Result<()> {
         frames_in += s.frames_in;
         frames_out += s.frames_out;
     }
-    drop(relay);
+    drop(started);
 
-    let metric = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let metric = |name: &str| -> Option<f64> {
+        let text = metrics.as_deref()?;
+        Some(
+            text.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
     };
-    let cpu_per_call_sec = (cpu1 - cpu0) / (args.calls as f64 * window);
-    let rss_steady = loadgen::percentile(&rss_samples, 0.5).unwrap_or(0.0);
-    let rss_per_call_kib = (rss_steady - rss_idle as f64) / args.calls as f64;
     let p = |q| loadgen::percentile(&latencies, q).unwrap_or(f64::NAN);
     let frame_ms = frames.latencies_ms();
     let f = |q| loadgen::percentile(&frame_ms, q).unwrap_or(f64::NAN);
@@ -244,23 +332,65 @@ async fn run(args: Args) -> Result<()> {
         p(0.99) - ENDPOINTING_MS
     );
     println!(
-        "  caller frame → Deepgram (forwarding) p50 {:.3} ms  p99 {:.3} ms  (n = {})",
+        "  caller frame → Deepgram, end to end  p50 {:.3} ms  p99 {:.3} ms  (n = {}; load generator → fake, both in this process)",
         f(0.5),
         f(0.99),
         frame_ms.len()
     );
+    for (label, name) in [
+        (
+            "in-relay: Twilio read → Deepgram write",
+            "relay_forward_in_seconds",
+        ),
+        (
+            "in-relay: TTS read → Twilio write     ",
+            "relay_forward_out_seconds",
+        ),
+    ] {
+        let q = |q| {
+            metrics
+                .as_deref()
+                .and_then(|m| loadgen::histogram_quantile(m, name, q))
+        };
+        match (q(0.5), q(0.99), metric(&format!("{name}_count"))) {
+            (Some(p50), Some(p99), Some(n)) => println!(
+                "  {label} p50 {:.3} ms  p99 {:.3} ms  (n = {n}; from its histogram)",
+                p50 * 1000.0,
+                p99 * 1000.0
+            ),
+            _ => println!("  {label} not exported by this relay"),
+        }
+    }
+    let counter = |name: &str| metric(name).map_or("not available".to_owned(), |v| v.to_string());
     println!(
         "  relay late frames (its counter)      {}",
-        metric("relay_late_frames_total")
+        counter("relay_late_frames_total")
     );
     println!(
         "  relay dropped frames (its counter)   {}",
-        metric("relay_frames_dropped_total")
+        counter("relay_frames_dropped_total")
     );
-    println!("  relay CPU per call-second            {cpu_per_call_sec:.6} s   (target ≤ 0.0005 at 200 calls)");
-    println!(
-        "  relay resident memory                idle {rss_idle} KiB, steady {rss_steady:.0} KiB"
-    );
-    println!("  relay resident memory per call       {rss_per_call_kib:.1} KiB   (target ≤ 64 KB)");
+    match (idle, cpu0, cpu1) {
+        (Some(idle), Some(c0), Some(c1)) => {
+            let per_call_sec = |secs: f64| secs / (args.calls as f64 * window);
+            let user = per_call_sec(c1.user_secs - c0.user_secs);
+            let sys = per_call_sec(c1.sys_secs - c0.sys_secs);
+            let rss_steady = loadgen::percentile(&rss_samples, 0.5).unwrap_or(0.0);
+            let rss_per_call_kib = (rss_steady - idle.rss_kib as f64) / args.calls as f64;
+            println!(
+                "  relay CPU per call-second            {:.6} s  (user {user:.6} + system {sys:.6}; target ≤ 0.0005 at 200 calls)",
+                user + sys
+            );
+            println!(
+                "  relay resident memory                idle {} KiB, steady {rss_steady:.0} KiB",
+                idle.rss_kib
+            );
+            println!(
+                "  relay resident memory per call       {rss_per_call_kib:.1} KiB = {:.1} KB  (target ≤ 64 KB)",
+                rss_per_call_kib * 1.024
+            );
+        }
+        _ => println!("  relay CPU and memory                 not measured (no --relay-pid)"),
+    }
     Ok(())
 }
