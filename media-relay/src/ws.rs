@@ -33,9 +33,10 @@ pub enum ConnectError {
 
 /// Bytes read from a socket at a time. tungstenite allocates this eagerly and grows the
 /// buffer to hold a whole message when one is larger, so a small value bounds a quiet
-/// socket's memory without limiting message size. Twilio and Deepgram frames fit in one
-/// read; a large TTS audio message takes a few.
-pub const READ_BUFFER: usize = 2 * 1024;
+/// socket's memory without limiting message size, and every read zero-fills this much
+/// first. A Twilio media frame (~420 bytes) fits in one read; a long Deepgram result or a
+/// TTS audio message (a few per second while the persona speaks) takes a few.
+pub const READ_BUFFER: usize = 1024;
 
 /// Socket buffer sizes: reads per [`READ_BUFFER`]. Every `send` flushes; `feed` gathers
 /// messages up to this many bytes so that a batch (frames that queued up together) is one
