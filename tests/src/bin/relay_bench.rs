@@ -259,6 +259,7 @@ async fn run(args: Args) -> Result<()> {
     // Measure over the steady window only, when every call is up.
     tokio::time::sleep_until((start + ramp + Duration::from_secs(1)).into()).await;
     let cpu0 = pid.map(proc_sample).transpose()?;
+    let own0 = proc_sample(std::process::id())?;
     let t0 = Instant::now();
     let mut rss_samples = Vec::new();
     while t0.elapsed() < steady.saturating_sub(Duration::from_secs(1)) {
@@ -268,6 +269,7 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     let cpu1 = pid.map(proc_sample).transpose()?;
+    let own1 = proc_sample(std::process::id())?;
     let window = t0.elapsed().as_secs_f64();
     // Another implementation may not serve Prometheus metrics: then those lines say so.
     let metrics = match http.get(&metrics_url).send().await {
@@ -392,5 +394,12 @@ async fn run(args: Args) -> Result<()> {
         }
         _ => println!("  relay CPU and memory                 not measured (no --relay-pid)"),
     }
+    // The load generator and the fakes share the machine with the relay: when they use
+    // most of it, latencies measure the machine more than the relay.
+    println!(
+        "  this process (callers + fakes) CPU   {:.2} cores of {}",
+        (own1.user_secs + own1.sys_secs - own0.user_secs - own0.sys_secs) / window,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
     Ok(())
 }
