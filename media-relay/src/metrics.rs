@@ -116,42 +116,41 @@ impl Metrics {
             m.reconnects.clone(),
         );
         registry.register("relay_calls", "Calls handled, by outcome", m.calls.clone());
-        registry.register_with_unit(
-            "relay_end_of_turn_to_first_audio",
-            "User end of turn to first persona audio frame",
-            Unit::Seconds,
-            m.end_of_turn_to_first_audio.clone(),
-        );
-        registry.register_with_unit(
-            "relay_stt_final_latency",
-            "End of speech to final transcript",
-            Unit::Seconds,
-            m.stt_final_latency.clone(),
-        );
-        registry.register_with_unit(
-            "relay_tts_first_byte",
-            "Text sent to TTS to first audio",
-            Unit::Seconds,
-            m.tts_first_byte.clone(),
-        );
-        registry.register_with_unit(
-            "relay_llm_first_token",
-            "user_turn sent to first say_delta",
-            Unit::Seconds,
-            m.llm_first_token.clone(),
-        );
-        registry.register_with_unit(
-            "relay_forward_in",
-            "Caller frame read from Twilio to written to Deepgram",
-            Unit::Seconds,
-            m.forward_in.clone(),
-        );
-        registry.register_with_unit(
-            "relay_forward_out",
-            "TTS audio read from ElevenLabs to its first frame written to Twilio (unpaced)",
-            Unit::Seconds,
-            m.forward_out.clone(),
-        );
+        // Histograms in seconds (the encoder appends `_seconds`).
+        for (name, help, histogram) in [
+            (
+                "relay_end_of_turn_to_first_audio",
+                "User end of turn to first persona audio frame",
+                &m.end_of_turn_to_first_audio,
+            ),
+            (
+                "relay_stt_final_latency",
+                "End of speech to final transcript",
+                &m.stt_final_latency,
+            ),
+            (
+                "relay_tts_first_byte",
+                "Text sent to TTS to first audio",
+                &m.tts_first_byte,
+            ),
+            (
+                "relay_llm_first_token",
+                "user_turn sent to first say_delta",
+                &m.llm_first_token,
+            ),
+            (
+                "relay_forward_in",
+                "Caller frame read from Twilio to written to Deepgram",
+                &m.forward_in,
+            ),
+            (
+                "relay_forward_out",
+                "TTS audio read from ElevenLabs to its first frame written to Twilio (unpaced)",
+                &m.forward_out,
+            ),
+        ] {
+            registry.register_with_unit(name, help, Unit::Seconds, histogram.clone());
+        }
         Self { registry, ..m }
     }
 

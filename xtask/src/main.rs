@@ -43,7 +43,7 @@ enum Command {
     Dev(cmd::dev::DevArgs),
     /// Setup, format check, clippy (native and wasm32), Worker build, all tests.
     Test(cmd::test::TestArgs),
-    /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S]`).
+    /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S] [-- RELAY_BENCH_ARGS]`).
     Bench(cmd::bench::BenchArgs),
 }
 

@@ -28,20 +28,11 @@ enum BenchTarget {
         /// Ramp-up, seconds.
         #[arg(long, default_value_t = 10)]
         ramp: u64,
-        /// Aim at a relay already running (`ws://HOST:PORT/twilio`) instead of building
-        /// and starting ours; relay_bench prints the environment to start it with.
-        #[arg(long)]
-        relay_url: Option<String>,
-        /// With `--relay-url`: the relay's pid, for CPU and memory.
-        #[arg(long, requires = "relay_url")]
-        relay_pid: Option<u32>,
-        /// Fixed ports for the fakes (for a relay configured by hand); 0 = free ports.
-        #[arg(long, default_value_t = 0)]
-        deepgram_port: u16,
-        #[arg(long, default_value_t = 0)]
-        elevenlabs_port: u16,
-        #[arg(long, default_value_t = 0)]
-        control_port: u16,
+        /// Passed to relay_bench as they are, e.g. `--relay-url ws://HOST:PORT/twilio
+        /// --relay-pid PID --deepgram-port N …` to aim at a relay started by hand (then
+        /// ours is not built or started). `relay_bench --help` lists them.
+        #[arg(last = true)]
+        bench_args: Vec<String>,
     },
 }
 
@@ -50,25 +41,25 @@ pub fn run(repo: &Repo, args: &BenchArgs) -> Result<()> {
         calls,
         duration,
         ramp,
-        relay_url,
-        relay_pid,
-        deepgram_port,
-        elevenlabs_port,
-        control_port,
+        bench_args,
     } = &args.target;
+    let external = bench_args.iter().any(|a| a.starts_with("--relay-url"));
+    // Both, always: building one alone would resolve different dependency features and
+    // rebuild half the tree each time the other is built.
     let mut build = cargo();
     build.current_dir(repo.root()).args([
         "build",
         "--release",
         "-p",
+        "media-relay",
+        "--bin",
+        "media-relay",
+        "-p",
         "cmb-tests",
         "--bin",
         "relay_bench",
     ]);
-    if relay_url.is_none() {
-        build.args(["-p", "media-relay", "--bin", "media-relay"]);
-    }
-    run_checked(&mut build, "cargo build --release (relay_bench, relay)")?;
+    run_checked(&mut build, "cargo build --release (relay, relay_bench)")?;
     let bins = repo.root().join("target/release");
     let mut bench = std::process::Command::new(bins.join("relay_bench"));
     bench.args([
@@ -78,23 +69,10 @@ pub fn run(repo: &Repo, args: &BenchArgs) -> Result<()> {
         &duration.to_string(),
         "--ramp-secs",
         &ramp.to_string(),
-        "--deepgram-port",
-        &deepgram_port.to_string(),
-        "--elevenlabs-port",
-        &elevenlabs_port.to_string(),
-        "--control-port",
-        &control_port.to_string(),
     ]);
-    match relay_url {
-        Some(url) => {
-            bench.args(["--relay-url", url]);
-            if let Some(pid) = relay_pid {
-                bench.args(["--relay-pid", &pid.to_string()]);
-            }
-        }
-        None => {
-            bench.arg("--relay-bin").arg(bins.join("media-relay"));
-        }
+    bench.args(bench_args);
+    if !external {
+        bench.arg("--relay-bin").arg(bins.join("media-relay"));
     }
     run_checked(&mut bench, "relay_bench")
 }
