@@ -297,6 +297,8 @@ impl Call<'_> {
         audio_tx: &mpsc::Sender<AudioFrame>,
         buf: &mut BytesMut,
     ) -> Result<Option<Event>, End> {
+        // Forwarding time runs from here: parsing and decoding are part of it.
+        let read_at = Instant::now();
         let event = match twilio::parse(text) {
             Ok(Some(e)) => e,
             Ok(None) => return Ok(None),
@@ -310,10 +312,7 @@ impl Call<'_> {
                 self.metrics().frames_in.inc();
                 if let Some(data) = twilio::decode_payload(&payload, buf) {
                     self.stt_audio_bytes += data.len() as u64;
-                    let frame = AudioFrame {
-                        read_at: Instant::now(),
-                        data,
-                    };
+                    let frame = AudioFrame { read_at, data };
                     if audio_tx.try_send(frame).is_err() {
                         // Deepgram's task buffers 5 s itself; a full queue means it is stuck.
                         warn!(
