@@ -31,6 +31,8 @@ const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(4);
 const RING_FRAMES: usize = 250;
 /// Largest Deepgram message accepted (a long final with word timings).
 const MAX_MESSAGE: usize = 256 * 1024;
+/// Most caller frames written to Deepgram in one go when several have queued up.
+const MAX_BATCH: usize = 16;
 /// A connection that lived this long was healthy: its failure restarts the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
@@ -212,6 +214,7 @@ async fn session(
     let mut last_sent = Instant::now();
     let keep_alive = tokio::time::sleep_until(last_sent + KEEP_ALIVE_EVERY);
     tokio::pin!(keep_alive);
+    let mut batch: Vec<AudioFrame> = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -244,23 +247,31 @@ async fn session(
                 epoch.get_or_insert_with(|| probes.stream_ms(f.read_at));
                 // Frames that queued up meanwhile go out in the same write: no frame
                 // waits for another, but a busy relay makes one syscall, not several.
-                let first_read = f.read_at;
-                let mut batch = 0u32;
-                let mut next = Some(f);
-                while let Some(f) = next {
-                    next = audio.try_recv().ok();
-                    batch += 1;
-                    if socket.feed(Message::Binary(f.data)).await.is_err() {
-                        return Ended::Dropped;
+                batch.clear();
+                batch.push(f);
+                while batch.len() < MAX_BATCH {
+                    let Ok(more) = audio.try_recv() else { break };
+                    batch.push(more);
+                }
+                let mut written = true;
+                for f in &batch {
+                    // A clone of `Bytes` is a reference count, not a copy.
+                    if socket.feed(Message::Binary(f.data.clone())).await.is_err() {
+                        written = false;
+                        break;
                     }
                 }
-                if socket.flush().await.is_err() {
+                if !written || socket.flush().await.is_err() {
+                    // The connection died under these frames: replay them on the next.
+                    for f in batch.drain(..) {
+                        ring.push(f);
+                    }
                     return Ended::Dropped;
                 }
                 last_sent = Instant::now();
                 // Per frame; a batch is timed by its oldest frame (an upper bound).
-                let secs = last_sent.saturating_duration_since(first_read).as_secs_f64();
-                for _ in 0..batch {
+                let secs = last_sent.saturating_duration_since(batch[0].read_at).as_secs_f64();
+                for _ in &batch {
                     probes.forward_in.observe(secs);
                 }
             }
