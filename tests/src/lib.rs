@@ -6,5 +6,6 @@ pub mod fakes;
 pub mod harness;
 pub mod loadgen;
 pub mod pg;
+pub mod process;
 pub mod sim;
 pub mod stack;

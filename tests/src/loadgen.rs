@@ -476,42 +476,6 @@ mod tests {
         assert_eq!(histogram_quantile(text, "z_seconds", 0.5), None, "absent");
     }
 
-    /// The control peer mints tokens the relay accepts for that call, and only for a
-    /// caller that knows the shared secret.
-    #[tokio::test]
-    async fn control_peer_mints_valid_stream_tokens() {
-        let server = spawn_control_peer(ControlPeer::new("s3cret"), crate::fakes::LOOPBACK_ANY)
-            .await
-            .expect("serve");
-        let url = format!("{}/internal/calls/call-7/stream-token", server.base_url());
-        let http = reqwest::Client::new();
-        let ok: Value = http
-            .get(&url)
-            .bearer_auth("s3cret")
-            .send()
-            .await
-            .expect("request")
-            .json()
-            .await
-            .expect("json");
-        assert_eq!(ok["callId"], "call-7");
-        let token = ok["streamToken"].as_str().expect("token");
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let claims =
-            cmb_core::stream_token::verify("s3cret", token, "call-7", now).expect("verifies");
-        assert_eq!(claims.call_id, "call-7");
-        assert_eq!(Some(claims.expires_at), ok["expiresAt"].as_i64());
-        assert!(cmb_core::stream_token::verify("s3cret", token, "call-8", now).is_err());
-        let wrong = http
-            .get(&url)
-            .bearer_auth("guess")
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(wrong.status(), reqwest::StatusCode::UNAUTHORIZED);
-        server.shutdown().await;
-    }
-
     /// Nearest-rank percentiles on a known set.
     #[test]
     fn percentiles() {

@@ -804,7 +804,6 @@ async fn stream_latency_and_jitter_keep_cadence_and_order() {
 /// from the environment, and exits cleanly on SIGTERM.
 #[tokio::test]
 async fn fakes_binary_announces_serves_and_stops() {
-    use tokio::io::AsyncBufReadExt as _;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fakes"))
         .args([
             "--host",
@@ -821,19 +820,9 @@ async fn fakes_binary_announces_serves_and_stops() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut announced = Vec::new();
-    loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if line == "fakes ready" {
-            break;
-        }
-        announced.push(line);
-    }
+    let announced = cmb_tests::process::fakes_announcements(&mut child, WAIT)
+        .await
+        .unwrap();
     assert_eq!(announced.len(), 2, "{announced:?}");
     assert!(announced[0].starts_with("fake twilio listening on http://127.0.0.1:"));
     assert!(announced[1].starts_with("fake stripe listening on http://127.0.0.1:"));
@@ -850,17 +839,9 @@ async fn fakes_binary_announces_serves_and_stops() {
         "credentials from env accepted"
     );
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let exit = tokio::time::timeout(WAIT, child.wait())
+    cmb_tests::process::stop_cleanly(&mut child, WAIT)
         .await
-        .unwrap()
         .unwrap();
-    assert!(exit.success(), "{exit:?}");
 }
 
 /// Updating a live call with new `Twiml` stops the stream (`stop`) and runs the new

@@ -4,8 +4,11 @@
 //! Plays every side but the relay's: the fake Deepgram and ElevenLabs (zero added
 //! latency), the fake control peer (the CallSession channel, replying at once), and N
 //! Twilio Media Streams callers. With `--relay-bin` it starts that relay binary pointed at
-//! them; with `--relay-url` it aims at a relay someone else started (any implementation
-//! speaking the same protocols), printing the environment that relay must be given.
+//! them; with `--relay-url ws://HOST:PORT/twilio` it aims at a relay someone else starts
+//! (any implementation speaking the same protocols): the fakes listen on fixed ports
+//! (4311 Deepgram, 4312 ElevenLabs, 4313 control peer unless `--*-port` says otherwise),
+//! the environment that relay must be given is printed, and the load starts once the
+//! relay's port accepts (within `--wait-secs`).
 //!
 //! Reports: end of turn → first persona audio, caller frame → Deepgram (from outside),
 //! the relay's own forwarding histograms and late/dropped counters when it exports them
@@ -50,23 +53,51 @@ struct Args {
         conflicts_with = "relay_url"
     )]
     relay_bin: Option<PathBuf>,
-    /// A relay already running (`ws://HOST:PORT/twilio`): start only the fakes and load.
+    /// A relay started by hand (`ws://HOST:PORT/twilio`): start only the fakes, print the
+    /// relay's environment, and run the load once its port accepts.
     #[arg(long)]
     relay_url: Option<String>,
     /// With `--relay-url`: the relay's process, for CPU and memory from /proc.
-    #[arg(long, requires = "relay_url")]
+    // `requires` alone lets `--relay-bin` through: clap waives a requirement that
+    // conflicts with a flag that was given.
+    #[arg(long, requires = "relay_url", conflicts_with = "relay_bin")]
     relay_pid: Option<u32>,
     /// With `--relay-url`: how long to wait for the relay's port to accept.
     #[arg(long, default_value_t = 60)]
     wait_secs: u64,
-    /// Ports of the in-process fakes (0 = any free port; give fixed ones when the relay
-    /// under test is configured by hand).
-    #[arg(long, default_value_t = 0)]
-    deepgram_port: u16,
-    #[arg(long, default_value_t = 0)]
-    elevenlabs_port: u16,
-    #[arg(long, default_value_t = 0)]
-    control_port: u16,
+    /// Port of the in-process fake Deepgram (0 = any free port). Default: a free port
+    /// with `--relay-bin`; 4311 with `--relay-url`, so a relay configured by hand can be
+    /// started before this run.
+    #[arg(long)]
+    deepgram_port: Option<u16>,
+    /// Port of the fake ElevenLabs; default free, or 4312 with `--relay-url`.
+    #[arg(long)]
+    elevenlabs_port: Option<u16>,
+    /// Port of the fake control peer (the relay's `WORKER_URL`); default free, or 4313
+    /// with `--relay-url`.
+    #[arg(long)]
+    control_port: Option<u16>,
+}
+
+/// The fakes' fixed ports with `--relay-url` when none are given: the relay under test is
+/// configured by hand, possibly before this run starts.
+const EXTERNAL_PORTS: [u16; 3] = [4311, 4312, 4313];
+
+impl Args {
+    /// Deepgram, ElevenLabs and control peer ports: the flags, else free ports for a
+    /// relay this run starts, else [`EXTERNAL_PORTS`].
+    fn fake_ports(&self) -> [u16; 3] {
+        let [dg, xi, control] = if self.relay_url.is_some() {
+            EXTERNAL_PORTS
+        } else {
+            [0; 3]
+        };
+        [
+            self.deepgram_port.unwrap_or(dg),
+            self.elevenlabs_port.unwrap_or(xi),
+            self.control_port.unwrap_or(control),
+        ]
+    }
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -143,10 +174,11 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
+    let [deepgram_port, elevenlabs_port, control_port] = args.fake_ports();
     let frames = FrameClock::default();
     let tap = frames.clone();
     let dg = deepgram::spawn(deepgram::Config {
-        addr: loopback(args.deepgram_port),
+        addr: loopback(deepgram_port),
         api_key: DG_KEY.into(),
         idle_timeout: Duration::from_secs(600),
         audio_tap: Some(deepgram::AudioTap(std::sync::Arc::new(
@@ -156,13 +188,13 @@ async fn run(args: Args) -> Result<()> {
     })
     .await?;
     let xi = elevenlabs::spawn(elevenlabs::Config {
-        addr: loopback(args.elevenlabs_port),
+        addr: loopback(elevenlabs_port),
         api_key: XI_KEY.into(),
         ..Default::default()
     })
     .await?;
     let peer = ControlPeer::new(SECRET);
-    let control = loadgen::spawn_control_peer(peer.clone(), loopback(args.control_port)).await?;
+    let control = loadgen::spawn_control_peer(peer.clone(), loopback(control_port)).await?;
     let relay_env = |relay_url: &str| {
         [
             ("RELAY_SECRET", SECRET.to_owned()),
@@ -213,7 +245,10 @@ async fn run(args: Args) -> Result<()> {
         }
         (None, None) => bail!("give --relay-bin or --relay-url"),
     };
-    let http = reqwest::Client::new();
+    // Bounded: a relay under test need not speak HTTP at all.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     let metrics_url = format!("http://{relay_host}/metrics");
     if started.is_some() {
         let health = format!("http://{relay_host}/health");
@@ -234,6 +269,12 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     let idle = pid.map(proc_sample).transpose()?;
+    // A relay started by hand may have served calls already: its histograms and counters
+    // are cumulative, and its "idle" memory is not idle.
+    let before = fetch_metrics(&http, &metrics_url)
+        .await
+        .and_then(|m| metric_sum(&m, "relay_frames_in_total"))
+        .filter(|n| *n > 0.0);
 
     let cfg = ClientConfig {
         relay_url: relay_url.clone(),
@@ -272,10 +313,7 @@ async fn run(args: Args) -> Result<()> {
     let own1 = proc_sample(std::process::id())?;
     let window = t0.elapsed().as_secs_f64();
     // Another implementation may not serve Prometheus metrics: then those lines say so.
-    let metrics = match http.get(&metrics_url).send().await {
-        Ok(r) if r.status().is_success() => Some(r.text().await?),
-        _ => None,
-    };
+    let metrics = fetch_metrics(&http, &metrics_url).await;
 
     let mut latencies = Vec::new();
     let (mut frames_in, mut frames_out, mut failed) = (0u64, 0u64, 0usize);
@@ -292,15 +330,7 @@ async fn run(args: Args) -> Result<()> {
     }
     drop(started);
 
-    let metric = |name: &str| -> Option<f64> {
-        let text = metrics.as_deref()?;
-        Some(
-            text.lines()
-                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
-    };
+    let metric = |name: &str| metric_sum(metrics.as_deref()?, name);
     let p = |q| loadgen::percentile(&latencies, q).unwrap_or(f64::NAN);
     let frame_ms = frames.latencies_ms();
     let f = |q| loadgen::percentile(&frame_ms, q).unwrap_or(f64::NAN);
@@ -401,5 +431,83 @@ async fn run(args: Args) -> Result<()> {
         (own1.user_secs + own1.sys_secs - own0.user_secs - own0.sys_secs) / window,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    if let Some(n) = before {
+        println!(
+            "  note: the relay had forwarded {n} caller frames before this run; its histograms, \
+             counters and idle memory include earlier calls (start a fresh relay per run)"
+        );
+    }
     Ok(())
+}
+
+/// The relay's Prometheus exposition, if it serves one.
+async fn fetch_metrics(http: &reqwest::Client, url: &str) -> Option<String> {
+    match http.get(url).send().await {
+        Ok(r) if r.status().is_success() => r.text().await.ok(),
+        _ => None,
+    }
+}
+
+/// The sum of every series of metric `name` (all label sets); `None` when it has none.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("relay_bench").chain(args.iter().copied()))
+            .expect("parses")
+    }
+
+    /// Free ports for a relay this run starts; fixed ones for a relay started by hand;
+    /// a flag wins either way. Exactly one of --relay-bin and --relay-url.
+    #[test]
+    fn fake_ports_and_relay_choice() {
+        assert_eq!(parse(&["--relay-bin", "r"]).fake_ports(), [0, 0, 0]);
+        let url = ["--relay-url", "ws://127.0.0.1:4400/twilio"];
+        assert_eq!(parse(&url).fake_ports(), EXTERNAL_PORTS);
+        let given = parse(&[
+            url[0],
+            url[1],
+            "--control-port",
+            "9000",
+            "--deepgram-port",
+            "0",
+        ]);
+        assert_eq!(given.fake_ports(), [0, 4312, 9000]);
+        let parse_err = |a: &[&str]| {
+            Args::try_parse_from(std::iter::once("relay_bench").chain(a.iter().copied())).is_err()
+        };
+        assert!(parse_err(&[]), "one of them is required");
+        assert!(parse_err(&["--relay-bin", "r", url[0], url[1]]), "not both");
+        assert!(
+            parse_err(&["--relay-bin", "r", "--relay-pid", "1"]),
+            "pid only with a URL"
+        );
+    }
+
+    /// Counters sum over label sets, match the exact name only, and are `None` when absent.
+    #[test]
+    fn metric_sums() {
+        let text = "# TYPE relay_calls counter\n\
+            relay_calls_total{outcome=\"a\"} 2\n\
+            relay_calls_total{outcome=\"b\"} 3\n\
+            relay_calls_total_extra 100\n\
+            relay_late_frames_total 0\n";
+        assert_eq!(metric_sum(text, "relay_calls_total"), Some(5.0));
+        assert_eq!(metric_sum(text, "relay_late_frames_total"), Some(0.0));
+        assert_eq!(metric_sum(text, "relay_frames_dropped_total"), None);
+    }
 }
