@@ -121,6 +121,21 @@ impl ApiClient {
         .await
     }
 
+    /// `POST /admin/users/:id/ban {reason}` as `admin`.
+    pub async fn ban(
+        &self,
+        admin: &TestUser,
+        user_id: &str,
+        reason: &str,
+    ) -> anyhow::Result<Reply> {
+        self.post(
+            &format!("/admin/users/{user_id}/ban"),
+            Some(&admin.token),
+            &serde_json::json!({ "reason": reason }),
+        )
+        .await
+    }
+
     /// The user's current balance (`GET /api/me`).
     pub async fn credits(&self, user: &TestUser) -> anyhow::Result<i64> {
         let me = self.get("/api/me", Some(&user.token)).await?;

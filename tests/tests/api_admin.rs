@@ -377,14 +377,7 @@ async fn bans_are_audited_and_never_self_inflicted() {
     assert_eq!(r.code(), Some("cannot_ban_self"));
 
     let user = api.register_user("troll").await.unwrap();
-    let r = api
-        .post(
-            &format!("/admin/users/{}/ban", user.id),
-            Some(&admin.token),
-            &json!({ "reason": "abuse" }),
-        )
-        .await
-        .unwrap();
+    let r = api.ban(&admin, &user.id, "abuse").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["user"]["is_banned"], true);
     let label = &user.email[..user.email.find('@').unwrap()];

@@ -1,5 +1,6 @@
-//! The voice path under failure, each test on its own stack (faults and kills would
-//! disturb other calls): Deepgram dropping mid-call, and the relay dying mid-call.
+//! The voice path under failure and forced endings, each test on its own stack (faults
+//! and kills would disturb other calls): Deepgram dropping mid-call, the relay dying
+//! mid-call, a silent caller, and an admin ban ending a live call.
 
 // A failed expectation in a test is a test failure: panicking is the point.
 #![allow(clippy::unwrap_used)]
@@ -49,6 +50,24 @@ async fn wait_persona_lines(v: &VoiceStack, number: &str, n: usize) -> CallRecor
         assert!(Instant::now() < deadline, "persona never spoke {n} lines");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The callee at `number` answers and then says nothing for a minute.
+fn silent_callee(v: &VoiceStack, number: &str) {
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![Step::Pause(60_000)])),
+    );
+}
+
+/// Everything the callee at `number` heard.
+fn heard_by(v: &VoiceStack, number: &str) -> String {
+    v.twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap()
+        .heard_text
 }
 
 fn user_lines(body: &Value) -> Vec<String> {
@@ -111,13 +130,7 @@ async fn deepgram_drop_mid_call_recovers() {
         v.deepgram.connection_count() > before,
         "the relay reconnected to Deepgram"
     );
-    let heard = v
-        .twilio
-        .calls()
-        .into_iter()
-        .find(|c| c.to == number)
-        .unwrap()
-        .heard_text;
+    let heard = heard_by(&v, number);
     assert!(
         heard.contains("And the second one too."),
         "the turn after the drop was answered: {heard}"
@@ -166,13 +179,7 @@ async fn relay_killed_mid_call_keeps_transcript_and_settles() {
     let charged = done["call"]["cost_cents"].as_i64().unwrap();
     assert!(charged >= 25, "billed for the connected call: {charged}");
     // Twilio asked what to do once the stream died: the caller got an apology, not silence.
-    let heard = v
-        .twilio
-        .calls()
-        .into_iter()
-        .find(|c| c.to == number)
-        .unwrap()
-        .heard_text;
+    let heard = heard_by(&v, number);
     assert!(
         heard.contains("Sorry, we lost the connection"),
         "fallback spoken: {heard}"
@@ -195,20 +202,11 @@ async fn idle_caller_gets_a_check_in_then_a_goodbye() {
     let api = ApiClient::new(v.stack.worker_url());
     let user = api.register_user("idle").await.unwrap();
     let number = "+16285550125";
-    v.twilio.set_script(
-        number,
-        CalleeScript::answer(SimScript::new(vec![Step::Pause(60_000)])),
-    );
+    silent_callee(&v, number);
     let id = trigger(&api, &user, number).await;
     let done = wait_settled(&api, &user, &id, Duration::from_secs(60)).await;
     assert_eq!(done["call"]["status"], "completed", "{done}");
-    let heard = v
-        .twilio
-        .calls()
-        .into_iter()
-        .find(|c| c.to == number)
-        .unwrap()
-        .heard_text;
+    let heard = heard_by(&v, number);
     assert!(
         heard.contains("Are you still there?"),
         "check-in heard: {heard}"
@@ -228,5 +226,52 @@ async fn idle_caller_gets_a_check_in_then_a_goodbye() {
     assert!(
         persona.iter().any(|t| t.contains("Are you still there?")),
         "{persona:?}"
+    );
+}
+
+/// Banning a user in the middle of a call ends it: the persona says a short goodbye the
+/// caller hears, the call completes and settles, and the ban reports it as ended.
+#[tokio::test]
+async fn ban_ends_a_live_call_with_a_goodbye() {
+    let v = VoiceStack::start(vec![]);
+    let api = ApiClient::new(v.stack.worker_url());
+    let user = api.register_user("banned-mid-call").await.unwrap();
+    let admin = cmb_tests::harness::admin(&api).await;
+    let number = "+16285550126";
+    silent_callee(&v, number);
+    let id = trigger(&api, &user, number).await;
+    // The greeting was heard: the conversation is live.
+    wait_persona_lines(&v, number, 1).await;
+
+    let r = api.ban(&admin, &user.id, "abuse").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["ended_calls"], json!([id]), "{}", r.body);
+    assert_eq!(r.body["canceled_calls"], json!([]), "{}", r.body);
+
+    // The banned user's token no longer works; the admin reads the settled call.
+    let done = wait_settled(&api, &admin, &id, Duration::from_secs(40)).await;
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let heard = heard_by(&v, number);
+    assert!(
+        heard.contains("I have to end our call now"),
+        "goodbye heard: {heard}"
+    );
+    assert!(
+        !heard.contains("Sorry, we lost the connection"),
+        "no fallback after a goodbye: {heard}"
+    );
+    let last = done["transcript"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["role"], "assistant", "{done}");
+    assert!(
+        last["text"]
+            .as_str()
+            .unwrap()
+            .contains("I have to end our call now"),
+        "{done}"
     );
 }

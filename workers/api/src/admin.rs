@@ -7,6 +7,7 @@
 //! change (`store_admin.rs`). This module never touches a call's state directly: a
 //! banned user's pending calls are canceled through each call's Durable Object.
 
+use cmb_core::calls::CallStatus;
 use cmb_core::validate;
 use futures::future::join_all;
 use serde::Deserialize;
@@ -160,8 +161,9 @@ async fn ban_body(req: &mut Request) -> ApiResult<BanBody> {
 }
 
 /// `POST /admin/users/:id/ban {reason?}`: the user's tokens stop working on their next
-/// request (authentication reloads the user), and their scheduled or queued calls are
-/// canceled through each call's Durable Object.
+/// request (authentication reloads the user); through each call's Durable Object their
+/// scheduled or queued calls are canceled and a ringing or live call is ended (a live
+/// conversation with a short goodbye).
 pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     let session = require_admin(&req, ctx).await?;
     let body = ban_body(&mut req).await?;
@@ -190,18 +192,26 @@ pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
         .await?;
     worker::console_log!("user banned user_id={id} by={}", session.user.id);
 
-    // The ban already holds; canceling is best effort per call, reported per call.
-    let pending = ctx.store.cancelable_calls(id).await?;
-    let outcomes = join_all(pending.iter().map(|call_id| async move {
-        let outcome = session_op::<CancelOutcome>(ctx, call_id, &SessionOp::Cancel).await;
+    // The ban already holds; stopping calls is best effort per call, reported per call.
+    let unfinished = ctx.store.unfinished_calls(id).await?;
+    let end = SessionOp::End {
+        reason: "account_suspended".into(),
+    };
+    let end = &end;
+    let outcomes = join_all(unfinished.iter().map(|call_id| async move {
+        let outcome = session_op::<CancelOutcome>(ctx, call_id, end).await;
         (call_id, outcome)
     }))
     .await;
     let mut canceled = Vec::new();
+    let mut ended = Vec::new();
     let mut not_canceled = Vec::new();
     for (call_id, outcome) in outcomes {
         match outcome {
-            Ok(o) if o.canceled => canceled.push(json!(call_id)),
+            Ok(o) if o.canceled && o.status == CallStatus::Canceled => {
+                canceled.push(json!(call_id))
+            }
+            Ok(o) if o.canceled => ended.push(json!(call_id)),
             Ok(o) => not_canceled.push(json!({ "id": call_id, "status": o.status.as_str() })),
             Err(e) => {
                 worker::console_error!("ban: cancel failed call_id={call_id} error={}", e.message);
@@ -215,6 +225,7 @@ pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
         &json!({
             "user": user_view(ctx, &user),
             "canceled_calls": canceled,
+            "ended_calls": ended,
             "not_canceled_calls": not_canceled,
         }),
     )

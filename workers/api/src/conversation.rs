@@ -37,6 +37,8 @@ const FALLBACK_LINE: &str =
     "Sorry, I lost my train of thought for a second. Could you say that again?";
 const CHECK_IN_LINE: &str = "Are you still there?";
 const IDLE_GOODBYE: &str = "Seems like you're busy. I'll let you go. Talk soon, bye!";
+/// Said when the platform ends the call (the account was suspended).
+const ENDED_GOODBYE: &str = "I'm sorry, I have to end our call now. Goodbye.";
 const CREDITS_GOODBYE: &str =
     "Looks like you're out of credits for now, so I have to wrap up. Talk soon, bye!";
 const MAX_DURATION_GOODBYE: &str =
@@ -458,6 +460,14 @@ impl CallSession {
         worker::console_log!("hanging up call_id={} reason={reason}", st.call_id);
         // If the relay never confirms, the watchdog ends the call through Twilio.
         self.set_alarm_at(now_ms() + 10_000).await
+    }
+
+    /// Ends a live conversation at the platform's request: a short goodbye, then the
+    /// usual hang-up (relay first; the watchdog ends it through Twilio if the relay
+    /// never confirms).
+    pub(crate) async fn end_conversation(&self, st: &CallState, reason: &str) -> Result<()> {
+        let mut conv = self.load_conv().await?;
+        self.hang_up(st, &mut conv, reason, ENDED_GOODBYE).await
     }
 
     /// Sets the alarm for the next limit check: the next minute boundary (to reserve

@@ -71,6 +71,12 @@ pub enum SessionOp {
     },
     /// Twilio reports the media stream over (its `<Connect action>` request).
     StreamEnded,
+    /// The platform ends the call whatever its state (an admin ban): a pending call is
+    /// canceled, a ringing one hung up through Twilio, a live conversation ends with a
+    /// short goodbye like any other hang-up. Answers a [`CancelOutcome`].
+    End {
+        reason: String,
+    },
 }
 
 /// The object's answer to `StreamEnded`: whether the conversation ended on purpose.
@@ -153,6 +159,10 @@ impl DurableObject for CallSession {
             }
             SessionOp::Cancel => {
                 let outcome = self.cancel().await?;
+                Response::from_json(&outcome)
+            }
+            SessionOp::End { reason } => {
+                let outcome = self.end(&reason).await?;
                 Response::from_json(&outcome)
             }
             SessionOp::Answered { answered_by } => {
@@ -457,6 +467,53 @@ impl CallSession {
             canceled: true,
             status: CallStatus::Canceled,
         })
+    }
+
+    /// [`SessionOp::End`]: `canceled` says whether the call was stopped (a live one
+    /// finishes its goodbye and settles as usual).
+    async fn end(&self, reason: &str) -> Result<CancelOutcome> {
+        let Some(st) = self.load().await? else {
+            return Ok(CancelOutcome {
+                canceled: false,
+                status: CallStatus::Failed,
+            });
+        };
+        match st.status {
+            CallStatus::Scheduled | CallStatus::Queued => self.cancel().await,
+            CallStatus::Ringing if !st.settled => {
+                let Some(sid) = st.twilio_sid.clone() else {
+                    return self.cancel().await;
+                };
+                let cfg = config::load(&self.env)
+                    .map_err(|_| worker::Error::RustError("misconfigured".into()))?;
+                // Twilio's status callback then settles the call.
+                let canceled = match twilio::end_call(&cfg, &sid, "canceled").await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        worker::console_warn!(
+                            "end refused by Twilio call_id={} error={e}",
+                            st.call_id
+                        );
+                        false
+                    }
+                };
+                Ok(CancelOutcome {
+                    canceled,
+                    status: st.status,
+                })
+            }
+            CallStatus::InProgress if !st.settled => {
+                self.end_conversation(&st, reason).await?;
+                Ok(CancelOutcome {
+                    canceled: true,
+                    status: st.status,
+                })
+            }
+            other => Ok(CancelOutcome {
+                canceled: false,
+                status: other,
+            }),
+        }
     }
 
     /// Applies one Twilio status callback. Replays (a `SequenceNumber` already applied),

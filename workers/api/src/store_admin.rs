@@ -724,14 +724,15 @@ impl Store {
     }
 
     /// Calls of a user that have not been handed to Twilio for good yet (cancelable).
-    pub async fn cancelable_calls(&self, user_id: &str) -> ApiResult<Vec<String>> {
+    /// The user's calls that are not over yet: pending, ringing or live.
+    pub async fn unfinished_calls(&self, user_id: &str) -> ApiResult<Vec<String>> {
         #[derive(Deserialize)]
         struct Id {
             id: String,
         }
         let rows: Vec<Id> = self
             .all(
-                "SELECT id FROM calls WHERE user_id = ?1 AND status IN ('scheduled', 'queued') ORDER BY created_at",
+                "SELECT id FROM calls WHERE user_id = ?1 AND status IN ('scheduled', 'queued', 'ringing', 'in_progress') ORDER BY created_at",
                 &[s(user_id)],
             )
             .await?;
