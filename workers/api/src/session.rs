@@ -432,13 +432,19 @@ impl CallSession {
         self.save(st).await
     }
 
+    /// [`SessionOp::Cancel`]: stops a call that has not connected yet.
     async fn cancel(&self) -> Result<CancelOutcome> {
-        let Some(mut st) = self.load().await? else {
-            return Ok(CancelOutcome {
+        match self.load().await? {
+            Some(st) => self.cancel_loaded(st).await,
+            None => Ok(CancelOutcome {
                 canceled: false,
                 status: CallStatus::Failed,
-            });
-        };
+            }),
+        }
+    }
+
+    /// [`Self::cancel`] for a state already loaded.
+    async fn cancel_loaded(&self, mut st: CallState) -> Result<CancelOutcome> {
         match st.status {
             CallStatus::Scheduled | CallStatus::Queued => {}
             other => {
@@ -448,12 +454,9 @@ impl CallSession {
                 })
             }
         }
+        // Already handed to Twilio: only Twilio can stop it ringing.
         if let Some(sid) = st.twilio_sid.clone() {
-            // Already handed to Twilio: only Twilio can stop it ringing.
-            let cfg = config::load(&self.env)
-                .map_err(|_| worker::Error::RustError("misconfigured".into()))?;
-            if let Err(e) = twilio::end_call(&cfg, &sid, "canceled").await {
-                worker::console_warn!("cancel refused by Twilio call_id={} error={e}", st.call_id);
+            if !self.cancel_at_twilio(&st, &sid).await? {
                 return Ok(CancelOutcome {
                     canceled: false,
                     status: st.status,
@@ -469,6 +472,20 @@ impl CallSession {
         })
     }
 
+    /// Asks Twilio to stop placing the call (`Status=canceled`); false, logged, when it
+    /// refuses. Twilio's status callback then settles the call.
+    async fn cancel_at_twilio(&self, st: &CallState, sid: &str) -> Result<bool> {
+        let cfg = config::load(&self.env)
+            .map_err(|_| worker::Error::RustError("misconfigured".into()))?;
+        match twilio::end_call(&cfg, sid, "canceled").await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                worker::console_warn!("Twilio refused to cancel call_id={} error={e}", st.call_id);
+                Ok(false)
+            }
+        }
+    }
+
     /// [`SessionOp::End`]: `canceled` says whether the call was stopped (a live one
     /// finishes its goodbye and settles as usual).
     async fn end(&self, reason: &str) -> Result<CancelOutcome> {
@@ -479,23 +496,11 @@ impl CallSession {
             });
         };
         match st.status {
-            CallStatus::Scheduled | CallStatus::Queued => self.cancel().await,
+            CallStatus::Scheduled | CallStatus::Queued => self.cancel_loaded(st).await,
             CallStatus::Ringing if !st.settled => {
-                let Some(sid) = st.twilio_sid.clone() else {
-                    return self.cancel().await;
-                };
-                let cfg = config::load(&self.env)
-                    .map_err(|_| worker::Error::RustError("misconfigured".into()))?;
-                // Twilio's status callback then settles the call.
-                let canceled = match twilio::end_call(&cfg, &sid, "canceled").await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        worker::console_warn!(
-                            "end refused by Twilio call_id={} error={e}",
-                            st.call_id
-                        );
-                        false
-                    }
+                let canceled = match st.twilio_sid.as_deref() {
+                    Some(sid) => self.cancel_at_twilio(&st, sid).await?,
+                    None => false,
                 };
                 Ok(CancelOutcome {
                     canceled,
