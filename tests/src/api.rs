@@ -144,6 +144,39 @@ impl ApiClient {
             .with_context(|| format!("no credits in /api/me: {}", me.body))
     }
 
+    /// `POST /api/calls/trigger` as `user`; the new call's id (any answer but 201 is an
+    /// error carrying the body).
+    pub async fn trigger_call(
+        &self,
+        user: &TestUser,
+        persona_id: &str,
+        number: &str,
+    ) -> anyhow::Result<String> {
+        let r = self
+            .post(
+                "/api/calls/trigger",
+                Some(&user.token),
+                &serde_json::json!({ "persona_id": persona_id, "phone_number": number }),
+            )
+            .await?;
+        anyhow::ensure!(r.status == 201, "trigger: {} {}", r.status, r.body);
+        r.body["call"]["id"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no call id in {}", r.body))
+    }
+
+    /// Waits until call `id` is settled (its cost is recorded); its detail body.
+    pub async fn wait_settled(
+        &self,
+        user: &TestUser,
+        id: &str,
+        within: std::time::Duration,
+    ) -> anyhow::Result<Value> {
+        self.wait_call(user, id, within, |b| !b["call"]["cost_cents"].is_null())
+            .await
+    }
+
     /// Polls `GET /api/calls/:id` until `done` holds for its body, or fails after
     /// `within` with the last body.
     pub async fn wait_call(

@@ -23,21 +23,10 @@ fn answer_for(secs: u64) -> CalleeScript {
 }
 
 async fn call_and_wait(api: &ApiClient, user: &TestUser, number: &str) -> Value {
-    let r = api
-        .post(
-            "/api/calls/trigger",
-            Some(&user.token),
-            &json!({ "persona_id": "sarah", "phone_number": number }),
-        )
+    let id = api.trigger_call(user, "sarah", number).await.unwrap();
+    api.wait_settled(user, &id, Duration::from_secs(30))
         .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["call"]["id"].as_str().unwrap().to_string();
-    api.wait_call(user, &id, Duration::from_secs(30), |b| {
-        !b["call"]["cost_cents"].is_null()
-    })
-    .await
-    .unwrap()
+        .unwrap()
 }
 
 /// Analytics over calls made here match hand-computed totals for today (UTC).

@@ -244,21 +244,10 @@ async fn refunds_take_credits_back_but_never_below_zero() {
             duration_override_secs: Some(125),
         }),
     );
-    let r = api
-        .post(
-            "/api/calls/trigger",
-            Some(&user.token),
-            &json!({ "persona_id": "brad", "phone_number": number }),
-        )
+    let id = api.trigger_call(&user, "brad", number).await.unwrap();
+    api.wait_settled(&user, &id, std::time::Duration::from_secs(30))
         .await
         .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["call"]["id"].as_str().unwrap().to_string();
-    api.wait_call(&user, &id, std::time::Duration::from_secs(30), |b| {
-        !b["call"]["cost_cents"].is_null()
-    })
-    .await
-    .unwrap();
     let before = api.credits(&user).await.unwrap();
     assert_eq!(before, 700 - 145);
 

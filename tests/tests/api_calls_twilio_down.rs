@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cmb_tests::api::ApiClient;
 use cmb_tests::fakes::faults::Faults;
 use cmb_tests::harness;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// A Twilio 5xx fails the call with its reason and releases the reservation.
 #[tokio::test]
@@ -22,16 +22,10 @@ async fn twilio_error_fails_the_call_and_releases() {
         http_status: Some(503),
         ..Default::default()
     });
-    let body = api
-        .post(
-            "/api/calls/trigger",
-            Some(&user.token),
-            &json!({ "persona_id": "brad", "phone_number": "+14155550100" }),
-        )
+    let id = api
+        .trigger_call(&user, "brad", "+14155550100")
         .await
         .unwrap();
-    assert_eq!(body.status, 201, "{}", body.body);
-    let id = body.body["call"]["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     let done: Value = loop {
         let r = api

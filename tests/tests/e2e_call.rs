@@ -58,21 +58,10 @@ async fn a_whole_call_with_barge_in() {
     v.twilio
         .set_script(number.clone(), twilio::CalleeScript::answer(script));
 
-    let r = api
-        .post(
-            "/api/calls/trigger",
-            Some(&user.token),
-            &json!({ "persona_id": "brad", "phone_number": number }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["call"]["id"].as_str().unwrap().to_string();
+    let id = api.trigger_call(&user, "brad", &number).await.unwrap();
 
     let done = api
-        .wait_call(&user, &id, Duration::from_secs(90), |b| {
-            !b["call"]["cost_cents"].is_null()
-        })
+        .wait_settled(&user, &id, Duration::from_secs(90))
         .await
         .unwrap();
     let fake = v

@@ -7,31 +7,12 @@
 
 use std::time::{Duration, Instant};
 
-use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::api::ApiClient;
 use cmb_tests::fakes::faults::Faults;
 use cmb_tests::fakes::twilio::{CallRecord, CalleeScript};
 use cmb_tests::harness::VoiceStack;
 use cmb_tests::sim::{SimScript, Speaker, Step, Utterance};
 use serde_json::{json, Value};
-
-async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> String {
-    let r = api
-        .post(
-            "/api/calls/trigger",
-            Some(&user.token),
-            &json!({ "persona_id": "alex", "phone_number": number }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.body["call"]["id"].as_str().unwrap().to_string()
-}
-
-async fn wait_settled(api: &ApiClient, user: &TestUser, id: &str, within: Duration) -> Value {
-    api.wait_call(user, id, within, |b| !b["call"]["cost_cents"].is_null())
-        .await
-        .unwrap()
-}
 
 /// Waits until the caller has heard `n` persona lines in full.
 async fn wait_persona_lines(v: &VoiceStack, number: &str, n: usize) -> CallRecord {
@@ -103,7 +84,7 @@ async fn deepgram_drop_mid_call_recovers() {
             Step::HangUp,
         ])),
     );
-    let id = trigger(&api, &user, number).await;
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
     // Greeting and the first reply heard: now cut Deepgram off.
     wait_persona_lines(&v, number, 2).await;
     let before = v.deepgram.connection_count();
@@ -118,7 +99,10 @@ async fn deepgram_drop_mid_call_recovers() {
     }
     v.deepgram.faults().reset();
 
-    let done = wait_settled(&api, &user, &id, Duration::from_secs(60)).await;
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
     let lines = user_lines(&done);
     assert!(
         lines
@@ -154,11 +138,14 @@ async fn relay_killed_mid_call_keeps_transcript_and_settles() {
             Step::HangUp,
         ])),
     );
-    let id = trigger(&api, &user, number).await;
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
     wait_persona_lines(&v, number, 2).await;
     v.stack.kill("relay").unwrap();
 
-    let done = wait_settled(&api, &user, &id, Duration::from_secs(90)).await;
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(90))
+        .await
+        .unwrap();
     assert_eq!(done["call"]["status"], "completed", "{done}");
     let lines = user_lines(&done);
     assert!(
@@ -203,8 +190,11 @@ async fn idle_caller_gets_a_check_in_then_a_goodbye() {
     let user = api.register_user("idle").await.unwrap();
     let number = "+16285550125";
     silent_callee(&v, number);
-    let id = trigger(&api, &user, number).await;
-    let done = wait_settled(&api, &user, &id, Duration::from_secs(60)).await;
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(done["call"]["status"], "completed", "{done}");
     let heard = heard_by(&v, number);
     assert!(
@@ -239,7 +229,7 @@ async fn ban_ends_a_live_call_with_a_goodbye() {
     let admin = cmb_tests::harness::admin(&api).await;
     let number = "+16285550126";
     silent_callee(&v, number);
-    let id = trigger(&api, &user, number).await;
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
     // The greeting was heard: the conversation is live.
     wait_persona_lines(&v, number, 1).await;
 
@@ -249,7 +239,10 @@ async fn ban_ends_a_live_call_with_a_goodbye() {
     assert_eq!(r.body["canceled_calls"], json!([]), "{}", r.body);
 
     // The banned user's token no longer works; the admin reads the settled call.
-    let done = wait_settled(&api, &admin, &id, Duration::from_secs(40)).await;
+    let done = api
+        .wait_settled(&admin, &id, Duration::from_secs(40))
+        .await
+        .unwrap();
     assert_eq!(done["call"]["status"], "completed", "{done}");
     let heard = heard_by(&v, number);
     assert!(
