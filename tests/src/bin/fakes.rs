@@ -29,15 +29,6 @@ enum Fake {
     Control,
 }
 
-/// What runs without `--only`: the providers the Worker and the relay call.
-const ALL: [Fake; 5] = [
-    Fake::Twilio,
-    Fake::Deepgram,
-    Fake::Elevenlabs,
-    Fake::Cerebras,
-    Fake::Stripe,
-];
-
 /// Every fake, in base-port order.
 const EVERY: [Fake; 6] = [
     Fake::Twilio,
@@ -60,16 +51,17 @@ impl Fake {
         }
     }
 
+    /// Its place in [`EVERY`], which is its offset from `--base-port`.
     fn offset(self) -> u16 {
-        match self {
-            Self::Twilio => 0,
-            Self::Deepgram => 1,
-            Self::Elevenlabs => 2,
-            Self::Cerebras => 3,
-            Self::Stripe => 4,
-            Self::Control => 5,
-        }
+        // EVERY has six entries: the index always fits.
+        EVERY.iter().position(|f| *f == self).unwrap_or(0) as u16
     }
+}
+
+/// What runs without `--only`: every provider the Worker and the relay call (the control
+/// peer stands in for the Worker, so only when asked for).
+fn defaults() -> Vec<Fake> {
+    EVERY.into_iter().filter(|f| *f != Fake::Control).collect()
 }
 
 /// Runs fake Twilio, Deepgram, ElevenLabs, Cerebras and Stripe on loopback (and, with
@@ -151,7 +143,7 @@ fn given(value: &Option<String>) -> Option<String> {
 impl Args {
     fn selected(&self) -> Vec<Fake> {
         if self.only.is_empty() {
-            ALL.to_vec()
+            defaults()
         } else {
             EVERY
                 .into_iter()
@@ -342,13 +334,17 @@ mod tests {
     /// No selection means every fake; --only keeps the canonical order.
     #[test]
     fn selection() {
-        assert_eq!(parse(&[]).selected(), ALL.to_vec());
-        assert_eq!(parse(&["--all"]).selected(), ALL.to_vec());
+        assert_eq!(parse(&[]).selected(), defaults());
+        assert_eq!(parse(&["--all"]).selected(), defaults());
         assert_eq!(
             parse(&["--only", "stripe,twilio"]).selected(),
             vec![Fake::Twilio, Fake::Stripe]
         );
-        assert!(!ALL.contains(&Fake::Control), "control only when asked for");
+        assert_eq!(defaults().len(), 5);
+        assert!(
+            !defaults().contains(&Fake::Control),
+            "control only when asked for"
+        );
         assert_eq!(
             parse(&["--only", "control,deepgram"]).selected(),
             vec![Fake::Deepgram, Fake::Control]
@@ -363,9 +359,10 @@ mod tests {
         let a = parse(&["--base-port", "4000", "--stripe-port", "9999"]);
         assert_eq!(a.port(Fake::Twilio).unwrap(), 4000);
         assert_eq!(a.port(Fake::Cerebras).unwrap(), 4003);
+        assert_eq!(a.port(Fake::Control).unwrap(), 4005);
         assert_eq!(a.port(Fake::Stripe).unwrap(), 9999);
         let zero = parse(&["--base-port", "0"]);
-        assert!(ALL.iter().all(|f| zero.port(*f).unwrap() == 0));
+        assert!(EVERY.iter().all(|f| zero.port(*f).unwrap() == 0));
         assert_eq!(parse(&[]).port(Fake::Deepgram).unwrap(), 0);
         assert!(parse(&["--base-port", "65535"]).port(Fake::Stripe).is_err());
     }
