@@ -13,6 +13,7 @@ pub mod persona;
 pub mod pricing;
 pub mod prompt;
 pub mod secret;
+pub mod session;
 pub mod stream_token;
 pub mod stripe_sig;
 pub mod twilio_sig;

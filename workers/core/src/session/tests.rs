@@ -1,0 +1,1471 @@
+//! The session machine with explicit time: every path of a call's life, and a property
+//! test over random event sequences.
+
+use super::*;
+use crate::channel::{DoToRelay, Envelope, RelayToDo, VoiceSettings};
+
+const T0: u64 = 1_800_000_000_000;
+const SID: &str = "CA0000000000000000000000000000000a";
+const AC: &str = "AC0000000000000000000000000000000b";
+
+fn start(scheduled: Option<u64>) -> Start {
+    Start {
+        call_id: "call-1".into(),
+        user_id: "user-1".into(),
+        phone_number: "+15550001111".into(),
+        reserved: if scheduled.is_some() { 0 } else { 65 },
+        balance: 135,
+        scheduled_at_ms: scheduled,
+        account_sid: AC.into(),
+        limits: Limits::default(),
+    }
+}
+
+fn persona() -> PersonaBrief {
+    PersonaBrief {
+        name: "Brad".into(),
+        voice_id: "v1".into(),
+        voice_settings: VoiceSettings::default(),
+        greeting: "Yo!".into(),
+        system_prompt: "You are Brad.".into(),
+    }
+}
+
+fn status(seq: i64, st: &str) -> Event {
+    status_with(seq, st, &[])
+}
+
+fn status_with(seq: i64, st: &str, extra: &[(&str, &str)]) -> Event {
+    let mut params = vec![
+        ("CallSid".to_string(), SID.to_string()),
+        ("AccountSid".to_string(), AC.to_string()),
+        ("CallStatus".to_string(), st.to_string()),
+        ("SequenceNumber".to_string(), seq.to_string()),
+    ];
+    params.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Event::TwilioStatus { params }
+}
+
+fn frame(seq: u64, msg: RelayToDo) -> Envelope<RelayToDo> {
+    Envelope::new(seq, msg)
+}
+
+fn ready(seq: u64, resume_from: Option<u64>) -> RelayToDo {
+    let _ = seq;
+    RelayToDo::Ready {
+        call_sid: SID.into(),
+        stream_sid: "MZ1".into(),
+        resume_from,
+    }
+}
+
+fn turn(text: &str) -> RelayToDo {
+    RelayToDo::UserTurn {
+        text: text.into(),
+        stt_final_ms: 100,
+        end_of_turn_at_ms: 0,
+    }
+}
+
+fn has<F: Fn(&Effect) -> bool>(effects: &[Effect], f: F) -> bool {
+    effects.iter().any(f)
+}
+
+fn creates(effects: &[Effect]) -> usize {
+    effects
+        .iter()
+        .filter(|e| matches!(e, Effect::TwilioCreate { .. }))
+        .count()
+}
+
+fn settlement(effects: &[Effect]) -> Option<&Settlement> {
+    effects.iter().find_map(|e| match e {
+        Effect::Db(DbOp::Settle(s)) => Some(s),
+        _ => None,
+    })
+}
+
+fn end_unconnected(effects: &[Effect]) -> Option<(CallStatus, i64)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Db(DbOp::EndUnconnected {
+            status, release, ..
+        }) => Some((*status, *release)),
+        _ => None,
+    })
+}
+
+fn sent(effects: &[Effect]) -> Vec<DoToRelay> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::ToRelay { frames, .. } => Some(frames.iter().map(|f| f.msg.clone())),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn sent_seqs(effects: &[Effect]) -> Vec<u64> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::ToRelay { frames, .. } => Some(frames.iter().map(|f| f.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn alarm(effects: &[Effect]) -> Option<Option<u64>> {
+    effects.iter().rev().find_map(|e| match e {
+        Effect::SetAlarm(t) => Some(*t),
+        _ => None,
+    })
+}
+
+/// A call dialled and placed at Twilio (sid known), at T0.
+fn placed() -> Session {
+    let (mut s, fx) = Session::start(start(None), T0);
+    assert_eq!(creates(&fx), 1);
+    s.handle(
+        Event::Twilio(TwilioResult::Created { sid: SID.into() }),
+        T0 + 200,
+    );
+    s
+}
+
+/// A call answered, its relay bound on socket 0, at T0 + 5 s.
+fn live() -> Session {
+    let mut s = placed();
+    s.handle(status(0, "initiated"), T0 + 300);
+    s.handle(status(1, "ringing"), T0 + 1_000);
+    s.handle(status(2, "in-progress"), T0 + 4_000);
+    let fx = s.handle(
+        Event::RelayOpened {
+            conn: 0,
+            persona: persona(),
+        },
+        T0 + 5_000,
+    );
+    assert!(matches!(sent(&fx).first(), Some(DoToRelay::Hello { .. })));
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(1, ready(1, None)),
+        },
+        T0 + 5_000,
+    );
+    assert_eq!(s.relay.stream_sid.as_deref(), Some("MZ1"));
+    s
+}
+
+/// Runs the alarm at `at` (what the platform does when the alarm time comes).
+fn fire(s: &mut Session, at: u64) -> Vec<Effect> {
+    s.handle(Event::Alarm, at)
+}
+
+/// Settles a call whose last effects asked for the final write.
+fn settle_ok(s: &mut Session, at: u64) {
+    s.handle(Event::Db(DbResult::Settled), at);
+    assert!(s.is_settled());
+}
+
+// ---- dialling ----
+
+/// A call for now dials at once, with the ring timeout and a balance-capped TimeLimit.
+#[test]
+fn trigger_dials_once_with_time_limit() {
+    let (s, fx) = Session::start(start(None), T0);
+    let create = fx.iter().find_map(|e| match e {
+        Effect::TwilioCreate {
+            timeout_secs,
+            time_limit_secs,
+            ..
+        } => Some((*timeout_secs, *time_limit_secs)),
+        _ => None,
+    });
+    // 200 credits pay for 4 minutes (25 + 4 × 40); Twilio's backstop is a minute later.
+    assert_eq!(create, Some((30, 4 * 60 + 60)));
+    assert!(matches!(s.dial, Dial::Requested { at_ms: T0, .. }));
+    assert!(
+        alarm(&fx).flatten().is_some(),
+        "a stale create is checked later"
+    );
+}
+
+/// A scheduled call reserves at its time, then dials; an unpayable one fails, free.
+#[test]
+fn scheduled_call_reserves_then_dials() {
+    let at = T0 + 3_600_000;
+    let (mut s, fx) = Session::start(start(Some(at)), T0);
+    assert_eq!(creates(&fx), 0);
+    assert_eq!(alarm(&fx), Some(Some(at)));
+    let fx = fire(&mut s, at);
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::Db(DbOp::ReserveScheduled { amount: 65, .. })
+    )));
+    let fx = s.handle(
+        Event::Db(DbResult::Reserved {
+            minute: 1,
+            balance: 10,
+        }),
+        at + 50,
+    );
+    assert_eq!(creates(&fx), 1);
+    assert_eq!(s.reserved, 65);
+
+    let (mut poor, _) = Session::start(start(Some(at)), T0);
+    fire(&mut poor, at);
+    let fx = poor.handle(
+        Event::Db(DbResult::ReserveRefused {
+            minute: 1,
+            why: Refusal::Credits,
+        }),
+        at + 50,
+    );
+    assert_eq!(creates(&fx), 0);
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::Failed, 0)));
+}
+
+/// A transient database failure at the scheduled time is retried, not dropped.
+#[test]
+fn scheduled_reservation_retries_after_db_failure() {
+    let at = T0 + 60_000;
+    let (mut s, _) = Session::start(start(Some(at)), T0);
+    fire(&mut s, at);
+    let fx = s.handle(
+        Event::Db(DbResult::Failed {
+            op: DbOpKind::Reserve,
+            message: "d1 down".into(),
+        }),
+        at + 10,
+    );
+    assert_eq!(alarm(&fx), Some(Some(at + 10 + 5_000)));
+    let fx = fire(&mut s, at + 5_010);
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::Db(DbOp::ReserveScheduled { .. })
+    )));
+}
+
+/// Twilio refusing the call (4xx) fails it and releases the reservation.
+#[test]
+fn dial_refused_releases() {
+    let (mut s, _) = Session::start(start(None), T0);
+    let fx = s.handle(
+        Event::Twilio(TwilioResult::CreateRefused {
+            message: "Twilio error 21211".into(),
+        }),
+        T0 + 100,
+    );
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::Failed, 65)));
+    settle_ok(&mut s, T0 + 150);
+    assert_eq!(s.status, CallStatus::Failed);
+    assert_eq!(s.next_wake(), None);
+}
+
+/// 429 means nothing was created: retried with backoff, and after three the call fails.
+#[test]
+fn dial_rate_limited_retries_then_fails() {
+    let (mut s, _) = Session::start(start(None), T0);
+    let mut now = T0;
+    for attempt in 1..=3 {
+        let fx = s.handle(Event::Twilio(TwilioResult::CreateRateLimited), now + 100);
+        if attempt == 3 {
+            assert_eq!(end_unconnected(&fx), Some((CallStatus::Failed, 65)));
+            break;
+        }
+        let Dial::RetryAt { at_ms, .. } = s.dial else {
+            panic!("expected a retry, got {:?}", s.dial);
+        };
+        assert!(at_ms >= now + 100 + 5_000, "backs off at least 5 s");
+        now = at_ms;
+        let fx = fire(&mut s, now);
+        assert_eq!(creates(&fx), 1);
+    }
+    assert_eq!(s.creates - s.rate_limited, 0);
+}
+
+/// A 5xx or timeout on create never dials again: the call is looked up by `To`, found,
+/// and carries on under the sid Twilio lists.
+#[test]
+fn dial_unknown_is_found_not_redialled() {
+    let (mut s, _) = Session::start(start(None), T0);
+    s.handle(
+        Event::Twilio(TwilioResult::CreateUnknown {
+            message: "timeout".into(),
+        }),
+        T0 + 10_000,
+    );
+    let wake = s.next_wake().expect("a lookup is planned");
+    let fx = fire(&mut s, wake);
+    assert!(has(&fx, |e| matches!(e, Effect::TwilioFind { .. })));
+    assert_eq!(creates(&fx), 0);
+    let fx = s.handle(
+        Event::Twilio(TwilioResult::Looked {
+            sid: Some(SID.into()),
+            call: Some(TwilioCall {
+                status: "ringing".into(),
+                duration_secs: None,
+                answered_by: None,
+            }),
+        }),
+        wake + 100,
+    );
+    assert_eq!(s.sid.as_deref(), Some(SID));
+    assert_eq!(creates(&fx), 0);
+    assert!(matches!(s.dial, Dial::Placed { .. }));
+}
+
+/// An unknown create that Twilio never lists fails the call, free, without a second dial.
+#[test]
+fn dial_unknown_not_found_fails_free() {
+    let (mut s, _) = Session::start(start(None), T0);
+    s.handle(
+        Event::Twilio(TwilioResult::CreateUnknown {
+            message: "503".into(),
+        }),
+        T0 + 100,
+    );
+    let mut all = Vec::new();
+    for _ in 0..2 {
+        let wake = s.next_wake().expect("lookup");
+        all.extend(fire(&mut s, wake));
+        all.extend(s.handle(
+            Event::Twilio(TwilioResult::Looked {
+                sid: None,
+                call: None,
+            }),
+            wake + 100,
+        ));
+    }
+    assert_eq!(creates(&all), 0);
+    assert_eq!(end_unconnected(&all), Some((CallStatus::Failed, 65)));
+}
+
+/// The object restarted between Twilio's create and our save: the stale intent is
+/// looked up, never created again.
+#[test]
+fn restart_between_create_and_save_reconciles() {
+    let (s, _) = Session::start(start(None), T0);
+    // The shell persisted the intent, then died: the create's result is lost.
+    let json = serde_json::to_string(&s).expect("serialize");
+    let mut s: Session = serde_json::from_str(&json).expect("deserialize");
+    let wake = s.next_wake().expect("stale create check");
+    assert_eq!(wake, T0 + 30_000);
+    let fx = fire(&mut s, wake);
+    assert_eq!(creates(&fx), 0);
+    assert!(has(&fx, |e| matches!(e, Effect::TwilioFind { .. })));
+    assert!(matches!(s.dial, Dial::Unknown { .. }));
+}
+
+// ---- status callbacks ----
+
+/// Statuses in any order and repeated: the call only moves forward, settles once.
+#[test]
+fn statuses_out_of_order_and_repeated() {
+    let mut s = placed();
+    s.handle(status(2, "in-progress"), T0 + 4_000);
+    assert_eq!(s.status, CallStatus::InProgress);
+    let fx = s.handle(status(1, "ringing"), T0 + 4_100);
+    assert!(
+        fx.iter().all(|e| !matches!(e, Effect::Db(_))),
+        "stale ringing ignored"
+    );
+    assert_eq!(s.status, CallStatus::InProgress);
+    let fx = s.handle(
+        status_with(3, "completed", &[("CallDuration", "125")]),
+        T0 + 130_000,
+    );
+    let st = settlement(&fx).expect("settles");
+    assert_eq!(
+        (st.duration_secs, st.charge, st.release),
+        (125, 25 + 3 * 40, 65)
+    );
+    let again = s.handle(
+        status_with(3, "completed", &[("CallDuration", "125")]),
+        T0 + 130_100,
+    );
+    assert!(settlement(&again).is_none(), "a replay settles nothing");
+    let later = s.handle(status_with(4, "busy", &[]), T0 + 130_200);
+    assert!(settlement(&later).is_none() && end_unconnected(&later).is_none());
+}
+
+/// Callbacks for another CallSid or another account are ignored.
+#[test]
+fn callbacks_bound_to_the_call() {
+    let mut s = placed();
+    let mut other = status(0, "in-progress");
+    if let Event::TwilioStatus { params } = &mut other {
+        params[0].1 = "CAffffffffffffffffffffffffffffffff".into();
+    }
+    s.handle(other, T0 + 1_000);
+    assert_eq!(s.status, CallStatus::Queued);
+    let mut foreign = status(0, "in-progress");
+    if let Event::TwilioStatus { params } = &mut foreign {
+        params[1].1 = "ACffffffffffffffffffffffffffffffff".into();
+    }
+    s.handle(foreign, T0 + 1_000);
+    assert_eq!(s.status, CallStatus::Queued);
+    s.handle(status(0, "in-progress"), T0 + 1_000);
+    assert_eq!(s.status, CallStatus::InProgress);
+}
+
+/// Busy and no-answer cost nothing and release the whole reservation.
+#[test]
+fn busy_and_no_answer_are_free() {
+    for word in ["busy", "no-answer", "failed", "canceled"] {
+        let mut s = placed();
+        let fx = s.handle(status(1, word), T0 + 5_000);
+        let (status, release) = end_unconnected(&fx).expect(word);
+        assert_eq!(release, 65, "{word}");
+        assert!(status.is_final());
+    }
+}
+
+/// An answering machine pays the base fee only.
+#[test]
+fn machine_pays_base_fee() {
+    let mut s = placed();
+    s.handle(
+        Event::Answered {
+            answered_by: Some("machine_end_beep".into()),
+        },
+        T0 + 3_000,
+    );
+    let fx = s.handle(
+        status_with(1, "completed", &[("CallDuration", "12")]),
+        T0 + 15_000,
+    );
+    assert_eq!(settlement(&fx).map(|s| s.charge), Some(25));
+}
+
+// ---- lost callbacks ----
+
+/// No final status by ring timeout + margin: Twilio is asked, and its answer settles.
+#[test]
+fn lost_callbacks_reconciled_with_twilio() {
+    let mut s = placed();
+    let wake = s.next_wake().expect("reconcile planned");
+    assert_eq!(wake, T0 + 60_000);
+    let fx = fire(&mut s, wake);
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::TwilioFetch { sid } if sid == SID)
+    ));
+    let fx = s.handle(
+        Event::Twilio(TwilioResult::Looked {
+            sid: Some(SID.into()),
+            call: Some(TwilioCall {
+                status: "no-answer".into(),
+                duration_secs: Some(0),
+                answered_by: None,
+            }),
+        }),
+        wake + 200,
+    );
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::NoAnswer, 65)));
+}
+
+/// Twilio unreachable: lookups back off, and after the hard deadline the call fails, free.
+#[test]
+fn lost_callbacks_twilio_down_gives_up_free() {
+    let mut s = placed();
+    let mut now = T0;
+    let mut lookups = 0;
+    while !s.is_settled() {
+        let wake = s.next_wake().expect("something planned");
+        assert!(wake >= now, "time only moves forward");
+        now = wake;
+        let fx = fire(&mut s, now);
+        if has(&fx, |e| matches!(e, Effect::TwilioFetch { .. })) {
+            lookups += 1;
+            s.handle(
+                Event::Twilio(TwilioResult::LookFailed {
+                    message: "503".into(),
+                }),
+                now + 100,
+            );
+        }
+        if let Some((status, release)) = end_unconnected(&fx) {
+            assert_eq!((status, release), (CallStatus::Failed, 65));
+            settle_ok(&mut s, now + 10);
+        }
+        assert!(now < T0 + 600_000, "gave up within the hard deadline");
+    }
+    assert!(lookups >= 3, "retried with backoff ({lookups})");
+    assert!(now >= T0 + 300_000);
+    assert_eq!(s.charged, 0);
+}
+
+// ---- the relay ----
+
+/// An answered call whose relay never connects is ended and settled free within a minute.
+#[test]
+fn relay_never_connects() {
+    let mut s = placed();
+    s.handle(status(0, "in-progress"), T0 + 4_000);
+    let wake = s.next_wake().expect("relay deadline");
+    assert_eq!(wake, T0 + 24_000);
+    let fx = fire(&mut s, wake);
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::TwilioHangUp {
+            purpose: HangUpPurpose::Complete,
+            ..
+        }
+    )));
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::Failed, 65)));
+}
+
+/// A relay that vanishes is ended after the grace period, billing connected time only.
+#[test]
+fn relay_vanishes_bills_connected_time() {
+    let mut s = live();
+    s.handle(Event::RelayClosed { conn: 0 }, T0 + 35_000);
+    let wake = s.next_wake().expect("grace deadline");
+    assert_eq!(wake, T0 + 50_000);
+    let fx = fire(&mut s, wake);
+    assert!(has(&fx, |e| matches!(e, Effect::TwilioHangUp { .. })));
+    let st = settlement(&fx).expect("settles");
+    // Answered at +4 s, lost at +35 s: 31 s, one started minute.
+    assert_eq!((st.duration_secs, st.charge), (31, 65));
+}
+
+/// The relay drops and resumes: every unacknowledged frame is replayed in order, with the
+/// seqs it had, and no fresh frame jumps ahead of them.
+#[test]
+fn relay_resume_replays_unacknowledged_in_order() {
+    let mut s = live();
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(2, turn("hello there")),
+        },
+        T0 + 6_000,
+    );
+    let stream = s.active_stream().expect("reply streaming");
+    let mut deltas = Vec::new();
+    for (i, word) in ["Hey ", "buddy, ", "ready?"].iter().enumerate() {
+        let fx = s.handle(
+            Event::Llm(LlmEvent::Delta {
+                stream,
+                text: (*word).into(),
+                since_start_ms: 100 + i as u32,
+            }),
+            T0 + 6_100,
+        );
+        deltas.extend(sent_seqs(&fx));
+    }
+    // The socket drops before the relay saw those deltas; the end comes meanwhile.
+    s.handle(Event::RelayClosed { conn: 0 }, T0 + 6_200);
+    let fx = s.handle(
+        Event::Llm(LlmEvent::Done {
+            stream,
+            prompt_tokens: 10,
+            completion_tokens: 3,
+        }),
+        T0 + 6_300,
+    );
+    assert!(sent(&fx).is_empty(), "nothing sent with no socket bound");
+    let fx = s.handle(
+        Event::RelayOpened {
+            conn: 1,
+            persona: persona(),
+        },
+        T0 + 6_500,
+    );
+    assert!(
+        sent(&fx).is_empty(),
+        "a resuming socket gets no fresh hello"
+    );
+    let resume_from = deltas[0] - 1;
+    let fx = s.handle(
+        Event::RelayFrame {
+            conn: 1,
+            frame: frame(3, ready(3, Some(resume_from))),
+        },
+        T0 + 6_500,
+    );
+    let seqs = sent_seqs(&fx);
+    let msgs = sent(&fx);
+    let texts: Vec<_> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            DoToRelay::SayDelta { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts, ["Hey ", "buddy, ", "ready?"]);
+    assert!(msgs.iter().any(|m| matches!(m, DoToRelay::SayEnd { .. })));
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert!(seqs[0] > resume_from);
+    assert_eq!(&seqs[..3], &deltas[..]);
+    assert_eq!(s.relay.lost_ms, None);
+}
+
+/// A second relay socket for a connected stream (a replayed token) is refused, and so is
+/// one for another stream; the real one stays bound.
+#[test]
+fn second_relay_refused() {
+    let mut s = live();
+    s.handle(
+        Event::RelayOpened {
+            conn: 1,
+            persona: persona(),
+        },
+        T0 + 7_000,
+    );
+    let fx = s.handle(
+        Event::RelayFrame {
+            conn: 1,
+            frame: frame(1, ready(1, None)),
+        },
+        T0 + 7_000,
+    );
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::CloseRelay { conn: 1, .. }
+    )));
+    assert_eq!(s.relay.active, Some(0));
+    s.handle(
+        Event::RelayOpened {
+            conn: 2,
+            persona: persona(),
+        },
+        T0 + 7_100,
+    );
+    let fx = s.handle(
+        Event::RelayFrame {
+            conn: 2,
+            frame: frame(
+                1,
+                RelayToDo::Ready {
+                    call_sid: SID.into(),
+                    stream_sid: "MZ-other".into(),
+                    resume_from: None,
+                },
+            ),
+        },
+        T0 + 7_100,
+    );
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::CloseRelay { conn: 2, .. }
+    )));
+    // Frames from a refused socket change nothing.
+    s.handle(
+        Event::RelayFrame {
+            conn: 2,
+            frame: frame(2, turn("I am an impostor")),
+        },
+        T0 + 7_200,
+    );
+    assert!(s.llm.is_none());
+}
+
+/// A replayed relay frame is acknowledged again but applied once.
+#[test]
+fn relay_frames_deduplicated() {
+    let mut s = live();
+    let f = frame(2, turn("hi"));
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: f.clone(),
+        },
+        T0 + 6_000,
+    );
+    let first = s.active_stream();
+    let fx = s.handle(Event::RelayFrame { conn: 0, frame: f }, T0 + 6_010);
+    assert_eq!(s.active_stream(), first, "no second reply");
+    assert!(sent(&fx)
+        .iter()
+        .any(|m| matches!(m, DoToRelay::Ack { seq: 2 })));
+}
+
+// ---- the LLM ----
+
+/// A stall before the first token: the caller hears the fallback line, and a status
+/// callback meanwhile is applied at once.
+#[test]
+fn llm_stall_before_first_token() {
+    let mut s = live();
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(2, turn("hi")),
+        },
+        T0 + 6_000,
+    );
+    let stream = s.active_stream().expect("streaming");
+    // Twilio reports meanwhile: nothing waits for the LLM.
+    let fx = s.handle(
+        status_with(3, "completed", &[("CallDuration", "9")]),
+        T0 + 7_000,
+    );
+    assert!(settlement(&fx).is_some());
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
+    ));
+
+    let mut s = live();
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(2, turn("hi")),
+        },
+        T0 + 6_000,
+    );
+    let stream = s.active_stream().expect("streaming");
+    let fx = s.handle(
+        Event::Llm(LlmEvent::Failed {
+            stream,
+            timed_out: true,
+            message: "no first token in 4000 ms".into(),
+        }),
+        T0 + 10_000,
+    );
+    let msgs = sent(&fx);
+    assert!(msgs
+        .iter()
+        .any(|m| matches!(m, DoToRelay::SayDelta { text, .. } if text == FALLBACK_LINE)));
+    assert!(msgs.iter().any(|m| matches!(m, DoToRelay::SayEnd { .. })));
+    assert!(s.llm.is_none());
+}
+
+/// A stall mid-reply: what was said stays, the fallback follows; and if the shell's task
+/// vanished, the machine's own backstop does the same.
+#[test]
+fn llm_stall_mid_reply_and_backstop() {
+    let mut s = live();
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(2, turn("hi")),
+        },
+        T0 + 6_000,
+    );
+    let stream = s.active_stream().expect("streaming");
+    s.handle(
+        Event::Llm(LlmEvent::Delta {
+            stream,
+            text: "Well, ".into(),
+            since_start_ms: 200,
+        }),
+        T0 + 6_200,
+    );
+    assert_eq!(s.next_wake(), Some(T0 + 6_000 + 15_000 + 2_000));
+    let fx = fire(&mut s, T0 + 23_000);
+    assert!(has(&fx, |e| matches!(e, Effect::CancelLlm { .. })));
+    let said: Vec<_> = sent(&fx)
+        .into_iter()
+        .filter_map(|m| match m {
+            DoToRelay::SayDelta { text, .. } => Some(text),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(said, [format!(" {FALLBACK_LINE}")]);
+    let line = s.conv.lines.last().expect("line");
+    assert_eq!(line.text, format!("Well,  {FALLBACK_LINE}"));
+    // Late events of the dead stream change nothing.
+    let fx = s.handle(
+        Event::Llm(LlmEvent::Delta {
+            stream,
+            text: "late".into(),
+            since_start_ms: 9_000,
+        }),
+        T0 + 23_100,
+    );
+    assert!(sent(&fx).is_empty());
+}
+
+/// A new user turn while a reply streams drops the old reply and starts a new one.
+#[test]
+fn barge_in_restarts_the_reply() {
+    let mut s = live();
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(2, turn("hi")),
+        },
+        T0 + 6_000,
+    );
+    let first = s.active_stream().expect("first");
+    let fx = s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(3, turn("wait")),
+        },
+        T0 + 6_500,
+    );
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::CancelLlm { stream } if *stream == first)
+    ));
+    assert_ne!(s.active_stream(), Some(first));
+}
+
+// ---- limits ----
+
+/// Each minute is reserved before it starts; when the balance can't, the persona says
+/// goodbye and the call ends.
+#[test]
+fn credits_run_out() {
+    let mut s = live();
+    s.limits.idle_timeout_secs = 10_000;
+    let wake = s.next_wake().expect("minute top-up");
+    assert_eq!(wake, T0 + 5_000 + 55_000);
+    let fx = fire(&mut s, wake);
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::Db(DbOp::ReserveMinute {
+            minute: 2,
+            amount: 40,
+            ..
+        })
+    )));
+    s.handle(
+        Event::Db(DbResult::Reserved {
+            minute: 2,
+            balance: 30,
+        }),
+        wake + 10,
+    );
+    assert_eq!((s.reserved, s.minutes_reserved), (105, 2));
+    // Keep talking so idle does not end it first.
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(2, turn("still here")),
+        },
+        T0 + 100_000,
+    );
+    let stream = s.active_stream().expect("reply");
+    s.handle(
+        Event::Llm(LlmEvent::Done {
+            stream,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+        }),
+        T0 + 100_100,
+    );
+    let wake = s.next_wake().expect("next minute");
+    assert_eq!(wake, T0 + 5_000 + 115_000);
+    fire(&mut s, wake);
+    let fx = s.handle(
+        Event::Db(DbResult::ReserveRefused {
+            minute: 3,
+            why: Refusal::Credits,
+        }),
+        wake + 10,
+    );
+    assert!(sent(&fx).iter().any(|m| matches!(m, DoToRelay::HangUp { reason, goodbye: Some(g) } if reason == "out_of_credits" && g == CREDITS_GOODBYE)));
+    // The relay confirms; Twilio's final settles against what was reserved.
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(
+                3,
+                RelayToDo::Ended {
+                    reason: "hang_up".into(),
+                },
+            ),
+        },
+        wake + 4_000,
+    );
+    let fx = s.handle(
+        status_with(3, "completed", &[("CallDuration", "124")]),
+        wake + 5_000,
+    );
+    let st = settlement(&fx).expect("settles");
+    assert_eq!((st.charge, st.release), (145, 105));
+    // The balance can't cover 145 - 105: charge what can be collected.
+    let fx = s.handle(
+        Event::Db(DbResult::SettleShort { balance: 30 }),
+        wake + 5_100,
+    );
+    let st = settlement(&fx).expect("settles again");
+    assert_eq!(st.charge, 135);
+    assert_eq!(
+        st.reason.as_deref(),
+        Some("10 credits could not be collected.")
+    );
+    settle_ok(&mut s, wake + 5_200);
+}
+
+/// The longest call ends with the time-limit goodbye.
+#[test]
+fn max_duration() {
+    let mut s = live();
+    s.limits.idle_timeout_secs = 10_000;
+    let mut now;
+    loop {
+        now = s.next_wake().expect("planned");
+        let fx = fire(&mut s, now);
+        for e in &fx {
+            if let Effect::Db(DbOp::ReserveMinute { minute, .. }) = e {
+                s.handle(
+                    Event::Db(DbResult::Reserved {
+                        minute: *minute,
+                        balance: 1_000,
+                    }),
+                    now,
+                );
+            }
+        }
+        if let Some(DoToRelay::HangUp { reason, .. }) = sent(&fx)
+            .into_iter()
+            .find(|m| matches!(m, DoToRelay::HangUp { .. }))
+        {
+            assert_eq!(reason, "max_duration");
+            break;
+        }
+    }
+    assert_eq!(now, T0 + 5_000 + 900_000);
+}
+
+/// Silence: the persona checks in once, then says goodbye; if the relay never confirms,
+/// Twilio ends the call and it settles from our measure.
+#[test]
+fn idle_check_in_then_goodbye_then_settles() {
+    let mut s = live();
+    s.limits.idle_timeout_secs = 20;
+    let fx = fire(&mut s, T0 + 25_000);
+    assert!(sent(&fx)
+        .iter()
+        .any(|m| matches!(m, DoToRelay::SayDelta { text, .. } if text == CHECK_IN_LINE)));
+    let fx = fire(&mut s, T0 + 45_000);
+    assert!(sent(&fx)
+        .iter()
+        .any(|m| matches!(m, DoToRelay::HangUp { reason, .. } if reason == "idle")));
+    let wake = s.next_wake().expect("hang-up grace");
+    assert_eq!(wake, T0 + 55_000);
+    let fx = fire(&mut s, wake);
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::TwilioHangUp {
+            purpose: HangUpPurpose::Complete,
+            ..
+        }
+    )));
+    let wake = s.next_wake().expect("settle wait");
+    let fx = fire(&mut s, wake);
+    let st = settlement(&fx).expect("settles from our measure");
+    assert_eq!(st.status, CallStatus::Completed);
+    // Answered at +4 s; our measure stops when we asked Twilio to end it (+55 s).
+    assert_eq!(st.duration_secs, 51);
+}
+
+// ---- cancel and end ----
+
+/// Cancel: a scheduled call ends at once; a placed one through Twilio; a live one can't.
+#[test]
+fn cancel_in_every_state() {
+    let (mut s, _) = Session::start(start(Some(T0 + 60_000)), T0);
+    let fx = s.handle(Event::Cancel, T0 + 1);
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::Canceled, 0)));
+    assert_eq!(s.reply.map(|r| r.canceled), Some(true));
+
+    let mut s = placed();
+    let fx = s.handle(Event::Cancel, T0 + 500);
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::TwilioHangUp {
+            purpose: HangUpPurpose::Cancel,
+            ..
+        }
+    )));
+    let fx = s.handle(
+        Event::Twilio(TwilioResult::HungUp {
+            purpose: HangUpPurpose::Cancel,
+            ok: true,
+        }),
+        T0 + 600,
+    );
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::Canceled, 65)));
+    assert_eq!(s.reply.map(|r| r.canceled), Some(true));
+
+    // Create in flight: canceled as soon as Twilio names the call.
+    let (mut s, _) = Session::start(start(None), T0);
+    s.handle(Event::Cancel, T0 + 10);
+    let fx = s.handle(
+        Event::Twilio(TwilioResult::Created { sid: SID.into() }),
+        T0 + 200,
+    );
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::TwilioHangUp {
+            purpose: HangUpPurpose::Cancel,
+            ..
+        }
+    )));
+
+    let mut s = live();
+    let fx = s.handle(Event::Cancel, T0 + 6_000);
+    assert_eq!(s.reply.map(|r| r.canceled), Some(false));
+    assert!(sent(&fx).is_empty());
+
+    let mut s = placed();
+    s.handle(status(1, "ringing"), T0 + 1_000);
+    s.handle(Event::Cancel, T0 + 1_100);
+    assert_eq!(
+        s.reply.map(|r| r.canceled),
+        Some(false),
+        "ringing: not user-cancelable"
+    );
+}
+
+/// End (a ban): pending calls end, ringing ones are hung up, live ones get a goodbye.
+#[test]
+fn end_in_every_state() {
+    let (mut s, _) = Session::start(start(Some(T0 + 60_000)), T0);
+    let fx = s.handle(
+        Event::End {
+            reason: "banned".into(),
+        },
+        T0 + 1,
+    );
+    assert_eq!(
+        end_unconnected(&fx).map(|e| e.0),
+        Some(CallStatus::Canceled)
+    );
+
+    let mut s = placed();
+    s.handle(status(1, "ringing"), T0 + 1_000);
+    let fx = s.handle(
+        Event::End {
+            reason: "banned".into(),
+        },
+        T0 + 1_100,
+    );
+    assert!(has(&fx, |e| matches!(
+        e,
+        Effect::TwilioHangUp {
+            purpose: HangUpPurpose::Cancel,
+            ..
+        }
+    )));
+
+    let mut s = live();
+    let fx = s.handle(
+        Event::End {
+            reason: "banned".into(),
+        },
+        T0 + 6_000,
+    );
+    assert!(sent(&fx)
+        .iter()
+        .any(|m| matches!(m, DoToRelay::HangUp { goodbye: Some(g), .. } if g == ENDED_GOODBYE)));
+    assert_eq!(s.reply.map(|r| r.canceled), Some(true));
+
+    let mut s = placed();
+    s.handle(status(1, "busy"), T0 + 1_000);
+    s.handle(
+        Event::End {
+            reason: "banned".into(),
+        },
+        T0 + 1_100,
+    );
+    assert_eq!(s.reply.map(|r| r.canceled), Some(false));
+}
+
+/// Settlement that fails transiently is retried until it lands.
+#[test]
+fn settlement_retried() {
+    let mut s = placed();
+    s.handle(status(1, "busy"), T0 + 1_000);
+    let fx = s.handle(
+        Event::Db(DbResult::Failed {
+            op: DbOpKind::Settle,
+            message: "down".into(),
+        }),
+        T0 + 1_100,
+    );
+    assert_eq!(alarm(&fx), Some(Some(T0 + 6_100)));
+    let fx = fire(&mut s, T0 + 6_100);
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::Busy, 65)));
+    settle_ok(&mut s, T0 + 6_200);
+}
+
+// ---- properties ----
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the outside world does next.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Let time pass to the next alarm (or by this much when none).
+        Wait(u32),
+        Status(u8, Option<u32>),
+        Cancel,
+        End,
+        Answered(bool),
+        RelayOpen,
+        RelayReady(u8),
+        RelayTurn,
+        RelayEnded,
+        RelayClose,
+        LlmDelta,
+        LlmDone,
+        LlmFail,
+        Spend(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0u32..120_000).prop_map(Step::Wait),
+            2 => (0u8..8, proptest::option::of(0u32..400)).prop_map(|(s, d)| Step::Status(s, d)),
+            1 => Just(Step::Cancel),
+            1 => Just(Step::End),
+            1 => any::<bool>().prop_map(Step::Answered),
+            1 => Just(Step::RelayOpen),
+            1 => (0u8..3).prop_map(Step::RelayReady),
+            2 => Just(Step::RelayTurn),
+            1 => Just(Step::RelayEnded),
+            1 => Just(Step::RelayClose),
+            2 => Just(Step::LlmDelta),
+            1 => Just(Step::LlmDone),
+            1 => Just(Step::LlmFail),
+            1 => (0u8..200).prop_map(Step::Spend),
+        ]
+    }
+
+    /// The world's answers to effects: Twilio and the database, each either working or
+    /// failing in the ways they can.
+    #[derive(Debug, Clone)]
+    struct Answers {
+        twilio: Vec<u8>,
+        db: Vec<u8>,
+    }
+
+    /// A tiny database: the user's balance, the ledger keys applied, settlements.
+    struct World {
+        s: Session,
+        now: u64,
+        balance: i64,
+        keys: Vec<String>,
+        settlements: u32,
+        creates_accepted: u32,
+        answers: Answers,
+        ai: usize,
+        conn: u32,
+        rseq: u64,
+        twilio_up: bool,
+    }
+
+    const STATUSES: [&str; 8] = [
+        "initiated",
+        "ringing",
+        "in-progress",
+        "completed",
+        "busy",
+        "no-answer",
+        "failed",
+        "canceled",
+    ];
+
+    impl World {
+        fn pick(&mut self, twilio: bool) -> u8 {
+            self.ai += 1;
+            let v = if twilio {
+                &self.answers.twilio
+            } else {
+                &self.answers.db
+            };
+            v[self.ai % v.len()]
+        }
+
+        fn apply(&mut self, event: Event) {
+            let mut queue = std::collections::VecDeque::from(self.s.handle(event, self.now));
+            while let Some(e) = queue.pop_front() {
+                if let Some(ev) = self.run(e) {
+                    queue.extend(self.s.handle(ev, self.now));
+                }
+            }
+        }
+
+        fn ledger(&mut self, key: String, amount: i64) -> Result<bool, ()> {
+            if self.keys.contains(&key) {
+                return Ok(true);
+            }
+            if self.balance + amount < 0 {
+                return Err(());
+            }
+            self.balance += amount;
+            self.keys.push(key);
+            Ok(true)
+        }
+
+        fn run(&mut self, e: Effect) -> Option<Event> {
+            match e {
+                Effect::TwilioCreate { .. } => Some(Event::Twilio(match self.pick(true) % 5 {
+                    0 => TwilioResult::CreateRateLimited,
+                    1 => TwilioResult::CreateUnknown {
+                        message: "timeout".into(),
+                    },
+                    2 => TwilioResult::CreateRefused {
+                        message: "21211".into(),
+                    },
+                    _ => {
+                        self.creates_accepted += 1;
+                        TwilioResult::Created { sid: SID.into() }
+                    }
+                })),
+                Effect::TwilioFetch { .. } | Effect::TwilioFind { .. } => {
+                    let r = self.pick(true);
+                    Some(Event::Twilio(if !self.twilio_up || r.is_multiple_of(3) {
+                        TwilioResult::LookFailed {
+                            message: "503".into(),
+                        }
+                    } else {
+                        let found = self.creates_accepted > 0;
+                        TwilioResult::Looked {
+                            sid: found.then(|| SID.to_string()),
+                            call: found.then(|| TwilioCall {
+                                status: STATUSES[(r as usize) % STATUSES.len()].into(),
+                                duration_secs: Some(u32::from(r)),
+                                answered_by: None,
+                            }),
+                        }
+                    }))
+                }
+                Effect::TwilioHangUp { purpose, .. } => {
+                    let ok = self.twilio_up && !self.pick(true).is_multiple_of(4);
+                    Some(Event::Twilio(TwilioResult::HungUp { purpose, ok }))
+                }
+                Effect::Db(op) => self.db(op),
+                _ => None,
+            }
+        }
+
+        fn db(&mut self, op: DbOp) -> Option<Event> {
+            let fail = self.pick(false).is_multiple_of(5);
+            let id = self.s.call_id.clone();
+            match op {
+                DbOp::ReserveScheduled { key, amount }
+                | DbOp::ReserveMinute { key, amount, .. } => {
+                    let minute = if key == format!("reserve:{id}") {
+                        1
+                    } else {
+                        self.s.minutes_reserved + 1
+                    };
+                    if fail {
+                        return Some(Event::Db(DbResult::Failed {
+                            op: DbOpKind::Reserve,
+                            message: "x".into(),
+                        }));
+                    }
+                    Some(Event::Db(match self.ledger(key, -amount) {
+                        Ok(_) => DbResult::Reserved {
+                            minute,
+                            balance: self.balance,
+                        },
+                        Err(()) => DbResult::ReserveRefused {
+                            minute,
+                            why: Refusal::Credits,
+                        },
+                    }))
+                }
+                DbOp::EndUnconnected { release, .. } => {
+                    if fail {
+                        return Some(Event::Db(DbResult::Failed {
+                            op: DbOpKind::Settle,
+                            message: "x".into(),
+                        }));
+                    }
+                    if release != 0 {
+                        let _ = self.ledger(format!("release:{id}"), release);
+                    }
+                    self.settlements += 1;
+                    Some(Event::Db(DbResult::Settled))
+                }
+                DbOp::Settle(st) => {
+                    if fail {
+                        return Some(Event::Db(DbResult::Failed {
+                            op: DbOpKind::Settle,
+                            message: "x".into(),
+                        }));
+                    }
+                    if self.keys.contains(&format!("settle:{id}")) {
+                        return Some(Event::Db(DbResult::Settled));
+                    }
+                    if self.balance + st.release - st.charge < 0 {
+                        return Some(Event::Db(DbResult::SettleShort {
+                            balance: self.balance,
+                        }));
+                    }
+                    self.balance += st.release - st.charge;
+                    self.keys.push(format!("release:{id}"));
+                    self.keys.push(format!("settle:{id}"));
+                    self.settlements += 1;
+                    Some(Event::Db(DbResult::Settled))
+                }
+                _ => None,
+            }
+        }
+
+        fn step(&mut self, step: Step) {
+            match step {
+                Step::Wait(ms) => {
+                    self.now = match self.s.next_wake() {
+                        Some(t) => t.max(self.now),
+                        None => self.now + u64::from(ms),
+                    };
+                    self.apply(Event::Alarm);
+                }
+                Step::Status(i, d) => {
+                    self.now += 500;
+                    let seq = self.s.last_seq + 1 + i64::from(i % 2);
+                    let mut extra = vec![];
+                    let dur;
+                    if let Some(d) = d {
+                        dur = d.to_string();
+                        extra.push(("CallDuration", dur.as_str()));
+                    }
+                    if self.creates_accepted > 0 {
+                        self.apply(status_with(seq, STATUSES[i as usize], &extra));
+                    }
+                }
+                Step::Cancel => self.apply(Event::Cancel),
+                Step::End => self.apply(Event::End {
+                    reason: "ban".into(),
+                }),
+                Step::Answered(machine) => self.apply(Event::Answered {
+                    answered_by: Some(if machine { "machine_start" } else { "human" }.into()),
+                }),
+                Step::RelayOpen => {
+                    self.conn += 1;
+                    self.apply(Event::RelayOpened {
+                        conn: self.conn,
+                        persona: persona(),
+                    });
+                }
+                Step::RelayReady(k) => {
+                    self.rseq += 1;
+                    let stream = if k == 2 { "MZ-other" } else { "MZ1" };
+                    self.apply(Event::RelayFrame {
+                        conn: self.conn,
+                        frame: frame(
+                            self.rseq,
+                            RelayToDo::Ready {
+                                call_sid: SID.into(),
+                                stream_sid: stream.into(),
+                                resume_from: (k == 1).then_some(self.s.conv.out_seq / 2),
+                            },
+                        ),
+                    });
+                }
+                Step::RelayTurn | Step::RelayEnded => {
+                    self.rseq += 1;
+                    self.now += 1_000;
+                    let msg = if matches!(step, Step::RelayTurn) {
+                        turn("hi")
+                    } else {
+                        RelayToDo::Ended {
+                            reason: "stop".into(),
+                        }
+                    };
+                    self.apply(Event::RelayFrame {
+                        conn: self.conn,
+                        frame: frame(self.rseq, msg),
+                    });
+                }
+                Step::RelayClose => self.apply(Event::RelayClosed { conn: self.conn }),
+                Step::LlmDelta | Step::LlmDone | Step::LlmFail => {
+                    let stream = self.s.active_stream().unwrap_or(0);
+                    self.now += 100;
+                    let e = match step {
+                        Step::LlmDelta => LlmEvent::Delta {
+                            stream,
+                            text: "yo ".into(),
+                            since_start_ms: 100,
+                        },
+                        Step::LlmDone => LlmEvent::Done {
+                            stream,
+                            prompt_tokens: 5,
+                            completion_tokens: 5,
+                        },
+                        _ => LlmEvent::Failed {
+                            stream,
+                            timed_out: true,
+                            message: "t".into(),
+                        },
+                    };
+                    self.apply(Event::Llm(e));
+                }
+                Step::Spend(n) => {
+                    // Other calls or refunds move the balance meanwhile.
+                    self.balance = (self.balance - i64::from(n)).max(0);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Over any sequence of events and provider behaviour: at most one create Twilio
+        /// could have accepted, settled at most once, charge within what was reserved
+        /// plus what the balance held, the balance never negative, and — once the outside
+        /// world goes quiet (Twilio down, nothing else arriving) — a final status within
+        /// a bounded time.
+        #[test]
+        fn invariants(
+            scheduled in any::<bool>(),
+            steps in proptest::collection::vec(step(), 0..60),
+            twilio in proptest::collection::vec(any::<u8>(), 1..8),
+            db in proptest::collection::vec(any::<u8>(), 1..8),
+        ) {
+            let st = start(scheduled.then_some(T0 + 30_000));
+            let balance = 200 - st.reserved;
+            let (s, fx) = Session::start(st, T0);
+            let mut w = World {
+                s, now: T0, balance, keys: vec![], settlements: 0, creates_accepted: 0,
+                answers: Answers { twilio, db }, ai: 0, conn: 0, rseq: 0, twilio_up: true,
+            };
+            if !scheduled {
+                w.keys.push("reserve:call-1".into());
+            }
+            let mut queue = std::collections::VecDeque::from(fx);
+            while let Some(e) = queue.pop_front() {
+                if let Some(ev) = w.run(e) {
+                    queue.extend(w.s.handle(ev, w.now));
+                }
+            }
+            for step in steps {
+                w.step(step);
+                prop_assert!(w.s.creates - w.s.rate_limited <= 1, "dialled twice: {:?}", w.s.dial);
+                prop_assert!(w.settlements <= 1, "settled twice");
+                prop_assert!(w.balance >= 0);
+                prop_assert!(w.s.reserved >= 0);
+            }
+            // The world goes quiet: only alarms, Twilio unreachable, the database fine.
+            w.twilio_up = false;
+            w.answers.db = vec![1];
+            w.answers.twilio = vec![0];
+            let quiet_from = w.now;
+            let mut guard = 0;
+            while !w.s.is_settled() {
+                guard += 1;
+                prop_assert!(guard < 500, "no progress: {:?}", w.s);
+                let Some(next) = w.s.next_wake() else {
+                    prop_assert!(false, "wedged with no alarm: {:?}", w.s);
+                    break;
+                };
+                w.now = next.max(w.now);
+                w.apply(Event::Alarm);
+            }
+            let bound = 40 * 60_000; // 30-day schedules aside, well inside an hour
+            prop_assert!(w.now - quiet_from <= bound, "took {} ms to settle", w.now - quiet_from);
+            prop_assert_eq!(w.settlements, 1);
+            prop_assert!(w.balance >= 0);
+            prop_assert!(w.s.charged <= 200, "charged more than the user ever had");
+            prop_assert!(w.s.creates - w.s.rate_limited <= 1);
+        }
+    }
+}
