@@ -93,6 +93,9 @@ pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
     set("STRIPE_API_BASE", "http://127.0.0.1:9");
     set("ADMIN_EMAILS", ADMIN_EMAIL);
     set("FREE_CREDITS", "200");
+    // Short enough that a call whose callbacks are lost is reconciled within seconds.
+    set("TWILIO_RING_TIMEOUT_SECS", "5");
+    set("CALL_RECONCILE_MARGIN_SECS", "3");
     vars
 }
 

@@ -688,3 +688,35 @@ async fn history_is_private_paged_and_newest_first() {
         .unwrap();
     assert_eq!(detail.body["transcript"], json!([]));
 }
+
+/// Every status callback of a call is lost (our Worker was down, Twilio gave up): the
+/// session looks the call up at Twilio after the ring timeout, settles it as Twilio
+/// reports it — free — and the user's next call is not blocked by a wedged live call.
+#[tokio::test]
+async fn lost_callbacks_are_reconciled_with_twilio() {
+    let api = client();
+    let user = api.register_user("lostcb").await.unwrap();
+    let number = unique_number();
+    set_script(&number, CalleeScript::NoAnswer);
+    harness::worker()
+        .twilio
+        .lose_status_callbacks(number.clone());
+    let id = trigger(&api, &user, &number).await["call"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fake = wait_fake_finished(&number).await;
+    assert!(fake.callbacks.is_empty(), "no callback reached the Worker");
+    let (body, _) = wait_status(&api, &user, &id, &["no_answer", "failed", "completed"]).await;
+    assert_eq!(body["call"]["status"], "no_answer", "{body}");
+    assert_eq!(body["call"]["cost_cents"], 0);
+    assert_eq!(
+        api.credits(&user).await.unwrap(),
+        200,
+        "reservation released"
+    );
+    // Not wedged: the next call goes through.
+    let next = unique_number();
+    set_script(&next, CalleeScript::Busy);
+    trigger(&api, &user, &next).await;
+}

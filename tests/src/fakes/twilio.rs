@@ -344,6 +344,9 @@ struct State {
     default_script: CalleeScript,
     commands: HashMap<String, mpsc::UnboundedSender<Command>>,
     sims: HashMap<String, Arc<Mutex<Simulator>>>,
+    /// Numbers whose call-progress callbacks are lost (never sent, as when our Worker
+    /// is down and Twilio gives up).
+    lost_callbacks: std::collections::HashSet<String>,
 }
 
 /// State shared by the REST handlers, the call tasks and the handle.
@@ -434,6 +437,7 @@ fn new_shared(cfg: TwilioConfig, faults: FaultSwitch) -> anyhow::Result<Arc<Shar
             default_script: cfg.default_script.clone(),
             commands: HashMap::new(),
             sims: HashMap::new(),
+            lost_callbacks: Default::default(),
         }),
         cfg,
         faults,
@@ -470,6 +474,12 @@ impl TwilioHandle {
     /// What the callee at `number` (E.164) does from now on.
     pub fn set_script(&self, number: impl Into<String>, script: CalleeScript) {
         self.shared.lock().scripts.insert(number.into(), script);
+    }
+
+    /// From now on, call-progress callbacks of calls to `number` are lost: Twilio's
+    /// resource still moves on, only the webhooks never arrive.
+    pub fn lose_status_callbacks(&self, number: impl Into<String>) {
+        self.shared.lock().lost_callbacks.insert(number.into());
     }
 
     /// What callees without their own script do from now on.

@@ -182,14 +182,21 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
             return Err(ApiError::internal("trigger", "duplicate call id"))
         }
     }
+    let balance = ctx.store.user_credits(&session.user.id).await.unwrap_or(0);
     let op = SessionOp::Start {
         call_id: call_id.clone(),
         user_id: session.user.id.clone(),
         phone_number: phone,
         reserved: amount,
+        balance,
         scheduled_at_ms: None,
     };
-    let _: serde_json::Value = session_op(ctx, &call_id, &op).await?;
+    if let Err(e) = session_op::<serde_json::Value>(ctx, &call_id, &op).await {
+        // The row and reservation are in but the session never got the call: end it
+        // here, releasing the reservation, rather than leave an orphan `queued` call.
+        abandon(ctx, &call_id, &session.user.id, amount).await;
+        return Err(e);
+    }
     worker::console_log!(
         "call triggered call_id={call_id} user_id={}",
         session.user.id
@@ -257,15 +264,43 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         user_id: session.user.id.clone(),
         phone_number: phone,
         reserved: 0,
+        balance: 0,
         scheduled_at_ms: Some(at_ms),
     };
-    let _: serde_json::Value = session_op(ctx, &call_id, &op).await?;
+    if let Err(e) = session_op::<serde_json::Value>(ctx, &call_id, &op).await {
+        abandon(ctx, &call_id, &session.user.id, 0).await;
+        return Err(e);
+    }
     let row = ctx
         .store
         .call(&call_id)
         .await?
         .ok_or_else(|| ApiError::not_found("Call"))?;
     json(201, &json!({ "call": row }))
+}
+
+/// Ends a call whose session could not be started, releasing what it reserved (the same
+/// ledger key the session would use, so this can never release twice).
+async fn abandon(ctx: &Ctx, call_id: &str, user_id: &str, reserved: i64) {
+    let Ok(id) = crypto::uuid() else { return };
+    let key = format!("release:{call_id}");
+    let reason = "The call could not be started; nothing was charged.";
+    let release = LedgerEntry {
+        id: &id,
+        user_id,
+        kind: "release",
+        amount: reserved,
+        key: &key,
+        call_id: Some(call_id),
+        reason,
+    };
+    let result = ctx
+        .store
+        .end_call_unconnected(call_id, "failed", reason, Some(&release), &ctx.now_iso())
+        .await;
+    if !matches!(result, Ok(Ok(()))) {
+        worker::console_error!("could not end abandoned call_id={call_id}");
+    }
 }
 
 /// Loads a call the session may see: its owner or an admin; 404 otherwise.

@@ -98,3 +98,8 @@ pub async fn dummy_verify(password: &str) -> Result<(), CryptoError> {
     let salt = [0u8; SALT_LEN];
     pbkdf2(password, &salt, PBKDF2_ITERATIONS).await.map(|_| ())
 }
+
+/// A random `u32` (backoff jitter).
+pub fn random_u32() -> Result<u32, CryptoError> {
+    random_bytes::<4>().map(u32::from_le_bytes)
+}

@@ -11,7 +11,6 @@ mod audit;
 mod auth;
 mod calls;
 mod config;
-mod conversation;
 mod crypto;
 mod db;
 mod error;

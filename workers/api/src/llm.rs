@@ -1,8 +1,8 @@
 //! Streaming chat completions from an OpenAI-compatible endpoint (Cerebras by default,
 //! `LLM_API_BASE`), parsed with `eventsource-stream`.
 //!
-//! Text deltas are handed to the caller as they arrive, so the persona starts speaking
-//! before the reply is complete. Usage comes from the final chunk.
+//! The session shell reads the event stream itself (with its deadlines), so the persona
+//! starts speaking before the reply is complete. Usage comes from the final chunk.
 
 use cmb_core::config::WorkerConfig;
 use cmb_core::prompt::ChatMessage;
@@ -23,17 +23,6 @@ pub enum LlmError {
     Http { status: u16, message: String },
     #[error("LLM stream error: {0}")]
     Stream(String),
-}
-
-/// What a completed reply cost and how fast it started.
-#[derive(Debug, Default, Clone)]
-pub struct Completion {
-    pub text: String,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Request sent → first content delta, in ms.
-    pub first_token_ms: Option<u64>,
-    pub finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -62,16 +51,46 @@ struct Usage {
     completion_tokens: u64,
 }
 
-fn now_ms() -> u64 {
-    worker::Date::now().as_millis()
+/// What one SSE event of the stream carried.
+#[derive(Debug, Default)]
+pub struct Piece {
+    pub text: Vec<String>,
+    pub usage: Option<(u64, u64)>,
+    /// `[DONE]`: the stream is over.
+    pub done: bool,
 }
 
-/// Streams a reply, calling `on_delta` with each piece of text as it arrives.
-pub async fn stream_reply(
+/// Parses one SSE event's data.
+pub fn parse_event(data: &str) -> Result<Piece, LlmError> {
+    if data.trim() == "[DONE]" {
+        return Ok(Piece {
+            done: true,
+            ..Piece::default()
+        });
+    }
+    let chunk: Chunk =
+        serde_json::from_str(data).map_err(|e| LlmError::Stream(format!("bad chunk: {e}")))?;
+    if let Some(err) = chunk.error {
+        return Err(LlmError::Stream(err.to_string()));
+    }
+    let mut piece = Piece::default();
+    for choice in chunk.choices {
+        if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+            piece.text.push(text);
+        }
+        let _ = choice.finish_reason;
+    }
+    piece.usage = chunk.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+    Ok(piece)
+}
+
+/// Sends the chat-completions request (aborted through `signal`) and returns its SSE
+/// event stream.
+pub async fn open(
     cfg: &WorkerConfig,
     messages: &[ChatMessage],
-    mut on_delta: impl FnMut(&str),
-) -> Result<Completion, LlmError> {
+    signal: &worker::AbortSignal,
+) -> Result<impl futures::Stream<Item = Result<String, LlmError>>, LlmError> {
     let body = json!({
         "model": cfg.llm_model,
         "messages": messages,
@@ -99,9 +118,11 @@ pub async fn stream_reply(
         .with_headers(headers)
         .with_body(Some(body.to_string().into()));
     let url = format!("{}/chat/completions", cfg.llm_api_base);
-    let started = now_ms();
     let req = Request::new_with_init(&url, &init).map_err(transport)?;
-    let mut resp = Fetch::Request(req).send().await.map_err(transport)?;
+    let mut resp = Fetch::Request(req)
+        .send_with_signal(signal)
+        .await
+        .map_err(transport)?;
     let status = resp.status_code();
     if status != 200 {
         let text = resp.text().await.unwrap_or_default();
@@ -110,34 +131,9 @@ pub async fn stream_reply(
             message: text.chars().take(300).collect(),
         });
     }
-    let mut events = resp.stream().map_err(transport)?.eventsource();
-    let mut out = Completion::default();
-    while let Some(event) = events.next().await {
-        let event = event.map_err(|e| LlmError::Stream(e.to_string()))?;
-        if event.data.trim() == "[DONE]" {
-            break;
-        }
-        let chunk: Chunk = serde_json::from_str(&event.data)
-            .map_err(|e| LlmError::Stream(format!("bad chunk: {e}")))?;
-        if let Some(err) = chunk.error {
-            return Err(LlmError::Stream(err.to_string()));
-        }
-        for choice in chunk.choices {
-            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
-                if out.first_token_ms.is_none() {
-                    out.first_token_ms = Some(now_ms().saturating_sub(started));
-                }
-                on_delta(&text);
-                out.text.push_str(&text);
-            }
-            if choice.finish_reason.is_some() {
-                out.finish_reason = choice.finish_reason;
-            }
-        }
-        if let Some(u) = chunk.usage {
-            out.prompt_tokens = u.prompt_tokens;
-            out.completion_tokens = u.completion_tokens;
-        }
-    }
-    Ok(out)
+    let events = resp.stream().map_err(transport)?.eventsource();
+    Ok(events.map(|e| {
+        e.map(|e| e.data)
+            .map_err(|e| LlmError::Stream(e.to_string()))
+    }))
 }

@@ -7,7 +7,10 @@
 use base64::Engine as _;
 use cmb_core::config::WorkerConfig;
 use serde::Deserialize;
-use worker::{Fetch, Headers, Method, Request, RequestInit};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit};
 
 /// A failed Twilio request: HTTP status, Twilio error code (0 when the body had none),
 /// and a message fit for the call's `status_reason`.
@@ -51,6 +54,8 @@ pub struct Dial<'a> {
     pub twiml_url: &'a str,
     pub status_callback: &'a str,
     pub timeout_secs: u32,
+    /// Twilio ends the call after this long whatever happens (a backstop).
+    pub time_limit_secs: u32,
 }
 
 fn calls_url(cfg: &WorkerConfig) -> String {
@@ -60,39 +65,65 @@ fn calls_url(cfg: &WorkerConfig) -> String {
     )
 }
 
-async fn post_form(
+/// One request: Basic auth, an optional form body, a deadline (`TWILIO_TIMEOUT_MS`)
+/// enforced by aborting the fetch. Transport failures and timeouts are status 0.
+async fn send(
     cfg: &WorkerConfig,
+    method: Method,
     url: &str,
-    form: &[(&str, &str)],
+    form: Option<&[(&str, &str)]>,
 ) -> Result<Vec<u8>, TwilioError> {
-    let body = serde_urlencoded::to_string(form).map_err(|e| TwilioError {
-        status: 0,
-        code: 0,
-        message: format!("could not encode request: {e}"),
-    })?;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
-        "{}:{}",
-        cfg.twilio_account_sid,
-        cfg.twilio_auth_token.expose()
-    ));
     let transport = |e: worker::Error| TwilioError {
         status: 0,
         code: 0,
         message: format!("Twilio unreachable: {e}"),
     };
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        cfg.twilio_account_sid,
+        cfg.twilio_auth_token.expose()
+    ));
     let headers = Headers::new();
     headers
         .set("authorization", &format!("Basic {auth}"))
         .map_err(transport)?;
-    headers
-        .set("content-type", "application/x-www-form-urlencoded")
-        .map_err(transport)?;
     let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_body(Some(body.into()));
+    init.with_method(method);
+    if let Some(form) = form {
+        let body = serde_urlencoded::to_string(form).map_err(|e| TwilioError {
+            status: 0,
+            code: 0,
+            message: format!("could not encode request: {e}"),
+        })?;
+        headers
+            .set("content-type", "application/x-www-form-urlencoded")
+            .map_err(transport)?;
+        init.with_body(Some(body.into()));
+    }
+    init.with_headers(headers);
     let req = Request::new_with_init(url, &init).map_err(transport)?;
-    let mut resp = Fetch::Request(req).send().await.map_err(transport)?;
+    let controller = AbortController::default();
+    let signal = controller.signal();
+    let deadline = Duration::from_millis(u64::from(cfg.twilio_timeout_ms));
+    let fetch = Fetch::Request(req);
+    let response = {
+        let sending = fetch.send_with_signal(&signal).fuse();
+        let timer = Delay::from(deadline).fuse();
+        futures::pin_mut!(sending, timer);
+        futures::select! {
+            r = sending => Some(r),
+            () = timer => None,
+        }
+    };
+    let Some(response) = response else {
+        controller.abort();
+        return Err(TwilioError {
+            status: 0,
+            code: 0,
+            message: format!("Twilio did not answer within {} ms", cfg.twilio_timeout_ms),
+        });
+    };
+    let mut resp = response.map_err(transport)?;
     let status = resp.status_code();
     let bytes = resp.bytes().await.map_err(transport)?;
     if (200..300).contains(&status) {
@@ -113,9 +144,40 @@ async fn post_form(
     })
 }
 
-/// Creates the outbound call; returns its `CA…` sid.
+/// [`send`] for requests that are safe to repeat (fetches, and updates that set a final
+/// status): up to three tries on 429, 5xx or no answer, with jittered backoff.
+async fn send_idempotent(
+    cfg: &WorkerConfig,
+    method: Method,
+    url: &str,
+    form: Option<&[(&str, &str)]>,
+) -> Result<Vec<u8>, TwilioError> {
+    let mut attempt = 0u32;
+    loop {
+        match send(cfg, method.clone(), url, form).await {
+            Err(e) if e.is_retryable() && attempt < 2 => {
+                let jitter = crate::crypto::random_u32().unwrap_or(0) % 250;
+                let wait = 250 * (1u64 << attempt) + u64::from(jitter);
+                Delay::from(Duration::from_millis(wait)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+impl TwilioError {
+    /// 429, 5xx, or no answer at all.
+    pub fn is_retryable(&self) -> bool {
+        self.status == 0 || self.status == 429 || self.status >= 500
+    }
+}
+
+/// Creates the outbound call; returns its `CA…` sid. Never retried here: a create
+/// without an answer may have succeeded (the session looks it up instead).
 pub async fn create_call(cfg: &WorkerConfig, dial: &Dial<'_>) -> Result<String, TwilioError> {
     let timeout = dial.timeout_secs.to_string();
+    let time_limit = dial.time_limit_secs.to_string();
     let form = [
         ("To", dial.to),
         ("From", cfg.twilio_phone_number.as_str()),
@@ -128,9 +190,10 @@ pub async fn create_call(cfg: &WorkerConfig, dial: &Dial<'_>) -> Result<String, 
         ("StatusCallbackEvent", "answered"),
         ("StatusCallbackEvent", "completed"),
         ("Timeout", timeout.as_str()),
+        ("TimeLimit", time_limit.as_str()),
         ("MachineDetection", "Enable"),
     ];
-    let bytes = post_form(cfg, &calls_url(cfg), &form).await?;
+    let bytes = send(cfg, Method::Post, &calls_url(cfg), Some(&form)).await?;
     let call: CallBody = serde_json::from_slice(&bytes).map_err(|e| TwilioError {
         status: 201,
         code: 0,
@@ -139,13 +202,90 @@ pub async fn create_call(cfg: &WorkerConfig, dial: &Dial<'_>) -> Result<String, 
     Ok(call.sid)
 }
 
-/// Ends a call: `completed` for a live call, `canceled` for one still queued or ringing.
-pub async fn end_call(cfg: &WorkerConfig, sid: &str, status: &str) -> Result<(), TwilioError> {
-    let url = format!(
+fn call_url(cfg: &WorkerConfig, sid: &str) -> String {
+    format!(
         "{}/2010-04-01/Accounts/{}/Calls/{}.json",
         cfg.twilio_api_base, cfg.twilio_account_sid, sid
-    );
-    post_form(cfg, &url, &[("Status", status)])
-        .await
-        .map(|_| ())
+    )
+}
+
+/// Ends a call: `completed` for a live call, `canceled` for one still queued or ringing.
+pub async fn end_call(cfg: &WorkerConfig, sid: &str, status: &str) -> Result<(), TwilioError> {
+    send_idempotent(
+        cfg,
+        Method::Post,
+        &call_url(cfg, sid),
+        Some(&[("Status", status)]),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// A call resource as Twilio reports it.
+#[derive(Debug, Deserialize)]
+pub struct CallResource {
+    pub sid: String,
+    pub status: String,
+    #[serde(default)]
+    pub duration: Option<String>,
+    #[serde(default)]
+    pub answered_by: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+impl CallResource {
+    pub fn duration_secs(&self) -> Option<u32> {
+        self.duration.as_deref().and_then(|d| d.parse().ok())
+    }
+}
+
+/// `GET Calls/{sid}.json`; `Ok(None)` when Twilio has no such call.
+pub async fn fetch_call(
+    cfg: &WorkerConfig,
+    sid: &str,
+) -> Result<Option<CallResource>, TwilioError> {
+    match send_idempotent(cfg, Method::Get, &call_url(cfg, sid), None).await {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| TwilioError {
+                status: 200,
+                code: 0,
+                message: format!("unexpected call resource: {e}"),
+            }),
+        Err(e) if e.status == 404 => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The newest call to `to` created on or after `since_date` (`YYYY-MM-DD`, UTC), from
+/// the Calls list (`To` and `StartTime>=` filters).
+pub async fn find_call(
+    cfg: &WorkerConfig,
+    to: &str,
+    since_date: &str,
+) -> Result<Option<CallResource>, TwilioError> {
+    #[derive(Deserialize)]
+    struct Page {
+        #[serde(default)]
+        calls: Vec<CallResource>,
+    }
+    let query =
+        serde_urlencoded::to_string([("To", to), ("StartTime>", since_date), ("PageSize", "20")])
+            .map_err(|e| TwilioError {
+            status: 0,
+            code: 0,
+            message: format!("could not encode query: {e}"),
+        })?;
+    let url = format!("{}?{query}", calls_url(cfg));
+    let bytes = send_idempotent(cfg, Method::Get, &url, None).await?;
+    let page: Page = serde_json::from_slice(&bytes).map_err(|e| TwilioError {
+        status: 200,
+        code: 0,
+        message: format!("unexpected calls list: {e}"),
+    })?;
+    Ok(page
+        .calls
+        .into_iter()
+        .find(|c| c.to.as_deref().is_none_or(|t| t == to)))
 }

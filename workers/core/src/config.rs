@@ -63,6 +63,10 @@ pub struct WorkerConfig {
     /// Origins (or `*`), no trailing slash.
     pub cors_origins: Vec<String>,
     pub free_credits: i64,
+    /// Timeouts of every call (`CALL_*`, `TWILIO_RING_TIMEOUT_SECS`, `LLM_*_TIMEOUT_MS`).
+    pub call_limits: crate::session::Limits,
+    /// Deadline of one Twilio REST request (`TWILIO_TIMEOUT_MS`, default 10 000).
+    pub twilio_timeout_ms: u32,
 }
 
 /// One missing or malformed setting.
@@ -180,6 +184,20 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         value.trim_end_matches('/').to_owned()
     }
 
+    /// A whole number > 0, or `default` when unset.
+    fn positive(&mut self, name: &'static str, default: u32) -> u32 {
+        match self.optional(name) {
+            None => default,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    self.problem(name, "must be a whole number > 0");
+                    default
+                }
+            },
+        }
+    }
+
     /// Comma-separated list, entries trimmed, blanks dropped.
     fn list(&self, name: &str) -> Vec<String> {
         self.optional(name)
@@ -287,6 +305,29 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         }
     }
 
+    let defaults = crate::session::Limits::default();
+    let call_limits = crate::session::Limits {
+        ring_timeout_secs: r.positive("TWILIO_RING_TIMEOUT_SECS", defaults.ring_timeout_secs),
+        reconcile_margin_secs: r
+            .positive("CALL_RECONCILE_MARGIN_SECS", defaults.reconcile_margin_secs),
+        reconcile_give_up_secs: r.positive(
+            "CALL_RECONCILE_GIVE_UP_SECS",
+            defaults.reconcile_give_up_secs,
+        ),
+        relay_connect_secs: r.positive(
+            "CALL_RELAY_CONNECT_TIMEOUT_SECS",
+            defaults.relay_connect_secs,
+        ),
+        relay_grace_secs: r.positive("CALL_RELAY_GRACE_SECS", defaults.relay_grace_secs),
+        idle_timeout_secs: r.positive("CALL_IDLE_TIMEOUT_SECS", defaults.idle_timeout_secs),
+        max_call_secs: r.positive("CALL_MAX_DURATION_SECS", defaults.max_call_secs),
+        llm_first_token_ms: r.positive("LLM_FIRST_TOKEN_TIMEOUT_MS", defaults.llm_first_token_ms),
+        llm_total_ms: r.positive("LLM_TOTAL_TIMEOUT_MS", defaults.llm_total_ms),
+        settle_wait_secs: r.positive("CALL_SETTLE_WAIT_SECS", defaults.settle_wait_secs),
+        hang_up_grace_secs: r.positive("CALL_HANG_UP_GRACE_SECS", defaults.hang_up_grace_secs),
+    };
+    let twilio_timeout_ms = r.positive("TWILIO_TIMEOUT_MS", 10_000);
+
     let free_credits = match r.optional("FREE_CREDITS") {
         None => DEFAULT_FREE_CREDITS,
         Some(v) => match v.parse::<i64>() {
@@ -320,6 +361,8 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         admin_emails,
         cors_origins,
         free_credits,
+        call_limits,
+        twilio_timeout_ms,
     })
 }
 

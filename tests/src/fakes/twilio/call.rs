@@ -527,6 +527,9 @@ impl Callbacks {
                         let Some(url) = record.status_callback.clone() else {
                             continue;
                         };
+                        if shared.lock().lost_callbacks.contains(&record.to) {
+                            continue;
+                        }
                         // `completed` is always sent; other events only when asked for.
                         if event != "completed" && !record.status_callback_events.contains(&event) {
                             continue;

@@ -34,7 +34,7 @@ pub(super) fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
             "/2010-04-01/Accounts/{account}/Calls.json",
-            post(create_call),
+            post(create_call).get(list_calls),
         )
         // `{sid}.json` is one path segment; the handlers strip the suffix themselves.
         .route(
@@ -369,6 +369,42 @@ async fn create_call(
     tracing::info!(fake = "twilio", call_sid = %sid, to = %new.to, "call created");
     call::start(shared.clone(), sid, new.source, script, rx);
     (StatusCode::CREATED, Json(body)).into_response()
+}
+
+/// `GET Calls.json?To=…`: the Calls list, newest first, filtered by `To` (the date
+/// filters are accepted and, at a fake's time scale, every call matches them).
+async fn list_calls(
+    State(shared): State<Arc<Shared>>,
+    Path(account): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("/{API_VERSION}/Accounts/{account}/Calls.json");
+    if let Err(e) = authorize(&shared, &headers, &account, &path) {
+        return e.into_response();
+    }
+    let to = query
+        .iter()
+        .find(|(k, _)| k == "To")
+        .map(|(_, v)| v.clone());
+    let mut calls: Vec<Value> = {
+        let state = shared.lock();
+        state
+            .calls
+            .iter()
+            .filter(|c| to.as_deref().is_none_or(|t| c.to == t))
+            .map(|c| call_json(c, &shared.cfg.account_sid))
+            .collect()
+    };
+    calls.reverse();
+    Json(serde_json::json!({
+        "calls": calls,
+        "page": 0,
+        "page_size": 50,
+        "uri": path,
+        "next_page_uri": null,
+    }))
+    .into_response()
 }
 
 async fn fetch_call(

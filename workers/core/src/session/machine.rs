@@ -55,6 +55,7 @@ impl Session {
             reserving: false,
             dial: Dial::NotYet,
             dialed_ms: None,
+            dial_error: None,
             sid: None,
             reserved: s.reserved,
             balance: s.balance,
@@ -82,7 +83,12 @@ impl Session {
         };
         let mut out = Vec::new();
         if session.scheduled_at_ms.is_none() {
-            session.dial(now, 1, &mut out);
+            // Dial from the alarm, at once: the route that started the call does not wait
+            // for Twilio.
+            session.dial = Dial::Due {
+                at_ms: now,
+                attempt: 1,
+            };
         }
         session.finish(now, &mut out);
         (session, out)
@@ -147,7 +153,7 @@ impl Session {
         }
         match self.dial {
             Dial::Requested { at_ms, .. } => at.push(at_ms + CREATE_STALE_MS),
-            Dial::RetryAt { at_ms, .. } => at.push(at_ms),
+            Dial::Due { at_ms, .. } => at.push(at_ms),
             _ => {}
         }
         if !self.lookup_in_flight && self.status.rank() < CallStatus::InProgress.rank() {
@@ -294,7 +300,7 @@ impl Session {
                     let msg = "Twilio is rate limiting calls; please try again shortly.";
                     self.finalize(CallStatus::Failed, 0, false, Some(msg.into()), now, out);
                 } else {
-                    self.dial = Dial::RetryAt {
+                    self.dial = Dial::Due {
                         at_ms: now + self.backoff_ms(attempt - 1),
                         attempt: attempt + 1,
                     };
@@ -410,8 +416,13 @@ impl Session {
                 _ if lookups + 1 >= FIND_ATTEMPTS => {
                     // Twilio has no such call: it was never created. Dialling again could
                     // ring the person twice if it were merely slow to list, so we stop.
-                    let msg = "Twilio did not confirm the call; nothing was charged.";
-                    self.finalize(CallStatus::Failed, 0, false, Some(msg.into()), now, out);
+                    let msg = match &self.dial_error {
+                        Some(e) => {
+                            format!("{e}; Twilio did not confirm the call, nothing was charged.")
+                        }
+                        None => "Twilio did not confirm the call; nothing was charged.".to_string(),
+                    };
+                    self.finalize(CallStatus::Failed, 0, false, Some(msg), now, out);
                     return;
                 }
                 _ => {
@@ -910,7 +921,7 @@ impl Session {
             }
         }
         match self.dial {
-            Dial::RetryAt { at_ms, attempt } if now >= at_ms => self.dial(now, attempt, out),
+            Dial::Due { at_ms, attempt } if now >= at_ms => self.dial(now, attempt, out),
             // No answer to our create (the object restarted mid-request): look it up.
             Dial::Requested { at_ms, .. } if now >= at_ms + CREATE_STALE_MS => {
                 self.unknown_dial(at_ms, now);

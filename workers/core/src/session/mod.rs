@@ -405,8 +405,9 @@ pub enum Dial {
         at_ms: u64,
         attempt: u32,
     },
-    /// Waiting to retry after a 429 (nothing was created).
-    RetryAt {
+    /// Dial at `at_ms`: the first try (from the alarm, at once), or again after a 429
+    /// (nothing was created).
+    Due {
         at_ms: u64,
         attempt: u32,
     },
@@ -516,6 +517,8 @@ pub struct Session {
     pub dial: Dial,
     /// When the first create went out (reconcile and give-up deadlines count from it).
     pub dialed_ms: Option<u64>,
+    /// What Twilio said when a create's outcome was unknown (shown if the call fails).
+    pub dial_error: Option<String>,
     pub sid: Option<String>,
     /// Credits currently held for the call.
     pub reserved: i64,

@@ -125,8 +125,7 @@ fn alarm(effects: &[Effect]) -> Option<Option<u64>> {
 
 /// A call dialled and placed at Twilio (sid known), at T0.
 fn placed() -> Session {
-    let (mut s, fx) = Session::start(start(None), T0);
-    assert_eq!(creates(&fx), 1);
+    let mut s = dialled();
     s.handle(
         Event::Twilio(TwilioResult::Created { sid: SID.into() }),
         T0 + 200,
@@ -159,6 +158,16 @@ fn live() -> Session {
     s
 }
 
+/// A call for now whose create went out (from the alarm at T0).
+fn dialled() -> Session {
+    let (mut s, fx) = Session::start(start(None), T0);
+    assert_eq!(creates(&fx), 0, "the route does not wait for Twilio");
+    assert_eq!(alarm(&fx), Some(Some(T0)));
+    let fx = s.handle(Event::Alarm, T0);
+    assert_eq!(creates(&fx), 1);
+    s
+}
+
 /// Runs the alarm at `at` (what the platform does when the alarm time comes).
 fn fire(s: &mut Session, at: u64) -> Vec<Effect> {
     s.handle(Event::Alarm, at)
@@ -175,7 +184,8 @@ fn settle_ok(s: &mut Session, at: u64) {
 /// A call for now dials at once, with the ring timeout and a balance-capped TimeLimit.
 #[test]
 fn trigger_dials_once_with_time_limit() {
-    let (s, fx) = Session::start(start(None), T0);
+    let (mut s, _) = Session::start(start(None), T0);
+    let fx = s.handle(Event::Alarm, T0);
     let create = fx.iter().find_map(|e| match e {
         Effect::TwilioCreate {
             timeout_secs,
@@ -252,7 +262,7 @@ fn scheduled_reservation_retries_after_db_failure() {
 /// Twilio refusing the call (4xx) fails it and releases the reservation.
 #[test]
 fn dial_refused_releases() {
-    let (mut s, _) = Session::start(start(None), T0);
+    let mut s = dialled();
     let fx = s.handle(
         Event::Twilio(TwilioResult::CreateRefused {
             message: "Twilio error 21211".into(),
@@ -268,7 +278,7 @@ fn dial_refused_releases() {
 /// 429 means nothing was created: retried with backoff, and after three the call fails.
 #[test]
 fn dial_rate_limited_retries_then_fails() {
-    let (mut s, _) = Session::start(start(None), T0);
+    let mut s = dialled();
     let mut now = T0;
     for attempt in 1..=3 {
         let fx = s.handle(Event::Twilio(TwilioResult::CreateRateLimited), now + 100);
@@ -276,7 +286,7 @@ fn dial_rate_limited_retries_then_fails() {
             assert_eq!(end_unconnected(&fx), Some((CallStatus::Failed, 65)));
             break;
         }
-        let Dial::RetryAt { at_ms, .. } = s.dial else {
+        let Dial::Due { at_ms, .. } = s.dial else {
             panic!("expected a retry, got {:?}", s.dial);
         };
         assert!(at_ms >= now + 100 + 5_000, "backs off at least 5 s");
@@ -291,7 +301,7 @@ fn dial_rate_limited_retries_then_fails() {
 /// and carries on under the sid Twilio lists.
 #[test]
 fn dial_unknown_is_found_not_redialled() {
-    let (mut s, _) = Session::start(start(None), T0);
+    let mut s = dialled();
     s.handle(
         Event::Twilio(TwilioResult::CreateUnknown {
             message: "timeout".into(),
@@ -321,7 +331,7 @@ fn dial_unknown_is_found_not_redialled() {
 /// An unknown create that Twilio never lists fails the call, free, without a second dial.
 #[test]
 fn dial_unknown_not_found_fails_free() {
-    let (mut s, _) = Session::start(start(None), T0);
+    let mut s = dialled();
     s.handle(
         Event::Twilio(TwilioResult::CreateUnknown {
             message: "503".into(),
@@ -348,7 +358,7 @@ fn dial_unknown_not_found_fails_free() {
 /// looked up, never created again.
 #[test]
 fn restart_between_create_and_save_reconciles() {
-    let (s, _) = Session::start(start(None), T0);
+    let s = dialled();
     // The shell persisted the intent, then died: the create's result is lost.
     let json = serde_json::to_string(&s).expect("serialize");
     let mut s: Session = serde_json::from_str(&json).expect("deserialize");
@@ -989,7 +999,7 @@ fn cancel_in_every_state() {
     assert_eq!(s.reply.map(|r| r.canceled), Some(true));
 
     // Create in flight: canceled as soon as Twilio names the call.
-    let (mut s, _) = Session::start(start(None), T0);
+    let mut s = dialled();
     s.handle(Event::Cancel, T0 + 10);
     let fx = s.handle(
         Event::Twilio(TwilioResult::Created { sid: SID.into() }),

@@ -1,0 +1,341 @@
+//! The `CallSession` Durable Object: one per call (named by the call id), a thin shell
+//! around the pure [`cmb_core::session::Session`] machine.
+//!
+//! Per event: load the state, `handle(event, now)`, persist, then carry out the effects
+//! (`effects.rs`), feeding each result back as a new event. The lock is held only across
+//! that load → handle → persist step (storage, never the network), so a Twilio status
+//! callback, an alarm or a ban is handled at once whatever a Twilio request or the LLM
+//! stream is doing. This module decides nothing: every number and every timer comes from
+//! the machine.
+
+mod effects;
+
+use std::cell::Cell;
+
+use cmb_core::calls::CallStatus;
+use cmb_core::channel::{self, RelayToDo};
+use cmb_core::session::{self as machine, Effect, Event, PersonaBrief, Session};
+use futures::lock::Mutex;
+use serde::{Deserialize, Serialize};
+use worker::{
+    durable_object, DurableObject, Env, Request, Response, Result, State, WebSocket,
+    WebSocketIncomingMessage, WebSocketPair,
+};
+
+pub use cmb_core::session::CancelOutcome;
+
+use crate::config;
+use crate::store::Store;
+
+/// Storage key of the machine's state.
+const STATE_KEY: &str = "session";
+
+/// Messages from the Worker's routes to the object (JSON over the DO fetch).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum SessionOp {
+    Start {
+        call_id: String,
+        user_id: String,
+        phone_number: String,
+        reserved: i64,
+        /// The user's balance after the reservation (caps Twilio's `TimeLimit`).
+        #[serde(default)]
+        balance: i64,
+        scheduled_at_ms: Option<u64>,
+    },
+    Cancel,
+    Answered {
+        answered_by: Option<String>,
+    },
+    TwilioStatus {
+        params: Vec<(String, String)>,
+    },
+    /// Twilio reports the media stream over (its `<Connect action>` request).
+    StreamEnded,
+    /// The platform ends the call whatever its state (an admin ban): a pending call is
+    /// canceled, a ringing one hung up through Twilio, a live conversation ends with a
+    /// short goodbye like any other hang-up. Answers a [`CancelOutcome`].
+    End {
+        reason: String,
+    },
+}
+
+/// The object's answer to `StreamEnded`: whether the conversation ended on purpose.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StreamEndedOutcome {
+    pub graceful: bool,
+}
+
+#[durable_object]
+pub struct CallSession {
+    pub(crate) state: State,
+    pub(crate) env: Env,
+    /// Serialises load → handle → persist (storage only; never held across the network).
+    lock: Mutex<()>,
+    /// The LLM stream this isolate is reading, if any (see `effects::stream_llm`).
+    reading: Cell<Option<u32>>,
+}
+
+fn now_ms() -> u64 {
+    worker::Date::now().as_millis()
+}
+
+fn conn_tag(conn: u32) -> String {
+    format!("conn-{conn}")
+}
+
+fn rt(e: impl std::fmt::Display) -> worker::Error {
+    worker::Error::RustError(e.to_string())
+}
+
+impl DurableObject for CallSession {
+    fn new(state: State, env: Env) -> Self {
+        Self {
+            state,
+            env,
+            lock: Mutex::new(()),
+            reading: Cell::new(None),
+        }
+    }
+
+    async fn fetch(&self, mut req: Request) -> Result<Response> {
+        let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
+        if upgrade.eq_ignore_ascii_case("websocket") {
+            return self.accept_relay().await;
+        }
+        let op: SessionOp = match req.json().await {
+            Ok(op) => op,
+            Err(e) => return Response::error(format!("bad session op: {e}"), 400),
+        };
+        match op {
+            SessionOp::Start {
+                call_id,
+                user_id,
+                phone_number,
+                reserved,
+                balance,
+                scheduled_at_ms,
+            } => {
+                let cfg = self.config()?;
+                let start = machine::Start {
+                    call_id,
+                    user_id,
+                    phone_number,
+                    reserved,
+                    balance,
+                    scheduled_at_ms,
+                    account_sid: cfg.twilio_account_sid.clone(),
+                    limits: cfg.call_limits.clone(),
+                };
+                let effects = {
+                    let _guard = self.lock.lock().await;
+                    if self.load().await?.is_some() {
+                        Vec::new() // a retried start
+                    } else {
+                        let (session, effects) = Session::start(start, now_ms());
+                        self.save(&session).await?;
+                        effects
+                    }
+                };
+                self.drive(effects).await?;
+                Response::from_json(&serde_json::json!({ "ok": true }))
+            }
+            SessionOp::Cancel => self.cancel_like(Event::Cancel).await,
+            SessionOp::End { reason } => self.cancel_like(Event::End { reason }).await,
+            SessionOp::Answered { answered_by } => {
+                self.event(Event::Answered { answered_by }).await?;
+                Response::from_json(&serde_json::json!({ "ok": true }))
+            }
+            SessionOp::StreamEnded => {
+                let graceful = self.load().await?.is_some_and(|s| s.hung_up_on_purpose());
+                Response::from_json(&StreamEndedOutcome { graceful })
+            }
+            SessionOp::TwilioStatus { params } => {
+                self.event(Event::TwilioStatus { params }).await?;
+                Response::from_json(&serde_json::json!({ "ok": true }))
+            }
+        }
+    }
+
+    async fn alarm(&self) -> Result<Response> {
+        self.event(Event::Alarm).await?;
+        Response::ok("ok")
+    }
+
+    async fn websocket_message(
+        &self,
+        ws: WebSocket,
+        message: WebSocketIncomingMessage,
+    ) -> Result<()> {
+        let Some(conn) = self.conn_of(&ws) else {
+            return Ok(());
+        };
+        let text = match message {
+            WebSocketIncomingMessage::String(text) => text,
+            WebSocketIncomingMessage::Binary(_) => {
+                worker::console_warn!("relay sent a binary frame; the channel is JSON text only");
+                return Ok(());
+            }
+        };
+        let frame = match channel::decode::<RelayToDo>(&text) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                worker::console_warn!("bad relay frame: {e}");
+                return Ok(());
+            }
+        };
+        self.event(Event::RelayFrame { conn, frame }).await
+    }
+
+    async fn websocket_close(
+        &self,
+        ws: WebSocket,
+        code: usize,
+        reason: String,
+        _was_clean: bool,
+    ) -> Result<()> {
+        worker::console_log!("relay channel closed code={code} reason={reason}");
+        let _ = ws.close(Some(1000), Some("bye"));
+        match self.conn_of(&ws) {
+            Some(conn) => self.event(Event::RelayClosed { conn }).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn websocket_error(&self, _ws: WebSocket, error: worker::Error) -> Result<()> {
+        worker::console_warn!("relay channel error: {error}");
+        Ok(())
+    }
+}
+
+impl CallSession {
+    pub(crate) fn config(&self) -> Result<std::rc::Rc<cmb_core::config::WorkerConfig>> {
+        config::load(&self.env).map_err(|r| {
+            let names: Vec<&str> = r.problems.iter().map(|p| p.name).collect();
+            rt(format!("misconfigured: {}", names.join(", ")))
+        })
+    }
+
+    /// The configured database (D1 or Postgres), opened for this event.
+    pub(crate) async fn store(&self) -> Result<Store> {
+        let cfg = self.config()?;
+        Store::open(&self.env, cfg.db_backend)
+            .await
+            .map_err(|e| rt(format!("{}: {}", e.code, e.message)))
+    }
+
+    async fn load(&self) -> Result<Option<Session>> {
+        self.state.storage().get::<Session>(STATE_KEY).await
+    }
+
+    async fn save(&self, s: &Session) -> Result<()> {
+        self.state.storage().put(STATE_KEY, s).await
+    }
+
+    /// Load → handle → persist, under the lock (storage only). `None` for a call this
+    /// object does not hold.
+    pub(crate) async fn step(&self, event: Event) -> Result<Option<(Vec<Effect>, Session)>> {
+        let _guard = self.lock.lock().await;
+        let Some(mut session) = self.load().await? else {
+            return Ok(None);
+        };
+        let effects = session.handle(event, now_ms());
+        self.save(&session).await?;
+        Ok(Some((effects, session)))
+    }
+
+    /// One outside event, and everything it leads to.
+    async fn event(&self, event: Event) -> Result<()> {
+        match self.step(event).await? {
+            Some((effects, _)) => self.drive(effects).await,
+            None => Ok(()),
+        }
+    }
+
+    /// `Cancel` / `End`: the machine's reply once its effects (a Twilio cancel) ran.
+    async fn cancel_like(&self, event: Event) -> Result<Response> {
+        self.event(event).await?;
+        let outcome = match self.load().await? {
+            Some(s) => s.reply.unwrap_or(CancelOutcome {
+                canceled: false,
+                status: s.status,
+            }),
+            None => CancelOutcome {
+                canceled: false,
+                status: CallStatus::Failed,
+            },
+        };
+        Response::from_json(&outcome)
+    }
+
+    fn conn_of(&self, ws: &WebSocket) -> Option<u32> {
+        self.state
+            .get_tags(ws)
+            .iter()
+            .find_map(|t| t.strip_prefix("conn-").and_then(|n| n.parse().ok()))
+    }
+
+    pub(crate) fn sockets(&self, conn: u32) -> Vec<WebSocket> {
+        self.state.get_websockets_with_tag(&conn_tag(conn))
+    }
+
+    /// The relay's control channel: accept it (hibernatable, tagged with its number) and
+    /// let the machine decide what it gets.
+    async fn accept_relay(&self) -> Result<Response> {
+        let Some(session) = self.load().await? else {
+            return Response::error("unknown call", 404);
+        };
+        if session.final_.is_some() {
+            return Response::error("call already ended", 410);
+        }
+        let Some(persona) = self.persona_for(&session.call_id).await? else {
+            return Response::error("persona missing", 409);
+        };
+        let pair = WebSocketPair::new()?;
+        let effects = {
+            let _guard = self.lock.lock().await;
+            let Some(mut session) = self.load().await? else {
+                return Response::error("unknown call", 404);
+            };
+            let conn = session.relay.next_conn;
+            self.state
+                .accept_websocket_with_tags(&pair.server, &[conn_tag(conn).as_str()]);
+            let effects = session.handle(Event::RelayOpened { conn, persona }, now_ms());
+            self.save(&session).await?;
+            effects
+        };
+        self.drive(effects).await?;
+        worker::console_log!("relay connected");
+        Response::from_websocket(pair.client)
+    }
+
+    async fn persona_for(&self, call_id: &str) -> Result<Option<PersonaBrief>> {
+        let store = self.store().await?;
+        let Some(call) = store.call(call_id).await.map_err(|e| rt(e.message))? else {
+            return Ok(None);
+        };
+        let Some(p) = store
+            .persona(&call.persona_id)
+            .await
+            .map_err(|e| rt(e.message))?
+        else {
+            return Ok(None);
+        };
+        let fields = crate::personas::fields_of(&p);
+        Ok(Some(PersonaBrief {
+            system_prompt: cmb_core::persona::call_system_prompt(&fields),
+            name: p.name,
+            voice_id: p.voice_id,
+            voice_settings: cmb_core::channel::VoiceSettings {
+                stability: p.stability,
+                similarity_boost: p.similarity_boost,
+                style: p.style,
+                speed: p.speed,
+                use_speaker_boost: true,
+            },
+            greeting: p.greeting,
+        }))
+    }
+}
