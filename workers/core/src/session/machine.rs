@@ -313,6 +313,7 @@ impl Session {
                         LogLevel::Warn,
                         format!("Twilio create outcome unknown: {message}"),
                     );
+                    self.dial_error = Some(message);
                     self.unknown_dial(at_ms, now);
                 }
             }

@@ -352,6 +352,14 @@ fn dial_unknown_not_found_fails_free() {
     }
     assert_eq!(creates(&all), 0);
     assert_eq!(end_unconnected(&all), Some((CallStatus::Failed, 65)));
+    let reason = all.iter().find_map(|e| match e {
+        Effect::Db(DbOp::EndUnconnected { reason, .. }) => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(
+        reason.is_some_and(|r| r.contains("503")),
+        "names Twilio's answer"
+    );
 }
 
 /// The object restarted between Twilio's create and our save: the stale intent is
