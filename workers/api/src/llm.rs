@@ -37,7 +37,6 @@ struct Chunk {
 struct Choice {
     #[serde(default)]
     delta: Delta,
-    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -78,7 +77,6 @@ pub fn parse_event(data: &str) -> Result<Piece, LlmError> {
         if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
             piece.text.push(text);
         }
-        let _ = choice.finish_reason;
     }
     piece.usage = chunk.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
     Ok(piece)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cmb_core::prompt::Speaker;
 use cmb_core::session::{
-    DbOp, DbOpKind, DbResult, Effect, Event, HangUpPurpose, LlmEvent, LogLevel, Refusal,
+    DbOp, DbOpKind, DbResult, Effect, Event, HangUpPurpose, LlmEvent, LogLevel, Refusal, Session,
     TwilioCall, TwilioResult,
 };
 use futures::{FutureExt as _, StreamExt as _};
@@ -25,49 +25,40 @@ use crate::twilio::{self, Dial};
 
 impl CallSession {
     /// Runs `first` and everything its results lead to; LLM streams after the rest.
-    pub(super) async fn drive(&self, first: Vec<Effect>) -> Result<()> {
-        let mut queue: VecDeque<Effect> = first.into();
-        let mut streams: VecDeque<Effect> = VecDeque::new();
-        let mut store: Option<Store> = None;
+    pub(super) async fn drive(&self, first: Vec<Effect>, session: &Session) -> Result<()> {
+        let mut run = Run {
+            queue: first.into(),
+            streams: VecDeque::new(),
+            store: None,
+            call_id: session.call_id.clone(),
+            user_id: session.user_id.clone(),
+        };
         loop {
-            self.run_queue(&mut queue, &mut streams, &mut store).await?;
-            let Some(start) = streams.pop_front() else {
+            self.run_queue(&mut run).await?;
+            let Some(start) = run.streams.pop_front() else {
                 return Ok(());
             };
-            self.stream_llm(start, &mut queue, &mut streams, &mut store)
-                .await?;
+            self.stream_llm(start, &mut run).await?;
         }
     }
 
-    async fn run_queue(
-        &self,
-        queue: &mut VecDeque<Effect>,
-        streams: &mut VecDeque<Effect>,
-        store: &mut Option<Store>,
-    ) -> Result<()> {
-        while let Some(effect) = queue.pop_front() {
+    async fn run_queue(&self, run: &mut Run) -> Result<()> {
+        while let Some(effect) = run.queue.pop_front() {
             if matches!(effect, Effect::StartLlm { .. }) {
-                streams.push_back(effect);
+                run.streams.push_back(effect);
                 continue;
             }
-            if let Some(event) = self.run(effect, store).await? {
+            if let Some(event) = self.run(effect, run).await? {
                 if let Some((more, _)) = self.step(event).await? {
-                    queue.extend(more);
+                    run.queue.extend(more);
                 }
             }
         }
         Ok(())
     }
 
-    async fn store_for<'a>(&self, store: &'a mut Option<Store>) -> Result<&'a Store> {
-        if store.is_none() {
-            *store = Some(self.store().await?);
-        }
-        store.as_ref().ok_or_else(|| rt("no store"))
-    }
-
     /// One effect; its result as an event, if it has one.
-    async fn run(&self, effect: Effect, store: &mut Option<Store>) -> Result<Option<Event>> {
+    async fn run(&self, effect: Effect, run: &mut Run) -> Result<Option<Event>> {
         match effect {
             Effect::ToRelay { conn, frames } => {
                 for ws in self.sockets(conn) {
@@ -86,12 +77,8 @@ impl CallSession {
                 }
                 Ok(None)
             }
-            Effect::CancelLlm { stream } => {
-                if self.reading.get() == Some(stream) {
-                    self.reading.set(None);
-                }
-                Ok(None)
-            }
+            // The reader stops at its next piece, when the machine no longer wants it.
+            Effect::CancelLlm { .. } => Ok(None),
             Effect::StartLlm { .. } => Ok(None), // read by `drive`
             Effect::SetAlarm(at) => {
                 match at {
@@ -107,10 +94,11 @@ impl CallSession {
                 Ok(None)
             }
             Effect::Log { level, message } => {
+                let id = &run.call_id;
                 match level {
-                    LogLevel::Info => worker::console_log!("call: {message}"),
-                    LogLevel::Warn => worker::console_warn!("call: {message}"),
-                    LogLevel::Error => worker::console_error!("call: {message}"),
+                    LogLevel::Info => worker::console_log!("call_id={id} {message}"),
+                    LogLevel::Warn => worker::console_warn!("call_id={id} {message}"),
+                    LogLevel::Error => worker::console_error!("call_id={id} {message}"),
                 }
                 Ok(None)
             }
@@ -120,7 +108,7 @@ impl CallSession {
                 time_limit_secs,
             } => {
                 let cfg = self.config()?;
-                let (id, _) = self.ids().await?;
+                let id = &run.call_id;
                 let base = &cfg.public_base_url;
                 let twiml_url = format!("{base}/api/voice/twiml?callId={id}");
                 let status_url = format!("{base}/api/voice/status?callId={id}");
@@ -168,32 +156,17 @@ impl CallSession {
                 Ok(Some(Event::Twilio(TwilioResult::HungUp { purpose, ok })))
             }
             Effect::Db(op) => {
-                let (id, user) = self.ids().await?;
-                let store = self.store_for(store).await?;
-                Ok(db(store, &id, &user, op).await)
+                if run.store.is_none() {
+                    run.store = Some(self.store().await?);
+                }
+                let store = run.store.as_ref().ok_or_else(|| rt("no store"))?;
+                Ok(db(store, &run.call_id, &run.user_id, op).await)
             }
         }
     }
 
-    /// The call's and its user's ids (fixed for the object's life).
-    async fn ids(&self) -> Result<(String, String)> {
-        let s = self
-            .state
-            .storage()
-            .get::<cmb_core::session::Session>(super::STATE_KEY)
-            .await?
-            .ok_or_else(|| rt("no call in this object"))?;
-        Ok((s.call_id, s.user_id))
-    }
-
     /// Reads one LLM reply with the machine's deadlines, each piece an event.
-    async fn stream_llm(
-        &self,
-        start: Effect,
-        queue: &mut VecDeque<Effect>,
-        streams: &mut VecDeque<Effect>,
-        store: &mut Option<Store>,
-    ) -> Result<()> {
+    async fn stream_llm(&self, start: Effect, run: &mut Run) -> Result<()> {
         let Effect::StartLlm {
             stream,
             messages,
@@ -203,7 +176,6 @@ impl CallSession {
         else {
             return Ok(());
         };
-        self.reading.set(Some(stream));
         let cfg = self.config()?;
         let controller = AbortController::default();
         let signal = controller.signal();
@@ -249,7 +221,7 @@ impl CallSession {
                         text,
                         since_start_ms: since,
                     });
-                    if !self.feed(ev, stream, queue, streams, store).await.map_err(|e| (false, e.to_string()))? {
+                    if !self.feed(ev, stream, run).await.map_err(|e| (false, e.to_string()))? {
                         return Ok(()); // the machine moved on (barge-in, hang-up, end)
                     }
                 }
@@ -260,10 +232,6 @@ impl CallSession {
         }
         .await;
         controller.abort();
-        if self.reading.get() != Some(stream) {
-            return Ok(());
-        }
-        self.reading.set(None);
         let ev = match outcome {
             Ok(()) => LlmEvent::Done {
                 stream,
@@ -276,29 +244,30 @@ impl CallSession {
                 message,
             },
         };
-        self.feed(Event::Llm(ev), stream, queue, streams, store)
-            .await?;
+        self.feed(Event::Llm(ev), stream, run).await?;
         Ok(())
     }
 
     /// Steps one LLM event and runs what it leads to; false once `stream` is no longer
     /// the one the machine wants.
-    async fn feed(
-        &self,
-        event: Event,
-        stream: u32,
-        queue: &mut VecDeque<Effect>,
-        streams: &mut VecDeque<Effect>,
-        store: &mut Option<Store>,
-    ) -> Result<bool> {
+    async fn feed(&self, event: Event, stream: u32, run: &mut Run) -> Result<bool> {
         let Some((effects, session)) = self.step(event).await? else {
             return Ok(false);
         };
-        queue.extend(effects);
-        self.run_queue(queue, streams, store).await?;
-        let wanted = session.active_stream() == Some(stream) && self.reading.get() == Some(stream);
-        Ok(wanted)
+        run.queue.extend(effects);
+        self.run_queue(run).await?;
+        Ok(session.active_stream() == Some(stream))
     }
+}
+
+/// The work of one `drive`: effects still to run, LLM streams to read after them, the
+/// database opened on first use, and the call's ids.
+struct Run {
+    queue: VecDeque<Effect>,
+    streams: VecDeque<Effect>,
+    store: Option<Store>,
+    call_id: String,
+    user_id: String,
 }
 
 fn looked(r: std::result::Result<Option<twilio::CallResource>, twilio::TwilioError>) -> Event {
@@ -336,61 +305,78 @@ fn refusal(c: WriteConflict) -> Refusal {
     }
 }
 
+/// Reserves minute `minute` of the call: the first (a scheduled call's, which also moves
+/// it to `queued`) or one more minute of talk. After the first, the user's balance comes
+/// back too: it caps Twilio's `TimeLimit` at the dial.
+async fn reserve(
+    store: &Store,
+    call_id: &str,
+    user_id: &str,
+    minute: u32,
+    key: &str,
+    amount: i64,
+    now: &str,
+) -> Option<Event> {
+    let id = match crypto::uuid() {
+        Ok(id) => id,
+        Err(e) => return failed(DbOpKind::Reserve, e),
+    };
+    let entry = LedgerEntry {
+        id: &id,
+        user_id,
+        kind: "reserve",
+        amount: -amount,
+        key,
+        call_id: Some(call_id),
+        reason: if minute == 1 {
+            "first minute of scheduled call"
+        } else {
+            "next minute of call"
+        },
+    };
+    let written = if minute == 1 {
+        store.start_scheduled_call(call_id, &entry, now).await
+    } else {
+        store.apply_ledger(&entry, now).await
+    };
+    match written {
+        Ok(Ok(())) | Ok(Err(WriteConflict::Duplicate)) => {
+            let balance = if minute == 1 {
+                match store.user_credits(user_id).await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        worker::console_warn!(
+                            "balance read failed call_id={call_id}: {}",
+                            e.message
+                        );
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            Some(Event::Db(DbResult::Reserved { minute, balance }))
+        }
+        Ok(Err(c)) => Some(Event::Db(DbResult::ReserveRefused {
+            minute,
+            why: refusal(c),
+        })),
+        Err(e) => failed(DbOpKind::Reserve, e.message),
+    }
+}
+
 /// One database write; its result as an event (none for best-effort writes).
 async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Event> {
     let now = iso(now_ms());
-    let uuid = || crypto::uuid().unwrap_or_default();
     match op {
         DbOp::ReserveScheduled { key, amount } => {
-            let id = uuid();
-            let entry = LedgerEntry {
-                id: &id,
-                user_id,
-                kind: "reserve",
-                amount: -amount,
-                key: &key,
-                call_id: Some(call_id),
-                reason: "first minute of scheduled call",
-            };
-            match store.start_scheduled_call(call_id, &entry, &now).await {
-                Ok(Ok(())) | Ok(Err(WriteConflict::Duplicate)) => {
-                    let balance = store.user_credits(user_id).await.unwrap_or(0);
-                    Some(Event::Db(DbResult::Reserved { minute: 1, balance }))
-                }
-                Ok(Err(c)) => Some(Event::Db(DbResult::ReserveRefused {
-                    minute: 1,
-                    why: refusal(c),
-                })),
-                Err(e) => failed(DbOpKind::Reserve, e.message),
-            }
+            reserve(store, call_id, user_id, 1, &key, amount, &now).await
         }
         DbOp::ReserveMinute {
             key,
             minute,
             amount,
-        } => {
-            let id = uuid();
-            let entry = LedgerEntry {
-                id: &id,
-                user_id,
-                kind: "reserve",
-                amount: -amount,
-                key: &key,
-                call_id: Some(call_id),
-                reason: "next minute of call",
-            };
-            match store.apply_ledger(&entry, &now).await {
-                Ok(Ok(())) | Ok(Err(WriteConflict::Duplicate)) => {
-                    let balance = store.user_credits(user_id).await.unwrap_or(0);
-                    Some(Event::Db(DbResult::Reserved { minute, balance }))
-                }
-                Ok(Err(c)) => Some(Event::Db(DbResult::ReserveRefused {
-                    minute,
-                    why: refusal(c),
-                })),
-                Err(e) => failed(DbOpKind::Reserve, e.message),
-            }
-        }
+        } => reserve(store, call_id, user_id, minute, &key, amount, &now).await,
         DbOp::Progress {
             status,
             sid,
@@ -422,7 +408,10 @@ async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Eve
             release,
             at_ms,
         } => {
-            let id = uuid();
+            let id = match crypto::uuid() {
+                Ok(id) => id,
+                Err(e) => return failed(DbOpKind::Settle, e),
+            };
             let key = format!("release:{call_id}");
             let entry = LedgerEntry {
                 id: &id,
@@ -485,8 +474,10 @@ async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Eve
             None
         }
         DbOp::Settle(s) => {
-            let release_id = uuid();
-            let settle_id = uuid();
+            let (release_id, settle_id) = match (crypto::uuid(), crypto::uuid()) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => return failed(DbOpKind::Settle, e),
+            };
             let twilio_cost = CostRow {
                 provider: "twilio".into(),
                 quantity: s.twilio_minutes as f64,

@@ -10,8 +10,6 @@
 
 mod effects;
 
-use std::cell::Cell;
-
 use cmb_core::calls::CallStatus;
 use cmb_core::channel::{self, RelayToDo};
 use cmb_core::session::{self as machine, Effect, Event, PersonaBrief, Session};
@@ -73,12 +71,14 @@ pub struct CallSession {
     pub(crate) env: Env,
     /// Serialises load → handle → persist (storage only; never held across the network).
     lock: Mutex<()>,
-    /// The LLM stream this isolate is reading, if any (see `effects::stream_llm`).
-    reading: Cell<Option<u32>>,
 }
 
 fn now_ms() -> u64 {
     worker::Date::now().as_millis()
+}
+
+fn ok() -> Result<Response> {
+    Response::from_json(&serde_json::json!({ "ok": true }))
 }
 
 fn conn_tag(conn: u32) -> String {
@@ -95,7 +95,6 @@ impl DurableObject for CallSession {
             state,
             env,
             lock: Mutex::new(()),
-            reading: Cell::new(None),
         }
     }
 
@@ -128,24 +127,26 @@ impl DurableObject for CallSession {
                     account_sid: cfg.twilio_account_sid.clone(),
                     limits: cfg.call_limits.clone(),
                 };
-                let effects = {
+                let started = {
                     let _guard = self.lock.lock().await;
                     if self.load().await?.is_some() {
-                        Vec::new() // a retried start
+                        None // a retried start
                     } else {
                         let (session, effects) = Session::start(start, now_ms());
                         self.save(&session).await?;
-                        effects
+                        Some((effects, session))
                     }
                 };
-                self.drive(effects).await?;
-                Response::from_json(&serde_json::json!({ "ok": true }))
+                if let Some((effects, session)) = started {
+                    self.drive(effects, &session).await?;
+                }
+                ok()
             }
             SessionOp::Cancel => self.cancel_like(Event::Cancel).await,
             SessionOp::End { reason } => self.cancel_like(Event::End { reason }).await,
             SessionOp::Answered { answered_by } => {
                 self.event(Event::Answered { answered_by }).await?;
-                Response::from_json(&serde_json::json!({ "ok": true }))
+                ok()
             }
             SessionOp::StreamEnded => {
                 let graceful = self.load().await?.is_some_and(|s| s.hung_up_on_purpose());
@@ -153,7 +154,7 @@ impl DurableObject for CallSession {
             }
             SessionOp::TwilioStatus { params } => {
                 self.event(Event::TwilioStatus { params }).await?;
-                Response::from_json(&serde_json::json!({ "ok": true }))
+                ok()
             }
         }
     }
@@ -249,7 +250,7 @@ impl CallSession {
     /// One outside event, and everything it leads to.
     async fn event(&self, event: Event) -> Result<()> {
         match self.step(event).await? {
-            Some((effects, _)) => self.drive(effects).await,
+            Some((effects, session)) => self.drive(effects, &session).await,
             None => Ok(()),
         }
     }
@@ -294,7 +295,7 @@ impl CallSession {
             return Response::error("persona missing", 409);
         };
         let pair = WebSocketPair::new()?;
-        let effects = {
+        let (effects, session) = {
             let _guard = self.lock.lock().await;
             let Some(mut session) = self.load().await? else {
                 return Response::error("unknown call", 404);
@@ -304,9 +305,9 @@ impl CallSession {
                 .accept_websocket_with_tags(&pair.server, &[conn_tag(conn).as_str()]);
             let effects = session.handle(Event::RelayOpened { conn, persona }, now_ms());
             self.save(&session).await?;
-            effects
+            (effects, session)
         };
-        self.drive(effects).await?;
+        self.drive(effects, &session).await?;
         worker::console_log!("relay connected");
         Response::from_websocket(pair.client)
     }

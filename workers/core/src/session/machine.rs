@@ -651,7 +651,9 @@ impl Session {
     fn on_db(&mut self, r: DbResult, now: u64, out: &mut Vec<Effect>) {
         match r {
             DbResult::Reserved { minute, balance } => {
-                self.balance = balance;
+                if let Some(balance) = balance {
+                    self.balance = balance;
+                }
                 if minute <= 1 {
                     if !self.reserving {
                         return;
@@ -1335,13 +1337,7 @@ impl Session {
                 turn,
                 end_of_turn_to_first_audio_ms,
                 ..
-            } => match self.conv.latencies.iter_mut().find(|l| l.0 == turn) {
-                Some(l) => l.1 = Some(end_of_turn_to_first_audio_ms),
-                None => self
-                    .conv
-                    .latencies
-                    .push((turn, Some(end_of_turn_to_first_audio_ms), None)),
-            },
+            } => self.latency(turn).1 = Some(end_of_turn_to_first_audio_ms),
             RelayToDo::Ended { reason } => {
                 Self::log(
                     out,
@@ -1365,6 +1361,19 @@ impl Session {
                 self.end_at_twilio(out);
             }
         }
+    }
+
+    /// The latency record of `turn`, created on first use.
+    fn latency(&mut self, turn: u32) -> &mut (u32, Option<u32>, Option<u32>) {
+        let lat = &mut self.conv.latencies;
+        let i = match lat.iter().position(|l| l.0 == turn) {
+            Some(i) => i,
+            None => {
+                lat.push((turn, None, None));
+                lat.len() - 1
+            }
+        };
+        &mut lat[i]
     }
 
     /// Says one whole persona line (check-in).
@@ -1482,19 +1491,12 @@ impl Session {
                 let Some(llm) = self.llm.as_mut().filter(|l| l.stream == stream) else {
                     return;
                 };
-                if llm.first_token_ms.is_none() {
-                    llm.first_token_ms = Some(since_start_ms);
-                    let turn = llm.turn;
-                    match self.conv.latencies.iter_mut().find(|l| l.0 == turn) {
-                        Some(l) => l.2 = Some(since_start_ms),
-                        None => self.conv.latencies.push((turn, None, Some(since_start_ms))),
-                    }
-                }
-                let Some(llm) = self.llm.as_mut() else {
-                    return;
-                };
                 llm.text.push_str(&text);
                 let turn = llm.turn;
+                if llm.first_token_ms.is_none() {
+                    llm.first_token_ms = Some(since_start_ms);
+                    self.latency(turn).2 = Some(since_start_ms);
+                }
                 self.send(DoToRelay::SayDelta { turn, text }, out);
             }
             LlmEvent::Done {

@@ -219,8 +219,9 @@ pub enum HangUpPurpose {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DbResult {
     /// The reservation for `minute` is in (or was already: same ledger key). `balance`
-    /// is the user's balance afterwards.
-    Reserved { minute: u32, balance: i64 },
+    /// is the user's balance afterwards, when it was read (a scheduled call's first
+    /// minute: it caps Twilio's `TimeLimit`).
+    Reserved { minute: u32, balance: Option<i64> },
     /// The reservation could not be made.
     ReserveRefused { minute: u32, why: Refusal },
     /// `EndUnconnected` or `Settle` applied (or had been: same ledger keys).

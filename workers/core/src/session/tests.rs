@@ -50,8 +50,7 @@ fn frame(seq: u64, msg: RelayToDo) -> Envelope<RelayToDo> {
     Envelope::new(seq, msg)
 }
 
-fn ready(seq: u64, resume_from: Option<u64>) -> RelayToDo {
-    let _ = seq;
+fn ready(resume_from: Option<u64>) -> RelayToDo {
     RelayToDo::Ready {
         call_sid: SID.into(),
         stream_sid: "MZ1".into(),
@@ -65,6 +64,17 @@ fn turn(text: &str) -> RelayToDo {
         stt_final_ms: 100,
         end_of_turn_at_ms: 0,
     }
+}
+
+/// The caller says `text` (relay frame `seq` on socket 0) at `at`.
+fn user_says(s: &mut Session, seq: u64, text: &str, at: u64) -> Vec<Effect> {
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(seq, turn(text)),
+        },
+        at,
+    )
 }
 
 fn has<F: Fn(&Effect) -> bool>(effects: &[Effect], f: F) -> bool {
@@ -150,7 +160,7 @@ fn live() -> Session {
     s.handle(
         Event::RelayFrame {
             conn: 0,
-            frame: frame(1, ready(1, None)),
+            frame: frame(1, ready(None)),
         },
         T0 + 5_000,
     );
@@ -218,7 +228,7 @@ fn scheduled_call_reserves_then_dials() {
     let fx = s.handle(
         Event::Db(DbResult::Reserved {
             minute: 1,
-            balance: 10,
+            balance: Some(10),
         }),
         at + 50,
     );
@@ -556,13 +566,7 @@ fn relay_vanishes_bills_connected_time() {
 #[test]
 fn relay_resume_replays_unacknowledged_in_order() {
     let mut s = live();
-    s.handle(
-        Event::RelayFrame {
-            conn: 0,
-            frame: frame(2, turn("hello there")),
-        },
-        T0 + 6_000,
-    );
+    user_says(&mut s, 2, "hello there", T0 + 6_000);
     let stream = s.active_stream().expect("reply streaming");
     let mut deltas = Vec::new();
     for (i, word) in ["Hey ", "buddy, ", "ready?"].iter().enumerate() {
@@ -602,7 +606,7 @@ fn relay_resume_replays_unacknowledged_in_order() {
     let fx = s.handle(
         Event::RelayFrame {
             conn: 1,
-            frame: frame(3, ready(3, Some(resume_from))),
+            frame: frame(3, ready(Some(resume_from))),
         },
         T0 + 6_500,
     );
@@ -638,7 +642,7 @@ fn second_relay_refused() {
     let fx = s.handle(
         Event::RelayFrame {
             conn: 1,
-            frame: frame(1, ready(1, None)),
+            frame: frame(1, ready(None)),
         },
         T0 + 7_000,
     );
@@ -710,13 +714,7 @@ fn relay_frames_deduplicated() {
 #[test]
 fn llm_stall_before_first_token() {
     let mut s = live();
-    s.handle(
-        Event::RelayFrame {
-            conn: 0,
-            frame: frame(2, turn("hi")),
-        },
-        T0 + 6_000,
-    );
+    user_says(&mut s, 2, "hi", T0 + 6_000);
     let stream = s.active_stream().expect("streaming");
     // Twilio reports meanwhile: nothing waits for the LLM.
     let fx = s.handle(
@@ -730,13 +728,7 @@ fn llm_stall_before_first_token() {
     ));
 
     let mut s = live();
-    s.handle(
-        Event::RelayFrame {
-            conn: 0,
-            frame: frame(2, turn("hi")),
-        },
-        T0 + 6_000,
-    );
+    user_says(&mut s, 2, "hi", T0 + 6_000);
     let stream = s.active_stream().expect("streaming");
     let fx = s.handle(
         Event::Llm(LlmEvent::Failed {
@@ -759,13 +751,7 @@ fn llm_stall_before_first_token() {
 #[test]
 fn llm_stall_mid_reply_and_backstop() {
     let mut s = live();
-    s.handle(
-        Event::RelayFrame {
-            conn: 0,
-            frame: frame(2, turn("hi")),
-        },
-        T0 + 6_000,
-    );
+    user_says(&mut s, 2, "hi", T0 + 6_000);
     let stream = s.active_stream().expect("streaming");
     s.handle(
         Event::Llm(LlmEvent::Delta {
@@ -804,21 +790,9 @@ fn llm_stall_mid_reply_and_backstop() {
 #[test]
 fn barge_in_restarts_the_reply() {
     let mut s = live();
-    s.handle(
-        Event::RelayFrame {
-            conn: 0,
-            frame: frame(2, turn("hi")),
-        },
-        T0 + 6_000,
-    );
+    user_says(&mut s, 2, "hi", T0 + 6_000);
     let first = s.active_stream().expect("first");
-    let fx = s.handle(
-        Event::RelayFrame {
-            conn: 0,
-            frame: frame(3, turn("wait")),
-        },
-        T0 + 6_500,
-    );
+    let fx = user_says(&mut s, 3, "wait", T0 + 6_500);
     assert!(has(
         &fx,
         |e| matches!(e, Effect::CancelLlm { stream } if *stream == first)
@@ -848,19 +822,13 @@ fn credits_run_out() {
     s.handle(
         Event::Db(DbResult::Reserved {
             minute: 2,
-            balance: 30,
+            balance: Some(30),
         }),
         wake + 10,
     );
     assert_eq!((s.reserved, s.minutes_reserved), (105, 2));
     // Keep talking so idle does not end it first.
-    s.handle(
-        Event::RelayFrame {
-            conn: 0,
-            frame: frame(2, turn("still here")),
-        },
-        T0 + 100_000,
-    );
+    user_says(&mut s, 2, "still here", T0 + 100_000);
     let stream = s.active_stream().expect("reply");
     s.handle(
         Event::Llm(LlmEvent::Done {
@@ -928,7 +896,7 @@ fn max_duration() {
                 s.handle(
                     Event::Db(DbResult::Reserved {
                         minute: *minute,
-                        balance: 1_000,
+                        balance: Some(1_000),
                     }),
                     now,
                 );
@@ -1279,9 +1247,10 @@ mod properties {
                         }));
                     }
                     Some(Event::Db(match self.ledger(key, -amount) {
+                        // Like the shell: the balance comes back with the first minute only.
                         Ok(_) => DbResult::Reserved {
                             minute,
-                            balance: self.balance,
+                            balance: (minute == 1).then_some(self.balance),
                         },
                         Err(()) => DbResult::ReserveRefused {
                             minute,
