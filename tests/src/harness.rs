@@ -93,8 +93,7 @@ pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
     set("STRIPE_API_BASE", "http://127.0.0.1:9");
     set("ADMIN_EMAILS", ADMIN_EMAIL);
     set("FREE_CREDITS", "200");
-    // Short enough that a call whose callbacks are lost is reconciled within seconds.
-    set("TWILIO_RING_TIMEOUT_SECS", "5");
+    // A call whose callbacks are lost is looked up 3 s after its ring timeout (30 s).
     set("CALL_RECONCILE_MARGIN_SECS", "3");
     // The api_* stacks have no relay (RELAY_URL is dead): an answered call must not be
     // ended for its missing audio while a test still looks at it.

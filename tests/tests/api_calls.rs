@@ -78,7 +78,17 @@ async fn wait_status(
     id: &str,
     want: &[&str],
 ) -> (Value, Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_status_within(api, user, id, want, Duration::from_secs(30)).await
+}
+
+async fn wait_status_within(
+    api: &ApiClient,
+    user: &TestUser,
+    id: &str,
+    want: &[&str],
+    within: Duration,
+) -> (Value, Vec<String>) {
+    let deadline = Instant::now() + within;
     let mut seen: Vec<String> = Vec::new();
     loop {
         let r = api
@@ -690,8 +700,9 @@ async fn history_is_private_paged_and_newest_first() {
 }
 
 /// Every status callback of a call is lost (our Worker was down, Twilio gave up): the
-/// session looks the call up at Twilio after the ring timeout, settles it as Twilio
-/// reports it — free — and the user's next call is not blocked by a wedged live call.
+/// session looks the call up at Twilio after the ring timeout (30 s + the test stack's
+/// 3 s margin), settles it as Twilio reports it — free — and the user's next call is
+/// not blocked by a wedged live call.
 #[tokio::test]
 async fn lost_callbacks_are_reconciled_with_twilio() {
     let api = client();
@@ -707,7 +718,14 @@ async fn lost_callbacks_are_reconciled_with_twilio() {
         .to_string();
     let fake = wait_fake_finished(&number).await;
     assert!(fake.callbacks.is_empty(), "no callback reached the Worker");
-    let (body, _) = wait_status(&api, &user, &id, &["no_answer", "failed", "completed"]).await;
+    let (body, _) = wait_status_within(
+        &api,
+        &user,
+        &id,
+        &["no_answer", "failed", "completed"],
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(body["call"]["status"], "no_answer", "{body}");
     assert_eq!(body["call"]["cost_cents"], 0);
     assert_eq!(

@@ -101,7 +101,7 @@ impl Session {
             Event::Start(_) => {} // a retried start: the session exists already
             Event::Cancel => self.on_cancel(None, now, &mut out),
             Event::End { reason } => self.on_cancel(Some(reason), now, &mut out),
-            Event::Answered { answered_by } => self.on_answered(answered_by, now, &mut out),
+            Event::Answered { answered_by } => self.on_answered(answered_by, now),
             Event::TwilioStatus { params } => self.on_status(&params, now, &mut out),
             Event::Twilio(r) => self.on_twilio(r, now, &mut out),
             Event::Db(r) => self.on_db(r, now, &mut out),
@@ -159,11 +159,11 @@ impl Session {
         if !self.lookup_in_flight && self.status.rank() < CallStatus::InProgress.rank() {
             at.extend(self.lookup_at_ms);
         }
+        if self.relay.stream_sid.is_none() {
+            at.extend(self.answered_ms.map(|a| a + secs(l.relay_connect_secs)));
+        }
         if self.status == CallStatus::InProgress {
             let r = &self.relay;
-            if r.stream_sid.is_none() {
-                at.extend(self.answered_ms.map(|a| a + secs(l.relay_connect_secs)));
-            }
             if r.active.is_none() {
                 at.extend(r.lost_ms.map(|t| t + secs(l.relay_grace_secs)));
             }
@@ -348,6 +348,10 @@ impl Session {
                             canceled: true,
                             status: CallStatus::Canceled,
                         });
+                    } else if !ok && self.final_.is_some() {
+                        // Canceled while its create was in flight, and Twilio could no
+                        // longer cancel it (answered meanwhile): end it instead.
+                        self.end_at_twilio(out);
                     } else if !ok {
                         self.cancel_requested = None;
                         self.reply = Some(CancelOutcome {
@@ -562,16 +566,19 @@ impl Session {
         self.finalize(status, duration, connected, None, now, out);
     }
 
-    fn on_answered(&mut self, answered_by: Option<String>, now: u64, out: &mut Vec<Effect>) {
+    fn on_answered(&mut self, answered_by: Option<String>, now: u64) {
         if self.final_.is_some() {
             return;
         }
         if answered_by.is_some() {
             self.answered_by = answered_by;
         }
-        // A machine gets a short message and Twilio hangs up; a person goes live.
+        // A machine gets a short message and Twilio hangs up. A person: the relay should
+        // connect soon, whether or not Twilio's callbacks arrive. The status itself moves
+        // with Twilio's `answered` callback (or the relay's `ready`), so a `ringing`
+        // callback racing this fetch is not skipped.
         if !self.answered_by.as_deref().is_some_and(calls::is_machine) {
-            self.apply_progress(CallStatus::InProgress, now, out);
+            self.answered_ms.get_or_insert(now);
         }
     }
 
@@ -611,19 +618,9 @@ impl Session {
                             purpose: HangUpPurpose::Cancel,
                         });
                     }
-                    (Dial::Requested { .. } | Dial::Unknown { .. }, _) => {
-                        // The create is in flight: cancel as soon as Twilio names the call.
-                        self.reply = Some(CancelOutcome {
-                            canceled: true,
-                            status: CallStatus::Canceled,
-                        });
-                    }
-                    _ if self.reserving => {
-                        self.reply = Some(CancelOutcome {
-                            canceled: true,
-                            status: CallStatus::Canceled,
-                        });
-                    }
+                    // Not placed yet, or its create or reservation still in flight: the
+                    // call ends now. A create that lands later is canceled at Twilio
+                    // (`placed`), a reservation that lands later is released (`on_db`).
                     _ => {
                         let reason = self.cancel_reason();
                         self.finalize(CallStatus::Canceled, 0, false, Some(reason), now, out);
@@ -661,6 +658,11 @@ impl Session {
                     self.reserving = false;
                     self.reserve_retry_ms = None;
                     self.reserved += pricing::MIN_CREDITS_TO_START;
+                    if self.final_.is_some() {
+                        // Canceled while the reservation was in flight: give it back.
+                        self.write_final(now, out);
+                        return;
+                    }
                     self.minutes_reserved = 1;
                     self.status = CallStatus::Queued;
                     if self.cancel_requested.is_some() {
@@ -955,10 +957,7 @@ impl Session {
                 _ => {}
             }
         }
-        if self.status != CallStatus::InProgress {
-            return;
-        }
-        // The call is answered.
+        // The call was answered (TwiML fetched, or Twilio said so).
         if self.relay.stream_sid.is_none()
             && self
                 .answered_ms
@@ -972,6 +971,9 @@ impl Session {
             self.end_at_twilio(out);
             let msg = "The call's audio never connected; nothing was charged.";
             self.finalize(CallStatus::Failed, 0, false, Some(msg.into()), now, out);
+            return;
+        }
+        if self.status != CallStatus::InProgress {
             return;
         }
         if let (None, Some(lost)) = (self.relay.active, self.relay.lost_ms) {

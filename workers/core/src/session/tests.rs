@@ -974,9 +974,12 @@ fn cancel_in_every_state() {
     assert_eq!(end_unconnected(&fx), Some((CallStatus::Canceled, 65)));
     assert_eq!(s.reply.map(|r| r.canceled), Some(true));
 
-    // Create in flight: canceled as soon as Twilio names the call.
+    // Create in flight: the call ends at once, and is canceled at Twilio as soon as
+    // Twilio names it.
     let mut s = dialled();
-    s.handle(Event::Cancel, T0 + 10);
+    let fx = s.handle(Event::Cancel, T0 + 10);
+    assert_eq!(end_unconnected(&fx), Some((CallStatus::Canceled, 65)));
+    assert_eq!(s.reply.map(|r| r.canceled), Some(true));
     let fx = s.handle(
         Event::Twilio(TwilioResult::Created { sid: SID.into() }),
         T0 + 200,
@@ -1129,13 +1132,18 @@ mod properties {
         db: Vec<u8>,
     }
 
-    /// A tiny database: the user's balance, the ledger keys applied, settlements.
+    /// A tiny database: the user's balance, the ledger keys applied, the call's final
+    /// record.
     struct World {
         s: Session,
         now: u64,
         balance: i64,
         keys: Vec<String>,
-        settlements: u32,
+        /// The final status written, and whether a later write changed it.
+        final_status: Option<CallStatus>,
+        final_changed: bool,
+        /// Credits other activity took from the balance meanwhile.
+        spent: i64,
         creates_accepted: u32,
         answers: Answers,
         ai: usize,
@@ -1173,6 +1181,13 @@ mod properties {
                     queue.extend(self.s.handle(ev, self.now));
                 }
             }
+        }
+
+        fn write_final(&mut self, status: CallStatus) {
+            if self.final_status.is_some_and(|s| s != status) {
+                self.final_changed = true;
+            }
+            self.final_status = Some(status);
         }
 
         fn ledger(&mut self, key: String, amount: i64) -> Result<bool, ()> {
@@ -1258,7 +1273,9 @@ mod properties {
                         },
                     }))
                 }
-                DbOp::EndUnconnected { release, .. } => {
+                DbOp::EndUnconnected {
+                    release, status, ..
+                } => {
                     if fail {
                         return Some(Event::Db(DbResult::Failed {
                             op: DbOpKind::Settle,
@@ -1268,7 +1285,7 @@ mod properties {
                     if release != 0 {
                         let _ = self.ledger(format!("release:{id}"), release);
                     }
-                    self.settlements += 1;
+                    self.write_final(status);
                     Some(Event::Db(DbResult::Settled))
                 }
                 DbOp::Settle(st) => {
@@ -1289,7 +1306,7 @@ mod properties {
                     self.balance += st.release - st.charge;
                     self.keys.push(format!("release:{id}"));
                     self.keys.push(format!("settle:{id}"));
-                    self.settlements += 1;
+                    self.write_final(st.status);
                     Some(Event::Db(DbResult::Settled))
                 }
                 _ => None,
@@ -1387,7 +1404,9 @@ mod properties {
                 }
                 Step::Spend(n) => {
                     // Other calls or refunds move the balance meanwhile.
-                    self.balance = (self.balance - i64::from(n)).max(0);
+                    let after = (self.balance - i64::from(n)).max(0);
+                    self.spent += self.balance - after;
+                    self.balance = after;
                 }
             }
         }
@@ -1397,10 +1416,10 @@ mod properties {
         #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
         /// Over any sequence of events and provider behaviour: at most one create Twilio
-        /// could have accepted, settled at most once, charge within what was reserved
-        /// plus what the balance held, the balance never negative, and — once the outside
-        /// world goes quiet (Twilio down, nothing else arriving) — a final status within
-        /// a bounded time.
+        /// could have accepted, a final record that never changes once written, the
+        /// balance never negative, and — once the outside world goes quiet (Twilio down,
+        /// nothing else arriving) — a final status within a bounded time, with every
+        /// reserved credit back but the charge.
         #[test]
         fn invariants(
             scheduled in any::<bool>(),
@@ -1412,7 +1431,7 @@ mod properties {
             let balance = 200 - st.reserved;
             let (s, fx) = Session::start(st, T0);
             let mut w = World {
-                s, now: T0, balance, keys: vec![], settlements: 0, creates_accepted: 0,
+                s, now: T0, balance, keys: vec![], final_status: None, final_changed: false, spent: 0, creates_accepted: 0,
                 answers: Answers { twilio, db }, ai: 0, conn: 0, rseq: 0, twilio_up: true,
             };
             if !scheduled {
@@ -1427,7 +1446,7 @@ mod properties {
             for step in steps {
                 w.step(step);
                 prop_assert!(w.s.creates - w.s.rate_limited <= 1, "dialled twice: {:?}", w.s.dial);
-                prop_assert!(w.settlements <= 1, "settled twice");
+                prop_assert!(!w.final_changed, "the final record changed");
                 prop_assert!(w.balance >= 0);
                 prop_assert!(w.s.reserved >= 0);
             }
@@ -1449,7 +1468,10 @@ mod properties {
             }
             let bound = 40 * 60_000; // 30-day schedules aside, well inside an hour
             prop_assert!(w.now - quiet_from <= bound, "took {} ms to settle", w.now - quiet_from);
-            prop_assert_eq!(w.settlements, 1);
+            prop_assert!(w.final_status.is_some(), "no final record");
+            prop_assert!(!w.final_changed, "the final record changed");
+            // Exact money: whatever was reserved came back, less the charge.
+            prop_assert_eq!(w.balance, 200 - w.spent - w.s.charged);
             prop_assert!(w.balance >= 0);
             prop_assert!(w.s.charged <= 200, "charged more than the user ever had");
             prop_assert!(w.s.creates - w.s.rate_limited <= 1);
