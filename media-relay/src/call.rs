@@ -187,6 +187,8 @@ struct End {
     outcome: &'static str,
     /// Whether the Twilio socket is still ours to close.
     close_twilio: bool,
+    /// The close code toward Twilio when it is ours to close.
+    close_code: u16,
 }
 
 impl End {
@@ -195,6 +197,7 @@ impl End {
             reason: reason.to_owned(),
             outcome,
             close_twilio: true,
+            close_code: CLOSE_NORMAL,
         }
     }
 
@@ -203,6 +206,7 @@ impl End {
             reason: "caller_hung_up".to_owned(),
             outcome: "caller_hung_up",
             close_twilio: false,
+            close_code: CLOSE_NORMAL,
         }
     }
 }
@@ -493,6 +497,10 @@ where
             ev = control.rx.recv() => match ev {
                 Some(ControlEvent::Message(msg)) => call.on_do(*msg),
                 Some(ControlEvent::Lost) | None => Err(End::new("control_lost", "control_lost")),
+                Some(ControlEvent::Refused) => Err(End {
+                    close_code: CLOSE_POLICY,
+                    ..End::new("refused_by_session", "rejected_session")
+                }),
             },
             ev = recv_opt(&mut call.stt_rx) => match ev {
                 Some(SttOut::Event(e)) => Ok(Some(e)),
@@ -548,7 +556,7 @@ where
 
     // Teardown: Twilio first (the caller must not wait on us), then the DO's record.
     if end.close_twilio {
-        close(tw_tx, CLOSE_NORMAL, "").await;
+        close(tw_tx, end.close_code, "").await;
     }
     let usage = RelayToDo::Usage {
         stt_audio_secs: call.stt_audio_bytes as f64 / 8000.0,

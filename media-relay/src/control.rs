@@ -16,6 +16,7 @@ use http::header::AUTHORIZATION;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 use url::Url;
@@ -38,6 +39,9 @@ pub enum ControlEvent {
     Message(Box<DoToRelay>),
     /// The channel could not be restored: the call cannot continue.
     Lost,
+    /// The DO refused this relay (close 1008): another socket holds the call's stream,
+    /// or the call is over. Final: the call must not go on here.
+    Refused,
 }
 
 /// Who this call is, for `ready`.
@@ -131,6 +135,9 @@ enum SessionEnd {
     Dropped,
     /// The call loop is done and everything was sent.
     Done,
+    /// The DO closed the channel with 1008 (policy): this relay may not carry the call
+    /// (another socket holds the stream, or the call is over). Reconnecting cannot help.
+    Refused(String),
 }
 
 async fn run(
@@ -195,6 +202,11 @@ async fn run(
                 let _ = socket.as_mut().close(None).await;
                 return;
             }
+            SessionEnd::Refused(reason) => {
+                warn!(call_id = %p.call_id, provider = "control", reason, "the call's DO refused this relay");
+                let _ = to_loop.send(ControlEvent::Refused).await;
+                return;
+            }
             SessionEnd::Dropped => {
                 debug!(call_id = %p.call_id, "control channel dropped");
                 if let Some(d) = backoff.next_delay() {
@@ -235,6 +247,9 @@ async fn session(
             frame = socket.next() => {
                 let text = match frame {
                     Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(Some(f)))) if f.code == CloseCode::Policy => {
+                        return SessionEnd::Refused(f.reason.to_string());
+                    }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return SessionEnd::Dropped,
                     Some(Ok(_)) => continue,
                 };

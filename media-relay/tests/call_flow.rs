@@ -182,6 +182,50 @@ async fn bad_and_replayed_tokens_are_refused() {
     first.abort();
 }
 
+/// A DO that refuses the relay (close 1008: another socket holds the call's stream) ends
+/// the call here at once, 1008 toward Twilio, and is never dialled again.
+#[tokio::test]
+async fn a_session_refusal_is_final() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let (worker, mut do_rx) = peer().await;
+    let cfg = config(&worker, "127.0.0.1:9", "127.0.0.1:9");
+    let state = AppState::new(Ok(cfg.clone()));
+    let token = cmb_core::stream_token::mint(SECRET, "call-2", unix_now() + 60, "nonce-2");
+    let (mut tw, mut out, task) = start_call(&state, cfg);
+    tw.send(Ok(start_msg("call-2", &token)))
+        .await
+        .expect("send");
+    let mut dialled = timeout(WAIT, do_rx.recv())
+        .await
+        .expect("control dialled")
+        .expect("socket");
+    assert_eq!(next_json(&mut dialled.ws).await["type"], "ready");
+    dialled
+        .ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Policy,
+            reason: "stream already connected".into(),
+        }))
+        .await
+        .expect("close");
+    assert_eq!(
+        timeout(WAIT, task).await.expect("ends").expect("join"),
+        "rejected_session"
+    );
+    let mut closed = None;
+    while let Some(msg) = out.next().await {
+        if let AxMessage::Close(c) = msg {
+            closed = c.map(|c| c.code);
+        }
+    }
+    assert_eq!(closed, Some(1008), "Twilio is told the stream was refused");
+    assert!(
+        do_rx.try_recv().is_err(),
+        "a refused relay does not dial the DO again"
+    );
+}
+
 /// ready → hello → providers dialled with their credentials → greeting spoken as paced
 /// frames with a mark → heard; caller audio reaches Deepgram; a final transcript becomes
 /// user_turn; Twilio's stop ends the call with usage and ended.

@@ -201,22 +201,8 @@ impl Stack {
         stack.services.push(Service::spawn(spec)?);
 
         if let Some(port) = relay_port {
-            let mut spec =
-                ServiceSpec::new(format!("relay:{port}"), prereqs.bins.join("media-relay"))
-                    // Not the repository root: the relay would read a developer's `.env` there.
-                    .cwd(&dir)
-                    .log_file(dir.join("relay.log"))
-                    .echo(echo);
-            for key in RELAY_SETTINGS {
-                spec = spec.env_remove(*key);
-            }
-            if std::env::var_os("RUST_LOG").is_none() {
-                spec = spec.env("RUST_LOG", "info");
-            }
-            for (key, value) in &relay_env {
-                spec = spec.env(key, value);
-            }
-            stack.services.push(Service::spawn(spec)?);
+            let relay = spawn_relay(&prereqs.bins, &dir, port, &relay_env, echo, "relay.log")?;
+            stack.services.push(relay);
         }
 
         stack.wait_healthy()?;
@@ -293,6 +279,36 @@ impl Stack {
         service.kill()
     }
 
+    /// Starts one more relay on a new port, with this stack's relay settings (same Worker,
+    /// secrets and providers), as a second relay host behind the same Worker would run.
+    /// Returns its `ws://…/twilio` URL once it answers `/health`.
+    pub fn start_another_relay(&mut self) -> Result<String> {
+        if self.relay_url.is_none() {
+            bail!("this stack runs no relay");
+        }
+        let bins = workspace_bin_dir()?;
+        let port = free_port()?;
+        let public = format!("ws://127.0.0.1:{port}/twilio");
+        let mut env = self.relay_env.clone();
+        env.insert("RELAY_LISTEN".into(), format!("127.0.0.1:{port}"));
+        env.insert("RELAY_PUBLIC_URL".into(), public.clone());
+        let echo = std::env::var_os("CMB_STACK_LOG").is_some_and(|v| v == "1");
+        let mut relay = spawn_relay(
+            &bins,
+            &self.dir,
+            port,
+            &env,
+            echo,
+            &format!("relay-{port}.log"),
+        )?;
+        let health_url = format!("http://127.0.0.1:{port}/health");
+        let up = health::wait_until_up(&health_url, &mut relay, STARTUP_TIMEOUT);
+        // Pushed first so that a failed start is still stopped by Drop.
+        self.services.push(relay);
+        up?;
+        Ok(public)
+    }
+
     /// The recent output of every service, for a failing test's message.
     pub fn logs(&self) -> String {
         self.services
@@ -314,6 +330,32 @@ impl Drop for Stack {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Spawns the `media-relay` binary on `port` with exactly `env` on top of a clean slate.
+fn spawn_relay(
+    bins: &Path,
+    dir: &Path,
+    port: u16,
+    env: &BTreeMap<String, String>,
+    echo: bool,
+    log: &str,
+) -> Result<Service> {
+    let mut spec = ServiceSpec::new(format!("relay:{port}"), bins.join("media-relay"))
+        // Not the repository root: the relay would read a developer's `.env` there.
+        .cwd(dir)
+        .log_file(dir.join(log))
+        .echo(echo);
+    for key in RELAY_SETTINGS {
+        spec = spec.env_remove(*key);
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        spec = spec.env("RUST_LOG", "info");
+    }
+    for (key, value) in env {
+        spec = spec.env(key, value);
+    }
+    Service::spawn(spec)
 }
 
 /// Everything the launcher needs from earlier build steps, checked up front.

@@ -1,6 +1,7 @@
 //! The voice path under failure and forced endings, each test on its own stack (faults
 //! and kills would disturb other calls): Deepgram dropping mid-call, the relay dying
-//! mid-call, a silent caller, and an admin ban ending a live call.
+//! mid-call, a silent caller, an admin ban ending a live call, a stalled LLM, and a
+//! stream replayed to a second relay.
 
 // A failed expectation in a test is a test failure: panicking is the point.
 #![allow(clippy::unwrap_used)]
@@ -267,4 +268,172 @@ async fn ban_ends_a_live_call_with_a_goodbye() {
             .contains("I have to end our call now"),
         "{done}"
     );
+}
+
+/// An LLM that stalls before its first byte holds up neither Twilio nor the call: the
+/// first stalled turn ends with the fallback line after the first-token deadline, and a
+/// hang-up during the second stall is acknowledged at once and the call settles.
+#[tokio::test]
+async fn a_stalled_llm_holds_up_neither_twilio_nor_the_call() {
+    const FIRST_TOKEN_MS: u64 = 6_000;
+    let extra = std::collections::BTreeMap::from([(
+        "LLM_FIRST_TOKEN_TIMEOUT_MS".to_string(),
+        FIRST_TOKEN_MS.to_string(),
+    )]);
+    let v = VoiceStack::start_with(vec!["never heard".into()], extra);
+    v.cerebras.faults().set(Faults {
+        first_byte_delay_ms: 30_000,
+        ..Default::default()
+    });
+    let api = ApiClient::new(v.stack.worker_url());
+    let user = api.register_user("llmstall").await.unwrap();
+    let number = "+16285550127";
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Say(Utterance::text("first question")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Say(Utterance::text("second question")),
+            Step::Pause(2000),
+            Step::HangUp,
+        ])),
+    );
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let heard = heard_by(&v, number);
+    assert!(
+        heard.contains("I lost my train of thought"),
+        "the stalled turn ended with the fallback line: {heard}"
+    );
+    assert!(!heard.contains("never heard"), "{heard}");
+    let lines = user_lines(&done);
+    assert!(
+        lines.iter().any(|l| l.contains("second question")),
+        "{lines:?}"
+    );
+
+    let record = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap();
+    let completed = record
+        .callbacks
+        .iter()
+        .find(|c| c.param("CallStatus") == Some("completed"))
+        .expect("a completed callback");
+    let asked = v
+        .cerebras
+        .requests()
+        .into_iter()
+        .rfind(|r| r.status == 200)
+        .expect("the LLM was asked");
+    // The hang-up came while the second request was still waiting for its first byte…
+    assert!(
+        asked.at <= completed.sent_at
+            && completed.sent_at < asked.at + Duration::from_millis(FIRST_TOKEN_MS),
+        "the hang-up did not land inside the stall: asked {:?}, hang-up {:?}",
+        asked.at,
+        completed.sent_at
+    );
+    // …and was answered without waiting for it (a held lock would wait seconds).
+    assert!(
+        matches!(completed.result, Ok(s) if (200..300).contains(&s)),
+        "{completed:?}"
+    );
+    for cb in &record.callbacks {
+        assert!(
+            cb.elapsed < Duration::from_millis(1500),
+            "{} answered in {:?}",
+            cb.param("CallStatus").unwrap_or("?"),
+            cb.elapsed
+        );
+    }
+}
+
+/// A stream start replayed to a second relay host during a live call (the nonce cache
+/// is per process, so that relay accepts the token) is refused by the call's DO: the
+/// impostor is closed with 1008, nothing is opened for it, and the real call goes on.
+#[tokio::test]
+async fn a_stream_replayed_to_another_relay_is_refused() {
+    use cmb_tests::harness::TWILIO_AUTH_TOKEN;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+    let mut v = VoiceStack::start(vec!["Still here with you.".into()]);
+    let second_relay = v.stack.start_another_relay().unwrap();
+    let api = ApiClient::new(v.stack.worker_url());
+    let user = api.register_user("replay").await.unwrap();
+    let number = "+16285550128";
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Pause(5000),
+            Step::Say(Utterance::text("are you still there")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
+    let live = wait_persona_lines(&v, number, 1).await;
+    let stream = live.streams.first().expect("the real stream").clone();
+    let deepgram_before = v.deepgram.connections().len();
+    let elevenlabs_before = v.elevenlabs.connections().len();
+
+    // Replay exactly what Twilio sent, with a valid signature for the second relay.
+    let mut req = second_relay.as_str().into_client_request().unwrap();
+    let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &second_relay, &[]);
+    req.headers_mut()
+        .insert("X-Twilio-Signature", sig.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let params: serde_json::Map<String, Value> = stream
+        .custom_parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let account = cmb_tests::harness::TWILIO_ACCOUNT_SID;
+    let start = json!({"event":"start","sequenceNumber":"1","streamSid":stream.stream_sid,
+        "start":{"accountSid":account,"streamSid":stream.stream_sid,"callSid":live.sid,
+        "tracks":["inbound"],"customParameters":params,
+        "mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}});
+    ws.send(Message::text(
+        json!({"event":"connected","protocol":"Call","version":"1.0.0"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::text(start.to_string())).await.unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Close(frame)) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("the replayed stream was closed");
+    assert_eq!(close, Some(1008));
+    assert_eq!(v.deepgram.connections().len(), deepgram_before);
+    assert_eq!(v.elevenlabs.connections().len(), elevenlabs_before);
+
+    // The real call was not disturbed: the next turn is heard and answered.
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let lines = user_lines(&done);
+    assert!(
+        lines.iter().any(|l| l.contains("are you still there")),
+        "{lines:?}"
+    );
+    let heard = heard_by(&v, number);
+    assert!(heard.contains("Still here with you."), "{heard}");
 }

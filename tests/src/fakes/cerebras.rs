@@ -107,6 +107,8 @@ pub struct RequestRecord {
     pub body: Value,
     /// Status answered.
     pub status: u16,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -509,10 +511,12 @@ async fn chat(
         |_| Value::String(String::from_utf8_lossy(&body).into_owned()),
         Clone::clone,
     );
+    let arrived = std::time::Instant::now();
     let record = |status: u16| {
         state.inner().requests.push(RequestRecord {
             body: recorded.clone(),
             status,
+            at: arrived,
         });
     };
     if !bearer_ok(&state, &headers) {

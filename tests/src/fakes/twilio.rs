@@ -185,6 +185,10 @@ pub struct WebhookRecord {
     pub signature: String,
     /// HTTP status of the answer, or why there was none.
     pub result: Result<u16, String>,
+    /// When the request was sent.
+    pub sent_at: std::time::Instant,
+    /// From sending the request to the answer's status line (or the failure).
+    pub elapsed: std::time::Duration,
 }
 
 impl WebhookRecord {

@@ -466,6 +466,7 @@ pub(super) async fn send_webhook(
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(encoded)
     };
+    let sent_at = std::time::Instant::now();
     let response = builder
         .header("X-Twilio-Signature", &signature)
         .header(header::USER_AGENT, "TwilioProxy/1.1")
@@ -485,6 +486,8 @@ pub(super) async fn send_webhook(
             .as_ref()
             .map(|r| r.status().as_u16())
             .map_err(Clone::clone),
+        sent_at,
+        elapsed: sent_at.elapsed(),
     };
     (record, response)
 }
