@@ -18,6 +18,8 @@ use crate::stack::{Stack, StackOptions};
 /// sign with them). Long enough for the Worker's config rules.
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789abcdef";
 pub const RELAY_SECRET: &str = "test-relay-secret-0123456789abcdef0123456789abcdef";
+/// The browser frontend's origin the test Workers allow (`CORS_ORIGINS`).
+pub const APP_ORIGIN: &str = "http://app.test:5173";
 pub const TWILIO_ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
 pub const TWILIO_AUTH_TOKEN: &str = "test-twilio-auth-token";
 pub const STRIPE_SECRET_KEY: &str = "sk_test_call_me_back";
@@ -93,6 +95,7 @@ pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
     set("STRIPE_API_BASE", "http://127.0.0.1:9");
     set("ADMIN_EMAILS", ADMIN_EMAIL);
     set("FREE_CREDITS", "200");
+    set("CORS_ORIGINS", APP_ORIGIN);
     // A call whose callbacks are lost is looked up 3 s after its ring timeout (30 s).
     set("CALL_RECONCILE_MARGIN_SECS", "3");
     // The api_* stacks have no relay (RELAY_URL is dead): an answered call must not be

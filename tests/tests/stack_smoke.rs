@@ -69,6 +69,67 @@ fn worker_answers_health_json_and_stops_on_drop() {
     );
 }
 
+/// A Worker missing most of its configuration still answers a browser: the preflight
+/// before any configuration is read, and the 503 `misconfigured` with CORS headers and
+/// the request id, so a frontend can show the reason.
+#[test]
+fn a_misconfigured_worker_still_speaks_cors() {
+    let origin = "http://app.test:5173";
+    let mut v = vars();
+    v.insert("CORS_ORIGINS".into(), origin.into());
+    let stack = Stack::start(StackOptions {
+        worker_vars: v,
+        ..Default::default()
+    })
+    .expect("start the Worker under wrangler dev");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let pre = http
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/api/me", stack.worker_url()),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .send()
+            .await
+            .expect("preflight");
+        assert_eq!(pre.status().as_u16(), 204, "{}", stack.logs());
+        assert_eq!(
+            pre.headers()
+                .get("access-control-allow-origin")
+                .and_then(|v| v.to_str().ok()),
+            Some(origin)
+        );
+        let resp = http
+            .get(format!("{}/api/me", stack.worker_url()))
+            .header("origin", origin)
+            .send()
+            .await
+            .expect("GET /api/me");
+        assert_eq!(resp.status().as_u16(), 503);
+        let allow = resp
+            .headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        assert_eq!(allow.as_deref(), Some(origin));
+        let id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .expect("x-request-id");
+        let body: serde_json::Value = resp.json().await.expect("JSON error");
+        assert_eq!(body["error"]["code"], "misconfigured", "{body}");
+        assert_eq!(body["error"]["request_id"], id.as_str(), "{body}");
+    });
+}
+
 /// Two stacks run side by side on different ports with separate state.
 #[test]
 fn stacks_are_isolated() {

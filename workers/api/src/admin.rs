@@ -190,7 +190,10 @@ pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     ctx.store
         .set_banned(id, true, &entry, &ctx.now_iso())
         .await?;
-    worker::console_log!("user banned user_id={id} by={}", session.user.id);
+    crate::log::info(
+        "user_banned",
+        json!({ "request_id": ctx.request_id, "user_id": id, "by": session.user.id }),
+    );
 
     // The ban already holds; stopping calls is best effort per call, reported per call.
     let unfinished = ctx.store.unfinished_calls(id).await?;
@@ -214,7 +217,10 @@ pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
             Ok(o) if o.canceled => ended.push(json!(call_id)),
             Ok(o) => not_canceled.push(json!({ "id": call_id, "status": o.status.as_str() })),
             Err(e) => {
-                worker::console_error!("ban: cancel failed call_id={call_id} error={}", e.message);
+                crate::log::error(
+                    "ban_cancel_failed",
+                    json!({ "request_id": ctx.request_id, "call_id": call_id, "code": e.code, "cause": e.log_detail() }),
+                );
                 not_canceled.push(json!({ "id": call_id, "error": e.code }));
             }
         }
@@ -328,10 +334,9 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
         }
         Err(e) => return Err(ApiError::internal("adjust credits", format!("{e:?}"))),
     };
-    worker::console_log!(
-        "credits adjusted user_id={id} amount={} by={} replayed={replayed}",
-        body.amount,
-        session.user.id
+    crate::log::info(
+        "credits_adjusted",
+        json!({ "request_id": ctx.request_id, "user_id": id, "amount": body.amount, "by": session.user.id, "replayed": replayed }),
     );
     let user = target_user(ctx, id).await?;
     json(

@@ -142,7 +142,10 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .ok_or_else(|| ApiError::internal("create user", "user missing after insert"))?;
     let role = role_for(ctx, &user);
     let token = issue_token(ctx, &user, role)?;
-    worker::console_log!("user registered user_id={}", user.id);
+    crate::log::info(
+        "user_registered",
+        json!({ "request_id": ctx.request_id, "user_id": user.id }),
+    );
     json(
         201,
         &json!({ "token": token, "user": user.view(role_name(role)) }),

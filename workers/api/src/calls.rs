@@ -198,9 +198,9 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         abandon(ctx, &call_id, &session.user.id, amount).await;
         return Err(e);
     }
-    worker::console_log!(
-        "call triggered call_id={call_id} user_id={}",
-        session.user.id
+    crate::log::info(
+        "call_triggered",
+        json!({ "request_id": ctx.request_id, "call_id": call_id, "user_id": session.user.id }),
     );
     let row = ctx
         .store
@@ -300,7 +300,10 @@ async fn abandon(ctx: &Ctx, call_id: &str, user_id: &str, reserved: i64) {
         .end_call_unconnected(call_id, "failed", reason, Some(&release), &ctx.now_iso())
         .await;
     if !matches!(result, Ok(Ok(()))) {
-        worker::console_error!("could not end abandoned call_id={call_id}");
+        crate::log::error(
+            "abandon_failed",
+            json!({ "request_id": ctx.request_id, "call_id": call_id }),
+        );
     }
 }
 

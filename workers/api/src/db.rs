@@ -187,7 +187,10 @@ impl Db {
             .map_err(|e| internal("postgres connect", e))?;
         wasm_bindgen_futures::spawn_local(async move {
             if let Err(e) = connection.await {
-                worker::console_error!("postgres connection: {e}");
+                crate::log::error(
+                    "postgres_connection_failed",
+                    serde_json::json!({ "error": e.to_string() }),
+                );
             }
         });
         // Timestamps are rendered in UTC whatever the server's default.

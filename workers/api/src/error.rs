@@ -2,8 +2,9 @@
 //!
 //! Every route returns `Result<Response, ApiError>`; `ApiError::into_response` is the only
 //! place that turns an error into HTTP. Client mistakes carry their own status and a stable
-//! snake_case `code`; anything else is an internal error, logged once here and answered
-//! with a generic message (no internal detail leaks to clients).
+//! snake_case `code`; anything else is an internal error, answered with a generic message
+//! and the request id (no internal detail leaks to clients) and logged once, with its
+//! cause, at the request boundary (`lib.rs`).
 
 use cmb_core::validate::ValidationError;
 use serde_json::json;
@@ -16,6 +17,8 @@ pub struct ApiError {
     pub message: String,
     /// Extra machine-readable detail (e.g. which fields failed validation).
     pub details: Option<serde_json::Value>,
+    /// What went wrong inside (internal errors only): logged, never sent.
+    pub cause: Option<String>,
 }
 
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
@@ -27,6 +30,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            cause: None,
         }
     }
 
@@ -50,11 +54,17 @@ impl ApiError {
         Self::new(409, code, message)
     }
 
-    /// An unexpected failure of a dependency (database, KV, crypto). Logged with its
-    /// cause; the client sees only that it was internal.
+    /// An unexpected failure of a dependency (database, KV, crypto). The boundary logs
+    /// its cause; the client sees only that it was internal, and the request id.
     pub fn internal(context: &str, cause: impl std::fmt::Display) -> Self {
-        worker::console_error!("internal error: {context}: {cause}");
-        Self::new(500, "internal_error", "Something went wrong on our side.")
+        let mut e = Self::new(500, "internal_error", "Something went wrong on our side.");
+        e.cause = Some(format!("{context}: {cause}"));
+        e
+    }
+
+    /// What to log about this error: the internal cause, else the client message.
+    pub fn log_detail(&self) -> String {
+        self.cause.clone().unwrap_or_else(|| self.message.clone())
     }
 
     pub fn with_code(mut self, code: &'static str) -> Self {
@@ -67,8 +77,10 @@ impl ApiError {
         self
     }
 
-    pub fn into_response(self) -> worker::Result<Response> {
-        let mut error = json!({ "code": self.code, "message": self.message });
+    /// The JSON error of API.md, with `request_id` so a report can be matched to the logs.
+    pub fn into_response(self, request_id: &str) -> worker::Result<Response> {
+        let mut error =
+            json!({ "code": self.code, "message": self.message, "request_id": request_id });
         // A 429's `details.retry_after` (seconds) is also the standard header.
         let retry_after = self
             .details
@@ -81,6 +93,11 @@ impl ApiError {
         let mut resp = Response::from_json(&json!({ "error": error }))?.with_status(self.status);
         if let Some(secs) = retry_after {
             resp.headers_mut().set("retry-after", &secs.to_string())?;
+        }
+        if self.status == 401 {
+            // RFC 6750: say which scheme the API wants.
+            resp.headers_mut()
+                .set("www-authenticate", r#"Bearer realm="call-me-back""#)?;
         }
         Ok(resp)
     }

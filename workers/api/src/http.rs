@@ -1,11 +1,11 @@
 //! Request and response plumbing shared by every route: bounded JSON bodies, typed
-//! decoding with clear 400s, JSON responses, and CORS.
+//! decoding with clear 400s, JSON responses, query strings.
 //!
 //! Nothing here knows about users or calls.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use worker::{Headers, Request, Response};
+use worker::{Request, Response};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -85,24 +85,4 @@ pub fn query<T: DeserializeOwned>(req: &Request) -> ApiResult<T> {
     let url = req.url()?;
     serde_urlencoded::from_str(url.query().unwrap_or(""))
         .map_err(|e| ApiError::bad_request("invalid_query", format!("Invalid query string: {e}")))
-}
-
-/// Adds CORS headers when the request's `Origin` is one of `CORS_ORIGINS`.
-pub fn apply_cors(resp: &mut Response, origin: Option<&str>, allowed: &[String]) {
-    let Some(origin) = origin else { return };
-    if !allowed.iter().any(|a| a == origin || a == "*") {
-        return;
-    }
-    let h: &mut Headers = resp.headers_mut();
-    let _ = h.set("access-control-allow-origin", origin);
-    let _ = h.set("vary", "Origin");
-    let _ = h.set(
-        "access-control-allow-methods",
-        "GET, POST, PUT, DELETE, OPTIONS",
-    );
-    let _ = h.set(
-        "access-control-allow-headers",
-        "authorization, content-type",
-    );
-    let _ = h.set("access-control-max-age", "600");
 }

@@ -3,7 +3,9 @@
 //!
 //! This crate is wiring: decisions that need no I/O live in `cmb_core`. Every route
 //! answers through [`error::ApiError`], so clients always get the JSON error format of
-//! API.md, and a client mistake is never a 500.
+//! API.md, and a client mistake is never a 500. This file holds the entry points only:
+//! the request boundary (request id, CORS, one log line per failure) and dispatch over
+//! the one route table, `cmb_core::http::routes::ROUTES`.
 
 mod admin;
 mod analytics;
@@ -12,6 +14,7 @@ mod auth;
 mod calls;
 mod config;
 mod crypto;
+mod ctx;
 mod db;
 mod error;
 mod favorites;
@@ -19,6 +22,7 @@ mod health;
 mod http;
 mod limits;
 mod llm;
+mod log;
 mod payments;
 mod personas;
 mod session;
@@ -28,83 +32,96 @@ mod stripe;
 mod twilio;
 mod voice;
 
-use std::rc::Rc;
-
-use cmb_core::config::WorkerConfig;
+use cmb_core::http::cors::CorsPolicy;
+use cmb_core::http::routes::{self, Endpoint as E, Found, ROUTES};
+use serde_json::json;
 use worker::{event, Context, Env, Method, Request, Response};
 
+pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
 pub use crate::session::CallSession;
 
-/// Everything a route needs for one request.
-pub struct Ctx {
-    pub env: Env,
-    pub cfg: Rc<WorkerConfig>,
-    pub store: store::Store,
-    now_ms: u64,
-}
-
-impl Ctx {
-    /// The request's clock reading, taken once (time is an argument below this point).
-    pub fn now_secs(&self) -> i64 {
-        (self.now_ms / 1000) as i64
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        self.now_ms
-    }
-
-    /// RFC 3339 UTC with millisecond precision, e.g. `2026-11-22T09:30:00.000Z`.
-    pub fn now_iso(&self) -> String {
-        iso_from_millis(self.now_ms)
-    }
-
-    pub fn kv(&self) -> ApiResult<worker::KvStore> {
-        self.env
-            .kv(config::KV_BINDING)
-            .map_err(|e| ApiError::internal("kv binding", e))
-    }
-}
-
-/// RFC 3339 UTC (`toISOString`) for a Unix time in milliseconds.
-pub fn iso_from_millis(ms: u64) -> String {
-    String::from(js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(ms as f64)).to_iso_string())
-}
-
 #[event(start)]
 fn start() {
-    console_error_panic_hook_set();
-}
-
-/// Panics abort the isolate; at least make their message visible in the logs.
-fn console_error_panic_hook_set() {
     std::panic::set_hook(Box::new(|info| {
-        worker::console_error!("panic: {info}");
+        // Panics abort the isolate; at least make their message visible in the logs.
+        log::error("panic", json!({ "message": info.to_string() }));
     }));
 }
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+    let request_id = request_id(&req);
     let origin = req.headers().get("origin").ok().flatten();
     let method = req.method();
+    let preflight = method == Method::Options;
     let path = req.path();
-    let result = route(req, env).await;
-    let (mut resp, cors) = match result {
-        Ok((resp, cors)) => (resp, cors),
-        Err(e) => (e.into_response()?, Vec::new()),
+    // A preflight is answered before configuration or storage is touched.
+    let mut resp = if preflight {
+        Response::empty()?.with_status(204)
+    } else {
+        match route(req, env.clone(), &request_id).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.status >= 500 {
+                    log::error(
+                        "request_failed",
+                        json!({ "request_id": request_id, "method": method.to_string(),
+                                "path": path, "status": e.status, "code": e.code,
+                                "cause": e.cause }),
+                    );
+                }
+                e.into_response(&request_id)?
+            }
+        }
     };
-    if resp.status_code() >= 500 {
-        worker::console_error!("{method:?} {path} -> {}", resp.status_code());
+    if resp.status_code() == 101 {
+        return Ok(resp); // a WebSocket: its headers are the runtime's
     }
-    http::apply_cors(&mut resp, origin.as_deref(), &cors);
+    let cors = env
+        .var("CORS_ORIGINS")
+        .map(|v| CorsPolicy::lenient(&v.to_string()))
+        .unwrap_or_default();
+    let headers = resp.headers_mut();
+    // Responses a route got from elsewhere (a DO) may have immutable headers: those keep
+    // theirs, which is why failures to set are not errors.
+    let _ = headers.set("x-request-id", &request_id);
+    for (name, value) in cors.headers(origin.as_deref(), preflight) {
+        let _ = headers.set(name, &value);
+    }
     Ok(resp)
 }
 
-async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
+/// `cf-ray` when Cloudflare sent a plausible one, else a fresh random id.
+fn request_id(req: &Request) -> String {
+    let ray = req.headers().get("cf-ray").ok().flatten();
+    cmb_core::http::request_id::from_cf_ray(ray.as_deref()).unwrap_or_else(|| {
+        let bytes = crypto::random_bytes::<8>().unwrap_or_default();
+        cmb_core::http::request_id::generated(bytes)
+    })
+}
+
+async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> {
     let path = req.path();
     let method = req.method();
-    if path == "/health" {
-        return Ok((health::health(&env).await?, Vec::new()));
+    let (route, params) = match routes::find(ROUTES, routes::Method::parse(method.as_ref()), &path)
+    {
+        Found::Route(route, params) => (route, params),
+        Found::WrongMethod { allow } => {
+            let mut resp = ApiError::new(
+                405,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}."),
+            )
+            .with_details(json!({ "allow": allow }))
+            .into_response(request_id)?;
+            resp.headers_mut().set("allow", &allow)?;
+            return Ok(resp);
+        }
+        Found::NotFound => return Err(ApiError::not_found("Route")),
+    };
+    if route.endpoint == E::Health {
+        return health::health(&env).await;
     }
     let cfg = config::load(&env).map_err(|report| {
         let names: Vec<&str> = report.problems.iter().map(|p| p.name).collect();
@@ -117,140 +134,60 @@ async fn route(req: Request, env: Env) -> ApiResult<(Response, Vec<String>)> {
             ),
         )
     })?;
-    let cors = cfg.cors_origins.clone();
     let store = store::Store::open(&env, cfg.db_backend).await?;
     let ctx = Ctx {
         env,
         cfg,
         store,
+        request_id: request_id.to_owned(),
         now_ms: worker::Date::now().as_millis(),
     };
-    if method == Method::Options {
-        return Ok((Response::empty()?.with_status(204), cors));
+    let id = params.first().copied().unwrap_or_default();
+    let ctx = &ctx;
+    match route.endpoint {
+        E::Health => health::health(&ctx.env).await,
+        E::Register => auth::register(req, ctx).await,
+        E::Login => auth::login(req, ctx).await,
+        E::Logout => auth::logout(&req, ctx).await,
+        E::Me => auth::me(&req, ctx).await,
+
+        E::PersonaList => personas::list(&req, ctx).await,
+        E::PersonaCreate => personas::create(req, ctx).await,
+        E::PersonaGet => personas::get(&req, ctx, id).await,
+        E::PersonaUpdate => personas::update(req, ctx, id).await,
+        E::PersonaDelete => personas::delete(&req, ctx, id).await,
+
+        E::CallTrigger => calls::trigger(req, ctx).await,
+        E::CallSchedule => calls::schedule(req, ctx).await,
+        E::CallHistory => calls::history(&req, ctx).await,
+        E::CallDetail => calls::detail(&req, ctx, id).await,
+        E::CallCancel => calls::cancel(&req, ctx, id).await,
+
+        E::VoiceTwiml => voice::twiml(req, ctx).await,
+        E::VoiceStatus => voice::status(req, ctx).await,
+        E::VoiceStreamEnded => voice::stream_ended(req, ctx).await,
+        E::RelaySession => session::relay_session(req, ctx, id).await,
+
+        E::FavoriteList => favorites::list(&req, ctx).await,
+        E::FavoriteAdd => favorites::add(req, ctx).await,
+        E::FavoriteRemove => favorites::remove(&req, ctx, id).await,
+
+        E::Checkout => payments::checkout(req, ctx).await,
+        E::StripeWebhook => payments::webhook(req, ctx).await,
+        E::PaymentSuccessPage => payments::success_page(),
+        E::PaymentCancelPage => payments::cancel_page(),
+
+        E::AdminUsers => admin::users(&req, ctx).await,
+        E::AdminUser => admin::user(&req, ctx, id).await,
+        E::AdminBan => admin::ban(req, ctx, id).await,
+        E::AdminUnban => admin::unban(req, ctx, id).await,
+        E::AdminCredits => admin::credits(req, ctx, id).await,
+        E::AdminCalls => admin::calls(&req, ctx).await,
+        E::AdminCall => admin::call(&req, ctx, id).await,
+        E::AdminPersonas => admin::personas(&req, ctx).await,
+        E::AdminAudit => audit::list(&req, ctx).await,
+        E::AnalyticsCalls => analytics::calls(&req, ctx).await,
+        E::AnalyticsRevenue => analytics::revenue(&req, ctx).await,
+        E::AnalyticsCosts => analytics::costs(&req, ctx).await,
     }
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let resp = match (method.clone(), segments.as_slice()) {
-        (Method::Post, ["api", "auth", "register"]) => auth::register(req, &ctx).await,
-        (Method::Post, ["api", "auth", "login"]) => auth::login(req, &ctx).await,
-        (Method::Post, ["api", "auth", "logout"]) => auth::logout(&req, &ctx).await,
-        (Method::Get, ["api", "me"]) => auth::me(&req, &ctx).await,
-
-        (Method::Get, ["api", "personas"]) => personas::list(&req, &ctx).await,
-        (Method::Post, ["api", "personas"]) => personas::create(req, &ctx).await,
-        (Method::Get, ["api", "personas", id]) => personas::get(&req, &ctx, id).await,
-        (Method::Put, ["api", "personas", id]) => personas::update(req, &ctx, id).await,
-        (Method::Delete, ["api", "personas", id]) => personas::delete(&req, &ctx, id).await,
-
-        (Method::Post, ["api", "calls", "trigger"]) => calls::trigger(req, &ctx).await,
-        (Method::Post, ["api", "calls", "schedule"]) => calls::schedule(req, &ctx).await,
-        (Method::Get, ["api", "calls", "history"]) => calls::history(&req, &ctx).await,
-        (Method::Get, ["api", "calls", id]) => calls::detail(&req, &ctx, id).await,
-        (Method::Delete, ["api", "calls", id]) => calls::cancel(&req, &ctx, id).await,
-
-        (Method::Post, ["api", "voice", "twiml"]) => voice::twiml(req, &ctx).await,
-        (Method::Post, ["api", "voice", "status"]) => voice::status(req, &ctx).await,
-        (Method::Post, ["api", "voice", "stream-ended"]) => voice::stream_ended(req, &ctx).await,
-
-        (Method::Get, ["internal", "calls", id, "session"]) => relay_session(req, &ctx, id).await,
-
-        (Method::Get, ["api", "favorites"]) => favorites::list(&req, &ctx).await,
-        (Method::Post, ["api", "favorites"]) => favorites::add(req, &ctx).await,
-        (Method::Delete, ["api", "favorites", id]) => favorites::remove(&req, &ctx, id).await,
-
-        (Method::Post, ["api", "payments", "checkout"]) => payments::checkout(req, &ctx).await,
-        (Method::Post, ["api", "payments", "webhook"]) => payments::webhook(req, &ctx).await,
-        (Method::Get, ["payments", "success"]) => payments::success_page(),
-        (Method::Get, ["payments", "cancel"]) => payments::cancel_page(),
-
-        (Method::Get, ["admin", "users"]) => admin::users(&req, &ctx).await,
-        (Method::Get, ["admin", "users", id]) => admin::user(&req, &ctx, id).await,
-        (Method::Post, ["admin", "users", id, "ban"]) => admin::ban(req, &ctx, id).await,
-        (Method::Post, ["admin", "users", id, "unban"]) => admin::unban(req, &ctx, id).await,
-        (Method::Post, ["admin", "users", id, "credits"]) => admin::credits(req, &ctx, id).await,
-        (Method::Get, ["admin", "calls"]) => admin::calls(&req, &ctx).await,
-        (Method::Get, ["admin", "calls", id]) => admin::call(&req, &ctx, id).await,
-        (Method::Get, ["admin", "personas"]) => admin::personas(&req, &ctx).await,
-        (Method::Get, ["admin", "audit"]) => audit::list(&req, &ctx).await,
-        (Method::Get, ["admin", "analytics", "calls"]) => analytics::calls(&req, &ctx).await,
-        (Method::Get, ["admin", "analytics", "revenue"]) => analytics::revenue(&req, &ctx).await,
-        (Method::Get, ["admin", "analytics", "costs"]) => analytics::costs(&req, &ctx).await,
-
-        (_, ["api", ..]) | (_, ["admin", ..]) | (_, ["internal", ..]) => {
-            if known_path(&segments) {
-                Err(ApiError::new(
-                    405,
-                    "method_not_allowed",
-                    format!("{method:?} is not allowed on {path}."),
-                ))
-            } else {
-                Err(ApiError::not_found("Route"))
-            }
-        }
-        _ => Err(ApiError::not_found("Route")),
-    }?;
-    Ok((resp, cors))
-}
-
-/// The relay's control channel for one call: authenticated with `RELAY_SECRET`, then
-/// handed to the call's Durable Object, which accepts the WebSocket.
-async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<Response> {
-    let header = req
-        .headers()
-        .get("authorization")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    let presented = header.strip_prefix("Bearer ").unwrap_or("");
-    if !cmb_core::password::hashes_equal(
-        presented.as_bytes(),
-        ctx.cfg.relay_secret.expose().as_bytes(),
-    ) {
-        return Err(ApiError::unauthorized("Invalid relay credentials."));
-    }
-    let upgrade = req
-        .headers()
-        .get("upgrade")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    if !upgrade.eq_ignore_ascii_case("websocket") {
-        return Err(ApiError::new(
-            426,
-            "upgrade_required",
-            "This endpoint is a WebSocket.",
-        ));
-    }
-    if ctx.store.call(call_id).await?.is_none() {
-        return Err(ApiError::not_found("Call"));
-    }
-    let ns = ctx
-        .env
-        .durable_object(config::CALL_SESSION_BINDING)
-        .map_err(|e| ApiError::internal("do binding", e))?;
-    let stub = ns
-        .id_from_name(call_id)
-        .and_then(|id| id.get_stub())
-        .map_err(|e| ApiError::internal("do stub", e))?;
-    Ok(stub.fetch_with_request(req).await?)
-}
-
-/// Paths that exist with some other method (for a 405 instead of a 404).
-fn known_path(segments: &[&str]) -> bool {
-    matches!(
-        segments,
-        ["api", "auth", "register" | "login" | "logout"]
-            | ["api", "me"]
-            | ["api", "personas"]
-            | ["api", "personas", _]
-            | ["api", "favorites"]
-            | ["api", "favorites", _]
-            | ["api", "calls", "trigger" | "schedule" | "history"]
-            | ["api", "calls", _]
-            | ["api", "voice", "twiml" | "status" | "stream-ended"]
-            | ["api", "payments", "checkout" | "webhook"]
-            | ["admin", "users" | "calls" | "personas" | "audit"]
-            | ["admin", "users" | "calls", _]
-            | ["admin", "users", _, "ban" | "unban" | "credits"]
-            | ["admin", "analytics", "calls" | "revenue" | "costs"]
-    )
 }

@@ -111,7 +111,10 @@ async fn take(ctx: &Ctx, limit: RateLimit, subject: &str, what: &str) -> ApiResu
     let key = format!("{}:{subject}", limit.name);
     let count = ctx.store.hit_rate_limit(&key, window_start).await?;
     if count > limit.limit {
-        worker::console_warn!("rate limited key={} count={count}", limit.name);
+        crate::log::warn(
+            "rate_limited",
+            json!({ "request_id": ctx.request_id, "limit": limit.name, "count": count }),
+        );
         return Err(too_many(
             format!("Too many {what}. Try again in {retry_after} seconds."),
             retry_after,

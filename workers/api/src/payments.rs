@@ -139,7 +139,7 @@ pub async fn checkout(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     )
     .await
     .map_err(|e| {
-        worker::console_warn!("stripe checkout failed user_id={} error={e}", user.id);
+        crate::log::warn("checkout_failed", json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user.id, "error": e.to_string() }));
         ApiError::new(502, "payment_provider_error", e.message)
     })?;
     ctx.store
@@ -223,7 +223,10 @@ fn received(outcome: &str) -> ApiResult<Response> {
 /// `POST /api/payments/webhook`: verify, then act once.
 pub async fn webhook(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let bad_signature = |why: &str| {
-        worker::console_warn!("stripe webhook refused: {why}");
+        crate::log::warn(
+            "stripe_signature_refused",
+            json!({ "request_id": ctx.request_id, "provider": "stripe", "why": why }),
+        );
         ApiError::bad_request("invalid_signature", "Invalid Stripe signature.")
     };
     let header = req
@@ -274,7 +277,10 @@ pub async fn webhook(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         }
         "charge.refunded" => refund(ctx, &event).await,
         other => {
-            worker::console_log!("stripe webhook ignored type={other} event={}", event.id);
+            crate::log::info(
+                "stripe_event_ignored",
+                json!({ "request_id": ctx.request_id, "provider": "stripe", "type": other, "stripe_event": event.id }),
+            );
             received("ignored")
         }
     }
@@ -299,18 +305,17 @@ fn purchase_of(row: Option<PurchaseRow>, s: &SessionObject) -> Option<(String, C
 async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Response> {
     let row = ctx.store.purchase(&s.id).await?;
     let Some((user_id, pack, credits)) = purchase_of(row, s) else {
-        worker::console_warn!(
-            "stripe session not ours session={} event={}",
-            s.id,
-            event.id
+        crate::log::warn(
+            "stripe_session_not_ours",
+            json!({ "request_id": ctx.request_id, "provider": "stripe", "session": s.id, "stripe_event": event.id }),
         );
         return received("not_ours");
     };
     if ctx.store.user_by_id(&user_id).await?.is_none() {
         // Paid, but for an account that no longer exists: an operator must look.
-        worker::console_error!(
-            "stripe payment for unknown user user_id={user_id} session={}",
-            s.id
+        crate::log::error(
+            "payment_for_unknown_user",
+            json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id, "session": s.id }),
         );
         return received("unknown_user");
     }
@@ -333,9 +338,9 @@ async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Respon
     };
     match ctx.store.fulfil_purchase(&f, &ctx.now_iso()).await? {
         Ok(()) => {
-            worker::console_log!(
-                "credits purchased user_id={user_id} session={} credits={credits}",
-                s.id
+            crate::log::info(
+                "credits_purchased",
+                json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id, "session": s.id, "credits": credits }),
             );
             received("fulfilled")
         }
@@ -381,7 +386,10 @@ async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
             match (user, pack) {
                 (Some(u), Some(p)) => (u, p.credits(), None),
                 _ => {
-                    worker::console_warn!("stripe refund not ours charge={}", charge.id);
+                    crate::log::warn(
+                        "refund_not_ours",
+                        json!({ "request_id": ctx.request_id, "provider": "stripe", "charge": charge.id }),
+                    );
                     return received("not_ours");
                 }
             }
@@ -404,7 +412,10 @@ async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
     let due = credits_for_refunded(credits, charge.amount, charge.amount_refunded)
         - credits_for_refunded(credits, charge.amount, previous);
     if ctx.store.user_by_id(&user_id).await?.is_none() {
-        worker::console_error!("stripe refund for unknown user user_id={user_id}");
+        crate::log::error(
+            "refund_for_unknown_user",
+            json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id }),
+        );
         return received("unknown_user");
     }
     let step_id = format!("{}:{}", charge.id, charge.amount_refunded);
@@ -426,9 +437,9 @@ async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
     };
     match ctx.store.refund_purchase(&step, &ctx.now_iso()).await? {
         Ok(()) => {
-            worker::console_log!(
-                "credits refunded user_id={user_id} charge={} due={due}",
-                charge.id
+            crate::log::info(
+                "credits_refunded",
+                json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id, "charge": charge.id, "due": due }),
             );
             received("refunded")
         }

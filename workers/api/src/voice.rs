@@ -6,6 +6,7 @@
 //! 403 that changes nothing.
 
 use cmb_core::{stream_token, twilio_sig, twiml};
+use serde_json::json;
 use worker::{Request, Response};
 
 use crate::calls::session_op;
@@ -52,7 +53,10 @@ async fn verify(mut req: Request, ctx: &Ctx) -> ApiResult<Verified> {
         &params,
         &signature,
     ) {
-        worker::console_warn!("twilio webhook: bad signature path={}", url.path());
+        crate::log::warn(
+            "twilio_signature_refused",
+            json!({ "request_id": ctx.request_id, "path": url.path() }),
+        );
         return Err(forbidden());
     }
     let call_id = url
@@ -95,7 +99,10 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .as_deref()
         .is_some_and(cmb_core::calls::is_machine)
     {
-        worker::console_log!("answering machine call_id={}", v.call_id);
+        crate::log::info(
+            "answering_machine",
+            json!({ "request_id": ctx.request_id, "call_id": v.call_id }),
+        );
         return twiml_response(twiml::say_and_hangup(MACHINE_SAY));
     }
     let nonce = crypto::uuid().map_err(|e| ApiError::internal("nonce", e))?;
@@ -130,7 +137,10 @@ pub async fn stream_ended(req: Request, ctx: &Ctx) -> ApiResult<Response> {
     if outcome.graceful {
         return twiml_response(twiml::say_and_hangup(""));
     }
-    worker::console_warn!("media stream ended unexpectedly call_id={}", v.call_id);
+    crate::log::warn(
+        "stream_ended_unexpectedly",
+        json!({ "request_id": ctx.request_id, "call_id": v.call_id }),
+    );
     twiml_response(twiml::say_and_hangup(FALLBACK_SAY))
 }
 

@@ -284,24 +284,9 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
 
     let mut cors_origins = Vec::new();
     for entry in r.list("CORS_ORIGINS") {
-        if entry == "*" {
-            cors_origins.push(entry);
-            continue;
-        }
-        let origin = entry.trim_end_matches('/');
-        match Url::parse(origin) {
-            Ok(url)
-                if matches!(url.scheme(), "http" | "https")
-                    && url.host_str().is_some()
-                    && url.path() == "/"
-                    && url.query().is_none() =>
-            {
-                cors_origins.push(origin.to_owned());
-            }
-            _ => r.problem(
-                "CORS_ORIGINS",
-                format!("{entry:?} is not an origin like https://app.example.com"),
-            ),
+        match crate::http::cors::parse_origin(&entry) {
+            Ok(origin) => cors_origins.push(origin),
+            Err(crate::http::cors::BadOrigin(why)) => r.problem("CORS_ORIGINS", why),
         }
     }
 

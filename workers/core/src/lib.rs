@@ -7,7 +7,9 @@
 pub mod calls;
 pub mod channel;
 pub mod config;
+pub mod http;
 pub mod jwt;
+pub mod log;
 pub mod password;
 pub mod persona;
 pub mod pricing;

@@ -5,6 +5,7 @@
 //! without the lock, with the machine's deadlines (first token, total): every delta is
 //! its own event, and the reading stops as soon as the machine no longer wants it.
 
+use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ impl CallSession {
             streams: VecDeque::new(),
             store: None,
             call_id: session.call_id.clone(),
+            call_sid: session.sid.clone(),
             user_id: session.user_id.clone(),
         };
         loop {
@@ -65,7 +67,10 @@ impl CallSession {
                     for f in &frames {
                         let text = f.to_json().map_err(rt)?;
                         if let Err(e) = ws.send_with_str(text) {
-                            worker::console_warn!("send to relay failed: {e}");
+                            crate::log::warn(
+                                "relay_send_failed",
+                                json!({ "call_id": run.call_id, "error": e.to_string() }),
+                            );
                         }
                     }
                 }
@@ -94,12 +99,16 @@ impl CallSession {
                 Ok(None)
             }
             Effect::Log { level, message } => {
-                let id = &run.call_id;
-                match level {
-                    LogLevel::Info => worker::console_log!("call_id={id} {message}"),
-                    LogLevel::Warn => worker::console_warn!("call_id={id} {message}"),
-                    LogLevel::Error => worker::console_error!("call_id={id} {message}"),
-                }
+                let level = match level {
+                    LogLevel::Info => cmb_core::log::Level::Info,
+                    LogLevel::Warn => cmb_core::log::Level::Warn,
+                    LogLevel::Error => cmb_core::log::Level::Error,
+                };
+                crate::log::emit(
+                    level,
+                    "session",
+                    json!({ "call_id": run.call_id, "call_sid": run.call_sid, "message": message }),
+                );
                 Ok(None)
             }
             Effect::TwilioCreate {
@@ -149,7 +158,10 @@ impl CallSession {
                 let ok = match twilio::end_call(&cfg, &sid, word).await {
                     Ok(()) => true,
                     Err(e) => {
-                        worker::console_warn!("Twilio refused Status={word} call_sid={sid}: {e}");
+                        crate::log::warn(
+                            "twilio_hang_up_refused",
+                            json!({ "call_id": run.call_id, "call_sid": sid, "provider": "twilio", "status": word, "error": e.to_string() }),
+                        );
                         false
                     }
                 };
@@ -267,6 +279,7 @@ struct Run {
     streams: VecDeque<Effect>,
     store: Option<Store>,
     call_id: String,
+    call_sid: Option<String>,
     user_id: String,
 }
 
@@ -345,9 +358,9 @@ async fn reserve(
                 match store.user_credits(user_id).await {
                     Ok(b) => Some(b),
                     Err(e) => {
-                        worker::console_warn!(
-                            "balance read failed call_id={call_id}: {}",
-                            e.message
+                        crate::log::warn(
+                            "balance_read_failed",
+                            json!({ "call_id": call_id, "cause": e.log_detail() }),
                         );
                         None
                     }
@@ -395,9 +408,9 @@ async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Eve
                 )
                 .await
             {
-                worker::console_error!(
-                    "call progress write failed call_id={call_id}: {}",
-                    e.message
+                crate::log::error(
+                    "call_progress_write_failed",
+                    json!({ "call_id": call_id, "cause": e.log_detail() }),
                 );
             }
             None
@@ -466,9 +479,9 @@ async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Eve
                     .await,
             ];
             for e in results.into_iter().filter_map(|r| r.err()) {
-                worker::console_error!(
-                    "conversation write failed call_id={call_id}: {}",
-                    e.message
+                crate::log::error(
+                    "conversation_write_failed",
+                    json!({ "call_id": call_id, "cause": e.log_detail() }),
                 );
             }
             None

@@ -23,7 +23,9 @@ use worker::{
 pub use cmb_core::session::CancelOutcome;
 
 use crate::config;
+use crate::error::{ApiError, ApiResult};
 use crate::store::Store;
+use crate::Ctx;
 
 /// Storage key of the machine's state.
 const STATE_KEY: &str = "session";
@@ -175,7 +177,10 @@ impl DurableObject for CallSession {
         let text = match message {
             WebSocketIncomingMessage::String(text) => text,
             WebSocketIncomingMessage::Binary(_) => {
-                worker::console_warn!("relay sent a binary frame; the channel is JSON text only");
+                crate::log::warn(
+                    "relay_binary_frame",
+                    serde_json::json!({ "call_id": self.call_id_hint().await }),
+                );
                 return Ok(());
             }
         };
@@ -183,7 +188,10 @@ impl DurableObject for CallSession {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
-                worker::console_warn!("bad relay frame: {e}");
+                crate::log::warn(
+                    "relay_bad_frame",
+                    serde_json::json!({ "call_id": self.call_id_hint().await, "error": e.to_string() }),
+                );
                 return Ok(());
             }
         };
@@ -197,7 +205,10 @@ impl DurableObject for CallSession {
         reason: String,
         _was_clean: bool,
     ) -> Result<()> {
-        worker::console_log!("relay channel closed code={code} reason={reason}");
+        crate::log::info(
+            "relay_channel_closed",
+            serde_json::json!({ "call_id": self.call_id_hint().await, "code": code, "reason": reason }),
+        );
         let _ = ws.close(Some(1000), Some("bye"));
         match self.conn_of(&ws) {
             Some(conn) => self.event(Event::RelayClosed { conn }).await,
@@ -206,7 +217,10 @@ impl DurableObject for CallSession {
     }
 
     async fn websocket_error(&self, _ws: WebSocket, error: worker::Error) -> Result<()> {
-        worker::console_warn!("relay channel error: {error}");
+        crate::log::warn(
+            "relay_channel_error",
+            serde_json::json!({ "call_id": self.call_id_hint().await, "error": error.to_string() }),
+        );
         Ok(())
     }
 }
@@ -271,6 +285,11 @@ impl CallSession {
         Response::from_json(&outcome)
     }
 
+    /// The call this DO holds, for a log line (None before `Start`).
+    async fn call_id_hint(&self) -> Option<String> {
+        self.load().await.ok().flatten().map(|s| s.call_id)
+    }
+
     fn conn_of(&self, ws: &WebSocket) -> Option<u32> {
         self.state
             .get_tags(ws)
@@ -308,7 +327,10 @@ impl CallSession {
             (effects, session)
         };
         self.drive(effects, &session).await?;
-        worker::console_log!("relay connected");
+        crate::log::info(
+            "relay_connected",
+            serde_json::json!({ "call_id": session.call_id }),
+        );
         Response::from_websocket(pair.client)
     }
 
@@ -339,4 +361,47 @@ impl CallSession {
             greeting: p.greeting,
         }))
     }
+}
+
+/// The relay's control channel for one call: authenticated with `RELAY_SECRET`, then
+/// handed to the call's Durable Object, which accepts the WebSocket.
+pub async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<Response> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let presented = header.strip_prefix("Bearer ").unwrap_or("");
+    if !cmb_core::password::hashes_equal(
+        presented.as_bytes(),
+        ctx.cfg.relay_secret.expose().as_bytes(),
+    ) {
+        return Err(ApiError::unauthorized("Invalid relay credentials."));
+    }
+    let upgrade = req
+        .headers()
+        .get("upgrade")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return Err(ApiError::new(
+            426,
+            "upgrade_required",
+            "This endpoint is a WebSocket.",
+        ));
+    }
+    if ctx.store.call(call_id).await?.is_none() {
+        return Err(ApiError::not_found("Call"));
+    }
+    let ns = ctx
+        .env
+        .durable_object(config::CALL_SESSION_BINDING)
+        .map_err(|e| ApiError::internal("do binding", e))?;
+    let stub = ns
+        .id_from_name(call_id)
+        .and_then(|id| id.get_stub())
+        .map_err(|e| ApiError::internal("do stub", e))?;
+    Ok(stub.fetch_with_request(req).await?)
 }
