@@ -326,3 +326,84 @@ async fn admin_creates_catalog_personas() {
         .iter()
         .any(|p| p["id"] == id.as_str()));
 }
+
+/// The first version's frontend creates and edits personas with its own field names
+/// (`core_system_prompt`, `default_voice_id`, `default_voice_settings`, no greeting,
+/// `avatar_url`, `category`); both names come back.
+#[tokio::test]
+async fn first_version_persona_body_is_accepted() {
+    let api = client();
+    let user = api.register_user("v1-personas").await.unwrap();
+    // Exactly the body the first version's frontend sends.
+    let body = json!({
+        "name": "Coach Max",
+        "description": "No-nonsense gym coach",
+        "core_system_prompt": "You are Max, an upbeat gym coach. Keep it short.",
+        "default_voice_id": "pNInz6obpgDQGcFmaJgB",
+        "default_voice_settings": { "stability": 0.4, "similarity_boost": 0.8, "speed": 1.1, "style": 0.2 },
+        "avatar_url": "https://cdn.example.com/avatars/max.png",
+        "category": "fitness"
+    });
+    let r = api
+        .post("/api/personas", Some(&user.token), &body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let p = &r.body["persona"];
+    for (new, old) in [
+        ("system_prompt", "core_system_prompt"),
+        ("voice_id", "default_voice_id"),
+        ("voice_settings", "default_voice_settings"),
+    ] {
+        assert_eq!(p[new], p[old], "{new} vs {old}: {p}");
+    }
+    assert_eq!(
+        p["system_prompt"],
+        "You are Max, an upbeat gym coach. Keep it short."
+    );
+    assert_eq!(p["voice_id"], "pNInz6obpgDQGcFmaJgB");
+    assert_eq!(p["voice_settings"]["style"], 0.2);
+    assert_eq!(p["avatar_url"], "https://cdn.example.com/avatars/max.png");
+    assert_eq!(p["category"], "fitness");
+    assert!(
+        p["greeting"].as_str().unwrap().contains("Coach Max"),
+        "a default greeting from the name: {p}"
+    );
+
+    // An update in the old shape, read back.
+    let id = p["id"].as_str().unwrap();
+    let r = api
+        .put(
+            &format!("/api/personas/{id}"),
+            Some(&user.token),
+            &json!({ "core_system_prompt": "You are Max, now calmer.", "category": "" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got = api
+        .get(&format!("/api/personas/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    let p = &got.body["persona"];
+    assert_eq!(p["core_system_prompt"], "You are Max, now calmer.");
+    assert_eq!(p["system_prompt"], "You are Max, now calmer.");
+    assert_eq!(p["category"], Value::Null);
+    assert_eq!(p["avatar_url"], "https://cdn.example.com/avatars/max.png");
+
+    // A bad avatar is a 400 that changes nothing.
+    let r = api
+        .put(
+            &format!("/api/personas/{id}"),
+            Some(&user.token),
+            &json!({ "avatar_url": "javascript:alert(1)", "name": "Renamed" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    let got = api
+        .get(&format!("/api/personas/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(got.body["persona"]["name"], "Coach Max");
+}

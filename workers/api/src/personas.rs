@@ -30,6 +30,8 @@ pub(crate) fn fields_of(row: &PersonaRow) -> PersonaFields {
             speed: row.speed,
             use_speaker_boost: true,
         },
+        avatar_url: row.avatar_url.clone(),
+        category: row.category.clone(),
     }
 }
 
@@ -44,6 +46,8 @@ fn write_of(f: &PersonaFields) -> PersonaWrite {
         similarity_boost: f.voice_settings.similarity_boost,
         style: f.voice_settings.style,
         speed: f.voice_settings.speed,
+        avatar_url: f.avatar_url.clone(),
+        category: f.category.clone(),
     }
 }
 

@@ -76,6 +76,8 @@ pub struct PersonaRow {
     pub is_active: i64,
     pub created_at: String,
     pub updated_at: String,
+    pub avatar_url: Option<String>,
+    pub category: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +97,12 @@ pub struct PersonaView {
     pub greeting: String,
     pub voice_id: String,
     pub voice_settings: VoiceSettingsView,
+    /// The first version's names for the same three fields, for its clients.
+    pub core_system_prompt: String,
+    pub default_voice_id: String,
+    pub default_voice_settings: VoiceSettingsView,
+    pub avatar_url: Option<String>,
+    pub category: Option<String>,
     pub is_custom: bool,
     pub owner_id: Option<String>,
     pub is_active: bool,
@@ -104,6 +112,12 @@ pub struct PersonaView {
 
 impl PersonaRow {
     pub fn view(&self) -> PersonaView {
+        let voice_settings = VoiceSettingsView {
+            stability: self.stability,
+            similarity_boost: self.similarity_boost,
+            style: self.style,
+            speed: self.speed,
+        };
         PersonaView {
             id: self.id.clone(),
             name: self.name.clone(),
@@ -111,12 +125,12 @@ impl PersonaRow {
             system_prompt: self.system_prompt.clone(),
             greeting: self.greeting.clone(),
             voice_id: self.voice_id.clone(),
-            voice_settings: VoiceSettingsView {
-                stability: self.stability,
-                similarity_boost: self.similarity_boost,
-                style: self.style,
-                speed: self.speed,
-            },
+            voice_settings: voice_settings.clone(),
+            core_system_prompt: self.system_prompt.clone(),
+            default_voice_id: self.voice_id.clone(),
+            default_voice_settings: voice_settings,
+            avatar_url: self.avatar_url.clone(),
+            category: self.category.clone(),
             is_custom: self.owner_id.is_some(),
             owner_id: self.owner_id.clone(),
             is_active: self.is_active != 0,
@@ -138,6 +152,8 @@ pub struct PersonaWrite {
     pub similarity_boost: f64,
     pub style: f64,
     pub speed: f64,
+    pub avatar_url: Option<String>,
+    pub category: Option<String>,
 }
 
 /// A call as stored; also its API view (API.md "A `call` object" plus `status_reason`).
@@ -209,7 +225,7 @@ pub struct Store {
 }
 
 /// A persona's writable fields as arguments, in column order (name … speed).
-fn persona_args(p: &PersonaWrite) -> [Arg; 9] {
+fn persona_args(p: &PersonaWrite) -> [Arg; 11] {
     [
         s(&p.name),
         s(&p.description),
@@ -220,13 +236,15 @@ fn persona_args(p: &PersonaWrite) -> [Arg; 9] {
         real(p.similarity_boost),
         real(p.style),
         real(p.speed),
+        opt(p.avatar_url.as_deref()),
+        opt(p.category.as_deref()),
     ]
 }
 
 const USER_COLUMNS: &str =
     "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, created_at";
 const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
-const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, greeting, voice_id, stability, similarity_boost, style, speed, is_active, created_at, updated_at";
+pub(crate) const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, greeting, voice_id, stability, similarity_boost, style, speed, is_active, created_at, updated_at, avatar_url, category";
 
 impl Store {
     pub fn new(db: D1Database) -> Self {
@@ -363,8 +381,8 @@ impl Store {
         args.push(ts(now));
         let stmt = self.stmt(
             "INSERT INTO personas (id, owner_id, name, description, system_prompt, greeting, voice_id, \
-             stability, similarity_boost, style, speed, is_active, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, TRUE, ?12, ?12)",
+             stability, similarity_boost, style, speed, avatar_url, category, is_active, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, TRUE, ?14, ?14)",
             &args,
         )?;
         stmt.run()
@@ -379,7 +397,8 @@ impl Store {
         args.push(ts(now));
         let stmt = self.stmt(
             "UPDATE personas SET name = ?2, description = ?3, system_prompt = ?4, greeting = ?5, voice_id = ?6, \
-             stability = ?7, similarity_boost = ?8, style = ?9, speed = ?10, updated_at = ?11 WHERE id = ?1",
+             stability = ?7, similarity_boost = ?8, style = ?9, speed = ?10, avatar_url = ?11, category = ?12, \
+             updated_at = ?13 WHERE id = ?1",
             &args,
         )?;
         stmt.run()
@@ -429,7 +448,8 @@ impl Store {
     pub async fn favorites(&self, user: &str) -> ApiResult<Vec<PersonaRow>> {
         self.all(
             "SELECT p.id, p.owner_id, p.name, p.description, p.system_prompt, p.greeting, p.voice_id, \
-             p.stability, p.similarity_boost, p.style, p.speed, p.is_active, p.created_at, p.updated_at \
+             p.stability, p.similarity_boost, p.style, p.speed, p.is_active, p.created_at, p.updated_at, \
+             p.avatar_url, p.category \
              FROM favorites f JOIN personas p ON p.id = f.persona_id \
              WHERE f.user_id = ?1 AND p.is_active = TRUE AND (p.owner_id IS NULL OR p.owner_id = ?1) \
              ORDER BY f.created_at DESC",

@@ -12,7 +12,9 @@ use crate::store::Bound;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
-use crate::store::{flag, int, opt, s, ts, LedgerEntry, PersonaRow, Store, WriteConflict};
+use crate::store::{
+    flag, int, opt, s, ts, LedgerEntry, PersonaRow, Store, WriteConflict, PERSONA_COLUMNS,
+};
 
 /// Who did something, as recorded in the audit log.
 #[derive(Debug, Clone)]
@@ -798,9 +800,10 @@ impl Store {
     /// Every catalog persona, retired ones included (custom personas too when asked).
     pub async fn all_personas(&self, include_custom: bool) -> ApiResult<Vec<PersonaRow>> {
         self.all(
-            "SELECT id, owner_id, name, description, system_prompt, greeting, voice_id, stability, \
-             similarity_boost, style, speed, is_active, created_at, updated_at FROM personas \
-             WHERE ?1 = 1 OR owner_id IS NULL ORDER BY owner_id IS NOT NULL, is_active DESC, created_at, name",
+            &format!(
+                "SELECT {PERSONA_COLUMNS} FROM personas \
+                 WHERE ?1 = 1 OR owner_id IS NULL ORDER BY owner_id IS NOT NULL, is_active DESC, created_at, name"
+            ),
             &[int(i64::from(include_custom))],
         )
         .await

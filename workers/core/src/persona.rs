@@ -13,6 +13,8 @@ pub const DESCRIPTION_MAX_CHARS: usize = 500;
 pub const SYSTEM_PROMPT_MAX_CHARS: usize = 8000;
 pub const GREETING_MAX_CHARS: usize = 500;
 pub const VOICE_ID_MAX_CHARS: usize = 64;
+pub const AVATAR_URL_MAX_CHARS: usize = 2048;
+pub const CATEGORY_MAX_CHARS: usize = 40;
 
 /// A partial voice-settings change: absent fields keep their current value.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -41,22 +43,29 @@ impl VoiceSettingsPatch {
 }
 
 /// Persona fields as the API receives them, for both create (required fields checked)
-/// and partial update (absent fields unchanged). camelCase aliases are accepted for the
-/// first version's clients.
+/// and partial update (absent fields unchanged). The first version's names are accepted
+/// as aliases for its clients: camelCase, and its `core_system_prompt`,
+/// `default_voice_id` and `default_voice_settings`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PersonaInput {
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
-    #[serde(default, alias = "systemPrompt")]
+    #[serde(default, alias = "systemPrompt", alias = "core_system_prompt")]
     pub system_prompt: Option<String>,
     #[serde(default)]
     pub greeting: Option<String>,
-    #[serde(default, alias = "voiceId")]
+    #[serde(default, alias = "voiceId", alias = "default_voice_id")]
     pub voice_id: Option<String>,
-    #[serde(default, alias = "voiceSettings")]
+    #[serde(default, alias = "voiceSettings", alias = "default_voice_settings")]
     pub voice_settings: Option<VoiceSettingsPatch>,
+    /// An `http(s)` image URL; `""` clears it.
+    #[serde(default, alias = "avatarUrl")]
+    pub avatar_url: Option<String>,
+    /// A free label for the catalog (`fitness`, `health`, …); `""` clears it.
+    #[serde(default)]
+    pub category: Option<String>,
 }
 
 /// A complete, validated persona.
@@ -68,6 +77,8 @@ pub struct PersonaFields {
     pub greeting: String,
     pub voice_id: String,
     pub voice_settings: VoiceSettings,
+    pub avatar_url: Option<String>,
+    pub category: Option<String>,
 }
 
 /// What `validate_create` produces: a complete persona ready to store.
@@ -112,10 +123,51 @@ fn greeting(v: &str) -> Result<String, ValidationError> {
     validate::text("greeting", v, 1, GREETING_MAX_CHARS, true)
 }
 
+/// The greeting of a persona created without one.
+pub fn default_greeting(name: &str) -> String {
+    format!("Hi, it's {name}! How are you doing today?")
+}
+
+/// `""` clears; anything else must be an absolute `http(s)` URL.
+fn avatar_url(v: &str) -> Result<Option<String>, ValidationError> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || {
+        ValidationError::new(
+            "avatar_url",
+            codes::INVALID_FORMAT,
+            "avatar_url must be an http(s) URL.",
+        )
+    };
+    if v.len() > AVATAR_URL_MAX_CHARS {
+        return Err(ValidationError::new(
+            "avatar_url",
+            codes::TOO_LONG,
+            format!("avatar_url must be at most {AVATAR_URL_MAX_CHARS} characters."),
+        ));
+    }
+    match url::Url::parse(v) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+            Ok(Some(v.to_owned()))
+        }
+        _ => Err(invalid()),
+    }
+}
+
+/// `""` clears; else 1–40 characters on one line.
+fn category(v: &str) -> Result<Option<String>, ValidationError> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    validate::text("category", v, 1, CATEGORY_MAX_CHARS, false).map(Some)
+}
+
 impl PersonaInput {
-    /// Validates a creation: `name`, `system_prompt`, `greeting` and `voice_id` are
-    /// required; `description` defaults to empty and voice settings to ElevenLabs'
-    /// defaults. Every problem is reported, not just the first.
+    /// Validates a creation: `name`, `system_prompt` and `voice_id` are required;
+    /// `greeting` defaults to one built from the name, `description` to empty and voice
+    /// settings to ElevenLabs' defaults. Every problem is reported, not just the first.
     pub fn validate_create(&self) -> Result<NewPersona, Vec<ValidationError>> {
         let base = PersonaFields {
             name: String::new(),
@@ -124,12 +176,13 @@ impl PersonaInput {
             greeting: String::new(),
             voice_id: String::new(),
             voice_settings: VoiceSettings::default(),
+            avatar_url: None,
+            category: None,
         };
         let mut problems = Vec::new();
         for (field, value) in [
             ("name", &self.name),
             ("system_prompt", &self.system_prompt),
-            ("greeting", &self.greeting),
             ("voice_id", &self.voice_id),
         ] {
             if value.is_none() {
@@ -137,7 +190,12 @@ impl PersonaInput {
             }
         }
         match self.merged(&base) {
-            Ok(fields) if problems.is_empty() => Ok(fields),
+            Ok(mut fields) if problems.is_empty() => {
+                if self.greeting.is_none() {
+                    fields.greeting = default_greeting(&fields.name);
+                }
+                Ok(fields)
+            }
             Ok(_) => Err(problems),
             // The merge only checks fields that are present, so a missing field is never
             // reported twice.
@@ -178,6 +236,18 @@ impl PersonaInput {
             out.voice_settings = patch.apply_to(&base.voice_settings);
             problems.extend(out.voice_settings.problems());
         }
+        if let Some(v) = &self.avatar_url {
+            match avatar_url(v) {
+                Ok(v) => out.avatar_url = v,
+                Err(e) => problems.push(e),
+            }
+        }
+        if let Some(v) = &self.category {
+            match category(v) {
+                Ok(v) => out.category = v,
+                Err(e) => problems.push(e),
+            }
+        }
         if problems.is_empty() {
             Ok(out)
         } else {
@@ -217,6 +287,7 @@ mod tests {
                 speed: Some(1.1),
                 ..Default::default()
             }),
+            ..Default::default()
         }
     }
 
@@ -248,7 +319,6 @@ mod tests {
             [
                 ("name", codes::REQUIRED),
                 ("system_prompt", codes::REQUIRED),
-                ("greeting", codes::REQUIRED),
                 ("voice_id", codes::REQUIRED)
             ]
         );
@@ -268,6 +338,7 @@ mod tests {
                 speed: Some(0.5),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let errs = input.validate_create().unwrap_err();
         assert_eq!(
@@ -294,6 +365,7 @@ mod tests {
             greeting: Some("g".repeat(500)),
             voice_id: Some("v".repeat(64)),
             voice_settings: None,
+            ..Default::default()
         };
         assert!(input.validate_create().is_ok());
         let long_prompt = PersonaInput {
@@ -374,5 +446,61 @@ mod tests {
         assert!(prompt.starts_with("You are speaking with the user on a live phone call."));
         assert!(prompt.contains("Your name is Coach Max."));
         assert!(prompt.ends_with("You are an upbeat gym coach."));
+    }
+
+    /// The first version's persona body, exactly as its frontend sends it.
+    #[test]
+    fn first_version_shape_is_accepted() {
+        let body = r#"{"name":"Coach Max","description":"Gym coach",
+            "core_system_prompt":"You are an upbeat gym coach.",
+            "default_voice_id":"pNInz6obpgDQGcFmaJgB",
+            "default_voice_settings":{"stability":0.4,"similarity_boost":0.8,"speed":1.1,"style":0.2},
+            "avatar_url":"https://cdn.example.com/max.png","category":"fitness"}"#;
+        let input: PersonaInput = serde_json::from_str(body).unwrap();
+        let p = input.validate_create().unwrap();
+        assert_eq!(p.system_prompt, "You are an upbeat gym coach.");
+        assert_eq!(p.voice_id, "pNInz6obpgDQGcFmaJgB");
+        assert_eq!(p.voice_settings.stability, 0.4);
+        assert_eq!(p.voice_settings.similarity_boost, 0.8);
+        assert_eq!(p.voice_settings.style, 0.2);
+        assert_eq!(p.greeting, default_greeting("Coach Max"));
+        assert_eq!(
+            p.avatar_url.as_deref(),
+            Some("https://cdn.example.com/max.png")
+        );
+        assert_eq!(p.category.as_deref(), Some("fitness"));
+    }
+
+    /// Avatar and category are validated; `""` clears them on update.
+    #[test]
+    fn avatar_and_category_rules() {
+        let bad = PersonaInput {
+            avatar_url: Some("javascript:alert(1)".into()),
+            category: Some("x".repeat(41)),
+            ..full_input()
+        };
+        let errs = bad.validate_create().unwrap_err();
+        assert_eq!(
+            fields_of(&errs),
+            [
+                ("avatar_url", codes::INVALID_FORMAT),
+                ("category", codes::TOO_LONG)
+            ]
+        );
+        let mut p = PersonaInput {
+            avatar_url: Some("http://x.example/a.png".into()),
+            category: Some("health".into()),
+            ..full_input()
+        }
+        .validate_create()
+        .unwrap();
+        PersonaInput {
+            avatar_url: Some(String::new()),
+            ..Default::default()
+        }
+        .apply_update(&mut p)
+        .unwrap();
+        assert_eq!(p.avatar_url, None);
+        assert_eq!(p.category.as_deref(), Some("health"));
     }
 }
