@@ -23,7 +23,8 @@ const DEFAULT_DEEPGRAM_URL: &str = "wss://api.deepgram.com/v1/listen";
 const DEFAULT_ELEVENLABS_URL: &str = "wss://api.elevenlabs.io";
 const DEFAULT_MAX_CALLS: usize = 1000;
 /// How long in-flight calls get to close cleanly after a shutdown signal.
-const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Calls last minutes: a deploy lets the ones in progress finish (`RELAY_DRAIN_SECS`).
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
 
 /// Everything the relay needs, validated.
 #[derive(Debug, Clone)]
@@ -49,8 +50,34 @@ pub struct Config {
     pub elevenlabs_url: Url,
     /// New streams beyond this many active calls are refused.
     pub max_calls: usize,
-    /// Grace period for in-flight calls at shutdown (not an env setting).
+    /// How long calls in progress may go on after SIGTERM before they are closed
+    /// (`RELAY_DRAIN_SECS`); new calls are refused at once.
     pub shutdown_grace: Duration,
+}
+
+/// How the relay writes its log lines (`RELAY_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (the default outside a terminal): for log collectors.
+    Json,
+    /// Human-readable lines (the default in a terminal).
+    Text,
+}
+
+impl LogFormat {
+    /// `json` or `text`; unset: text in a terminal, JSON otherwise.
+    pub fn parse(value: Option<&str>, terminal: bool) -> Result<LogFormat, String> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(if terminal {
+                LogFormat::Text
+            } else {
+                LogFormat::Json
+            }),
+            Some(v) if v.eq_ignore_ascii_case("json") => Ok(LogFormat::Json),
+            Some(v) if v.eq_ignore_ascii_case("text") => Ok(LogFormat::Text),
+            Some(v) => Err(format!("must be json or text, not {v:?}")),
+        }
+    }
 }
 
 /// One named configuration problem, as shown on `/health`.
@@ -155,6 +182,20 @@ impl Config {
             },
         });
 
+        let shutdown_grace = p.check("RELAY_DRAIN_SECS", || match get("RELAY_DRAIN_SECS") {
+            None => Ok(DEFAULT_SHUTDOWN_GRACE),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if n <= 86_400 => Ok(Duration::from_secs(n)),
+                _ => Err(format!("not a number of seconds (0 to 86400): {v:?}")),
+            },
+        });
+
+        // Logging starts before the configuration is read (`main`); a bad value is still
+        // a configuration problem, named on /health.
+        p.check("RELAY_LOG_FORMAT", || {
+            LogFormat::parse(get("RELAY_LOG_FORMAT").as_deref(), false)
+        });
+
         // Destructure all at once: any `None` means a problem was recorded for it.
         match (
             listen,
@@ -167,6 +208,7 @@ impl Config {
             elevenlabs_api_key,
             elevenlabs_url,
             max_calls,
+            shutdown_grace,
         ) {
             (
                 Some(listen),
@@ -179,6 +221,7 @@ impl Config {
                 Some(elevenlabs_api_key),
                 Some(elevenlabs_url),
                 Some(max_calls),
+                Some(shutdown_grace),
             ) if p.0.is_empty() => Ok(Config {
                 listen,
                 relay_secret,
@@ -190,7 +233,7 @@ impl Config {
                 elevenlabs_api_key,
                 elevenlabs_url,
                 max_calls,
-                shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+                shutdown_grace,
             }),
             (listen, ..) => Err(ConfigError {
                 problems: p.0,
@@ -319,6 +362,7 @@ mod tests {
         assert_eq!(c.max_calls, 1000);
         assert_eq!(c.public_url, "wss://relay.example.com/twilio");
         assert_eq!(c.relay_secret.expose(), SECRET);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(600));
     }
 
     /// Explicit values override every default.
@@ -329,11 +373,33 @@ mod tests {
         v.insert("DEEPGRAM_URL", "ws://127.0.0.1:9001/v1/listen");
         v.insert("ELEVENLABS_URL", "ws://127.0.0.1:9002");
         v.insert("RELAY_MAX_CALLS", "7");
+        v.insert("RELAY_DRAIN_SECS", "45");
+        v.insert("RELAY_LOG_FORMAT", "text");
         let c = parse(&v).expect("valid config");
+        assert_eq!(c.shutdown_grace, Duration::from_secs(45));
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.deepgram_url.port(), Some(9001));
         assert_eq!(c.elevenlabs_url.port(), Some(9002));
         assert_eq!(c.max_calls, 7);
+    }
+
+    /// The drain time and log format are checked like everything else.
+    #[test]
+    fn bad_drain_and_log_format_are_named() {
+        let mut v = good();
+        v.insert("RELAY_DRAIN_SECS", "soon");
+        v.insert("RELAY_LOG_FORMAT", "xml");
+        let e = parse(&v).expect_err("invalid");
+        assert_eq!(names(&e), ["RELAY_DRAIN_SECS", "RELAY_LOG_FORMAT"]);
+    }
+
+    #[test]
+    fn log_format_defaults_by_terminal() {
+        assert_eq!(LogFormat::parse(None, true), Ok(LogFormat::Text));
+        assert_eq!(LogFormat::parse(None, false), Ok(LogFormat::Json));
+        assert_eq!(LogFormat::parse(Some("JSON"), true), Ok(LogFormat::Json));
+        assert_eq!(LogFormat::parse(Some("text"), false), Ok(LogFormat::Text));
+        assert!(LogFormat::parse(Some("xml"), false).is_err());
     }
 
     /// With nothing set, every required variable is named, in one error.

@@ -202,24 +202,43 @@ pub async fn run(
     Ok(())
 }
 
+/// 200 `ok` while the relay takes calls; 503 when it cannot take one more, so a load
+/// balancer steers new calls elsewhere: `unhealthy` (configuration), `draining`
+/// (shutting down: calls in progress go on) or `full` (at `RELAY_MAX_CALLS`).
 async fn health(State(state): State<AppState>) -> Response {
-    match state.config() {
-        Ok(_) => Json(json!({
-            "status": "ok",
-            "version": VERSION,
-            "checks": {"config": {"ok": true}, "active_calls": state.active_calls()},
-        }))
-        .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "unhealthy",
-                "version": VERSION,
-                "checks": {"config": {"ok": false, "problems": e.problems}},
-            })),
-        )
-            .into_response(),
-    }
+    let active = state.active_calls();
+    let config = match state.config() {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "status": "unhealthy",
+                    "version": VERSION,
+                    "checks": {"config": {"ok": false, "problems": e.problems}},
+                })),
+            )
+                .into_response();
+        }
+    };
+    let status = if state.shutdown_token().is_cancelled() {
+        "draining"
+    } else if active >= config.max_calls {
+        "full"
+    } else {
+        "ok"
+    };
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": status,
+        "version": VERSION,
+        "checks": {"config": {"ok": true}, "active_calls": active, "max_calls": config.max_calls},
+    });
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -365,8 +384,29 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             body,
-            json!({"status": "ok", "version": VERSION, "checks": {"config": {"ok": true}, "active_calls": 1}})
+            json!({"status": "ok", "version": VERSION, "checks": {"config": {"ok": true}, "active_calls": 1, "max_calls": 2}})
         );
+    }
+
+    /// At `RELAY_MAX_CALLS` the relay reports itself full (503) so a load balancer sends
+    /// new calls elsewhere; a freed slot makes it ok again, and shutting down is draining.
+    #[tokio::test]
+    async fn health_is_503_when_full_or_draining() {
+        let state = AppState::new(Ok(good_config()));
+        let a = state.try_acquire_call(2).expect("slot");
+        let _b = state.try_acquire_call(2).expect("slot");
+        let (status, body) = get_json(app(state.clone()), "/health").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "full");
+        assert_eq!(body["checks"]["active_calls"], 2);
+        drop(a);
+        let (status, body) = get_json(app(state.clone()), "/health").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "ok");
+        state.shutdown_token().cancel();
+        let (status, body) = get_json(app(state), "/health").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "draining");
     }
 
     /// A bad config gives 503 naming every problem.

@@ -48,6 +48,8 @@ const RELAY_SETTINGS: &[&str] = &[
     "ELEVENLABS_API_KEY",
     "ELEVENLABS_URL",
     "RELAY_MAX_CALLS",
+    "RELAY_DRAIN_SECS",
+    "RELAY_LOG_FORMAT",
 ];
 
 /// What to start.
@@ -121,6 +123,8 @@ impl Stack {
             relay_env.insert("RELAY_LISTEN".into(), format!("127.0.0.1:{port}"));
             relay_env.insert("RELAY_PUBLIC_URL".into(), public);
             relay_env.insert("WORKER_URL".into(), worker_url.clone());
+            // A test stack is stopped with a few seconds' grace, not a deploy's drain.
+            relay_env.insert("RELAY_DRAIN_SECS".into(), "3".into());
         }
 
         if opts.with_fakes {
