@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::control::{self, ControlEvent, ControlParams};
 use crate::machine::{Action, CallState, Event, Ms, Observation};
 use crate::metrics::{Metrics, ProviderLabel};
-use crate::server::{AppState, CallSlot};
+use crate::state::{AppState, CallSlot};
 use crate::stt::{self, AudioFrame, SttOut, SttProbes};
 use crate::tts::{self, TtsLink, TtsOut};
 use crate::twilio::{self, StartInfo, TwilioEvent};

@@ -9,7 +9,8 @@
 //! - behaviour (no I/O, no clock): [`machine`], the per-call state machine;
 //! - sockets: [`call`] (handshake and call loop), [`control`] (DO channel), [`stt`] and
 //!   [`tts`] (provider tasks), [`ws`] (connect and backoff);
-//! - process: [`config`], [`server`], [`metrics`], [`nonce`].
+//! - process: [`config`], [`state`] (shared by `server` and `call`, depending on neither),
+//!   [`server`], [`metrics`], [`nonce`].
 
 pub mod call;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod machine;
 pub mod metrics;
 pub mod nonce;
 pub mod server;
+pub mod state;
 pub mod stt;
 pub mod tts;
 pub mod twilio;

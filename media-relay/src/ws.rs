@@ -8,6 +8,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -109,13 +111,20 @@ pub fn header_value(value: &str) -> Result<HeaderValue, ConnectError> {
     Ok(v)
 }
 
-/// Reconnect delays: the first retry is immediate, then quickly growing, so a blip is
-/// bridged within a second and a dead provider is given up on in bounded time.
+/// Reconnect delays: the first retry comes almost at once, then quickly growing, so a
+/// blip is bridged within a second and a dead provider is given up on in bounded time.
+/// Every delay is jittered (a step `d` waits uniformly in `d/2..=d`; the first, zero, in
+/// `0..=FIRST_RETRY_SPREAD`) so a provider blip under 1,000 calls does not bring 1,000
+/// reconnects in the same millisecond.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     delays: &'static [Duration],
     attempt: usize,
+    rng: StdRng,
 }
+
+/// How far the immediate first retries of many calls are spread.
+pub const FIRST_RETRY_SPREAD: Duration = Duration::from_millis(50);
 
 /// Providers: 0, 0.1, 0.25, 0.5, 1, 2 s — about four seconds in all before giving up.
 pub const PROVIDER_DELAYS: &[Duration] = &[
@@ -142,16 +151,31 @@ pub const CONTROL_DELAYS: &[Duration] = &[
 ];
 
 impl Backoff {
-    /// A fresh schedule.
+    /// A fresh schedule with its own random jitter.
     pub fn new(delays: &'static [Duration]) -> Self {
-        Self { delays, attempt: 0 }
+        Self::seeded(delays, rand::thread_rng().gen())
+    }
+
+    /// A schedule whose jitter replays from `seed` (tests).
+    pub fn seeded(delays: &'static [Duration], seed: u64) -> Self {
+        Self {
+            delays,
+            attempt: 0,
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// The wait before the next attempt, or `None` once the schedule is exhausted.
     pub fn next_delay(&mut self) -> Option<Duration> {
-        let d = self.delays.get(self.attempt).copied();
+        let d = self.delays.get(self.attempt).copied()?;
         self.attempt += 1;
-        d
+        let (low, high) = if d.is_zero() {
+            (Duration::ZERO, FIRST_RETRY_SPREAD)
+        } else {
+            (d / 2, d)
+        };
+        let span = u64::try_from((high - low).as_micros()).unwrap_or(u64::MAX);
+        Some(low + Duration::from_micros(self.rng.gen_range(0..=span)))
     }
 
     /// Called after a successful connect: the next failure starts over.
@@ -164,23 +188,39 @@ impl Backoff {
 mod tests {
     use super::*;
 
-    /// The first retry is immediate, the first three fit in a second, and it ends.
+    /// The first retry comes within the spread, the first three fit in a second, every
+    /// step stays within half to all of its nominal delay, and it ends.
     #[test]
     fn backoff_schedule() {
         let mut b = Backoff::new(PROVIDER_DELAYS);
-        assert_eq!(b.next_delay(), Some(Duration::ZERO));
-        let first_three: Duration = [
-            Duration::ZERO,
-            b.next_delay().expect("2"),
-            b.next_delay().expect("3"),
-        ]
-        .iter()
-        .sum();
+        let first = b.next_delay().expect("1");
+        assert!(first <= FIRST_RETRY_SPREAD);
+        let first_three = first + b.next_delay().expect("2") + b.next_delay().expect("3");
         assert!(first_three < Duration::from_secs(1));
-        while b.next_delay().is_some() {}
+        for nominal in &PROVIDER_DELAYS[3..] {
+            let d = b.next_delay().expect("step");
+            assert!(*nominal / 2 <= d && d <= *nominal, "{d:?} for {nominal:?}");
+        }
+        assert_eq!(b.next_delay(), None, "exhausted");
         assert_eq!(b.next_delay(), None, "stays exhausted");
         b.reset();
-        assert_eq!(b.next_delay(), Some(Duration::ZERO));
+        assert!(b.next_delay().expect("again") <= FIRST_RETRY_SPREAD);
+    }
+
+    /// Many calls retrying after the same blip do not retry in step.
+    #[test]
+    fn jitter_spreads_calls() {
+        let firsts: std::collections::BTreeSet<Duration> = (0..1000)
+            .map(|seed| {
+                Backoff::seeded(CONTROL_DELAYS, seed)
+                    .next_delay()
+                    .expect("first")
+            })
+            .collect();
+        assert!(firsts.len() > 900, "{} distinct first delays", firsts.len());
+        let mut a = Backoff::seeded(CONTROL_DELAYS, 7);
+        let mut b = Backoff::seeded(CONTROL_DELAYS, 7);
+        assert_eq!(a.next_delay(), b.next_delay(), "a seed replays");
     }
 
     /// The TLS config builds with the explicit ring provider.
