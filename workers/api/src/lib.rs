@@ -7,38 +7,25 @@
 //! the request boundary (request id, CORS, one log line per failure) and dispatch over
 //! the one route table, `cmb_core::http::routes::ROUTES`.
 
-mod admin;
-mod analytics;
-mod audit;
-mod auth;
-mod calls;
+mod clients;
 mod config;
 mod crypto;
 mod ctx;
-mod db;
 mod error;
-mod favorites;
-mod health;
 mod http;
-mod limits;
-mod llm;
 mod log;
-mod payments;
-mod personas;
+mod routes;
 mod session;
 mod store;
-mod store_admin;
-mod stripe;
-mod twilio;
-mod voice;
 
 use cmb_core::http::cors::CorsPolicy;
-use cmb_core::http::routes::{self, Endpoint as E, Found, ROUTES};
+use cmb_core::http::routes::{self as table, Endpoint as E, Found, ROUTES};
 use serde_json::json;
 use worker::{event, Context, Env, Method, Request, Response};
 
 pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
+use crate::routes::{admin, auth, calls, favorites, health, payments, personas, voice};
 pub use crate::session::CallSession;
 
 #[event(start)]
@@ -104,8 +91,7 @@ fn request_id(req: &Request) -> String {
 async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> {
     let path = req.path();
     let method = req.method();
-    let (route, params) = match routes::find(ROUTES, routes::Method::parse(method.as_ref()), &path)
-    {
+    let (route, params) = match table::find(ROUTES, table::Method::parse(method.as_ref()), &path) {
         Found::Route(route, params) => (route, params),
         Found::WrongMethod { allow } => {
             let mut resp = ApiError::new(
@@ -185,9 +171,9 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::AdminCalls => admin::calls(&req, ctx).await,
         E::AdminCall => admin::call(&req, ctx, id).await,
         E::AdminPersonas => admin::personas(&req, ctx).await,
-        E::AdminAudit => audit::list(&req, ctx).await,
-        E::AnalyticsCalls => analytics::calls(&req, ctx).await,
-        E::AnalyticsRevenue => analytics::revenue(&req, ctx).await,
-        E::AnalyticsCosts => analytics::costs(&req, ctx).await,
+        E::AdminAudit => admin::audit::list(&req, ctx).await,
+        E::AnalyticsCalls => admin::analytics::calls(&req, ctx).await,
+        E::AnalyticsRevenue => admin::analytics::revenue(&req, ctx).await,
+        E::AnalyticsCosts => admin::analytics::costs(&req, ctx).await,
     }
 }

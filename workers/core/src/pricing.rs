@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// 1 credit = 1 US cent = 10,000 micro-dollars (costs are kept in micro-dollars).
+pub const MICROS_PER_CREDIT: i64 = 10_000;
+
 /// Flat fee of every connected call.
 pub const BASE_CALL_CREDITS: i64 = 25;
 /// Per started minute of a connected call.

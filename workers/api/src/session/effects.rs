@@ -18,11 +18,11 @@ use futures::{FutureExt as _, StreamExt as _};
 use worker::{AbortController, Delay, Result};
 
 use super::{now_ms, rt, CallSession};
+use crate::clients::llm;
+use crate::clients::twilio::{self, Dial};
 use crate::crypto;
 use crate::iso_from_millis as iso;
-use crate::llm;
 use crate::store::{CostRow, LedgerEntry, Settlement, Store, TranscriptRow, WriteConflict};
-use crate::twilio::{self, Dial};
 
 impl CallSession {
     /// Runs `first` and everything its results lead to; LLM streams after the rest.

@@ -8,6 +8,7 @@
 //! stream is doing. This module decides nothing: every number and every timer comes from
 //! the machine.
 
+pub mod client;
 mod effects;
 
 use cmb_core::calls::CallStatus;
@@ -20,12 +21,11 @@ use worker::{
     WebSocketIncomingMessage, WebSocketPair,
 };
 
+pub use client::{relay_session, session_op};
 pub use cmb_core::session::CancelOutcome;
 
 use crate::config;
-use crate::error::{ApiError, ApiResult};
 use crate::store::Store;
-use crate::Ctx;
 
 /// Storage key of the machine's state.
 const STATE_KEY: &str = "session";
@@ -346,7 +346,7 @@ impl CallSession {
         else {
             return Ok(None);
         };
-        let fields = crate::personas::fields_of(&p);
+        let fields = p.fields();
         Ok(Some(PersonaBrief {
             system_prompt: cmb_core::persona::call_system_prompt(&fields),
             name: p.name,
@@ -361,47 +361,4 @@ impl CallSession {
             greeting: p.greeting,
         }))
     }
-}
-
-/// The relay's control channel for one call: authenticated with `RELAY_SECRET`, then
-/// handed to the call's Durable Object, which accepts the WebSocket.
-pub async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<Response> {
-    let header = req
-        .headers()
-        .get("authorization")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    let presented = header.strip_prefix("Bearer ").unwrap_or("");
-    if !cmb_core::password::hashes_equal(
-        presented.as_bytes(),
-        ctx.cfg.relay_secret.expose().as_bytes(),
-    ) {
-        return Err(ApiError::unauthorized("Invalid relay credentials."));
-    }
-    let upgrade = req
-        .headers()
-        .get("upgrade")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    if !upgrade.eq_ignore_ascii_case("websocket") {
-        return Err(ApiError::new(
-            426,
-            "upgrade_required",
-            "This endpoint is a WebSocket.",
-        ));
-    }
-    if ctx.store.call(call_id).await?.is_none() {
-        return Err(ApiError::not_found("Call"));
-    }
-    let ns = ctx
-        .env
-        .durable_object(config::CALL_SESSION_BINDING)
-        .map_err(|e| ApiError::internal("do binding", e))?;
-    let stub = ns
-        .id_from_name(call_id)
-        .and_then(|id| id.get_stub())
-        .map_err(|e| ApiError::internal("do stub", e))?;
-    Ok(stub.fetch_with_request(req).await?)
 }

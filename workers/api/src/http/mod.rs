@@ -3,6 +3,9 @@
 //!
 //! Nothing here knows about users or calls.
 
+pub mod auth;
+pub mod limits;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use worker::{Request, Response};
@@ -85,4 +88,27 @@ pub fn query<T: DeserializeOwned>(req: &Request) -> ApiResult<T> {
     let url = req.url()?;
     serde_urlencoded::from_str(url.query().unwrap_or(""))
         .map_err(|e| ApiError::bad_request("invalid_query", format!("Invalid query string: {e}")))
+}
+
+/// Default and largest page of the admin lists.
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
+/// Validated `limit`/`offset` of an admin list.
+pub fn page(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    let offset = offset.unwrap_or(0);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_PAGE}."),
+        ));
+    }
+    if offset < 0 {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "offset must not be negative.",
+        ));
+    }
+    Ok((limit, offset))
 }

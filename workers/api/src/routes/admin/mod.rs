@@ -7,6 +7,9 @@
 //! change (`store_admin.rs`). This module never touches a call's state directly: a
 //! banned user's pending calls are canceled through each call's Durable Object.
 
+pub mod analytics;
+pub mod audit;
+
 use cmb_core::calls::CallStatus;
 use cmb_core::validate;
 use futures::future::join_all;
@@ -14,54 +17,21 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use worker::{Request, Response};
 
-use crate::audit::{self, action};
-use crate::auth::{authenticate, Session};
-use crate::calls::session_op;
+use self::audit::action;
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::require_admin;
+use crate::http::page;
 use crate::http::{json, parse_json, query, read_body};
+use crate::session::session_op;
 use crate::session::{CancelOutcome, SessionOp};
+use crate::store::admin::{AdminUserRow, AuditEntry};
 use crate::store::{LedgerEntry, PersonaRow, WriteConflict};
-use crate::store_admin::{AdminUserRow, AuditEntry};
 use crate::Ctx;
 
-/// Default and largest page of the admin lists.
-const DEFAULT_PAGE: i64 = 50;
-const MAX_PAGE: i64 = 200;
 /// Largest single grant or deduction: a typo should not mint a fortune.
 const MAX_ADJUSTMENT: i64 = 1_000_000;
 const REASON_MAX_CHARS: usize = 500;
-/// 1 credit = 1 US cent = 10,000 micro-dollars.
-pub const MICROS_PER_CREDIT: i64 = 10_000;
-
-/// Authenticates an admin: 401 without a valid token, 403 for anyone not an admin now.
-pub async fn require_admin(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
-    let session = authenticate(req, ctx).await?;
-    let still_admin = session.user.role == "admin" || ctx.cfg.is_admin_email(&session.user.email);
-    if !(session.is_admin() && still_admin) {
-        return Err(ApiError::forbidden("This route is for admins only."));
-    }
-    Ok(session)
-}
-
-/// Validated `limit`/`offset` of an admin list.
-pub fn page(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
-    let limit = limit.unwrap_or(DEFAULT_PAGE);
-    let offset = offset.unwrap_or(0);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be between 1 and {MAX_PAGE}."),
-        ));
-    }
-    if offset < 0 {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "offset must not be negative.",
-        ));
-    }
-    Ok((limit, offset))
-}
 
 fn user_view(ctx: &Ctx, u: &AdminUserRow) -> Value {
     let role = if u.role == "admin" || ctx.cfg.is_admin_email(&u.email) {
@@ -123,7 +93,7 @@ pub async fn users(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
     // D1 refuses LIKE patterns over 50 bytes ("pattern too complex"): say so as a 400
     // rather than fail inside the database.
-    if search.is_some_and(|s| crate::store_admin::like_pattern(s).len() > 50) {
+    if search.is_some_and(|s| crate::store::admin::like_pattern(s).len() > 50) {
         return Err(ApiError::bad_request(
             "invalid_query",
             "q is too long: search with at most 48 characters (e.g. part of the email).",
@@ -386,7 +356,7 @@ pub async fn call(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
         .collect();
     let lines = ctx.store.costs(id).await?;
     let cost_micros: i64 = lines.iter().map(|c| c.cost_micros).sum();
-    let revenue_micros = call.cost_cents.unwrap_or(0) * MICROS_PER_CREDIT;
+    let revenue_micros = call.cost_cents.unwrap_or(0) * cmb_core::pricing::MICROS_PER_CREDIT;
     let costs = json!({
         "credits_charged": call.cost_cents,
         "providers": lines,

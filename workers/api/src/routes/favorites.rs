@@ -6,8 +6,8 @@ use serde::Deserialize;
 use serde_json::json;
 use worker::{Request, Response};
 
-use crate::auth::authenticate;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::authenticate;
 use crate::http::{json, json_body, no_content};
 use crate::Ctx;
 

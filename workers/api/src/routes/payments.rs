@@ -26,13 +26,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use worker::{Request, Response};
 
-use crate::auth::authenticate;
+use crate::clients::stripe::{self, NewCheckout};
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::authenticate;
 use crate::http::{json, json_body, parse_json, read_body};
+use crate::store::admin::{Fulfilment, NewPurchase, PurchaseRow, RefundStep};
 use crate::store::WriteConflict;
-use crate::store_admin::{Fulfilment, NewPurchase, PurchaseRow, RefundStep};
-use crate::stripe::{self, NewCheckout};
 use crate::Ctx;
 
 /// Checkout requests without a client `Idempotency-Key` share a Stripe key for this

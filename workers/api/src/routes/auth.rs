@@ -1,5 +1,5 @@
-//! Accounts: register, login, logout, `me`, and bearer-token authentication for the other
-//! routes.
+//! Accounts: register, login, logout and `me`. Authenticating the other routes' callers
+//! is `http::auth`.
 //!
 //! Tokens are HS256 JWTs (`cmb_core::jwt`); logout revokes a token by putting its `jti`
 //! in KV `TOKEN_BLACKLIST` until the token would have expired anyway. Every authenticated
@@ -13,24 +13,13 @@ use worker::{Request, Response};
 
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::{authenticate, role_for, role_name};
 use crate::http::{json, json_body, no_content};
 use crate::store::{UserRow, WriteConflict};
 use crate::Ctx;
 
 /// Lifetime of an access token.
 pub const TOKEN_TTL_SECS: i64 = 24 * 3600;
-
-/// An authenticated caller.
-pub struct Session {
-    pub user: UserRow,
-    pub claims: Claims,
-}
-
-impl Session {
-    pub fn is_admin(&self) -> bool {
-        self.claims.role == Role::Admin
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,22 +35,6 @@ struct RegisterBody {
 struct LoginBody {
     email: String,
     password: String,
-}
-
-/// The role a user gets: admin when stored so or listed in `ADMIN_EMAILS`.
-fn role_for(ctx: &Ctx, user: &UserRow) -> Role {
-    if user.role == "admin" || ctx.cfg.admin_emails.iter().any(|e| e == &user.email) {
-        Role::Admin
-    } else {
-        Role::User
-    }
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Admin => "admin",
-        Role::User => "user",
-    }
 }
 
 fn issue_token(ctx: &Ctx, user: &UserRow, role: Role) -> ApiResult<String> {
@@ -100,7 +73,7 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         return Err(problems.into());
     };
     // Before the costly hash; a taken email counts too (it is how accounts are probed).
-    crate::limits::registration(&req, ctx).await?;
+    crate::http::limits::registration(&req, ctx).await?;
 
     let hash = crypto::hash_password(&body.password)
         .await
@@ -165,7 +138,7 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     // password, after the same amount of hashing work.
     let email = validate::email(&body.email).ok();
     // Counted before the password is checked, given back on success (see `limits`).
-    let attempt = crate::limits::login_attempt(&req, ctx, email.as_deref()).await?;
+    let attempt = crate::http::limits::login_attempt(&req, ctx, email.as_deref()).await?;
     let user = match email {
         Some(email) => ctx.store.user_by_email(&email).await?,
         None => None,
@@ -211,44 +184,4 @@ pub async fn me(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(req, ctx).await?;
     let role = role_name(session.claims.role);
     json(200, &json!({ "user": session.user.view(role) }))
-}
-
-/// Authenticates the bearer token: signature and expiry, then revocation (KV), then the
-/// user (exists, not banned).
-pub async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
-    let header = req.headers().get("authorization").ok().flatten();
-    let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) else {
-        return Err(ApiError::unauthorized("Missing bearer token."));
-    };
-    let claims = jwt::decode(
-        ctx.cfg.jwt_secret.expose().as_bytes(),
-        token.trim(),
-        ctx.now_secs(),
-    )
-    .map_err(|e| ApiError::unauthorized(format!("Invalid token: {e}.")))?;
-    let revoked = ctx
-        .kv()?
-        .get(&claims.jti)
-        .text()
-        .await
-        .map_err(|e| ApiError::internal("kv get", e))?;
-    if revoked.is_some() {
-        return Err(ApiError::unauthorized("This token has been revoked."));
-    }
-    let Some(user) = ctx.store.user_by_id(&claims.sub).await? else {
-        return Err(ApiError::unauthorized("This account no longer exists."));
-    };
-    if user.is_banned != 0 {
-        return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
-    }
-    Ok(Session { user, claims })
-}
-
-/// Authenticates when a token is present; anonymous otherwise. A present but invalid
-/// token is still an error, so a client never silently loses its identity.
-pub async fn optional_session(req: &Request, ctx: &Ctx) -> ApiResult<Option<Session>> {
-    match req.headers().get("authorization").ok().flatten() {
-        Some(_) => authenticate(req, ctx).await.map(Some),
-        None => Ok(None),
-    }
 }

@@ -11,11 +11,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use worker::{Request, Response};
 
-use crate::admin::{page, require_admin};
-use crate::auth::Session;
 use crate::error::ApiResult;
+use crate::http::auth::require_admin;
+use crate::http::auth::Session;
+use crate::http::page;
 use crate::http::{json, query};
-use crate::store_admin::{Actor, AuditFilter, AuditRow};
+use crate::store::admin::{Actor, AuditFilter, AuditRow};
 use crate::Ctx;
 
 /// Action names, stable for filtering.

@@ -23,11 +23,12 @@ use time::macros::format_description;
 use time::Date;
 use worker::{Request, Response};
 
-use crate::admin::{require_admin, MICROS_PER_CREDIT};
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::require_admin;
 use crate::http::{json, query};
-use crate::store_admin::{CallDayRow, CostDayRow, LatencyDayRow, RefundDayRow, SalesDayRow};
+use crate::store::admin::{CallDayRow, CostDayRow, LatencyDayRow, RefundDayRow, SalesDayRow};
 use crate::Ctx;
+use cmb_core::pricing::MICROS_PER_CREDIT;
 
 const MAX_RANGE_DAYS: i64 = 366;
 const DEFAULT_RANGE_DAYS: i64 = 30;

@@ -6,12 +6,15 @@
 //! batch back. That is how credit operations stay exact under concurrency without
 //! read-then-write.
 
+pub mod admin;
+pub mod db;
+
 use serde::{Deserialize, Serialize};
 use worker::{D1Database, Env};
 
-use crate::db::Db;
-pub use crate::db::WriteConflict;
-pub(crate) use crate::db::{day, flag, int, opt, opt_int, opt_ts, real, s, ts, Arg, Bound};
+use crate::store::db::Db;
+pub use crate::store::db::WriteConflict;
+pub(crate) use crate::store::db::{day, flag, int, opt, opt_int, opt_ts, real, s, ts, Arg, Bound};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -111,6 +114,26 @@ pub struct PersonaView {
 }
 
 impl PersonaRow {
+    /// The persona's validated fields (as `cmb_core::persona` merges updates into them).
+    pub fn fields(&self) -> cmb_core::persona::PersonaFields {
+        cmb_core::persona::PersonaFields {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            system_prompt: self.system_prompt.clone(),
+            greeting: self.greeting.clone(),
+            voice_id: self.voice_id.clone(),
+            voice_settings: cmb_core::channel::VoiceSettings {
+                stability: self.stability,
+                similarity_boost: self.similarity_boost,
+                style: self.style,
+                speed: self.speed,
+                use_speaker_boost: true,
+            },
+            avatar_url: self.avatar_url.clone(),
+            category: self.category.clone(),
+        }
+    }
+
     pub fn view(&self) -> PersonaView {
         let voice_settings = VoiceSettingsView {
             stability: self.stability,
@@ -258,7 +281,7 @@ impl Store {
         })
     }
 
-    pub fn dialect(&self) -> crate::db::Dialect {
+    pub fn dialect(&self) -> crate::store::db::Dialect {
         self.db.dialect()
     }
 

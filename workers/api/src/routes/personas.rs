@@ -9,31 +9,12 @@ use cmb_core::persona::{PersonaFields, PersonaInput};
 use serde_json::json;
 use worker::{Request, Response};
 
-use crate::auth::{authenticate, optional_session, Session};
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::{authenticate, optional_session, Session};
 use crate::http::{json, json_body, no_content};
 use crate::store::{PersonaRow, PersonaWrite};
 use crate::Ctx;
-
-pub(crate) fn fields_of(row: &PersonaRow) -> PersonaFields {
-    PersonaFields {
-        name: row.name.clone(),
-        description: row.description.clone(),
-        system_prompt: row.system_prompt.clone(),
-        greeting: row.greeting.clone(),
-        voice_id: row.voice_id.clone(),
-        voice_settings: cmb_core::channel::VoiceSettings {
-            stability: row.stability,
-            similarity_boost: row.similarity_boost,
-            style: row.style,
-            speed: row.speed,
-            use_speaker_boost: true,
-        },
-        avatar_url: row.avatar_url.clone(),
-        category: row.category.clone(),
-    }
-}
 
 fn write_of(f: &PersonaFields) -> PersonaWrite {
     PersonaWrite {
@@ -119,7 +100,7 @@ pub async fn update(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response
     let session = authenticate(&req, ctx).await?;
     let row = editable(ctx, &session, id).await?;
     let input: PersonaInput = json_body(&mut req).await?;
-    let mut fields = fields_of(&row);
+    let mut fields = row.fields();
     input.apply_update(&mut fields)?;
     ctx.store
         .update_persona(id, &write_of(&fields), &ctx.now_iso())

@@ -9,10 +9,10 @@ use cmb_core::{stream_token, twilio_sig, twiml};
 use serde_json::json;
 use worker::{Request, Response};
 
-use crate::calls::session_op;
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{no_content, read_body};
+use crate::session::session_op;
 use crate::session::SessionOp;
 use crate::Ctx;
 

@@ -7,14 +7,13 @@
 use cmb_core::validate;
 use serde::Deserialize;
 use serde_json::json;
-use worker::{Method, Request, RequestInit, Response};
+use worker::{Request, Response};
 
-use crate::auth::{authenticate, Session};
-use crate::config;
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::{authenticate, Session};
 use crate::http::{json, json_body, query};
-use crate::session::{CancelOutcome, SessionOp};
+use crate::session::{session_op, CancelOutcome, SessionOp};
 use crate::store::{CallRow, LedgerEntry, WriteConflict};
 use crate::Ctx;
 
@@ -46,40 +45,6 @@ struct ScheduleBody {
 struct HistoryQuery {
     limit: Option<i64>,
     offset: Option<i64>,
-}
-
-/// Sends one operation to the call's Durable Object.
-pub async fn session_op<T: for<'de> Deserialize<'de>>(
-    ctx: &Ctx,
-    call_id: &str,
-    op: &SessionOp,
-) -> ApiResult<T> {
-    let ns = ctx
-        .env
-        .durable_object(config::CALL_SESSION_BINDING)
-        .map_err(|e| ApiError::internal("do binding", e))?;
-    let stub = ns
-        .id_from_name(call_id)
-        .and_then(|id| id.get_stub())
-        .map_err(|e| ApiError::internal("do stub", e))?;
-    let body = serde_json::to_string(op).map_err(|e| ApiError::internal("encode op", e))?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post).with_body(Some(body.into()));
-    let req = Request::new_with_init("https://call-session/op", &init)?;
-    let mut resp = stub
-        .fetch_with_request(req)
-        .await
-        .map_err(|e| ApiError::internal("do fetch", e))?;
-    if resp.status_code() != 200 {
-        let text = resp.text().await.unwrap_or_default();
-        return Err(ApiError::internal(
-            "do op",
-            format!("{}: {text}", resp.status_code()),
-        ));
-    }
-    resp.json()
-        .await
-        .map_err(|e| ApiError::internal("do reply", e))
 }
 
 /// The persona must exist, be active, and be visible to the caller.
@@ -154,7 +119,7 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         call_id: Some(&call_id),
         reason: "first minute",
     };
-    let guard = crate::limits::daily_call_guard(ctx, &session.user)?;
+    let guard = crate::http::limits::daily_call_guard(ctx, &session.user)?;
     match ctx
         .store
         .insert_call_with_reservation(&call, &reserve, guard, &ctx.now_iso())
@@ -162,7 +127,7 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     {
         Ok(()) => {}
         Err(WriteConflict::DailyLimit) => {
-            return Err(crate::limits::daily_limit_error(ctx, &session.user))
+            return Err(crate::http::limits::daily_limit_error(ctx, &session.user))
         }
         Err(WriteConflict::LiveCall) => {
             return Err(ApiError::conflict(

@@ -307,11 +307,11 @@ impl Store {
         // JSON is built in SQL so the before/after balance is the one this transaction
         // sees; the two databases spell JSON functions differently.
         let (before, after) = match self.dialect() {
-            crate::db::Dialect::Sqlite => (
+            crate::store::db::Dialect::Sqlite => (
                 "json_object('credits', credits)".to_string(),
                 format!("json_patch(json_object('credits', credits + CAST(({delta_sql}) AS INTEGER)), ?8)"),
             ),
-            crate::db::Dialect::Postgres => (
+            crate::store::db::Dialect::Postgres => (
                 "jsonb_build_object('credits', credits)".to_string(),
                 format!("jsonb_build_object('credits', credits + ({delta_sql})) || ?8"),
             ),
@@ -657,11 +657,11 @@ impl Store {
         now: &str,
     ) -> ApiResult<()> {
         let (before, after) = match self.dialect() {
-            crate::db::Dialect::Sqlite => (
+            crate::store::db::Dialect::Sqlite => (
                 "json_object('is_banned', json(CASE WHEN is_banned THEN 'true' ELSE 'false' END))",
                 "json_object('is_banned', json(?8))",
             ),
-            crate::db::Dialect::Postgres => (
+            crate::store::db::Dialect::Postgres => (
                 "jsonb_build_object('is_banned', is_banned)",
                 "jsonb_build_object('is_banned', ?8)",
             ),
@@ -680,8 +680,8 @@ impl Store {
                 opt(audit.reason),
                 ts(now),
                 match self.dialect() {
-                    crate::db::Dialect::Sqlite => s(if banned { "true" } else { "false" }),
-                    crate::db::Dialect::Postgres => flag(banned),
+                    crate::store::db::Dialect::Sqlite => s(if banned { "true" } else { "false" }),
+                    crate::store::db::Dialect::Postgres => flag(banned),
                 },
                 flag(!banned),
             ],

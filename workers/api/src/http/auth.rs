@@ -1,0 +1,88 @@
+//! Who is calling: bearer-token authentication (JWT signature and expiry, revocation in
+//! KV, the account reloaded on every request so a ban or a lost admin role takes effect at
+//! once) and the role checks every route uses.
+
+use cmb_core::jwt::{self, Claims, Role};
+
+use crate::error::{ApiError, ApiResult};
+use crate::store::UserRow;
+use crate::Ctx;
+use worker::Request;
+
+/// An authenticated caller.
+pub struct Session {
+    pub user: UserRow,
+    pub claims: Claims,
+}
+
+impl Session {
+    pub fn is_admin(&self) -> bool {
+        self.claims.role == Role::Admin
+    }
+}
+
+/// The role a user gets: admin when stored so or listed in `ADMIN_EMAILS`.
+pub fn role_for(ctx: &Ctx, user: &UserRow) -> Role {
+    if user.role == "admin" || ctx.cfg.admin_emails.iter().any(|e| e == &user.email) {
+        Role::Admin
+    } else {
+        Role::User
+    }
+}
+
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin",
+        Role::User => "user",
+    }
+}
+
+/// Authenticates the bearer token: signature and expiry, then revocation (KV), then the
+/// user (exists, not banned).
+pub async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
+    let header = req.headers().get("authorization").ok().flatten();
+    let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) else {
+        return Err(ApiError::unauthorized("Missing bearer token."));
+    };
+    let claims = jwt::decode(
+        ctx.cfg.jwt_secret.expose().as_bytes(),
+        token.trim(),
+        ctx.now_secs(),
+    )
+    .map_err(|e| ApiError::unauthorized(format!("Invalid token: {e}.")))?;
+    let revoked = ctx
+        .kv()?
+        .get(&claims.jti)
+        .text()
+        .await
+        .map_err(|e| ApiError::internal("kv get", e))?;
+    if revoked.is_some() {
+        return Err(ApiError::unauthorized("This token has been revoked."));
+    }
+    let Some(user) = ctx.store.user_by_id(&claims.sub).await? else {
+        return Err(ApiError::unauthorized("This account no longer exists."));
+    };
+    if user.is_banned != 0 {
+        return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
+    }
+    Ok(Session { user, claims })
+}
+
+/// Authenticates when a token is present; anonymous otherwise. A present but invalid
+/// token is still an error, so a client never silently loses its identity.
+pub async fn optional_session(req: &Request, ctx: &Ctx) -> ApiResult<Option<Session>> {
+    match req.headers().get("authorization").ok().flatten() {
+        Some(_) => authenticate(req, ctx).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Authenticates an admin: 401 without a valid token, 403 for anyone not an admin now.
+pub async fn require_admin(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
+    let session = authenticate(req, ctx).await?;
+    let still_admin = session.user.role == "admin" || ctx.cfg.is_admin_email(&session.user.email);
+    if !(session.is_admin() && still_admin) {
+        return Err(ApiError::forbidden("This route is for admins only."));
+    }
+    Ok(session)
+}
