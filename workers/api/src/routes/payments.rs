@@ -31,8 +31,8 @@ use crate::crypto;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::authenticate;
 use crate::http::{json, json_body, parse_json, read_body};
-use crate::store::admin::{Fulfilment, NewPurchase, PurchaseRow, RefundStep};
 use crate::store::WriteConflict;
+use crate::store::{Fulfilment, NewPurchase, PurchaseRow, RefundStep};
 use crate::Ctx;
 
 /// Checkout requests without a client `Idempotency-Key` share a Stripe key for this

@@ -26,7 +26,7 @@ use worker::{Request, Response};
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::require_admin;
 use crate::http::{json, query};
-use crate::store::admin::{CallDayRow, CostDayRow, LatencyDayRow, RefundDayRow, SalesDayRow};
+use crate::store::{CallDayRow, CostDayRow, LatencyDayRow, RefundDayRow, SalesDayRow};
 use crate::Ctx;
 use cmb_core::pricing::MICROS_PER_CREDIT;
 

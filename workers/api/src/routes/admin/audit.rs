@@ -16,7 +16,7 @@ use crate::http::auth::require_admin;
 use crate::http::auth::Session;
 use crate::http::page;
 use crate::http::{json, query};
-use crate::store::admin::{Actor, AuditFilter, AuditRow};
+use crate::store::{Actor, AuditFilter, AuditRow};
 use crate::Ctx;
 
 /// Action names, stable for filtering.

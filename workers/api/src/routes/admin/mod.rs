@@ -25,7 +25,7 @@ use crate::http::page;
 use crate::http::{json, parse_json, query, read_body};
 use crate::session::session_op;
 use crate::session::{CancelOutcome, SessionOp};
-use crate::store::admin::{AdminUserRow, AuditEntry};
+use crate::store::{AdminUserRow, AuditEntry};
 use crate::store::{LedgerEntry, PersonaRow, WriteConflict};
 use crate::Ctx;
 
@@ -93,7 +93,7 @@ pub async fn users(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let search = q.q.as_deref().map(str::trim).filter(|s| !s.is_empty());
     // D1 refuses LIKE patterns over 50 bytes ("pattern too complex"): say so as a 400
     // rather than fail inside the database.
-    if search.is_some_and(|s| crate::store::admin::like_pattern(s).len() > 50) {
+    if search.is_some_and(|s| crate::store::like_pattern(s).len() > 50) {
         return Err(ApiError::bad_request(
             "invalid_query",
             "q is too long: search with at most 48 characters (e.g. part of the email).",

@@ -1,0 +1,240 @@
+//! Accounts: users, their roles and bans, and the admin's view of them.
+
+use super::*;
+
+/// A user as the admin list shows it (never the password hash), with recorded debt.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminUserRow {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub phone_number: Option<String>,
+    pub role: String,
+    pub tier: String,
+    pub credits: i64,
+    pub is_banned: i64,
+    pub debt: i64,
+    pub created_at: String,
+}
+
+pub(super) const ADMIN_USER_COLUMNS: &str = "u.id, u.email, u.name, u.phone_number, u.role, u.tier, u.credits, u.is_banned, \
+     COALESCE((SELECT CAST(SUM(r.credits_due - r.credits_taken) AS BIGINT) FROM payment_refunds r WHERE r.user_id = u.id), 0) AS debt, \
+     u.created_at";
+
+/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern.
+pub fn like_pattern(q: &str) -> String {
+    let mut out = String::with_capacity(q.len() + 2);
+    out.push('%');
+    for c in q.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+impl Store {
+    // ---- users ----
+
+    /// Creates a user and grants the starting credits in one transaction.
+    /// Returns `Err(WriteConflict::Duplicate)` when the email is taken.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_user(
+        &self,
+        id: &str,
+        email: &str,
+        name: &str,
+        phone_number: Option<&str>,
+        password_hash: &str,
+        role: &str,
+        free_credits: i64,
+        ledger_id: &str,
+        now: &str,
+    ) -> ApiResult<Result<(), WriteConflict>> {
+        let insert = self.stmt(
+            "INSERT INTO users (id, email, name, phone_number, password_hash, role, credits, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            &[s(id), s(email), s(name), opt(phone_number), s(password_hash), s(role), int(free_credits), ts(now)],
+        )?;
+        let grant = self.stmt(
+            "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, reason, created_at) \
+             VALUES (?1, ?2, 'grant', ?3, ?4, 'signup', ?5)",
+            &[s(ledger_id), s(id), int(free_credits), s(&format!("signup:{id}")), ts(now)],
+        )?;
+        self.batch(vec![insert, grant]).await
+    }
+
+    pub async fn user_by_email(&self, email: &str) -> ApiResult<Option<UserRow>> {
+        self.first(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE email = ?1"),
+            &[s(email)],
+        )
+        .await
+    }
+
+    pub async fn user_by_id(&self, id: &str) -> ApiResult<Option<UserRow>> {
+        self.first(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"),
+            &[s(id)],
+        )
+        .await
+    }
+
+    // ---- admin: users ----
+
+    pub async fn admin_users(
+        &self,
+        q: Option<&str>,
+        limit: i64,
+        offset: i64,
+    ) -> ApiResult<(Vec<AdminUserRow>, i64)> {
+        let pattern = q.map(like_pattern);
+        // Case-insensitive on both databases (SQLite's LIKE already is for ASCII;
+        // Postgres' is not).
+        let filter = "(?1 IS NULL OR LOWER(u.email) LIKE LOWER(?1) ESCAPE '\\' OR LOWER(u.name) LIKE LOWER(?1) ESCAPE '\\')";
+        let rows = self
+            .all(
+                &format!(
+                    "SELECT {ADMIN_USER_COLUMNS} FROM users u WHERE {filter} \
+                     ORDER BY u.created_at DESC, u.id DESC LIMIT ?2 OFFSET ?3"
+                ),
+                &[opt(pattern.as_deref()), int(limit), int(offset)],
+            )
+            .await?;
+        let total: Option<Count> = self
+            .first(
+                &format!("SELECT COUNT(*) AS n FROM users u WHERE {filter}"),
+                &[opt(pattern.as_deref())],
+            )
+            .await?;
+        Ok((rows, total.map_or(0, |c| c.n)))
+    }
+
+    pub async fn admin_user(&self, id: &str) -> ApiResult<Option<AdminUserRow>> {
+        self.first(
+            &format!("SELECT {ADMIN_USER_COLUMNS} FROM users u WHERE u.id = ?1"),
+            &[s(id)],
+        )
+        .await
+    }
+
+    pub async fn ledger_of_user(&self, user_id: &str, limit: i64) -> ApiResult<Vec<LedgerRow>> {
+        self.all(
+            "SELECT id, kind, amount, idempotency_key, call_id, reason, created_at FROM credit_ledger \
+             WHERE user_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2",
+            &[s(user_id), int(limit)],
+        )
+        .await
+    }
+
+    /// Sets `is_banned` and audits the change, in one transaction. Setting the value it
+    /// already has writes nothing (no audit row for a no-op).
+    pub async fn set_banned(
+        &self,
+        user_id: &str,
+        banned: bool,
+        audit: &AuditEntry<'_>,
+        now: &str,
+    ) -> ApiResult<()> {
+        let (before, after) = match self.dialect() {
+            crate::store::db::Dialect::Sqlite => (
+                "json_object('is_banned', json(CASE WHEN is_banned THEN 'true' ELSE 'false' END))",
+                "json_object('is_banned', json(?8))",
+            ),
+            crate::store::db::Dialect::Postgres => (
+                "jsonb_build_object('is_banned', is_banned)",
+                "jsonb_build_object('is_banned', ?8)",
+            ),
+        };
+        let audit_stmt = self.stmt(
+            &format!(
+                "INSERT INTO audit_log (id, actor_id, actor, action, target_type, target_id, before_json, after_json, reason, created_at) \
+                 SELECT ?1, ?2, ?3, ?4, 'user', id, {before}, {after}, ?6, ?7 FROM users WHERE id = ?5 AND is_banned = ?9"
+            ),
+            &[
+                s(audit.id),
+                opt(audit.actor.id.as_deref()),
+                s(&audit.actor.name),
+                s(audit.action),
+                s(user_id),
+                opt(audit.reason),
+                ts(now),
+                match self.dialect() {
+                    crate::store::db::Dialect::Sqlite => s(if banned { "true" } else { "false" }),
+                    crate::store::db::Dialect::Postgres => flag(banned),
+                },
+                flag(!banned),
+            ],
+        )?;
+        let update = self.stmt(
+            "UPDATE users SET is_banned = ?2, updated_at = ?3 WHERE id = ?1 AND is_banned = ?4",
+            &[s(user_id), flag(banned), ts(now), flag(!banned)],
+        )?;
+        match self.batch(vec![audit_stmt, update]).await? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ApiError::internal("set banned", format!("{e:?}"))),
+        }
+    }
+
+    /// Grants (positive) or deducts (negative) credits by an admin: ledger entry, balance
+    /// and audit in one transaction. `Duplicate` for a reused idempotency key, `Check`
+    /// when a deduction would overdraw.
+    pub async fn admin_adjust_credits(
+        &self,
+        entry: &LedgerEntry<'_>,
+        audit_id: &str,
+        actor: &Actor,
+        now: &str,
+    ) -> ApiResult<Result<(), WriteConflict>> {
+        let mut stmts = vec![self.balance_audit_stmt(
+            audit_id,
+            actor,
+            if entry.amount >= 0 {
+                "credits.grant"
+            } else {
+                "credits.deduct"
+            },
+            entry.user_id,
+            "?9",
+            entry.amount,
+            &serde_json::json!({ "amount": entry.amount, "ledger_id": entry.id }),
+            Some(entry.reason),
+            now,
+        )?];
+        stmts.extend(self.ledger_stmts(entry, now)?);
+        self.batch(stmts).await
+    }
+
+    /// Calls of a user that have not been handed to Twilio for good yet (cancelable).
+    /// The user's calls that are not over yet: pending, ringing or live.
+    pub async fn unfinished_calls(&self, user_id: &str) -> ApiResult<Vec<String>> {
+        #[derive(Deserialize)]
+        struct Id {
+            id: String,
+        }
+        let rows: Vec<Id> = self
+            .all(
+                "SELECT id FROM calls WHERE user_id = ?1 AND status IN ('scheduled', 'queued', 'ringing', 'in_progress') ORDER BY created_at",
+                &[s(user_id)],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+}
+
+#[cfg(test)]
+// A panic in a test is that test's failure.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// LIKE wildcards typed by an admin match literally; the pattern is a substring match.
+    #[test]
+    pub(super) fn like_pattern_escapes_wildcards() {
+        assert_eq!(like_pattern("bob"), "%bob%");
+        assert_eq!(like_pattern("50%_off\\"), "%50\\%\\_off\\\\%");
+        assert_eq!(like_pattern(""), "%%");
+    }
+}
