@@ -6,7 +6,9 @@
 //! Multi-statement writes go through D1 `batch`, which runs as one transaction: a failed
 //! constraint in any statement (unique idempotency key, `credits >= 0`) rolls the whole
 //! batch back. That is how credit operations stay exact under concurrency without
-//! read-then-write.
+//! read-then-write. An admin action's audit row is part of the same batch, so a change
+//! and its record exist together or not at all; amounts that depend on the balance
+//! (refunds that may not overdraw) are computed by SQL inside the batch.
 
 mod analytics;
 mod audit;
