@@ -16,14 +16,7 @@ pub async fn session_op<T: for<'de> Deserialize<'de>>(
     call_id: &str,
     op: &SessionOp,
 ) -> ApiResult<T> {
-    let ns = ctx
-        .env
-        .durable_object(config::CALL_SESSION_BINDING)
-        .map_err(|e| ApiError::internal("do binding", e))?;
-    let stub = ns
-        .id_from_name(call_id)
-        .and_then(|id| id.get_stub())
-        .map_err(|e| ApiError::internal("do stub", e))?;
+    let stub = stub(ctx, call_id)?;
     let body = serde_json::to_string(op).map_err(|e| ApiError::internal("encode op", e))?;
     let mut init = RequestInit::new();
     init.with_method(Method::Post).with_body(Some(body.into()));
@@ -76,13 +69,15 @@ pub async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<
     if ctx.store.call(call_id).await?.is_none() {
         return Err(ApiError::not_found("Call"));
     }
-    let ns = ctx
-        .env
-        .durable_object(config::CALL_SESSION_BINDING)
-        .map_err(|e| ApiError::internal("do binding", e))?;
-    let stub = ns
-        .id_from_name(call_id)
-        .and_then(|id| id.get_stub())
-        .map_err(|e| ApiError::internal("do stub", e))?;
+    let stub = stub(ctx, call_id)?;
     Ok(stub.fetch_with_request(req).await?)
+}
+
+/// The stub of `call_id`'s Durable Object (one per call, named by the call id).
+fn stub(ctx: &Ctx, call_id: &str) -> ApiResult<worker::Stub> {
+    ctx.env
+        .durable_object(config::CALL_SESSION_BINDING)
+        .and_then(|ns| ns.id_from_name(call_id))
+        .and_then(|id| id.get_stub())
+        .map_err(|e| ApiError::internal("do stub", e))
 }
