@@ -75,9 +75,11 @@ pub async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<
 
 /// The stub of `call_id`'s Durable Object (one per call, named by the call id).
 fn stub(ctx: &Ctx, call_id: &str) -> ApiResult<worker::Stub> {
-    ctx.env
+    let ns = ctx
+        .env
         .durable_object(config::CALL_SESSION_BINDING)
-        .and_then(|ns| ns.id_from_name(call_id))
+        .map_err(|e| ApiError::internal("do binding", e))?;
+    ns.id_from_name(call_id)
         .and_then(|id| id.get_stub())
         .map_err(|e| ApiError::internal("do stub", e))
 }
