@@ -24,6 +24,19 @@ impl Reply {
 pub struct ApiClient {
     base: String,
     http: reqwest::Client,
+    /// The fake Twilio's verification SMS, when the client can read them: then
+    /// [`ApiClient::register_user`] verifies a fresh number for each user (as the app's
+    /// sign-up does) and [`ApiClient::trigger_call`] verifies the number it is given.
+    sms: Option<crate::fakes::twilio::SmsInbox>,
+    /// The number each user (by id) has verified through this client.
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+}
+
+/// A fresh NANP (US, San Francisco 628) number for a test user; unique in this process.
+pub fn fresh_number() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("+16284{:06}", n % 1_000_000)
 }
 
 /// A registered user and their token.
@@ -40,7 +53,69 @@ impl ApiClient {
         Self {
             base: base.into().trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            sms: None,
+            verified: Default::default(),
         }
+    }
+
+    /// This client reads verification codes from the fake Twilio's `inbox`.
+    pub fn with_sms(mut self, inbox: crate::fakes::twilio::SmsInbox) -> Self {
+        self.sms = Some(inbox);
+        self
+    }
+
+    /// Verifies `number` for `user` the way the app does: ask for a code, read the SMS,
+    /// send the code back. The reply of `POST /api/me/phone/verify`.
+    pub async fn verify_phone(&self, user: &TestUser, number: &str) -> anyhow::Result<Reply> {
+        let inbox = self
+            .sms
+            .as_ref()
+            .context("this ApiClient cannot read SMS: build it with `with_sms`")?;
+        let started = self
+            .post(
+                "/api/me/phone",
+                Some(&user.token),
+                &json!({ "phone_number": number }),
+            )
+            .await?;
+        anyhow::ensure!(
+            started.status == 202,
+            "POST /api/me/phone answered {}: {}",
+            started.status,
+            started.body
+        );
+        let code = inbox
+            .latest(number)
+            .with_context(|| format!("no SMS reached {number}"))?;
+        let reply = self
+            .post(
+                "/api/me/phone/verify",
+                Some(&user.token),
+                &json!({ "phone_number": number, "code": code }),
+            )
+            .await?;
+        if reply.status == 200 {
+            self.verified
+                .lock()
+                .map_err(|_| anyhow::anyhow!("verified map poisoned"))?
+                .insert(user.id.clone(), number.to_owned());
+        }
+        Ok(reply)
+    }
+
+    /// [`ApiClient::verify_phone`] when `number` is not already `user`'s verified number.
+    pub async fn ensure_verified(&self, user: &TestUser, number: &str) -> anyhow::Result<()> {
+        let known = self
+            .verified
+            .lock()
+            .map_err(|_| anyhow::anyhow!("verified map poisoned"))?
+            .get(&user.id)
+            .is_some_and(|n| n == number);
+        if !known {
+            let r = self.verify_phone(user, number).await?;
+            anyhow::ensure!(r.status == 200, "verify {number}: {} {}", r.status, r.body);
+        }
+        Ok(())
     }
 
     pub fn base(&self) -> &str {
@@ -152,6 +227,9 @@ impl ApiClient {
         persona_id: &str,
         number: &str,
     ) -> anyhow::Result<String> {
+        if self.sms.is_some() {
+            self.ensure_verified(user, number).await?;
+        }
         let r = self
             .post(
                 "/api/calls/trigger",
@@ -225,11 +303,16 @@ impl ApiClient {
             .as_str()
             .context("user.id")?
             .to_string();
-        Ok(TestUser {
+        let user = TestUser {
             id,
             email,
             password,
             token,
-        })
+        };
+        // A new user of the app verifies their phone next, which brings the free credits.
+        if self.sms.is_some() {
+            self.ensure_verified(&user, &fresh_number()).await?;
+        }
+        Ok(user)
     }
 }

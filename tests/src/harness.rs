@@ -6,7 +6,7 @@
 //! on a dedicated runtime thread owned by this module.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use serde_json::json;
 
@@ -47,6 +47,11 @@ impl TestWorker {
     /// The running stack (its state directory holds the Worker's local D1).
     pub fn stack(&self) -> &Stack {
         &self.stack
+    }
+
+    /// An API client that can read the fake Twilio's verification SMS.
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(self.url()).with_sms(self.twilio.sms_inbox())
     }
 }
 
@@ -93,7 +98,13 @@ pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
     set("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY);
     set("STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET);
     set("STRIPE_API_BASE", "http://127.0.0.1:9");
+    // Listed, to show it grants nothing any more (admins come from `xtask admin grant`).
     set("ADMIN_EMAILS", ADMIN_EMAIL);
+    set(
+        "TWILIO_VERIFY_SERVICE_SID",
+        crate::fakes::twilio::VERIFY_SERVICE_SID,
+    );
+    set("TWILIO_VERIFY_API_BASE", twilio_base);
     set("FREE_CREDITS", "200");
     set("CORS_ORIGINS", APP_ORIGIN);
     // A call whose callbacks are lost is looked up 3 s after its ring timeout (30 s).
@@ -161,13 +172,23 @@ pub fn jwt_secret() -> &'static str {
     JWT_SECRET
 }
 
-/// The admin user of this binary's Worker (its email is in `ADMIN_EMAILS`), registered
-/// once and logged in for each caller.
+/// The admin user of this binary's Worker: registered like anyone (its email is in
+/// `ADMIN_EMAILS`, which grants nothing), then made an admin by the operator command
+/// (`cargo xtask admin grant`), once per binary.
 pub async fn admin(api: &ApiClient) -> TestUser {
-    static ADMIN: Mutex<Option<TestUser>> = Mutex::new(None);
-    if let Some(user) = ADMIN.lock().expect("admin lock").clone() {
+    static ADMIN: tokio::sync::Mutex<Option<TestUser>> = tokio::sync::Mutex::const_new(None);
+    let mut slot = ADMIN.lock().await;
+    if let Some(user) = slot.clone() {
         return user;
     }
+    let user = admin_on(api, &worker().stack).await;
+    *slot = Some(user.clone());
+    user
+}
+
+/// Registers the admin on `stack`'s Worker and grants the role with the operator
+/// command. For stacks of their own (the shared Worker's admin is [`admin`]).
+pub async fn admin_on(api: &ApiClient, stack: &Stack) -> TestUser {
     let password = "admin password long enough".to_string();
     let reply = api
         .post(
@@ -177,26 +198,16 @@ pub async fn admin(api: &ApiClient) -> TestUser {
         )
         .await
         .expect("register admin");
-    let reply = if reply.status == 409 {
-        api.post(
-            "/api/auth/login",
-            None,
-            &json!({ "email": ADMIN_EMAIL, "password": password }),
-        )
-        .await
-        .expect("login admin")
-    } else {
-        reply
-    };
-    assert!(
-        reply.status == 200 || reply.status == 201,
-        "admin: {}",
-        reply.body
-    );
+    assert_eq!(reply.status, 201, "admin: {}", reply.body);
     assert_eq!(
-        reply.body["user"]["role"], "admin",
-        "ADMIN_EMAILS grants the admin role"
+        reply.body["user"]["role"], "user",
+        "registering an ADMIN_EMAILS address grants nothing"
     );
+    // Blocking (wrangler takes a second or two): the fakes run on their own runtime.
+    let outcome = stack
+        .set_admin(ADMIN_EMAIL, xtask::admin::Change::Grant)
+        .expect("cargo xtask admin grant");
+    assert_eq!(outcome.after, "admin");
     let user = TestUser {
         id: reply.body["user"]["id"]
             .as_str()
@@ -206,7 +217,6 @@ pub async fn admin(api: &ApiClient) -> TestUser {
         password,
         token: reply.body["token"].as_str().unwrap_or_default().to_string(),
     };
-    *ADMIN.lock().expect("admin lock") = Some(user.clone());
     user
 }
 
@@ -226,6 +236,11 @@ pub struct VoiceStack {
 }
 
 impl VoiceStack {
+    /// An API client that can read this stack's fake Twilio verification SMS.
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(self.stack.worker_url()).with_sms(self.twilio.sms_inbox())
+    }
+
     /// Starts everything; the LLM answers with `replies` in order, then echoes.
     pub fn start(replies: Vec<String>) -> VoiceStack {
         Self::start_with(replies, BTreeMap::new())

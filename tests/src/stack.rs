@@ -81,6 +81,8 @@ pub struct Stack {
     fake_urls: BTreeMap<String, String>,
     worker_vars: BTreeMap<String, String>,
     relay_env: BTreeMap<String, String>,
+    /// The Worker's Postgres database, when it runs on Postgres.
+    postgres_url: Option<String>,
     // Stopped in reverse start order by Drop (relay and Worker before the fakes).
     services: Vec<Service>,
 }
@@ -112,6 +114,7 @@ impl Stack {
             fake_urls: BTreeMap::new(),
             worker_vars: BTreeMap::new(),
             relay_env: BTreeMap::new(),
+            postgres_url: opts.postgres_url.clone(),
             services: Vec::new(),
         };
 
@@ -257,6 +260,24 @@ impl Stack {
     }
 
     /// This stack's directory: local state and one log file per service.
+    /// The database the Worker reads, as `cargo xtask admin` addresses it.
+    pub fn admin_target(&self) -> xtask::admin::Target {
+        match &self.postgres_url {
+            Some(url) => xtask::admin::Target::Postgres(url.clone()),
+            None => xtask::admin::Target::LocalD1(self.dir.join("state")),
+        }
+    }
+
+    /// What `cargo xtask admin grant|revoke EMAIL` does, against this stack's database.
+    pub fn set_admin(
+        &self,
+        email: &str,
+        change: xtask::admin::Change,
+    ) -> Result<xtask::admin::Outcome> {
+        let repo = Repo::from_crate_dir(env!("CARGO_MANIFEST_DIR"))?;
+        xtask::admin::set_role(&repo, &self.admin_target(), email, change)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

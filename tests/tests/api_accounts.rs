@@ -9,7 +9,7 @@ use cmb_tests::harness;
 use serde_json::json;
 
 fn client() -> ApiClient {
-    ApiClient::new(harness::worker().url())
+    harness::worker().api()
 }
 
 /// The whole session lifecycle: register → login → me → logout → me is 401.

@@ -20,7 +20,7 @@ use cmb_tests::harness;
 use serde_json::{json, Value};
 
 fn client() -> ApiClient {
-    ApiClient::new(harness::worker().url())
+    harness::worker().api()
 }
 
 /// March 2021, portable SQL. Calls belong to the UTC day they were answered, else due,

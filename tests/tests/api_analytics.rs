@@ -32,7 +32,7 @@ async fn call_and_wait(api: &ApiClient, user: &TestUser, number: &str) -> Value 
 /// Analytics over calls made here match hand-computed totals for today (UTC).
 #[tokio::test]
 async fn analytics_match_hand_computed_totals() {
-    let api = ApiClient::new(harness::worker().url());
+    let api = harness::worker().api();
     let admin = harness::admin(&api).await;
     let user = api.register_user("analytics").await.unwrap();
     api.post(

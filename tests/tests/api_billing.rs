@@ -11,7 +11,7 @@ use cmb_tests::harness::{self, STRIPE_WEBHOOK_SECRET};
 use serde_json::{json, Value};
 
 fn client() -> ApiClient {
-    ApiClient::new(harness::worker().url())
+    harness::worker().api()
 }
 
 fn webhook_url() -> String {

@@ -18,7 +18,7 @@ use cmb_tests::sim::{SimScript, Step};
 use serde_json::{json, Value};
 
 fn client() -> ApiClient {
-    ApiClient::new(harness::worker().url())
+    harness::worker().api()
 }
 
 /// A phone number no other test uses, so per-number callee scripts don't collide.

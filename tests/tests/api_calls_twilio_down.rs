@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use cmb_tests::api::ApiClient;
 use cmb_tests::fakes::faults::Faults;
 use cmb_tests::harness;
 use serde_json::Value;
@@ -17,7 +16,7 @@ use serde_json::Value;
 /// answer as its reason, and the reservation is released.
 #[tokio::test]
 async fn twilio_error_fails_the_call_and_releases() {
-    let api = ApiClient::new(harness::worker().url());
+    let api = harness::worker().api();
     let user = api.register_user("t5xx").await.unwrap();
     let faults = harness::worker().twilio.faults().clone();
     faults.set(Faults {

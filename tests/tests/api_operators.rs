@@ -15,7 +15,7 @@ use cmb_tests::harness;
 use serde_json::{json, Value};
 
 fn client() -> ApiClient {
-    ApiClient::new(harness::worker().url())
+    harness::worker().api()
 }
 
 async fn call_and_wait(api: &ApiClient, user: &TestUser, number: &str) -> Value {

@@ -22,7 +22,7 @@ use tokio::sync::RwLock;
 static STRIPE_FAULTS: RwLock<()> = RwLock::const_new(());
 
 fn client() -> ApiClient {
-    ApiClient::new(harness::worker().url())
+    harness::worker().api()
 }
 
 fn stripe() -> &'static StripeHandle {

@@ -8,7 +8,7 @@ use cmb_tests::harness;
 use serde_json::{json, Value};
 
 fn client() -> ApiClient {
-    ApiClient::new(harness::worker().url())
+    harness::worker().api()
 }
 
 fn custom_persona(name: &str) -> Value {

@@ -11,7 +11,6 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cmb_tests::api::ApiClient;
 use cmb_tests::fakes::twilio;
 use cmb_tests::harness::{VoiceStack, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN};
 use cmb_tests::sim::{SimScript, Speaker, Step, Utterance};
@@ -42,7 +41,7 @@ fn unique_number() -> String {
 #[tokio::test]
 async fn a_whole_call_with_barge_in() {
     let v = voice();
-    let api = ApiClient::new(v.stack.worker_url());
+    let api = v.api();
     let user = api.register_user("e2e").await.unwrap();
     let number = unique_number();
     let script = SimScript::new(vec![

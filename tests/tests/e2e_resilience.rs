@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use cmb_tests::api::ApiClient;
 use cmb_tests::fakes::faults::Faults;
 use cmb_tests::fakes::twilio::{CallRecord, CalleeScript};
 use cmb_tests::harness::VoiceStack;
@@ -70,7 +69,7 @@ async fn deepgram_drop_mid_call_recovers() {
         "Got it, first thing noted.".into(),
         "And the second one too.".into(),
     ]);
-    let api = ApiClient::new(v.stack.worker_url());
+    let api = v.api();
     let user = api.register_user("dgdrop").await.unwrap();
     let number = "+16285550123";
     v.twilio.set_script(
@@ -126,7 +125,7 @@ async fn deepgram_drop_mid_call_recovers() {
 #[tokio::test]
 async fn relay_killed_mid_call_keeps_transcript_and_settles() {
     let mut v = VoiceStack::start(vec!["I'll remember that.".into()]);
-    let api = ApiClient::new(v.stack.worker_url());
+    let api = v.api();
     let user = api.register_user("relaykill").await.unwrap();
     let number = "+16285550124";
     v.twilio.set_script(
@@ -187,7 +186,7 @@ async fn idle_caller_gets_a_check_in_then_a_goodbye() {
     let extra =
         std::collections::BTreeMap::from([("CALL_IDLE_TIMEOUT_SECS".to_string(), "3".to_string())]);
     let v = VoiceStack::start_with(vec![], extra);
-    let api = ApiClient::new(v.stack.worker_url());
+    let api = v.api();
     let user = api.register_user("idle").await.unwrap();
     let number = "+16285550125";
     silent_callee(&v, number);
@@ -225,9 +224,9 @@ async fn idle_caller_gets_a_check_in_then_a_goodbye() {
 #[tokio::test]
 async fn ban_ends_a_live_call_with_a_goodbye() {
     let v = VoiceStack::start(vec![]);
-    let api = ApiClient::new(v.stack.worker_url());
+    let api = v.api();
     let user = api.register_user("banned-mid-call").await.unwrap();
-    let admin = cmb_tests::harness::admin(&api).await;
+    let admin = cmb_tests::harness::admin_on(&api, &v.stack).await;
     let number = "+16285550126";
     silent_callee(&v, number);
     let id = api.trigger_call(&user, "alex", number).await.unwrap();
@@ -285,7 +284,7 @@ async fn a_stalled_llm_holds_up_neither_twilio_nor_the_call() {
         first_byte_delay_ms: 30_000,
         ..Default::default()
     });
-    let api = ApiClient::new(v.stack.worker_url());
+    let api = v.api();
     let user = api.register_user("llmstall").await.unwrap();
     let number = "+16285550127";
     v.twilio.set_script(
@@ -368,7 +367,7 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
 
     let mut v = VoiceStack::start(vec!["Still here with you.".into()]);
     let second_relay = v.stack.start_another_relay().unwrap();
-    let api = ApiClient::new(v.stack.worker_url());
+    let api = v.api();
     let user = api.register_user("replay").await.unwrap();
     let number = "+16285550128";
     v.twilio.set_script(

@@ -6,6 +6,7 @@
 //! Everything here is blocking `std` code (no async runtime) so the `xtask` binary stays
 //! quick to build. Nothing here installs anything; that is `cargo xtask setup`'s job.
 
+pub mod admin;
 pub mod health;
 pub mod net;
 pub mod pg;

@@ -4,6 +4,7 @@
 //! - `build-worker`: build the Worker with worker-build, offline.
 //! - `dev`: the whole local stack (Worker, relay, fakes) until Ctrl-C.
 //! - `test`: everything CI checks, in order, failing on the first problem.
+//! - `admin grant|revoke EMAIL`: give or take an account's admin role (the only way).
 //! - `bench relay`: the media relay under load (figures in docs/PERFORMANCE.md).
 //!
 //! Argument parsing and dispatch only; each command lives in `cmd/`.
@@ -43,6 +44,8 @@ enum Command {
     Dev(cmd::dev::DevArgs),
     /// Setup, format check, clippy (native and wasm32), Worker build, all tests.
     Test(cmd::test::TestArgs),
+    /// Grant or revoke an account's admin role (`admin grant EMAIL [--remote | --database-url URL]`).
+    Admin(cmd::admin::AdminArgs),
     /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S] [-- RELAY_BENCH_ARGS]`).
     Bench(cmd::bench::BenchArgs),
 }
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => cmd::dev::run(&repo, &args),
         Command::Test(args) => cmd::test::run(&repo, &args),
         Command::Bench(args) => cmd::bench::run(&repo, &args),
+        Command::Admin(args) => cmd::admin::run(&repo, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -121,6 +121,65 @@ pub fn migrations_apply(repo: &Repo, node: &Node, persist_to: &std::path::Path) 
     cmd
 }
 
+/// Where `wrangler d1 execute` runs: the local database of a `--persist-to` directory,
+/// or the production D1 of the account wrangler is logged in to.
+#[derive(Debug, Clone)]
+pub enum D1Target {
+    Local(std::path::PathBuf),
+    Remote,
+}
+
+/// `wrangler d1 execute DB (--local --persist-to <dir> | --remote) --command <sql> --json`.
+pub fn d1_execute(repo: &Repo, node: &Node, target: &D1Target, sql: &str) -> Command {
+    let mut cmd = Command::new(repo.wrangler_bin());
+    cmd.args(["d1", "execute", D1_BINDING, "--json", "--yes"])
+        .arg("--config")
+        .arg(repo.wrangler_config());
+    match target {
+        D1Target::Local(dir) => {
+            cmd.arg("--local").arg("--persist-to").arg(dir);
+        }
+        D1Target::Remote => {
+            cmd.arg("--remote");
+        }
+    }
+    cmd.arg("--command")
+        .arg(sql)
+        .current_dir(repo.root())
+        .env("CI", "true");
+    for (key, value) in base_env(node) {
+        cmd.env(key, value);
+    }
+    for key in INHERITED_TO_DROP {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+/// Runs one SQL statement on D1 and returns wrangler's JSON result (an array with one
+/// `{results, success, meta}` per statement); a failure carries wrangler's output.
+pub fn d1_query(
+    repo: &Repo,
+    node: &Node,
+    target: &D1Target,
+    sql: &str,
+) -> Result<serde_json::Value> {
+    let out = d1_execute(repo, node, target, sql)
+        .output()
+        .with_context(|| format!("running {}", repo.wrangler_bin().display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrangler d1 execute failed ({}):\n{}\n{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("wrangler d1 execute printed no JSON: {stdout}"))
+}
+
 /// Runs the migrations, failing with wrangler's output if it fails.
 pub fn apply_migrations(repo: &Repo, node: &Node, persist_to: &std::path::Path) -> Result<()> {
     let out = migrations_apply(repo, node, persist_to)

@@ -17,6 +17,7 @@ mod call;
 mod media;
 mod rest;
 pub mod twiml;
+mod verify;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,7 +59,12 @@ pub struct TwilioConfig {
     pub webhook_timeout: Duration,
     /// Seed of the fault jitter.
     pub fault_seed: u64,
+    /// The Verify Service SID (`VA…`) the Verify API accepts.
+    pub verify_service_sid: String,
 }
+
+/// The Verify Service SID the test stacks configure (`TWILIO_VERIFY_SERVICE_SID`).
+pub const VERIFY_SERVICE_SID: &str = "VA00000000000000000000000000000001";
 
 impl TwilioConfig {
     /// Real-time defaults: 1 s rings, 20 ms frames, loopback on a free port, and a
@@ -73,6 +79,7 @@ impl TwilioConfig {
             default_script: CalleeScript::answer(SimScript::default_conversation()),
             webhook_timeout: Duration::from_secs(15),
             fault_seed: faults::DEFAULT_SEED,
+            verify_service_sid: VERIFY_SERVICE_SID.to_owned(),
         }
     }
 }
@@ -351,6 +358,10 @@ struct State {
     /// Numbers whose call-progress callbacks are lost (never sent, as when our Worker
     /// is down and Twilio gives up).
     lost_callbacks: std::collections::HashSet<String>,
+    /// Pending Verify verifications by (service, `To`).
+    verifications: HashMap<(String, String), verify::Pending>,
+    /// Every verification SMS "sent": (`To`, code), oldest first.
+    sms: Vec<(String, String)>,
 }
 
 /// State shared by the REST handlers, the call tasks and the handle.
@@ -412,6 +423,28 @@ pub struct TwilioHandle {
     shared: Arc<Shared>,
 }
 
+/// Read access to the fake's verification SMS, shared with the fake.
+#[derive(Clone)]
+pub struct SmsInbox(Arc<Shared>);
+
+impl SmsInbox {
+    /// The newest code sent to `to`.
+    pub fn latest(&self, to: &str) -> Option<String> {
+        self.0
+            .lock()
+            .sms
+            .iter()
+            .rev()
+            .find(|(n, _)| n == to)
+            .map(|(_, c)| c.clone())
+    }
+
+    /// How many verification SMS were sent, to anyone.
+    pub fn sent(&self) -> usize {
+        self.0.lock().sms.len()
+    }
+}
+
 /// Starts the fake on `cfg.addr` and returns its handle.
 pub async fn spawn(cfg: TwilioConfig) -> anyhow::Result<TwilioHandle> {
     let faults = FaultSwitch::with_seed(cfg.fault_seed);
@@ -442,6 +475,8 @@ fn new_shared(cfg: TwilioConfig, faults: FaultSwitch) -> anyhow::Result<Arc<Shar
             commands: HashMap::new(),
             sims: HashMap::new(),
             lost_callbacks: Default::default(),
+            verifications: HashMap::new(),
+            sms: Vec::new(),
         }),
         cfg,
         faults,
@@ -452,10 +487,30 @@ fn new_shared(cfg: TwilioConfig, faults: FaultSwitch) -> anyhow::Result<Arc<Shar
 
 fn router_for(shared: Arc<Shared>) -> axum::Router {
     let faults = shared.faults.clone();
-    faults::wrap(rest::routes(shared), faults, rest::error_responder())
+    faults::wrap(
+        rest::routes(shared.clone()).merge(verify::routes(shared)),
+        faults,
+        rest::error_responder(),
+    )
 }
 
 impl TwilioHandle {
+    /// The codes Verify "sent" by SMS to `to`, oldest first (the phone's inbox).
+    pub fn sms_codes(&self, to: &str) -> Vec<String> {
+        self.shared
+            .lock()
+            .sms
+            .iter()
+            .filter(|(n, _)| n == to)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// A cheap clone of the inbox for an API client (see `ApiClient::with_sms`).
+    pub fn sms_inbox(&self) -> SmsInbox {
+        SmsInbox(self.shared.clone())
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.server.addr()
     }

@@ -25,7 +25,7 @@ use worker::{event, Context, Env, Method, Request, Response};
 
 pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
-use crate::routes::{admin, auth, calls, favorites, health, payments, personas, voice};
+use crate::routes::{admin, auth, calls, favorites, health, payments, personas, phone, voice};
 pub use crate::session::CallSession;
 
 #[event(start)]
@@ -136,6 +136,8 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::Login => auth::login(req, ctx).await,
         E::Logout => auth::logout(&req, ctx).await,
         E::Me => auth::me(&req, ctx).await,
+        E::PhoneStart => phone::start(req, ctx).await,
+        E::PhoneVerify => phone::verify(req, ctx).await,
 
         E::PersonaList => personas::list(&req, ctx).await,
         E::PersonaCreate => personas::create(req, ctx).await,

@@ -17,6 +17,13 @@ use crate::secret::Secret;
 use crate::validate;
 
 pub const DEFAULT_TWILIO_API_BASE: &str = "https://api.twilio.com";
+pub const DEFAULT_TWILIO_VERIFY_API_BASE: &str = "https://verify.twilio.com";
+
+/// `VA` and 32 hex digits, as Twilio writes a Verify Service SID.
+fn is_verify_sid(sid: &str) -> bool {
+    sid.strip_prefix("VA")
+        .is_some_and(|hex| hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
 pub const DEFAULT_LLM_API_BASE: &str = "https://api.cerebras.ai/v1";
 pub const DEFAULT_LLM_MODEL: &str = "gpt-oss-120b";
 pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
@@ -58,7 +65,14 @@ pub struct WorkerConfig {
     pub stripe_webhook_secret: Secret,
     /// No trailing slash.
     pub stripe_api_base: String,
-    /// Lowercased.
+    /// Twilio Verify Service (`VA…`) that sends the SMS codes.
+    pub twilio_verify_service_sid: String,
+    /// No trailing slash.
+    pub twilio_verify_api_base: String,
+    /// ISO 3166 alpha-2, upper case: the countries we call (`ALLOWED_COUNTRIES`).
+    pub allowed_countries: Vec<String>,
+    /// Lowercased. No longer grants anything: admins are granted by an operator
+    /// (`cargo xtask admin grant`); kept so `/health` can tell an operator to move off it.
     pub admin_emails: Vec<String>,
     /// Origins (or `*`), no trailing slash.
     pub cors_origins: Vec<String>,
@@ -274,6 +288,37 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
     let stripe_webhook_secret = r.secret("STRIPE_WEBHOOK_SECRET", 1);
     let stripe_api_base = r.base_url("STRIPE_API_BASE", Some(DEFAULT_STRIPE_API_BASE));
 
+    let twilio_verify_service_sid = r.required("TWILIO_VERIFY_SERVICE_SID");
+    if !twilio_verify_service_sid.is_empty() && !is_verify_sid(&twilio_verify_service_sid) {
+        r.problem(
+            "TWILIO_VERIFY_SERVICE_SID",
+            "must be a Verify Service SID: VA followed by 32 hex digits",
+        );
+    }
+    let twilio_verify_api_base = r.base_url(
+        "TWILIO_VERIFY_API_BASE",
+        Some(DEFAULT_TWILIO_VERIFY_API_BASE),
+    );
+    let mut allowed_countries = Vec::new();
+    match r.optional("ALLOWED_COUNTRIES") {
+        None => allowed_countries.extend(
+            crate::destination::DEFAULT_ALLOWED_COUNTRIES
+                .iter()
+                .map(|c| (*c).to_owned()),
+        ),
+        Some(_) => {
+            for entry in r.list("ALLOWED_COUNTRIES") {
+                match crate::destination::parse_country(&entry) {
+                    Ok(c) => allowed_countries.push(c),
+                    Err(why) => r.problem("ALLOWED_COUNTRIES", why),
+                }
+            }
+            if allowed_countries.is_empty() {
+                r.problem("ALLOWED_COUNTRIES", "lists no country");
+            }
+        }
+    }
+
     let mut admin_emails = Vec::new();
     for entry in r.list("ADMIN_EMAILS") {
         match validate::email(&entry) {
@@ -343,6 +388,9 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         stripe_secret_key,
         stripe_webhook_secret,
         stripe_api_base,
+        twilio_verify_service_sid,
+        twilio_verify_api_base,
+        allowed_countries,
         admin_emails,
         cors_origins,
         free_credits,
@@ -384,6 +432,10 @@ mod tests {
             ("LLM_API_KEY", "csk-1"),
             ("STRIPE_SECRET_KEY", "sk_test_1"),
             ("STRIPE_WEBHOOK_SECRET", "whsec_1"),
+            (
+                "TWILIO_VERIFY_SERVICE_SID",
+                "VAffffffffffffffffffffffffffffffff",
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.to_owned()))
@@ -413,6 +465,29 @@ mod tests {
         assert_eq!(c.stripe_api_base, "https://api.stripe.com");
         assert_eq!(c.free_credits, 200);
         assert!(c.admin_emails.is_empty() && c.cors_origins.is_empty());
+        assert_eq!(c.twilio_verify_api_base, "https://verify.twilio.com");
+        assert_eq!(c.allowed_countries, ["US", "CA", "GB", "IE", "AU", "NZ"]);
+    }
+
+    /// Verify and destination settings: a bad SID, an unknown country or an empty list
+    /// is named; a good list replaces the default.
+    #[test]
+    fn verify_and_countries() {
+        let mut v = good();
+        v.insert("ALLOWED_COUNTRIES", "us, de".into());
+        assert_eq!(parse(&v).unwrap().allowed_countries, ["US", "DE"]);
+        v.insert("ALLOWED_COUNTRIES", "US,XX".into());
+        v.insert("TWILIO_VERIFY_SERVICE_SID", "VA123".into());
+        assert_eq!(
+            names(&parse(&v).unwrap_err()),
+            ["TWILIO_VERIFY_SERVICE_SID", "ALLOWED_COUNTRIES"]
+        );
+        v.insert("ALLOWED_COUNTRIES", " , ".into());
+        v.remove("TWILIO_VERIFY_SERVICE_SID");
+        assert_eq!(
+            names(&parse(&v).unwrap_err()),
+            ["TWILIO_VERIFY_SERVICE_SID", "ALLOWED_COUNTRIES"]
+        );
     }
 
     /// Optional settings override defaults; lists are split, trimmed and normalised;
@@ -469,7 +544,8 @@ mod tests {
                 "TWILIO_PHONE_NUMBER",
                 "LLM_API_KEY",
                 "STRIPE_SECRET_KEY",
-                "STRIPE_WEBHOOK_SECRET"
+                "STRIPE_WEBHOOK_SECRET",
+                "TWILIO_VERIFY_SERVICE_SID"
             ]
         );
         assert!(e.0.iter().all(|p| p.problem == "missing"));

@@ -7,6 +7,7 @@
 pub mod calls;
 pub mod channel;
 pub mod config;
+pub mod destination;
 pub mod http;
 pub mod jwt;
 pub mod log;

@@ -2,6 +2,7 @@
 //! programs. Reusable machinery (services, tool lookup, wrangler flags) belongs in the
 //! library, where the test stack launcher can use it too.
 
+pub mod admin;
 pub mod bench;
 pub mod build;
 pub mod dev;

@@ -53,7 +53,7 @@ pub(super) struct TwilioError {
 }
 
 impl TwilioError {
-    fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -61,11 +61,11 @@ impl TwilioError {
         }
     }
 
-    fn bad_request(code: u32, message: impl Into<String>) -> Self {
+    pub(super) fn bad_request(code: u32, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    fn not_found(path: &str) -> Self {
+    pub(super) fn not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             20404,
@@ -111,7 +111,7 @@ pub(super) fn error_responder() -> ErrorResponder {
 }
 
 /// Checks HTTP Basic `AccountSid:AuthToken` and that the path names that account.
-fn authorize(
+pub(super) fn authorize(
     shared: &Shared,
     headers: &HeaderMap,
     account: &str,
@@ -141,13 +141,13 @@ fn authorize(
     Ok(())
 }
 
-fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, TwilioError> {
+pub(super) fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, TwilioError> {
     serde_urlencoded::from_bytes(body).map_err(|e| {
         TwilioError::bad_request(20001, format!("Unable to parse the request body: {e}"))
     })
 }
 
-fn first<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(super) fn first<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
     form.iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())

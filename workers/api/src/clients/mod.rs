@@ -3,3 +3,4 @@
 pub mod llm;
 pub mod stripe;
 pub mod twilio;
+pub mod verify;

@@ -67,7 +67,7 @@ fn calls_url(cfg: &WorkerConfig) -> String {
 
 /// One request: Basic auth, an optional form body, a deadline (`TWILIO_TIMEOUT_MS`)
 /// enforced by aborting the fetch. Transport failures and timeouts are status 0.
-async fn send(
+pub(super) async fn send(
     cfg: &WorkerConfig,
     method: Method,
     url: &str,

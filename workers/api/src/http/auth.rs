@@ -1,6 +1,10 @@
 //! Who is calling: bearer-token authentication (JWT signature and expiry, revocation in
 //! KV, the account reloaded on every request so a ban or a lost admin role takes effect at
 //! once) and the role checks every route uses.
+//!
+//! The role is the account's, read on every request. The token's `role` claim is only
+//! informative for clients: a token issued while its holder was an admin grants nothing
+//! once an operator revoked the role (`cargo xtask admin revoke`).
 
 use cmb_core::jwt::{self, Claims, Role};
 
@@ -16,14 +20,15 @@ pub struct Session {
 }
 
 impl Session {
+    /// Whether the account is an admin now (never from the token's claim).
     pub fn is_admin(&self) -> bool {
-        self.claims.role == Role::Admin
+        role_of(&self.user) == Role::Admin
     }
 }
 
-/// The role a user gets: admin when stored so or listed in `ADMIN_EMAILS`.
-pub fn role_for(ctx: &Ctx, user: &UserRow) -> Role {
-    if user.role == "admin" || ctx.cfg.admin_emails.iter().any(|e| e == &user.email) {
+/// The account's role as stored; only an operator grants `admin`.
+pub fn role_of(user: &UserRow) -> Role {
+    if user.role == "admin" {
         Role::Admin
     } else {
         Role::User
@@ -80,8 +85,7 @@ pub async fn optional_session(req: &Request, ctx: &Ctx) -> ApiResult<Option<Sess
 /// Authenticates an admin: 401 without a valid token, 403 for anyone not an admin now.
 pub async fn require_admin(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
     let session = authenticate(req, ctx).await?;
-    let still_admin = session.user.role == "admin" || ctx.cfg.is_admin_email(&session.user.email);
-    if !(session.is_admin() && still_admin) {
+    if !session.is_admin() {
         return Err(ApiError::forbidden("This route is for admins only."));
     }
     Ok(session)

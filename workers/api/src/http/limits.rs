@@ -55,6 +55,19 @@ pub const REGISTRATIONS_PER_IP: RateLimit = RateLimit {
     window_secs: 3600,
 };
 
+/// SMS verifications started per account and per client IP: each costs us an SMS, and
+/// each verified number is worth the free credits.
+pub const VERIFICATIONS_PER_ACCOUNT: RateLimit = RateLimit {
+    name: "verify:user",
+    limit: 5,
+    window_secs: 3600,
+};
+pub const VERIFICATIONS_PER_IP: RateLimit = RateLimit {
+    name: "verify:ip",
+    limit: 50,
+    window_secs: 3600,
+};
+
 /// Calls a user may trigger per UTC day, by tier (unknown tiers get the free cap).
 pub fn calls_per_day(tier: &str) -> i64 {
     match tier {
@@ -175,6 +188,25 @@ pub async fn registration(req: &Request, ctx: &Ctx) -> ApiResult<()> {
         REGISTRATIONS_PER_IP,
         &client_ip(req),
         "sign-ups from your network",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Admits the start of an SMS verification for `user`, per account and per client IP.
+pub async fn verification_start(req: &Request, ctx: &Ctx, user: &UserRow) -> ApiResult<()> {
+    take(
+        ctx,
+        VERIFICATIONS_PER_IP,
+        &client_ip(req),
+        "verification codes from your network",
+    )
+    .await?;
+    take(
+        ctx,
+        VERIFICATIONS_PER_ACCOUNT,
+        &user.id,
+        "verification codes for this account",
     )
     .await?;
     Ok(())

@@ -112,3 +112,9 @@ pub fn page(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
     }
     Ok((limit, offset))
 }
+
+/// The 400 for a number we will not call nor text (`cmb_core::destination`).
+pub fn unsupported_destination(refusal: &cmb_core::destination::Refusal) -> ApiError {
+    ApiError::bad_request("unsupported_destination", refusal.message())
+        .with_details(serde_json::json!([{ "field": "phone_number" }]))
+}

@@ -13,7 +13,7 @@ use worker::{Request, Response};
 
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
-use crate::http::auth::{authenticate, role_for, role_name};
+use crate::http::auth::{authenticate, role_name, role_of};
 use crate::http::{json, json_body, no_content};
 use crate::store::{UserRow, WriteConflict};
 use crate::Ctx;
@@ -79,26 +79,12 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .await
         .map_err(|e| ApiError::internal("hash password", e))?;
     let id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
-    let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let now = ctx.now_iso();
-    let stored_role = if ctx.cfg.admin_emails.iter().any(|e| e == &email) {
-        "admin"
-    } else {
-        "user"
-    };
+    // Always a plain user with no credits: admins are granted by an operator, and the
+    // free credits come with the first verification of a phone number (`routes::phone`).
     let created = ctx
         .store
-        .create_user(
-            &id,
-            &email,
-            &name,
-            phone.as_deref(),
-            &hash,
-            stored_role,
-            ctx.cfg.free_credits,
-            &ledger_id,
-            &now,
-        )
+        .create_user(&id, &email, &name, phone.as_deref(), &hash, &now)
         .await?;
     if let Err(WriteConflict::Duplicate) = created {
         return Err(ApiError::conflict(
@@ -113,7 +99,7 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .user_by_id(&id)
         .await?
         .ok_or_else(|| ApiError::internal("create user", "user missing after insert"))?;
-    let role = role_for(ctx, &user);
+    let role = role_of(&user);
     let token = issue_token(ctx, &user, role)?;
     crate::log::info(
         "user_registered",
@@ -159,7 +145,7 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     if user.is_banned != 0 {
         return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
     }
-    let role = role_for(ctx, &user);
+    let role = role_of(&user);
     let token = issue_token(ctx, &user, role)?;
     json(
         200,
@@ -182,6 +168,6 @@ pub async fn logout(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
 
 pub async fn me(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(req, ctx).await?;
-    let role = role_name(session.claims.role);
+    let role = role_name(role_of(&session.user));
     json(200, &json!({ "user": session.user.view(role) }))
 }

@@ -26,8 +26,8 @@ const MAX_PENDING_SCHEDULED: i64 = 5;
 struct TriggerBody {
     #[serde(alias = "personaId")]
     persona_id: String,
-    #[serde(alias = "phoneNumber")]
-    phone_number: String,
+    #[serde(default, alias = "phoneNumber")]
+    phone_number: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -35,8 +35,8 @@ struct TriggerBody {
 struct ScheduleBody {
     #[serde(alias = "personaId")]
     persona_id: String,
-    #[serde(alias = "phoneNumber")]
-    phone_number: String,
+    #[serde(default, alias = "phoneNumber")]
+    phone_number: Option<String>,
     #[serde(alias = "scheduledTime")]
     scheduled_time: String,
 }
@@ -45,6 +45,31 @@ struct ScheduleBody {
 struct HistoryQuery {
     limit: Option<i64>,
     offset: Option<i64>,
+}
+
+/// The number to call: the account's verified phone. A number given in the body must be
+/// that one (we call only the caller's own phone); without one, the verified phone is
+/// used. Either way the destination rules apply again, in case `ALLOWED_COUNTRIES`
+/// changed since the number was verified.
+fn destination(ctx: &Ctx, session: &Session, given: Option<&str>) -> ApiResult<String> {
+    let given = given.map(str::trim).filter(|p| !p.is_empty());
+    let asked = given.map(validate::e164).transpose()?;
+    let verified = session.user.verified_phone();
+    let phone = match (asked, verified) {
+        (Some(asked), Some(verified)) if asked == verified => asked,
+        (None, Some(verified)) => verified.to_owned(),
+        (asked, _) => {
+            let message = match asked {
+                Some(_) => "We only call your own verified number. Verify this number first (POST /api/me/phone).",
+                None => "Verify your phone number first (POST /api/me/phone); we only call that number.",
+            };
+            return Err(ApiError::new(403, "phone_not_verified", message)
+                .with_details(json!([{ "field": "phone_number" }])));
+        }
+    };
+    cmb_core::destination::check(&phone, &ctx.cfg.allowed_countries)
+        .map_err(|r| crate::http::unsupported_destination(&r))?;
+    Ok(phone)
 }
 
 /// The persona must exist, be active, and be visible to the caller.
@@ -94,7 +119,7 @@ fn new_call(
 pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(&req, ctx).await?;
     let body: TriggerBody = json_body(&mut req).await?;
-    let phone = validate::e164(&body.phone_number)?;
+    let phone = destination(ctx, &session, body.phone_number.as_deref())?;
     usable_persona(ctx, &session, &body.persona_id).await?;
 
     let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
@@ -178,7 +203,7 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
 pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(&req, ctx).await?;
     let body: ScheduleBody = json_body(&mut req).await?;
-    let phone = validate::e164(&body.phone_number)?;
+    let phone = destination(ctx, &session, body.phone_number.as_deref())?;
     let at = time::OffsetDateTime::parse(
         body.scheduled_time.trim(),
         &time::format_description::well_known::Rfc3339,

@@ -9,4 +9,5 @@ pub mod favorites;
 pub mod health;
 pub mod payments;
 pub mod personas;
+pub mod phone;
 pub mod voice;

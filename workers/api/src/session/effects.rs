@@ -117,6 +117,13 @@ impl CallSession {
                 time_limit_secs,
             } => {
                 let cfg = self.config()?;
+                // The destination rules once more, right before the dial: nothing
+                // outside them ever reaches Twilio, whatever path queued the call.
+                if let Err(refusal) = cmb_core::destination::check(&to, &cfg.allowed_countries) {
+                    return Ok(Some(Event::Twilio(TwilioResult::CreateRefused {
+                        message: format!("unsupported destination: {}", refusal.message()),
+                    })));
+                }
                 let id = &run.call_id;
                 let base = &cfg.public_base_url;
                 let twiml_url = format!("{base}/api/voice/twiml?callId={id}");

@@ -47,7 +47,17 @@ pub struct UserRow {
     pub tier: String,
     pub credits: i64,
     pub is_banned: i64,
+    pub phone_verified: i64,
     pub created_at: String,
+}
+
+impl UserRow {
+    /// The number calls go to: the account's phone, once verified.
+    pub fn verified_phone(&self) -> Option<&str> {
+        self.phone_number
+            .as_deref()
+            .filter(|_| self.phone_verified != 0)
+    }
 }
 
 /// The public view of a user (never the password hash).
@@ -61,6 +71,7 @@ pub struct UserView {
     pub tier: String,
     pub credits: i64,
     pub is_banned: bool,
+    pub phone_verified: bool,
     pub created_at: String,
 }
 
@@ -75,6 +86,7 @@ impl UserRow {
             tier: self.tier.clone(),
             credits: self.credits,
             is_banned: self.is_banned != 0,
+            phone_verified: self.phone_verified != 0,
             created_at: self.created_at.clone(),
         }
     }
@@ -282,7 +294,7 @@ fn persona_args(p: &PersonaWrite) -> [Arg; 11] {
 }
 
 const USER_COLUMNS: &str =
-    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, created_at";
+    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, created_at";
 const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
 pub(crate) const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, greeting, voice_id, stability, similarity_boost, style, speed, is_active, created_at, updated_at, avatar_url, category";
 

@@ -38,8 +38,8 @@ pub fn like_pattern(q: &str) -> String {
 impl Store {
     // ---- users ----
 
-    /// Creates a user and grants the starting credits in one transaction.
-    /// Returns `Err(WriteConflict::Duplicate)` when the email is taken.
+    /// Creates a user (no credits: those come with the first verification of a phone
+    /// number). Returns `Err(WriteConflict::Duplicate)` when the email is taken.
     #[allow(clippy::too_many_arguments)]
     pub async fn create_user(
         &self,
@@ -48,22 +48,69 @@ impl Store {
         name: &str,
         phone_number: Option<&str>,
         password_hash: &str,
-        role: &str,
-        free_credits: i64,
-        ledger_id: &str,
         now: &str,
     ) -> ApiResult<Result<(), WriteConflict>> {
         let insert = self.stmt(
             "INSERT INTO users (id, email, name, phone_number, password_hash, role, credits, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-            &[s(id), s(email), s(name), opt(phone_number), s(password_hash), s(role), int(free_credits), ts(now)],
+             VALUES (?1, ?2, ?3, ?4, ?5, 'user', 0, ?6, ?6)",
+            &[s(id), s(email), s(name), opt(phone_number), s(password_hash), ts(now)],
         )?;
-        let grant = self.stmt(
-            "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, reason, created_at) \
-             VALUES (?1, ?2, 'grant', ?3, ?4, 'signup', ?5)",
-            &[s(ledger_id), s(id), int(free_credits), s(&format!("signup:{id}")), ts(now)],
-        )?;
-        self.batch(vec![insert, grant]).await
+        self.batch(vec![insert]).await
+    }
+
+    /// Records that `user_id` proved it holds `phone` (Twilio Verify approved): the
+    /// account's number, verified; and, in the same transaction, the free credits — only
+    /// if no account ever verified this number before. The grant is claimed by its
+    /// ledger id on the number's row first, so two concurrent verifications cannot both
+    /// grant (on Postgres the second waits on the row lock, then finds it claimed).
+    /// Returns whether credits were granted.
+    pub async fn set_verified_phone(
+        &self,
+        user_id: &str,
+        phone: &str,
+        free_credits: i64,
+        grant_id: &str,
+        now: &str,
+    ) -> ApiResult<bool> {
+        let key = format!("free:phone:{phone}");
+        let stmts = vec![
+            self.stmt(
+                "UPDATE users SET phone_number = ?2, phone_verified = ?3, updated_at = ?4 WHERE id = ?1",
+                &[s(user_id), s(phone), flag(true), ts(now)],
+            )?,
+            self.stmt(
+                "INSERT INTO verified_phones (phone_number, first_user_id, verified_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (phone_number) DO NOTHING",
+                &[s(phone), s(user_id), ts(now)],
+            )?,
+            self.stmt(
+                "UPDATE verified_phones SET credited_by = ?3 \
+                 WHERE phone_number = ?1 AND first_user_id = ?2 AND credited_by IS NULL AND ?4 > 0",
+                &[s(phone), s(user_id), s(grant_id), int(free_credits)],
+            )?,
+            self.stmt(
+                "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, reason, created_at) \
+                 SELECT ?1, ?2, 'grant', ?3, ?4, 'verified phone', ?5 FROM verified_phones \
+                 WHERE phone_number = ?6 AND credited_by = ?1",
+                &[s(grant_id), s(user_id), int(free_credits), s(&key), ts(now), s(phone)],
+            )?,
+            self.stmt(
+                "UPDATE users SET credits = credits + ?2 WHERE id = ?1 \
+                 AND EXISTS (SELECT 1 FROM credit_ledger WHERE id = ?3)",
+                &[s(user_id), int(free_credits), s(grant_id)],
+            )?,
+        ];
+        match self.batch(stmts).await? {
+            Ok(()) => {}
+            Err(e) => return Err(ApiError::internal("verify phone", format!("{e:?}"))),
+        }
+        let granted: Option<Count> = self
+            .first(
+                "SELECT COUNT(*) AS n FROM credit_ledger WHERE id = ?1",
+                &[s(grant_id)],
+            )
+            .await?;
+        Ok(granted.is_some_and(|g| g.n > 0))
     }
 
     pub async fn user_by_email(&self, email: &str) -> ApiResult<Option<UserRow>> {

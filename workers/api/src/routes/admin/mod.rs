@@ -33,12 +33,8 @@ use crate::Ctx;
 const MAX_ADJUSTMENT: i64 = 1_000_000;
 const REASON_MAX_CHARS: usize = 500;
 
-fn user_view(ctx: &Ctx, u: &AdminUserRow) -> Value {
-    let role = if u.role == "admin" || ctx.cfg.is_admin_email(&u.email) {
-        "admin"
-    } else {
-        "user"
-    };
+fn user_view(u: &AdminUserRow) -> Value {
+    let role = if u.role == "admin" { "admin" } else { "user" };
     json!({
         "id": u.id,
         "email": u.email,
@@ -100,7 +96,7 @@ pub async fn users(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
         ));
     }
     let (rows, total) = ctx.store.admin_users(search, limit, offset).await?;
-    let users: Vec<Value> = rows.iter().map(|u| user_view(ctx, u)).collect();
+    let users: Vec<Value> = rows.iter().map(user_view).collect();
     json(200, &json!({ "users": users, "total": total }))
 }
 
@@ -109,10 +105,7 @@ pub async fn user(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     require_admin(req, ctx).await?;
     let user = target_user(ctx, id).await?;
     let ledger = ctx.store.ledger_of_user(id, 50).await?;
-    json(
-        200,
-        &json!({ "user": user_view(ctx, &user), "ledger": ledger }),
-    )
+    json(200, &json!({ "user": user_view(&user), "ledger": ledger }))
 }
 
 #[derive(Deserialize, Default)]
@@ -199,7 +192,7 @@ pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     json(
         200,
         &json!({
-            "user": user_view(ctx, &user),
+            "user": user_view(&user),
             "canceled_calls": canceled,
             "ended_calls": ended,
             "not_canceled_calls": not_canceled,
@@ -229,7 +222,7 @@ pub async fn unban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response>
         .set_banned(id, false, &entry, &ctx.now_iso())
         .await?;
     let user = target_user(ctx, id).await?;
-    json(200, &json!({ "user": user_view(ctx, &user) }))
+    json(200, &json!({ "user": user_view(&user) }))
 }
 
 #[derive(Deserialize)]
@@ -311,7 +304,7 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
     let user = target_user(ctx, id).await?;
     json(
         200,
-        &json!({ "user": user_view(ctx, &user), "replayed": replayed }),
+        &json!({ "user": user_view(&user), "replayed": replayed }),
     )
 }
 
