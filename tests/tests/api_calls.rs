@@ -113,6 +113,7 @@ async fn wait_status_within(
 }
 
 async fn trigger(api: &ApiClient, user: &TestUser, number: &str) -> Value {
+    api.ensure_verified(user, number).await.unwrap();
     let r = api
         .post(
             "/api/calls/trigger",
@@ -409,6 +410,7 @@ async fn concurrent_triggers_never_overdraw() {
     let user = api.register_user("burst").await.unwrap();
     let number = unique_number();
     set_script(&number, CalleeScript::NoAnswer);
+    api.ensure_verified(&user, &number).await.unwrap();
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let api = api.clone();
@@ -467,7 +469,7 @@ async fn insufficient_credits_is_402() {
         .post(
             "/api/calls/trigger",
             Some(&user.token),
-            &json!({ "persona_id": "brad", "phone_number": unique_number() }),
+            &json!({ "persona_id": "brad" }),
         )
         .await
         .unwrap();
@@ -496,7 +498,7 @@ async fn bad_numbers_are_refused() {
         .post(
             "/api/calls/trigger",
             Some(&user.token),
-            &json!({ "persona_id": "nobody", "phone_number": unique_number() }),
+            &json!({ "persona_id": "nobody" }),
         )
         .await
         .unwrap();
@@ -506,11 +508,11 @@ async fn bad_numbers_are_refused() {
         .post(
             "/api/calls/trigger",
             Some(&user.token),
-            &json!({ "personaId": "brad" }),
+            &json!({ "phoneNumber": "+14155550100" }),
         )
         .await
         .unwrap();
-    assert_eq!(r.status, 400);
+    assert_eq!(r.status, 400, "persona_id is required: {}", r.body);
     assert_eq!(api.credits(&user).await.unwrap(), 200, "nothing reserved");
 }
 
@@ -526,6 +528,7 @@ async fn scheduled_call_dials_on_time_and_canceled_never_does() {
     let at_str = at
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
+    api.ensure_verified(&user, &on_time).await.unwrap();
     let r = api
         .post(
             "/api/calls/schedule",
@@ -536,6 +539,7 @@ async fn scheduled_call_dials_on_time_and_canceled_never_does() {
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["call"]["status"], "scheduled");
+    api.ensure_verified(&user, &canceled).await.unwrap();
     let r2 = api
         .post(
             "/api/calls/schedule",
@@ -605,7 +609,7 @@ async fn schedule_validates_time_and_limit() {
             .post(
                 "/api/calls/schedule",
                 Some(&user.token),
-                &json!({ "persona_id": "alex", "phone_number": unique_number(), "scheduled_time": bad }),
+                &json!({ "persona_id": "alex", "scheduled_time": bad }),
             )
             .await
             .unwrap();
@@ -618,7 +622,7 @@ async fn schedule_validates_time_and_limit() {
             .post(
                 "/api/calls/schedule",
                 Some(&user.token),
-                &json!({ "persona_id": "alex", "phone_number": unique_number(), "scheduled_time": later }),
+                &json!({ "persona_id": "alex", "scheduled_time": later }),
             )
             .await
             .unwrap();
@@ -646,7 +650,7 @@ async fn history_is_private_paged_and_newest_first() {
             .post(
                 "/api/calls/schedule",
                 Some(&user.token),
-                &json!({ "persona_id": "boss", "phone_number": unique_number(), "scheduled_time": later }),
+                &json!({ "persona_id": "boss", "scheduled_time": later }),
             )
             .await
             .unwrap();

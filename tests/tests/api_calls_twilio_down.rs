@@ -18,6 +18,8 @@ use serde_json::Value;
 async fn twilio_error_fails_the_call_and_releases() {
     let api = harness::worker().api();
     let user = api.register_user("t5xx").await.unwrap();
+    // Verified while Twilio still answers (Verify shares the fake's faults).
+    api.ensure_verified(&user, "+14155550100").await.unwrap();
     let faults = harness::worker().twilio.faults().clone();
     faults.set(Faults {
         http_status: Some(503),

@@ -83,7 +83,7 @@ async fn ban_takes_effect_at_once_and_unban_restores() {
         .post(
             "/api/calls/schedule",
             Some(&user.token),
-            &json!({ "persona_id": "alex", "phone_number": "+14155550901", "scheduled_time": later }),
+            &json!({ "persona_id": "alex", "scheduled_time": later }),
         )
         .await
         .unwrap();
@@ -229,7 +229,7 @@ async fn calls_per_day_limit_is_exact() {
         .post(
             "/api/calls/trigger",
             Some(&user.token),
-            &json!({ "persona_id": "sarah", "phone_number": "+14155550919" }),
+            &json!({ "persona_id": "sarah" }),
         )
         .await
         .unwrap();

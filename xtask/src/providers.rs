@@ -13,6 +13,8 @@ use rand::distributions::{Alphanumeric, DistString as _};
 use rand::Rng;
 use url::Url;
 
+/// The Verify Service SID the fake Twilio accepts (and `cargo xtask dev` configures).
+pub const FAKE_VERIFY_SERVICE_SID: &str = "VA00000000000000000000000000000001";
 /// The value `.dev.vars.example` and `.env.example` use for every secret to fill in.
 pub const PLACEHOLDER: &str = "replace-me";
 
@@ -154,6 +156,14 @@ pub fn wire_fakes(fakes: &BTreeMap<String, String>) -> Result<FakeWiring> {
     wiring
         .worker_vars
         .insert("TWILIO_API_BASE".into(), origin("twilio", "http")?);
+    // The fake Twilio serves Verify too, for its own service SID.
+    wiring
+        .worker_vars
+        .insert("TWILIO_VERIFY_API_BASE".into(), origin("twilio", "http")?);
+    wiring.worker_vars.insert(
+        "TWILIO_VERIFY_SERVICE_SID".into(),
+        FAKE_VERIFY_SERVICE_SID.into(),
+    );
     wiring.worker_vars.insert(
         "LLM_API_BASE".into(),
         format!("{}/v1", origin("cerebras", "http")?),
@@ -259,6 +269,10 @@ mod tests {
         ]);
         let w = wire_fakes(&fakes).unwrap();
         assert_eq!(w.worker_vars["TWILIO_API_BASE"], "http://127.0.0.1:4001");
+        assert_eq!(
+            w.worker_vars["TWILIO_VERIFY_API_BASE"],
+            "http://127.0.0.1:4001"
+        );
         assert_eq!(w.worker_vars["LLM_API_BASE"], "http://127.0.0.1:4002/v1");
         assert_eq!(w.worker_vars["STRIPE_API_BASE"], "http://127.0.0.1:4003");
         assert_eq!(w.relay_env["DEEPGRAM_URL"], "ws://127.0.0.1:4004/v1/listen");

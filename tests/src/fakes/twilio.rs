@@ -64,7 +64,7 @@ pub struct TwilioConfig {
 }
 
 /// The Verify Service SID the test stacks configure (`TWILIO_VERIFY_SERVICE_SID`).
-pub const VERIFY_SERVICE_SID: &str = "VA00000000000000000000000000000001";
+pub const VERIFY_SERVICE_SID: &str = xtask::providers::FAKE_VERIFY_SERVICE_SID;
 
 impl TwilioConfig {
     /// Real-time defaults: 1 s rings, 20 ms frames, loopback on a free port, and a

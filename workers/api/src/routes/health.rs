@@ -11,6 +11,15 @@ use crate::error::ApiResult;
 
 pub async fn health(env: &Env) -> ApiResult<Response> {
     let (config_check, config_ok) = match config::load(env) {
+        // ADMIN_EMAILS grants nothing since admins are made by `cargo xtask admin grant`;
+        // an operator who still sets it is told, not silently ignored.
+        Ok(cfg) if !cfg.admin_emails.is_empty() => (
+            json!({ "ok": true, "warnings": [{
+                "name": "ADMIN_EMAILS",
+                "problem": "ignored: it grants nothing; grant admins with `cargo xtask admin grant EMAIL`, then remove it"
+            }] }),
+            true,
+        ),
         Ok(_) => (json!({ "ok": true }), true),
         Err(report) => {
             let problems: Vec<Value> = report

@@ -60,10 +60,11 @@ impl Store {
 
     /// Records that `user_id` proved it holds `phone` (Twilio Verify approved): the
     /// account's number, verified; and, in the same transaction, the free credits — only
-    /// if no account ever verified this number before. The grant is claimed by its
-    /// ledger id on the number's row first, so two concurrent verifications cannot both
-    /// grant (on Postgres the second waits on the row lock, then finds it claimed).
-    /// Returns whether credits were granted.
+    /// if no account ever verified this number before *and* this account never had them.
+    /// Per number, the grant is claimed by its ledger id on the number's row first, so two
+    /// concurrent verifications cannot both grant (on Postgres the second waits on the row
+    /// lock, then finds it claimed); per account, the ledger key `free:user:<id>` is
+    /// unique. Returns whether credits were granted.
     pub async fn set_verified_phone(
         &self,
         user_id: &str,
@@ -72,7 +73,7 @@ impl Store {
         grant_id: &str,
         now: &str,
     ) -> ApiResult<bool> {
-        let key = format!("free:phone:{phone}");
+        let key = format!("free:user:{user_id}");
         let stmts = vec![
             self.stmt(
                 "UPDATE users SET phone_number = ?2, phone_verified = ?3, updated_at = ?4 WHERE id = ?1",
@@ -91,7 +92,8 @@ impl Store {
             self.stmt(
                 "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, reason, created_at) \
                  SELECT ?1, ?2, 'grant', ?3, ?4, 'verified phone', ?5 FROM verified_phones \
-                 WHERE phone_number = ?6 AND credited_by = ?1",
+                 WHERE phone_number = ?6 AND credited_by = ?1 \
+                 ON CONFLICT (idempotency_key) DO NOTHING",
                 &[s(grant_id), s(user_id), int(free_credits), s(&key), ts(now), s(phone)],
             )?,
             self.stmt(
