@@ -438,11 +438,6 @@ impl SmsInbox {
             .find(|(n, _)| n == to)
             .map(|(_, c)| c.clone())
     }
-
-    /// How many verification SMS were sent, to anyone.
-    pub fn sent(&self) -> usize {
-        self.0.lock().sms.len()
-    }
 }
 
 /// Starts the fake on `cfg.addr` and returns its handle.

@@ -9,7 +9,8 @@
 //!
 //! The numbers, and why (the test suites register and log in from 127.0.0.1 and stay
 //! well under them):
-//! - calls triggered per UTC day: free 3, basic 10, premium 50 (the first version's);
+//! - calls per UTC day, triggered or scheduled (counted for the day they dial): free 3,
+//!   basic 10, premium 50 (the first version's);
 //! - failed logins: 10 per email and 50 per client IP per 15 minutes. A slot is taken
 //!   before the password is checked (so concurrent guesses cannot overshoot) and given
 //!   back when the login succeeds, so only failures count;
@@ -234,6 +235,20 @@ pub fn daily_limit_error(ctx: &Ctx, user: &UserRow) -> ApiError {
         json!({ "limit": cap, "tier": user.tier }),
     )
     .with_code("daily_call_limit")
+}
+
+/// The 429 for a scheduled call on a day whose calls are all planned already.
+pub fn day_full_error(user: &UserRow, day: &str) -> ApiError {
+    let cap = calls_per_day(&user.tier);
+    ApiError::new(
+        429,
+        "daily_call_limit",
+        format!(
+            "Your {} plan has {cap} calls a day, and {day} already has them all.",
+            user.tier
+        ),
+    )
+    .with_details(json!({ "limit": cap, "tier": user.tier, "day": day }))
 }
 
 #[cfg(test)]

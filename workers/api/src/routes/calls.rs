@@ -239,16 +239,26 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         "scheduled",
         Some(crate::iso_from_millis(at_ms)),
     );
-    if !ctx
+    // A scheduled call counts toward the daily limit of the day it will dial.
+    let (day, _) = crate::http::limits::utc_day(at_secs);
+    let cap = crate::http::limits::calls_per_day(&session.user.tier);
+    match ctx
         .store
-        .insert_scheduled_call(&call, MAX_PENDING_SCHEDULED, &ctx.now_iso())
+        .insert_scheduled_call(&call, MAX_PENDING_SCHEDULED, &day, cap, &ctx.now_iso())
         .await?
     {
-        return Err(ApiError::new(
-            429,
-            "too_many_scheduled_calls",
-            format!("You can have at most {MAX_PENDING_SCHEDULED} scheduled calls."),
-        ));
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(ApiError::new(
+                429,
+                "too_many_scheduled_calls",
+                format!("You can have at most {MAX_PENDING_SCHEDULED} scheduled calls."),
+            ))
+        }
+        Err(WriteConflict::DailyLimit) => {
+            return Err(crate::http::limits::day_full_error(&session.user, &day))
+        }
+        Err(e) => return Err(ApiError::internal("schedule", format!("{e:?}"))),
     }
     let op = SessionOp::Start {
         call_id: call_id.clone(),

@@ -71,15 +71,28 @@ impl Store {
         )
     }
 
-    /// Inserts a scheduled call unless the user already has `max_pending` of them; one
-    /// statement, so concurrent requests cannot exceed the limit. Returns whether inserted.
+    /// Inserts a scheduled call unless the user already has `max_pending` of them, and
+    /// counts it toward the daily limit of the day it will dial (`day`, UTC; `cap` the
+    /// tier's), in one transaction. `Ok(false)`: the pending cap was reached;
+    /// `Err(WriteConflict::DailyLimit)`: that day's cap was.
+    ///
+    /// The first statement touches the user's row: on Postgres it takes the row lock, so
+    /// concurrent schedules of one user run one after another and each `COUNT(*)` (a fresh
+    /// snapshot per statement under READ COMMITTED) sees the others' rows. D1 runs one
+    /// batch at a time anyway.
     pub async fn insert_scheduled_call(
         &self,
         call: &CallRow,
         max_pending: i64,
+        day: &str,
+        cap: i64,
         now: &str,
-    ) -> ApiResult<bool> {
-        let stmt = self.stmt(
+    ) -> ApiResult<Result<bool, WriteConflict>> {
+        let lock = self.stmt(
+            "UPDATE users SET updated_at = updated_at WHERE id = ?1",
+            &[s(&call.user_id)],
+        )?;
+        let insert = self.stmt(
             "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
              SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?6, ?6 \
              WHERE (SELECT COUNT(*) FROM calls WHERE user_id = ?2 AND status = 'scheduled') < ?7",
@@ -93,16 +106,16 @@ impl Store {
                 int(max_pending),
             ],
         )?;
-        let result = stmt
-            .run()
-            .await
-            .map_err(|e| ApiError::internal("insert scheduled call", e))?;
-        let changes = result
-            .meta()
-            .map_err(|e| ApiError::internal("d1 meta", e))?
-            .and_then(|m| m.changes)
-            .unwrap_or(0);
-        Ok(changes == 1)
+        let count = self.stmt(
+            "INSERT INTO call_day_counts (user_id, day, count, cap) \
+             SELECT ?1, ?2, 1, ?3 WHERE EXISTS (SELECT 1 FROM calls WHERE id = ?4) \
+             ON CONFLICT (user_id, day) DO UPDATE SET count = call_day_counts.count + 1, cap = excluded.cap",
+            &[s(&call.user_id), crate::store::day(day), int(cap), s(&call.id)],
+        )?;
+        if let Err(conflict) = self.batch(vec![lock, insert, count]).await? {
+            return Ok(Err(conflict));
+        }
+        Ok(Ok(self.call(&call.id).await?.is_some()))
     }
 
     /// Moves a scheduled call to `queued` and reserves its first minute, atomically.
