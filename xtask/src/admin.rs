@@ -160,14 +160,11 @@ pub fn set_role(repo: &Repo, target: &Target, email: &str, change: Change) -> Re
     if after != change.role() {
         bail!("the role of {email} is still {after:?}: the update did not apply");
     }
-    let before = if changed > 0 {
-        Change::role(match change {
-            Change::Grant => Change::Revoke,
-            Change::Revoke => Change::Grant,
-        })
-        .to_owned()
-    } else {
-        after.clone()
+    // An audit row was written exactly when the role changed.
+    let before = match (changed > 0, change) {
+        (false, _) => after.clone(),
+        (true, Change::Grant) => Change::Revoke.role().to_owned(),
+        (true, Change::Revoke) => Change::Grant.role().to_owned(),
     };
     Ok(Outcome {
         user_id,

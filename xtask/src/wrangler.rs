@@ -100,14 +100,13 @@ impl WranglerDev {
     }
 }
 
-/// `wrangler d1 migrations apply DB --local --persist-to <dir>`, non-interactive.
-pub fn migrations_apply(repo: &Repo, node: &Node, persist_to: &std::path::Path) -> Command {
+/// A non-interactive `wrangler <args> --config <repo's wrangler.toml>` in the repository,
+/// with our Node and without the inherited variables that change wrangler's behaviour.
+fn wrangler_command(repo: &Repo, node: &Node, args: &[&str]) -> Command {
     let mut cmd = Command::new(repo.wrangler_bin());
-    cmd.args(["d1", "migrations", "apply", D1_BINDING, "--local"])
+    cmd.args(args)
         .arg("--config")
         .arg(repo.wrangler_config())
-        .arg("--persist-to")
-        .arg(persist_to)
         .current_dir(repo.root())
         // Belt and braces: wrangler only asks for confirmation on a TTY, and CI=true
         // makes it never ask.
@@ -121,6 +120,17 @@ pub fn migrations_apply(repo: &Repo, node: &Node, persist_to: &std::path::Path) 
     cmd
 }
 
+/// `wrangler d1 migrations apply DB --local --persist-to <dir>`, non-interactive.
+pub fn migrations_apply(repo: &Repo, node: &Node, persist_to: &std::path::Path) -> Command {
+    let mut cmd = wrangler_command(
+        repo,
+        node,
+        &["d1", "migrations", "apply", D1_BINDING, "--local"],
+    );
+    cmd.arg("--persist-to").arg(persist_to);
+    cmd
+}
+
 /// Where `wrangler d1 execute` runs: the local database of a `--persist-to` directory,
 /// or the production D1 of the account wrangler is logged in to.
 #[derive(Debug, Clone)]
@@ -131,10 +141,11 @@ pub enum D1Target {
 
 /// `wrangler d1 execute DB (--local --persist-to <dir> | --remote) --command <sql> --json`.
 pub fn d1_execute(repo: &Repo, node: &Node, target: &D1Target, sql: &str) -> Command {
-    let mut cmd = Command::new(repo.wrangler_bin());
-    cmd.args(["d1", "execute", D1_BINDING, "--json", "--yes"])
-        .arg("--config")
-        .arg(repo.wrangler_config());
+    let mut cmd = wrangler_command(
+        repo,
+        node,
+        &["d1", "execute", D1_BINDING, "--json", "--yes"],
+    );
     match target {
         D1Target::Local(dir) => {
             cmd.arg("--local").arg("--persist-to").arg(dir);
@@ -143,16 +154,7 @@ pub fn d1_execute(repo: &Repo, node: &Node, target: &D1Target, sql: &str) -> Com
             cmd.arg("--remote");
         }
     }
-    cmd.arg("--command")
-        .arg(sql)
-        .current_dir(repo.root())
-        .env("CI", "true");
-    for (key, value) in base_env(node) {
-        cmd.env(key, value);
-    }
-    for key in INHERITED_TO_DROP {
-        cmd.env_remove(key);
-    }
+    cmd.arg("--command").arg(sql);
     cmd
 }
 

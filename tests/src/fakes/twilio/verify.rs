@@ -86,8 +86,16 @@ async fn start(
     body: Bytes,
 ) -> Response {
     let path = format!("/v2/Services/{service}/Verifications");
-    match start_inner(&shared, &headers, &service, &path, &body) {
-        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+    respond(
+        StatusCode::CREATED,
+        start_inner(&shared, &headers, &service, &path, &body),
+    )
+}
+
+/// The resource JSON with `status`, or Twilio's error JSON.
+fn respond(status: StatusCode, result: Result<Value, TwilioError>) -> Response {
+    match result {
+        Ok(v) => (status, Json(v)).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -161,10 +169,10 @@ async fn check(
     body: Bytes,
 ) -> Response {
     let path = format!("/v2/Services/{service}/VerificationCheck");
-    match check_inner(&shared, &headers, &service, &path, &body) {
-        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(
+        StatusCode::OK,
+        check_inner(&shared, &headers, &service, &path, &body),
+    )
 }
 
 fn check_inner(

@@ -40,7 +40,6 @@ impl Store {
 
     /// Creates a user (no credits: those come with the first verification of a phone
     /// number). Returns `Err(WriteConflict::Duplicate)` when the email is taken.
-    #[allow(clippy::too_many_arguments)]
     pub async fn create_user(
         &self,
         id: &str,
