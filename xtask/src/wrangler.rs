@@ -166,9 +166,23 @@ pub fn d1_query(
     target: &D1Target,
     sql: &str,
 ) -> Result<serde_json::Value> {
-    let out = d1_execute(repo, node, target, sql)
-        .output()
-        .with_context(|| format!("running {}", repo.wrangler_bin().display()))?;
+    // A local database that the running `wrangler dev` is writing at that moment answers
+    // `SQLITE_BUSY`; the statement then did nothing (one transaction), so it is retried a
+    // few times, 200 ms apart, before the error is returned.
+    const BUSY_RETRIES: u32 = 10;
+    let mut attempt = 0;
+    let out = loop {
+        let out = d1_execute(repo, node, target, sql)
+            .output()
+            .with_context(|| format!("running {}", repo.wrangler_bin().display()))?;
+        let busy =
+            !out.status.success() && String::from_utf8_lossy(&out.stdout).contains("SQLITE_BUSY");
+        if !busy || attempt == BUSY_RETRIES {
+            break out;
+        }
+        attempt += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
