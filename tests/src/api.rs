@@ -211,6 +211,40 @@ impl ApiClient {
         .await
     }
 
+    /// `POST /api/payments/checkout {pack}` as `user`: the Checkout Session's id.
+    pub async fn checkout(&self, user: &TestUser, pack: &str) -> anyhow::Result<String> {
+        let r = self
+            .post(
+                "/api/payments/checkout",
+                Some(&user.token),
+                &json!({ "pack": pack }),
+            )
+            .await?;
+        anyhow::ensure!(r.status == 200, "checkout: {} {}", r.status, r.body);
+        r.body["session_id"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no session_id: {}", r.body))
+    }
+
+    /// `GET /admin/audit?action&target_id` with `admin`'s token: the matching entries,
+    /// newest first.
+    pub async fn audit(
+        &self,
+        admin: &TestUser,
+        action: &str,
+        target_id: &str,
+    ) -> anyhow::Result<Vec<Value>> {
+        let r = self
+            .get(
+                &format!("/admin/audit?action={action}&target_id={target_id}"),
+                Some(&admin.token),
+            )
+            .await?;
+        anyhow::ensure!(r.status == 200, "audit: {} {}", r.status, r.body);
+        Ok(r.body["entries"].as_array().cloned().unwrap_or_default())
+    }
+
     /// The user's current balance (`GET /api/me`).
     pub async fn credits(&self, user: &TestUser) -> anyhow::Result<i64> {
         let me = self.get("/api/me", Some(&user.token)).await?;

@@ -156,3 +156,72 @@ async fn wrong_methods_are_405_with_allow() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "not_found");
 }
+
+/// A body is limited while it streams in: a chunked upload with no `Content-Length`
+/// that goes on for 64 MiB is answered `body_too_large` long before it ends (a Worker
+/// that buffered the whole body first would answer only after), and nothing is created.
+#[tokio::test]
+async fn an_endless_chunked_body_is_cut_off_at_the_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let base = url::Url::parse(&worker().url()).unwrap();
+    let addr = format!("{}:{}", base.host_str().unwrap(), base.port().unwrap());
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/auth/register HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let chunk = {
+        let data = "a".repeat(4096);
+        format!("{:x}\r\n{data}\r\n", data.len()).into_bytes()
+    };
+    let opening =
+        b"{\"email\":\"endless@example.com\",\"password\":\"long enough pass\",\"name\":\"";
+    tcp.write_all(format!("{:x}\r\n", opening.len()).as_bytes())
+        .await
+        .unwrap();
+    tcp.write_all(opening).await.unwrap();
+    tcp.write_all(b"\r\n").await.unwrap();
+    // Keep sending until the Worker answers; stop writing once the socket refuses.
+    let (mut rd, mut wr) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        // A hard stop far past the limit, so a Worker that buffers still gets an end.
+        while sent < 64 * 1024 * 1024 {
+            if wr.write_all(&chunk).await.is_err() {
+                return (sent, false);
+            }
+            sent += chunk.len();
+        }
+        let _ = wr.write_all(b"0\r\n\r\n").await;
+        (sent, true)
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = rd.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    writer.abort();
+    if let Ok((sent, true)) = writer.await {
+        panic!("the Worker answered only after the whole {sent}-byte body was sent");
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("body_too_large"), "{text}");
+
+    let login = reqwest::Client::new()
+        .post(url("/api/auth/login"))
+        .json(&json!({ "email": "endless@example.com", "password": "long enough pass" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 401, "an account was created");
+}

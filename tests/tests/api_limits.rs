@@ -12,8 +12,10 @@
 use cmb_tests::harness;
 use serde_json::{json, Value};
 
-/// The limits the Worker enforces (`workers/api/src/limits.rs`).
+/// The limits the Worker enforces (`cmb_core::limits`): failures per account and IP,
+/// per IP, and per account before the account is slowed down (also 10).
 const FAILED_LOGINS_PER_EMAIL: usize = 10;
+const SLOWED_WINDOW_SECS: i64 = 30;
 const FAILED_LOGINS_PER_IP: usize = 50;
 const REGISTRATIONS_PER_IP: usize = 50;
 const PASSWORD: &str = "correct horse battery";
@@ -68,6 +70,16 @@ async fn login_from(ip: &str, email: &str, password: &str) -> Answer {
     .await
 }
 
+/// Waits, if need be, until the current fixed window of `window_secs` has at least
+/// 30 s left, so a test's counts are not split by a window boundary mid-test.
+async fn away_from_window_edge(window_secs: i64) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let left = window_secs - now.rem_euclid(window_secs);
+    if left < 30 {
+        tokio::time::sleep(std::time::Duration::from_secs(left as u64 + 1)).await;
+    }
+}
+
 /// Runs `n` copies of `f` at once and returns their answers.
 async fn concurrently<F, Fut>(n: usize, f: F) -> Vec<Answer>
 where
@@ -100,6 +112,7 @@ fn tally(answers: &[Answer], window_secs: i64) -> (usize, usize) {
 /// refused (429 with `Retry-After`), because each attempt takes its slot atomically.
 #[tokio::test]
 async fn concurrent_failed_logins_stop_at_exactly_ten() {
+    away_from_window_edge(15 * 60).await;
     let ip = "198.51.100.11";
     let email = unique_email("burst");
     assert_eq!(register_from(ip, &email).await.status, 201);
@@ -118,9 +131,10 @@ async fn concurrent_failed_logins_stop_at_exactly_ten() {
 }
 
 /// Successful logins give their slot back: after 12 good logins an account still has
-/// all 10 failures before it is locked.
+/// all 10 failures before this address is refused for it.
 #[tokio::test]
 async fn successful_logins_are_not_failures() {
+    away_from_window_edge(15 * 60).await;
     let ip = "198.51.100.12";
     let email = unique_email("regular");
     assert_eq!(register_from(ip, &email).await.status, 201);
@@ -136,10 +150,83 @@ async fn successful_logins_are_not_failures() {
     assert_eq!(a.status, 429, "{}", a.body);
 }
 
+/// A stranger guessing the owner's password from several addresses cannot lock the
+/// owner out: each of the stranger's addresses is stopped at 10 failures, the account
+/// is then slowed down for unfamiliar addresses (one attempt per 30-second window, never
+/// a lock), and the owner signs in at once from the address they last used.
+#[tokio::test]
+async fn a_stranger_cannot_lock_the_owner_out() {
+    away_from_window_edge(15 * 60).await;
+    let owner_ip = "198.51.100.21";
+    let email = unique_email("victim");
+    assert_eq!(register_from(owner_ip, &email).await.status, 201);
+
+    let first = "203.0.113.21";
+    for i in 0..FAILED_LOGINS_PER_EMAIL {
+        let a = login_from(first, &email, "guess").await;
+        assert_eq!(a.status, 401, "guess {i}: {}", a.body);
+    }
+    let a = login_from(first, &email, "guess").await;
+    assert_eq!(
+        a.status, 429,
+        "that address is done for this account: {}",
+        a.body
+    );
+    tally(&[a], 15 * 60);
+
+    // A second address finds the account slowed: at most one attempt per window is
+    // checked (two if a window boundary falls between these three), the rest wait.
+    let second = "203.0.113.22";
+    let answers = [
+        login_from(second, &email, "guess").await,
+        login_from(second, &email, "guess").await,
+        login_from(second, &email, "guess").await,
+    ];
+    let (checked, slowed) = tally(&answers, SLOWED_WINDOW_SECS);
+    assert!(
+        checked <= 2 && slowed >= 1,
+        "{checked} checked, {slowed} slowed"
+    );
+    assert!(answers
+        .iter()
+        .all(|a| a.status == 429 || a.body["error"]["code"] == "invalid_credentials"));
+
+    // The owner, from their own address, is not slowed at all.
+    let a = login_from(owner_ip, &email, PASSWORD).await;
+    assert_eq!(a.status, 200, "the owner was locked out: {}", a.body);
+    // From a new address the owner is at worst asked to wait out the window, and the
+    // account is still there (a right password is not refused as a wrong one).
+    let a = login_from("198.51.100.22", &email, PASSWORD).await;
+    match a.status {
+        200 => {}
+        429 => {
+            tally(&[a], SLOWED_WINDOW_SECS);
+        }
+        other => panic!("owner from a new address: {other} {}", a.body),
+    }
+}
+
+/// Unknown emails and wrong passwords get the same answer (only the request id differs).
+#[tokio::test]
+async fn unknown_emails_and_wrong_passwords_look_alike() {
+    let ip = "198.51.100.23";
+    let email = unique_email("exists");
+    assert_eq!(register_from(ip, &email).await.status, 201);
+    let strip = |mut a: Answer| {
+        a.body["error"]["request_id"] = Value::Null;
+        (a.status, a.body, a.retry_after)
+    };
+    let wrong = strip(login_from(ip, &email, "not the password").await);
+    let unknown = strip(login_from(ip, &unique_email("absent"), "not the password").await);
+    assert_eq!(wrong.0, 401);
+    assert_eq!(wrong, unknown);
+}
+
 /// Guessing across many accounts from one address stops at exactly 50 failures; another
 /// address is unaffected.
 #[tokio::test]
 async fn failed_logins_per_ip_stop_at_exactly_fifty() {
+    away_from_window_edge(15 * 60).await;
     let ip = "198.51.100.13";
     let answers = concurrently(FAILED_LOGINS_PER_IP + 5, |_| async move {
         login_from(ip, &unique_email("nobody"), "not the password").await
@@ -158,6 +245,7 @@ async fn failed_logins_per_ip_stop_at_exactly_fifty() {
 /// 5 are 429 and create nothing; another address can still sign up.
 #[tokio::test]
 async fn registrations_per_ip_stop_at_exactly_fifty() {
+    away_from_window_edge(3600).await;
     let ip = "198.51.100.15";
     let emails: Vec<String> = (0..REGISTRATIONS_PER_IP + 5)
         .map(|_| unique_email("signup"))

@@ -271,14 +271,11 @@ async fn a_grant_is_recorded_once_in_ledger_and_audit() {
     );
     let admin = harness::admin(&api).await;
     let audit = api
-        .get(
-            &format!("/admin/audit?action=payment.purchase&target_id={}", user.id),
-            Some(&admin.token),
-        )
+        .audit(&admin, "payment.purchase", &user.id)
         .await
         .unwrap();
-    assert_eq!(audit.body["total"], 1, "{}", audit.body);
-    let entry = &audit.body["entries"][0];
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let entry = &audit[0];
     assert_eq!(entry["actor"], "stripe");
     assert_eq!(entry["before"]["credits"], 200);
     assert_eq!(entry["after"]["credits"], 1400);

@@ -1032,6 +1032,28 @@ pub fn charge_refunded(session: &Value, amount_refunded: i64, created: i64) -> V
     )
 }
 
+/// `charge.dispute.created` for the charge behind a paid session: the buyer's bank
+/// disputes the whole amount (Stripe's `dispute` object).
+pub fn charge_dispute_created(session: &Value, created: i64) -> Value {
+    let dispute = json!({
+        "id": random_id("dp_", 24),
+        "object": "dispute",
+        "amount": session["amount_total"].clone(),
+        "balance_transactions": [],
+        "charge": random_id("ch_", 24),
+        "created": created,
+        "currency": session["currency"].clone(),
+        "evidence": {},
+        "is_charge_refundable": false,
+        "livemode": false,
+        "metadata": {},
+        "payment_intent": session["payment_intent"].clone(),
+        "reason": "fraudulent",
+        "status": "needs_response",
+    });
+    event("charge.dispute.created", dispute, Value::Null, created)
+}
+
 /// Signs `event` as Stripe would at `timestamp` (`cmb_core::stripe_sig`) and POSTs it to
 /// `webhook_url`; returns the receiver's status.
 pub async fn deliver_event(

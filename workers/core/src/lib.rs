@@ -10,6 +10,7 @@ pub mod config;
 pub mod destination;
 pub mod http;
 pub mod jwt;
+pub mod limits;
 pub mod log;
 pub mod password;
 pub mod persona;

@@ -89,6 +89,49 @@ impl CreditPack {
     }
 }
 
+/// The currency every pack is sold in (Stripe's lowercase code).
+pub const PACK_CURRENCY: &str = "usd";
+
+/// Why a paid Checkout Session does not match the pack it claims to buy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaidMismatch {
+    Amount { paid: Option<i64>, price: i64 },
+    Currency { paid: Option<String> },
+}
+
+/// Checks what Stripe says was paid (`amount_total`, `currency`) against the pack's
+/// price: credits are granted only for exactly the pack's price in its currency.
+pub fn check_paid(
+    pack: CreditPack,
+    amount_total: Option<i64>,
+    currency: Option<&str>,
+) -> Result<(), PaidMismatch> {
+    if amount_total != Some(pack.price_cents()) {
+        return Err(PaidMismatch::Amount {
+            paid: amount_total,
+            price: pack.price_cents(),
+        });
+    }
+    if currency != Some(PACK_CURRENCY) {
+        return Err(PaidMismatch::Currency {
+            paid: currency.map(str::to_owned),
+        });
+    }
+    Ok(())
+}
+
+/// Credits bought by `refunded` cents of a charge of `amount` that bought `credits`,
+/// rounded down — so the steps of a charge refunded in parts add up to exactly
+/// `credits` once it is fully refunded.
+pub fn credits_for_refunded(credits: i64, amount: i64, refunded: i64) -> i64 {
+    if amount <= 0 {
+        return if refunded > 0 { credits } else { 0 };
+    }
+    let refunded = refunded.clamp(0, amount);
+    let scaled = i128::from(credits) * i128::from(refunded) / i128::from(amount);
+    i64::try_from(scaled).unwrap_or(credits)
+}
+
 /// Provider list prices in USD, as configured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProviderRates {
@@ -198,6 +241,52 @@ mod tests {
     use super::*;
 
     /// 25 + 40 per started minute; 0 when never connected; 0 s connected is the base fee.
+    /// Partial refunds add up to the whole pack, never more; a zero-amount charge is
+    /// all or nothing.
+    #[test]
+    fn refund_credits_are_proportional_and_sum_exactly() {
+        assert_eq!(credits_for_refunded(1200, 1000, 1000), 1200);
+        assert_eq!(credits_for_refunded(1200, 1000, 0), 0);
+        assert_eq!(credits_for_refunded(1200, 1000, 333), 399);
+        let steps = [0, 333, 666, 1000];
+        let total: i64 = steps
+            .windows(2)
+            .map(|w| {
+                credits_for_refunded(1200, 1000, w[1]) - credits_for_refunded(1200, 1000, w[0])
+            })
+            .sum();
+        assert_eq!(total, 1200);
+        assert_eq!(
+            credits_for_refunded(500, 500, 9_999),
+            500,
+            "clamped to the charge"
+        );
+        assert_eq!(credits_for_refunded(500, 0, 1), 500);
+        assert_eq!(credits_for_refunded(500, 0, 0), 0);
+    }
+
+    /// Only the pack's exact price in dollars buys the pack.
+    #[test]
+    fn paid_amounts_must_match_the_pack() {
+        let pro = CreditPack::Pro;
+        assert_eq!(check_paid(pro, Some(2_000), Some("usd")), Ok(()));
+        assert_eq!(
+            check_paid(pro, Some(1), Some("usd")),
+            Err(PaidMismatch::Amount {
+                paid: Some(1),
+                price: 2_000
+            })
+        );
+        assert!(check_paid(pro, None, Some("usd")).is_err());
+        assert_eq!(
+            check_paid(pro, Some(2_000), Some("eur")),
+            Err(PaidMismatch::Currency {
+                paid: Some("eur".into())
+            })
+        );
+        assert!(check_paid(pro, Some(2_000), None).is_err());
+    }
+
     #[test]
     fn call_charges() {
         assert_eq!(call_charge_credits(0, false), 0);

@@ -16,9 +16,12 @@ use crate::error::{ApiError, ApiResult};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Reads the raw body, refusing anything over [`MAX_BODY_BYTES`] — first by the declared
-/// `Content-Length` (so an oversized body is not even read), then by the actual length
-/// (a chunked body has no length header).
+/// `Content-Length` (so an oversized body is not even read), then while it streams in (a
+/// chunked body has no length header): reading stops at the first chunk past the limit,
+/// so an endless body costs at most the limit plus one chunk of memory.
 pub async fn read_body(req: &mut Request) -> ApiResult<Vec<u8>> {
+    use futures::StreamExt;
+
     if let Ok(Some(len)) = req.headers().get("content-length") {
         if len
             .trim()
@@ -28,14 +31,28 @@ pub async fn read_body(req: &mut Request) -> ApiResult<Vec<u8>> {
             return Err(too_large());
         }
     }
-    let body = req.bytes().await.map_err(|e| {
+    let unreadable = |e: worker::Error| {
         ApiError::bad_request(
             "unreadable_body",
             format!("Could not read the request body: {e}"),
         )
-    })?;
-    if body.len() > MAX_BODY_BYTES {
-        return Err(too_large());
+    };
+    let mut stream = match req.stream() {
+        Ok(stream) => stream,
+        Err(worker::Error::BodyUsed) => {
+            return Err(ApiError::internal("read body", "the body was already read"))
+        }
+        // A request without a body (a POST with none) has no stream to read.
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(unreadable)?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            // Dropping the stream cancels the rest of the upload.
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
     }
     Ok(body)
 }

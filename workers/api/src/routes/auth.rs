@@ -99,6 +99,10 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .user_by_id(&id)
         .await?
         .ok_or_else(|| ApiError::internal("create user", "user missing after insert"))?;
+    // The address that registered is the owner's: never slowed down at login.
+    ctx.store
+        .set_last_login_ip(&user.id, &crate::http::limits::client_ip(&req))
+        .await?;
     let role = role_of(&user);
     let token = issue_token(ctx, &user, role)?;
     crate::log::info(
@@ -123,12 +127,13 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     // An email that cannot be valid cannot have an account; answer exactly as for a wrong
     // password, after the same amount of hashing work.
     let email = validate::email(&body.email).ok();
-    // Counted before the password is checked, given back on success (see `limits`).
-    let attempt = crate::http::limits::login_attempt(&req, ctx, email.as_deref()).await?;
-    let user = match email {
-        Some(email) => ctx.store.user_by_email(&email).await?,
+    let user = match &email {
+        Some(email) => ctx.store.user_by_email(email).await?,
         None => None,
     };
+    // Counted before the password is checked, given back on success (see `limits`).
+    let attempt =
+        crate::http::limits::login_attempt(&req, ctx, email.as_deref(), user.as_ref()).await?;
     let Some(user) = user else {
         crypto::dummy_verify(&body.password)
             .await
@@ -141,7 +146,7 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     if !ok {
         return Err(invalid());
     }
-    attempt.succeeded(ctx).await?;
+    attempt.succeeded(ctx, &user.id).await?;
     if user.is_banned != 0 {
         return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
     }

@@ -2,11 +2,16 @@
 //! (`POST /api/payments/webhook`), and the two pages Checkout returns to.
 //!
 //! Owns the money rules: which events grant (`checkout.session.completed` when
-//! `payment_status` is `paid`, and `checkout.session.async_payment_succeeded`), which
-//! take back (`charge.refunded`, proportionally, never below zero — the shortfall is
-//! recorded as debt), and that each happens exactly once however often and in whatever
-//! order Stripe delivers: per event (`stripe_events`) and per session (ledger key
-//! `stripe:session:<id>`), both inside the granting transaction. The signature is
+//! `payment_status` is `paid`, and `checkout.session.async_payment_succeeded`) — only
+//! for a session we created, and only when `amount_total` and `currency` are the pack's
+//! price (`cmb_core::pricing::check_paid`); which take back (`charge.refunded`,
+//! proportionally, and `charge.dispute.created`, whatever was not refunded yet — never
+//! below zero, the shortfall recorded as debt); a refund that arrives before its
+//! purchase is fulfilled is kept pending and netted out of the grant, so the pair nets
+//! zero in either order; and that each happens exactly once however often Stripe
+//! delivers: per event (`stripe_events`) and per session (ledger key
+//! `stripe:session:<id>`), both inside the granting transaction, which locks the user's
+//! row first. The signature is
 //! verified over the raw body before anything is parsed; a bad one is a 400 with
 //! nothing changed. Event types we do not handle get a 200 so Stripe stops retrying.
 //!
@@ -20,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use cmb_core::pricing::CreditPack;
+use cmb_core::pricing::{self, credits_for_refunded, CreditPack, PaidMismatch};
 use cmb_core::stripe_sig;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -32,7 +37,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::auth::authenticate;
 use crate::http::{json, json_body, parse_json, read_body};
 use crate::store::WriteConflict;
-use crate::store::{Fulfilment, NewPurchase, PurchaseRow, RefundStep};
+use crate::store::{Clawback, Fulfilment, NewPurchase, PurchaseRow, RefundStep};
 use crate::Ctx;
 
 /// Checkout requests without a client `Idempotency-Key` share a Stripe key for this
@@ -185,10 +190,6 @@ struct EventData {
 struct SessionObject {
     id: String,
     #[serde(default)]
-    client_reference_id: Option<String>,
-    #[serde(default)]
-    metadata: Option<BTreeMap<String, String>>,
-    #[serde(default)]
     payment_status: Option<String>,
     #[serde(default)]
     amount_total: Option<i64>,
@@ -210,6 +211,19 @@ struct ChargeObject {
     payment_intent: Option<String>,
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
+}
+
+/// The fields of a `dispute` we use.
+#[derive(Debug, Deserialize)]
+struct DisputeObject {
+    id: String,
+    #[serde(default)]
+    amount: i64,
+    charge: String,
+    #[serde(default)]
+    payment_intent: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 fn invalid_event(e: impl std::fmt::Display) -> ApiError {
@@ -276,6 +290,7 @@ pub async fn webhook(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
             }
         }
         "charge.refunded" => refund(ctx, &event).await,
+        "charge.dispute.created" => dispute(ctx, &event).await,
         other => {
             crate::log::info(
                 "stripe_event_ignored",
@@ -286,31 +301,49 @@ pub async fn webhook(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     }
 }
 
-/// Who bought what: our purchase row when we created the session, else the session's
-/// own `client_reference_id`/metadata (a row lost after Stripe created the session).
-fn purchase_of(row: Option<PurchaseRow>, s: &SessionObject) -> Option<(String, CreditPack, i64)> {
-    if let Some(p) = row {
-        let pack = CreditPack::from_name(&p.pack)?;
-        return Some((p.user_id, pack, p.credits));
-    }
-    let meta = s.metadata.as_ref();
-    let user = s
-        .client_reference_id
-        .clone()
-        .or_else(|| meta.and_then(|m| m.get("user_id").cloned()))?;
-    let pack = CreditPack::from_name(meta?.get("pack")?)?;
-    Some((user, pack, pack.credits()))
+/// Who bought what, from our purchase row: a session we did not create (no row, or a
+/// pack we do not sell) grants nothing, whatever its metadata says.
+fn purchase_of(row: Option<PurchaseRow>) -> Option<(String, CreditPack, i64)> {
+    let p = row?;
+    let pack = CreditPack::from_name(&p.pack)?;
+    Some((p.user_id, pack, p.credits))
 }
 
 async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Response> {
     let row = ctx.store.purchase(&s.id).await?;
-    let Some((user_id, pack, credits)) = purchase_of(row, s) else {
+    let Some((user_id, pack, credits)) = purchase_of(row) else {
         crate::log::warn(
             "stripe_session_not_ours",
             json!({ "request_id": ctx.request_id, "provider": "stripe", "session": s.id, "stripe_event": event.id }),
         );
+        ctx.store
+            .note_stripe_event(&event.id, &event.kind, &s.id, "not_ours", &ctx.now_iso())
+            .await?;
         return received("not_ours");
     };
+    if let Err(mismatch) = pricing::check_paid(pack, s.amount_total, s.currency.as_deref()) {
+        // Paid, but not what the pack costs: nothing is granted and an operator must look.
+        let why = match mismatch {
+            PaidMismatch::Amount { paid, price } => json!({ "amount_total": paid, "price": price }),
+            PaidMismatch::Currency { paid } => {
+                json!({ "currency": paid, "expected": pricing::PACK_CURRENCY })
+            }
+        };
+        crate::log::error(
+            "payment_amount_mismatch",
+            json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id, "session": s.id, "pack": pack.name(), "mismatch": why }),
+        );
+        ctx.store
+            .note_stripe_event(
+                &event.id,
+                &event.kind,
+                &s.id,
+                "amount_mismatch",
+                &ctx.now_iso(),
+            )
+            .await?;
+        return received("amount_mismatch");
+    }
     if ctx.store.user_by_id(&user_id).await?.is_none() {
         // Paid, but for an account that no longer exists: an operator must look.
         crate::log::error(
@@ -329,8 +362,8 @@ async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Respon
             user_id: &user_id,
             pack: pack.name(),
             credits,
-            amount_cents: s.amount_total.unwrap_or(pack.price_cents()),
-            currency: s.currency.as_deref().unwrap_or("usd"),
+            amount_cents: pack.price_cents(),
+            currency: pricing::PACK_CURRENCY,
         },
         payment_intent: s.payment_intent.as_deref(),
         ledger_id: &ledger_id,
@@ -354,18 +387,6 @@ async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Respon
     }
 }
 
-/// Credits bought by `refunded` cents of a charge of `amount` that bought `credits`,
-/// rounded down — so the steps of a charge refunded in parts add up to exactly
-/// `credits` once it is fully refunded.
-pub fn credits_for_refunded(credits: i64, amount: i64, refunded: i64) -> i64 {
-    if amount <= 0 {
-        return if refunded > 0 { credits } else { 0 };
-    }
-    let refunded = refunded.clamp(0, amount);
-    let scaled = i128::from(credits) * i128::from(refunded) / i128::from(amount);
-    i64::try_from(scaled).unwrap_or(credits)
-}
-
 async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
     let charge: ChargeObject =
         serde_json::from_value(event.data.object.clone()).map_err(invalid_event)?;
@@ -377,14 +398,16 @@ async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
     let (user_id, credits, purchase_id) = match &purchase {
         Some(p) => (p.user_id.clone(), p.credits, Some(p.id.clone())),
         None => {
-            // Refund seen before the purchase (or without our row): the charge carries
-            // the user and pack we put in the PaymentIntent's metadata.
+            // A refund seen before its purchase is fulfilled: the charge carries the user
+            // and pack we put in the PaymentIntent's metadata, and the PaymentIntent links
+            // it to the purchase when that is fulfilled (the refund waits, pending, and
+            // is netted out of the grant). Without a PaymentIntent it can never be linked.
             let user = meta.and_then(|m| m.get("user_id")).cloned();
             let pack = meta
                 .and_then(|m| m.get("pack"))
                 .and_then(|p| CreditPack::from_name(p));
-            match (user, pack) {
-                (Some(u), Some(p)) => (u, p.credits(), None),
+            match (user, pack, &charge.payment_intent) {
+                (Some(u), Some(p), Some(_)) => (u, p.credits(), None),
                 _ => {
                     crate::log::warn(
                         "refund_not_ours",
@@ -422,10 +445,12 @@ async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
     let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let audit_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let step = RefundStep {
+        kind: Clawback::Refund,
         event_id: &event.id,
         event_type: &event.kind,
         id: &step_id,
         charge_id: &charge.id,
+        payment_intent: charge.payment_intent.as_deref(),
         purchase_id: purchase_id.as_deref(),
         user_id: &user_id,
         refunded_cents: step_cents,
@@ -435,20 +460,67 @@ async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
         ledger_id: &ledger_id,
         audit_id: &audit_id,
     };
-    match ctx.store.refund_purchase(&step, &ctx.now_iso()).await? {
+    if purchase_id.is_some() {
+        return apply_clawback(ctx, event, &step, "refunded").await;
+    }
+    let answer = apply_clawback(ctx, event, &step, "refund_pending").await?;
+    // The purchase may have been fulfilled after it was looked up above; its netting
+    // cannot have seen this step, so settle it now (a no-op when there is nothing left).
+    match charge.payment_intent.as_deref() {
+        Some(pi) if settle_pending(ctx, pi).await? => received("refunded"),
+        _ => Ok(answer),
+    }
+}
+
+/// Settles the pending refund steps of a PaymentIntent whose purchase is fulfilled by
+/// now; whether any was.
+async fn settle_pending(ctx: &Ctx, payment_intent: &str) -> ApiResult<bool> {
+    let Some(purchase) = ctx.store.purchase_by_payment_intent(payment_intent).await? else {
+        return Ok(false);
+    };
+    let steps = ctx.store.pending_refunds(payment_intent).await?;
+    for step in &steps {
+        let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+        match ctx
+            .store
+            .settle_pending_refund(
+                step,
+                &purchase.id,
+                &purchase.user_id,
+                &ledger_id,
+                &ctx.now_iso(),
+            )
+            .await?
+        {
+            Ok(()) | Err(WriteConflict::Duplicate) => {}
+            Err(e) => return Err(ApiError::internal("settle refund", format!("{e:?}"))),
+        }
+    }
+    Ok(!steps.is_empty())
+}
+
+/// Applies a refund step or a dispute once; a replay is a `duplicate` with nothing
+/// changed.
+async fn apply_clawback(
+    ctx: &Ctx,
+    event: &Event,
+    step: &RefundStep<'_>,
+    outcome: &'static str,
+) -> ApiResult<Response> {
+    match ctx.store.refund_purchase(step, &ctx.now_iso()).await? {
         Ok(()) => {
             crate::log::info(
-                "credits_refunded",
-                json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id, "charge": charge.id, "due": due }),
+                "credits_clawed_back",
+                json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": step.user_id, "charge": step.charge_id, "due": step.credits_due, "outcome": outcome }),
             );
-            received("refunded")
+            received(outcome)
         }
         Err(WriteConflict::Duplicate) => {
             ctx.store
                 .note_stripe_event(
                     &event.id,
                     &event.kind,
-                    &charge.id,
+                    step.charge_id,
                     "duplicate",
                     &ctx.now_iso(),
                 )
@@ -457,6 +529,54 @@ async fn refund(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
         }
         Err(e) => Err(ApiError::internal("refund purchase", format!("{e:?}"))),
     }
+}
+
+/// `charge.dispute.created`: the buyer asked their bank for the money back. The
+/// purchase's credits not already refunded are taken back at once (as far as the
+/// balance allows, the rest is debt) and the purchase is marked disputed; an operator
+/// who wins the dispute can grant them again.
+async fn dispute(ctx: &Ctx, event: &Event) -> ApiResult<Response> {
+    let d: DisputeObject =
+        serde_json::from_value(event.data.object.clone()).map_err(invalid_event)?;
+    let purchase = match d.payment_intent.as_deref() {
+        Some(pi) => ctx.store.purchase_by_payment_intent(pi).await?,
+        None => None,
+    };
+    let Some(p) = purchase else {
+        crate::log::warn(
+            "dispute_not_ours",
+            json!({ "request_id": ctx.request_id, "provider": "stripe", "dispute": d.id, "charge": d.charge }),
+        );
+        ctx.store
+            .note_stripe_event(&event.id, &event.kind, &d.id, "not_ours", &ctx.now_iso())
+            .await?;
+        return received("not_ours");
+    };
+    crate::log::warn(
+        "payment_disputed",
+        json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": p.user_id, "dispute": d.id, "charge": d.charge, "reason": d.reason }),
+    );
+    let due = p.credits - credits_for_refunded(p.credits, p.amount_cents, p.refunded_cents);
+    let step_id = format!("dispute:{}", d.id);
+    let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let audit_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let step = RefundStep {
+        kind: Clawback::Dispute,
+        event_id: &event.id,
+        event_type: &event.kind,
+        id: &step_id,
+        charge_id: &d.charge,
+        payment_intent: d.payment_intent.as_deref(),
+        purchase_id: Some(&p.id),
+        user_id: &p.user_id,
+        refunded_cents: d.amount.max(0),
+        cumulative_refunded_cents: p.refunded_cents,
+        fully_refunded: false,
+        credits_due: due.max(0),
+        ledger_id: &ledger_id,
+        audit_id: &audit_id,
+    };
+    apply_clawback(ctx, event, &step, "disputed").await
 }
 
 fn page(title: &str, text: &str) -> ApiResult<Response> {
@@ -494,30 +614,6 @@ pub fn cancel_page() -> ApiResult<Response> {
 mod tests {
     use super::*;
 
-    /// Partial refunds add up to the whole pack, never more; a zero-amount charge is
-    /// all or nothing.
-    #[test]
-    fn refund_credits_are_proportional_and_sum_exactly() {
-        assert_eq!(credits_for_refunded(1200, 1000, 1000), 1200);
-        assert_eq!(credits_for_refunded(1200, 1000, 0), 0);
-        assert_eq!(credits_for_refunded(1200, 1000, 333), 399);
-        let steps = [0, 333, 666, 1000];
-        let total: i64 = steps
-            .windows(2)
-            .map(|w| {
-                credits_for_refunded(1200, 1000, w[1]) - credits_for_refunded(1200, 1000, w[0])
-            })
-            .sum();
-        assert_eq!(total, 1200);
-        assert_eq!(
-            credits_for_refunded(500, 500, 9_999),
-            500,
-            "clamped to the charge"
-        );
-        assert_eq!(credits_for_refunded(500, 0, 1), 500);
-        assert_eq!(credits_for_refunded(500, 0, 0), 0);
-    }
-
     /// The same user, pack and minute share a key; a client key overrides the bucket;
     /// a different pack or minute is a different checkout.
     #[test]
@@ -536,27 +632,13 @@ mod tests {
         assert!(!valid_client_key(&"x".repeat(101)));
     }
 
-    /// Our purchase row wins over the session's own metadata; without a row the
-    /// metadata must name both user and a known pack.
+    /// Only our purchase row says who bought what; without one nothing is granted.
     #[test]
     fn purchase_resolution() {
-        let session = |meta: &[(&str, &str)], reference: Option<&str>| SessionObject {
-            id: "cs_1".into(),
-            client_reference_id: reference.map(String::from),
-            metadata: Some(
-                meta.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-            payment_status: Some("paid".into()),
-            amount_total: Some(500),
-            currency: Some("usd".into()),
-            payment_intent: None,
-        };
-        let row = PurchaseRow {
+        let row = |pack: &str| PurchaseRow {
             id: "cs_1".into(),
             user_id: "owner".into(),
-            pack: "plus".into(),
+            pack: pack.into(),
             credits: 1200,
             amount_cents: 1000,
             currency: "usd".into(),
@@ -566,21 +648,11 @@ mod tests {
             created_at: String::new(),
             paid_at: None,
         };
-        let s = session(&[("user_id", "meta"), ("pack", "starter")], Some("ref"));
         assert_eq!(
-            purchase_of(Some(row), &s),
+            purchase_of(Some(row("plus"))),
             Some(("owner".into(), CreditPack::Plus, 1200))
         );
-        assert_eq!(
-            purchase_of(None, &s),
-            Some(("ref".into(), CreditPack::Starter, 500))
-        );
-        let s = session(&[("user_id", "meta"), ("pack", "starter")], None);
-        assert_eq!(purchase_of(None, &s).map(|p| p.0), Some("meta".into()));
-        assert_eq!(
-            purchase_of(None, &session(&[("pack", "gold")], Some("u"))),
-            None
-        );
-        assert_eq!(purchase_of(None, &session(&[], Some("u"))), None);
+        assert_eq!(purchase_of(Some(row("gold"))), None);
+        assert_eq!(purchase_of(None), None);
     }
 }

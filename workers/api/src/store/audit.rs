@@ -89,7 +89,8 @@ impl Store {
 
     /// Audit of a balance change computed by SQL from the balance as it is inside the
     /// batch (place it before the balance update). `delta_sql` is an expression over
-    /// `credits` and the bound parameter `?9`. Bound numbers arrive as JS doubles, so the
+    /// the user's row (`credits`, `users.id`) and the parameters `delta_args`, bound as
+    /// `?9`, `?10`, …. Bound numbers arrive as JS doubles, so the
     /// delta is cast back to an integer before it lands in JSON (no column affinity
     /// does it there).
     #[allow(clippy::too_many_arguments)]
@@ -100,7 +101,7 @@ impl Store {
         action: &str,
         user_id: &str,
         delta_sql: &str,
-        delta_param: i64,
+        delta_args: &[crate::store::Arg],
         extra_after: &serde_json::Value,
         reason: Option<&str>,
         now: &str,
@@ -117,22 +118,23 @@ impl Store {
                 format!("jsonb_build_object('credits', credits + ({delta_sql})) || ?8"),
             ),
         };
+        let mut args = vec![
+            s(id),
+            opt(actor.id.as_deref()),
+            s(&actor.name),
+            s(action),
+            s(user_id),
+            opt(reason),
+            ts(now),
+            crate::store::Arg::Json(Some(extra_after.to_string())),
+        ];
+        args.extend_from_slice(delta_args);
         self.stmt(
             &format!(
                 "INSERT INTO audit_log (id, actor_id, actor, action, target_type, target_id, before_json, after_json, reason, created_at) \
                  SELECT ?1, ?2, ?3, ?4, 'user', id, {before}, {after}, ?6, ?7 FROM users WHERE id = ?5"
             ),
-            &[
-                s(id),
-                opt(actor.id.as_deref()),
-                s(&actor.name),
-                s(action),
-                s(user_id),
-                opt(reason),
-                ts(now),
-                crate::store::Arg::Json(Some(extra_after.to_string())),
-                int(delta_param),
-            ],
+            &args,
         )
     }
 

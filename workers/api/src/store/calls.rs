@@ -88,10 +88,7 @@ impl Store {
         cap: i64,
         now: &str,
     ) -> ApiResult<Result<bool, WriteConflict>> {
-        let lock = self.stmt(
-            "UPDATE users SET updated_at = updated_at WHERE id = ?1",
-            &[s(&call.user_id)],
-        )?;
+        let lock = self.lock_user_stmt(&call.user_id)?;
         let insert = self.stmt(
             "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
              SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?6, ?6 \

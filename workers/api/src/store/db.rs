@@ -256,8 +256,7 @@ impl Db {
     pub async fn exec(&self, stmt: Stmt) -> ApiResult<Result<u64, WriteConflict>> {
         match &self.backend {
             Backend::D1(d1) => {
-                let prepared = d1_prepare(d1, &stmt)?;
-                match prepared.run().await {
+                match d1_retry(|| async { Ok(d1_prepare(d1, &stmt)?.run().await) }).await? {
                     Ok(result) => {
                         let changes = result
                             .meta()
@@ -293,11 +292,14 @@ impl Db {
     pub async fn batch(&self, stmts: Vec<Stmt>) -> ApiResult<Result<(), WriteConflict>> {
         match &self.backend {
             Backend::D1(d1) => {
-                let prepared = stmts
-                    .iter()
-                    .map(|s| d1_prepare(d1, s))
-                    .collect::<ApiResult<Vec<_>>>()?;
-                match d1.batch(prepared).await {
+                let run = || async {
+                    let prepared = stmts
+                        .iter()
+                        .map(|s| d1_prepare(d1, s))
+                        .collect::<ApiResult<Vec<_>>>()?;
+                    Ok(d1.batch(prepared).await)
+                };
+                match d1_retry(run).await? {
                     Ok(_) => Ok(Ok(())),
                     Err(e) => {
                         classify_d1(&e).map_or_else(|| Err(internal("d1 batch", e)), |c| Ok(Err(c)))
@@ -339,9 +341,8 @@ impl Db {
         };
         match &self.backend {
             Backend::D1(d1) => {
-                let result = d1_prepare(d1, &stmt)?
-                    .all()
-                    .await
+                let result = d1_retry(|| async { Ok(d1_prepare(d1, &stmt)?.all().await) })
+                    .await?
                     .map_err(|e| internal("d1 query", e))?;
                 result
                     .results::<Value>()
@@ -377,6 +378,35 @@ fn d1_arg(a: &Arg) -> JsValue {
             JsValue::from_f64(if b { 1.0 } else { 0.0 })
         }),
     }
+}
+
+/// Pauses between tries of a D1 call that found the database locked.
+const D1_BUSY_PAUSES_MS: [u64; 5] = [10, 25, 50, 100, 250];
+
+/// D1 answers `SQLITE_BUSY` ("database is locked") when another writer holds the
+/// database: locally, an operator's `wrangler d1 execute` (`cargo xtask admin grant`)
+/// on the state `wrangler dev` is serving. The call did nothing, so it is tried again a
+/// few times, briefly (under half a second in all), before the error stands.
+async fn d1_retry<T, F, Fut>(mut call: F) -> ApiResult<worker::Result<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ApiResult<worker::Result<T>>>,
+{
+    for pause in D1_BUSY_PAUSES_MS {
+        match call().await? {
+            Err(e) if is_busy(&e.to_string()) => {
+                crate::log::warn("d1_busy_retry", serde_json::json!({ "pause_ms": pause }));
+                worker::Delay::from(std::time::Duration::from_millis(pause)).await;
+            }
+            done => return Ok(done),
+        }
+    }
+    call().await
+}
+
+/// Whether a D1 error is SQLite's "the database is locked" (nothing was done).
+pub fn is_busy(message: &str) -> bool {
+    message.contains("SQLITE_BUSY") || message.contains("database is locked")
 }
 
 fn d1_prepare(d1: &D1Database, stmt: &Stmt) -> ApiResult<D1PreparedStatement> {
@@ -594,5 +624,15 @@ mod tests {
             Some(WriteConflict::DailyLimit)
         );
         assert_eq!(classify_message("no such table"), None);
+    }
+
+    /// Only "the database is locked" is retried; a constraint failure is an answer.
+    #[test]
+    fn busy_is_recognised() {
+        assert!(is_busy("D1_ERROR: database is locked: SQLITE_BUSY"));
+        assert!(is_busy("Error: SQLITE_BUSY"));
+        assert!(!is_busy(
+            "UNIQUE constraint failed: users.email: SQLITE_CONSTRAINT"
+        ));
     }
 }

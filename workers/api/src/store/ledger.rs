@@ -17,6 +17,17 @@ pub struct LedgerRow {
 impl Store {
     // ---- credits ----
 
+    /// Takes the user's row lock for the rest of the transaction (Postgres: a no-op
+    /// update locks the row until commit, so a money batch that reads the balance in
+    /// several statements sees one balance; D1 serialises batches anyway). The first
+    /// statement of every batch that computes an amount from the balance.
+    pub(crate) fn lock_user_stmt(&self, user_id: &str) -> ApiResult<Bound<'_>> {
+        self.stmt(
+            "UPDATE users SET updated_at = updated_at WHERE id = ?1",
+            &[s(user_id)],
+        )
+    }
+
     pub(crate) fn ledger_stmts(&self, e: &LedgerEntry<'_>, now: &str) -> ApiResult<[Bound<'_>; 2]> {
         let insert = self.stmt(
             "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, call_id, reason, created_at) \

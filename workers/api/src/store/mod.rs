@@ -48,6 +48,8 @@ pub struct UserRow {
     pub credits: i64,
     pub is_banned: i64,
     pub phone_verified: i64,
+    /// The address the owner last signed in from (never slowed down at login).
+    pub last_login_ip: Option<String>,
     pub created_at: String,
 }
 
@@ -294,7 +296,7 @@ fn persona_args(p: &PersonaWrite) -> [Arg; 11] {
 }
 
 const USER_COLUMNS: &str =
-    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, created_at";
+    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, last_login_ip, created_at";
 const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
 pub(crate) const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, greeting, voice_id, stability, similarity_boost, style, speed, is_active, created_at, updated_at, avatar_url, category";
 

@@ -18,7 +18,7 @@ pub struct AdminUserRow {
 }
 
 pub(super) const ADMIN_USER_COLUMNS: &str = "u.id, u.email, u.name, u.phone_number, u.role, u.tier, u.credits, u.is_banned, \
-     COALESCE((SELECT CAST(SUM(r.credits_due - r.credits_taken) AS BIGINT) FROM payment_refunds r WHERE r.user_id = u.id), 0) AS debt, \
+     COALESCE((SELECT CAST(SUM(r.credits_due - r.credits_taken) AS BIGINT) FROM payment_refunds r WHERE r.user_id = u.id AND r.purchase_id IS NOT NULL), 0) AS debt, \
      u.created_at";
 
 /// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern.
@@ -112,6 +112,18 @@ impl Store {
             )
             .await?;
         Ok(granted.is_some_and(|g| g.n > 0))
+    }
+
+    /// Remembers the address the owner just signed in from (see `cmb_core::limits`).
+    pub async fn set_last_login_ip(&self, user_id: &str, ip: &str) -> ApiResult<()> {
+        self.stmt(
+            "UPDATE users SET last_login_ip = ?2 WHERE id = ?1 AND last_login_ip IS DISTINCT FROM ?2",
+            &[s(user_id), s(ip)],
+        )?
+        .run()
+        .await
+        .map_err(|e| ApiError::internal("last login ip", e))?;
+        Ok(())
     }
 
     pub async fn user_by_email(&self, email: &str) -> ApiResult<Option<UserRow>> {
@@ -236,7 +248,8 @@ impl Store {
         actor: &Actor,
         now: &str,
     ) -> ApiResult<Result<(), WriteConflict>> {
-        let mut stmts = vec![self.balance_audit_stmt(
+        let mut stmts = vec![self.lock_user_stmt(entry.user_id)?];
+        stmts.push(self.balance_audit_stmt(
             audit_id,
             actor,
             if entry.amount >= 0 {
@@ -246,11 +259,11 @@ impl Store {
             },
             entry.user_id,
             "?9",
-            entry.amount,
+            &[int(entry.amount)],
             &serde_json::json!({ "amount": entry.amount, "ledger_id": entry.id }),
             Some(entry.reason),
             now,
-        )?];
+        )?);
         stmts.extend(self.ledger_stmts(entry, now)?);
         self.batch(stmts).await
     }

@@ -31,6 +31,9 @@ use crate::Ctx;
 
 /// Largest single grant or deduction: a typo should not mint a fortune.
 const MAX_ADJUSTMENT: i64 = 1_000_000;
+/// The largest balance an admin grant may build (far below 2^53, the largest integer
+/// D1 carries exactly as a JS number).
+const MAX_BALANCE: i64 = 1_000_000_000;
 const REASON_MAX_CHARS: usize = 500;
 
 fn user_view(u: &AdminUserRow) -> Value {
@@ -244,7 +247,8 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
         .flatten()
         .map(|k| k.trim().to_string());
     let body: CreditsBody = crate::http::json_body(&mut req).await?;
-    if body.amount == 0 || body.amount.abs() > MAX_ADJUSTMENT {
+    // A range check, not `abs()`: `i64::MIN` has no absolute value (and wraps in release).
+    if body.amount == 0 || !(-MAX_ADJUSTMENT..=MAX_ADJUSTMENT).contains(&body.amount) {
         return Err(ApiError::bad_request(
             "invalid_amount",
             format!("amount must be a non-zero whole number of credits between -{MAX_ADJUSTMENT} and {MAX_ADJUSTMENT}."),
@@ -261,7 +265,17 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
             "Idempotency-Key must be 1 to 100 characters.",
         ));
     }
-    target_user(ctx, id).await?;
+    let target = target_user(ctx, id).await?;
+    if body.amount > 0 && target.credits > MAX_BALANCE - body.amount {
+        return Err(ApiError::bad_request(
+            "invalid_amount",
+            format!(
+                "A balance may not exceed {MAX_BALANCE} credits; this user has {}.",
+                target.credits
+            ),
+        )
+        .with_details(json!([{ "field": "amount" }])));
+    }
     let ledger_id = new_id()?;
     let key = match &client_key {
         Some(k) => format!("admin:{id}:{k}"),
