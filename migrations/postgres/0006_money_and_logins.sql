@@ -14,3 +14,6 @@ CREATE INDEX payment_refunds_payment_intent ON payment_refunds (payment_intent);
 
 -- When Stripe reported a dispute on the purchase's charge (its credits were taken back).
 ALTER TABLE purchases ADD COLUMN disputed_at TIMESTAMPTZ;
+
+-- The AI disclosure is spoken on the first call that reaches a number: looked up by number.
+CREATE INDEX calls_phone_number ON calls (phone_number);

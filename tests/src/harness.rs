@@ -220,6 +220,10 @@ pub async fn admin_on(api: &ApiClient, stack: &Stack) -> TestUser {
     user
 }
 
+/// The voice stacks' `AI_DISCLOSURE`: short, so the first call to each test number
+/// (every test number is new) spends little time on it.
+pub const VOICE_AI_DISCLOSURE: &str = "This is an AI voice.";
+
 /// Provider keys of the voice stack's fakes.
 pub const DG_KEY: &str = "dg-e2e-key";
 pub const XI_KEY: &str = "xi-e2e-key";
@@ -275,6 +279,7 @@ impl VoiceStack {
         let mut worker_vars = worker_vars(&twilio.base_url());
         worker_vars.insert("LLM_API_BASE".into(), format!("{}/v1", cerebras.base_url()));
         worker_vars.insert("LLM_API_KEY".into(), LLM_KEY.into());
+        worker_vars.insert("AI_DISCLOSURE".into(), VOICE_AI_DISCLOSURE.into());
         // The launcher points RELAY_URL at the relay it starts.
         worker_vars.remove("RELAY_URL");
         worker_vars.extend(extra_worker_vars);

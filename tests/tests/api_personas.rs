@@ -407,3 +407,97 @@ async fn first_version_persona_body_is_accepted() {
         .unwrap();
     assert_eq!(got.body["persona"]["name"], "Coach Max");
 }
+
+/// A user may own 20 active custom personas: 25 created at once yield exactly 20 (the
+/// cap holds under concurrency, on D1 and on Postgres), the rest are 409
+/// `too_many_personas`; deleting one makes room. The list is paginated with a total.
+#[tokio::test]
+async fn custom_personas_are_capped_and_the_list_is_paginated() {
+    let api = client();
+    let user = api.register_user("collector").await.unwrap();
+    let tasks: Vec<_> = (0..25)
+        .map(|i| {
+            let api = api.clone();
+            let token = user.token.clone();
+            tokio::spawn(async move {
+                api.post(
+                    "/api/personas",
+                    Some(&token),
+                    &custom_persona(&format!("Tutor {i}")),
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            201 => created.push(r.body["persona"]["id"].as_str().unwrap().to_string()),
+            409 => {
+                assert_eq!(r.code(), Some("too_many_personas"), "{}", r.body);
+                assert_eq!(r.body["error"]["details"]["limit"], 20);
+                refused += 1;
+            }
+            other => panic!("{other}: {}", r.body),
+        }
+    }
+    assert_eq!((created.len(), refused), (20, 5));
+
+    let all = api.get("/api/personas", Some(&user.token)).await.unwrap();
+    let total = all.body["total"].as_i64().unwrap();
+    let mine = all.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["owner_id"] == user.id.as_str())
+        .count();
+    assert_eq!(mine, 20, "{}", all.body);
+    // Pages of 7 cover the same list, in order, without overlap.
+    let mut paged = Vec::new();
+    for offset in (0..total).step_by(7) {
+        let r = api
+            .get(
+                &format!("/api/personas?limit=7&offset={offset}"),
+                Some(&user.token),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["total"], total);
+        for p in r.body["personas"].as_array().unwrap() {
+            paged.push(p["id"].as_str().unwrap().to_string());
+        }
+    }
+    let listed: Vec<String> = all.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(paged, listed);
+    for bad in ["limit=0", "limit=201", "offset=-1", "limit=ten"] {
+        let r = api
+            .get(&format!("/api/personas?{bad}"), Some(&user.token))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+
+    let r = api
+        .delete(&format!("/api/personas/{}", created[0]), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = api
+        .post(
+            "/api/personas",
+            Some(&user.token),
+            &custom_persona("Room made"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+}

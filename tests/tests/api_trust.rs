@@ -363,3 +363,40 @@ async fn scheduled_calls_count_toward_their_days_limit() {
         history.body
     );
 }
+
+/// Pending scheduled calls are capped per tier (free: 5), exactly, when eight are asked
+/// for at once (each on its own day, so the daily limit is not what stops them).
+#[tokio::test]
+async fn pending_schedules_are_capped_under_concurrency() {
+    let api = harness::worker().api();
+    let user = api.register_user("sched-burst").await.unwrap();
+    let tasks: Vec<_> = (1..=8)
+        .map(|day| {
+            let api = api.clone();
+            let token = user.token.clone();
+            let when = (time::OffsetDateTime::now_utc() + time::Duration::days(day))
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            tokio::spawn(async move {
+                api.post(
+                    "/api/calls/schedule",
+                    Some(&token),
+                    &json!({ "persona_id": "alex", "scheduled_time": when }),
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.status == 429 {
+            assert_eq!(r.code(), Some("too_many_scheduled_calls"), "{}", r.body);
+            assert_eq!(r.body["error"]["details"]["limit"], 5);
+        }
+        statuses.push(r.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [201, 201, 201, 201, 201, 429, 429, 429]);
+}

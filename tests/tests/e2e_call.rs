@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use cmb_tests::fakes::twilio;
-use cmb_tests::harness::{VoiceStack, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN};
+use cmb_tests::harness::{self, VoiceStack, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN};
 use cmb_tests::sim::{SimScript, Speaker, Step, Utterance};
 use serde_json::json;
 
@@ -76,7 +76,12 @@ async fn a_whole_call_with_barge_in() {
         fake.transcript
     );
 
-    // The caller heard the greeting and the first reply in full.
+    // The caller heard the AI disclosure first (the first call to this number), then
+    // the greeting and the first reply in full.
+    assert!(
+        heard.trim_start().starts_with(harness::VOICE_AI_DISCLOSURE),
+        "disclosure first: {heard}"
+    );
     assert!(
         heard.contains("Ready to crush it today"),
         "greeting heard: {heard}"
@@ -165,6 +170,42 @@ async fn a_whole_call_with_barge_in() {
         .all(|c| c.query.iter().any(|(k, v)| k == "encoding" && v == "mulaw")));
     assert!(!v.elevenlabs.connections().is_empty());
     assert!(!v.cerebras.requests().is_empty());
+
+    // A second call to the same number opens with the greeting alone: its listener has
+    // heard the disclosure.
+    let admin = harness::admin_on(&api, &v.stack).await;
+    let r = api
+        .post(
+            &format!("/admin/users/{}/credits", user.id),
+            Some(&admin.token),
+            &json!({ "amount": 500, "reason": "second call" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    v.twilio.set_script(
+        number.clone(),
+        twilio::CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+    let second = api.trigger_call(&user, "brad", &number).await.unwrap();
+    api.wait_settled(&user, &second, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let again = v
+        .twilio
+        .calls()
+        .into_iter()
+        .rfind(|c| c.to == number)
+        .unwrap()
+        .heard_text;
+    assert!(again.contains("Ready to crush it today"), "{again}");
+    assert!(
+        !again.contains(harness::VOICE_AI_DISCLOSURE),
+        "the disclosure again: {again}"
+    );
 }
 
 /// A forged stream token is refused by the relay with close 1008 and nothing is opened.

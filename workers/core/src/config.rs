@@ -28,6 +28,11 @@ pub const DEFAULT_LLM_API_BASE: &str = "https://api.cerebras.ai/v1";
 pub const DEFAULT_LLM_MODEL: &str = "gpt-oss-120b";
 pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
 pub const DEFAULT_FREE_CREDITS: i64 = 200;
+/// What the persona says before its greeting on the first call that reaches a number.
+pub const DEFAULT_AI_DISCLOSURE: &str =
+    "Hi! Just so you know, this is an AI voice from Call Me Back, calling because this number asked for a call.";
+/// The longest `AI_DISCLOSURE` (it is spoken before anything else).
+pub const AI_DISCLOSURE_MAX_CHARS: usize = 300;
 /// HMAC keys shorter than this are guessable offline.
 pub const MIN_HMAC_SECRET_BYTES: usize = 32;
 
@@ -77,6 +82,9 @@ pub struct WorkerConfig {
     /// Origins (or `*`), no trailing slash.
     pub cors_origins: Vec<String>,
     pub free_credits: i64,
+    /// Spoken before the greeting on the first call that reaches a number
+    /// (`AI_DISCLOSURE`; it cannot be switched off, only reworded).
+    pub ai_disclosure: String,
     /// Timeouts of every call (`CALL_*`, `TWILIO_RING_TIMEOUT_SECS`, `LLM_*_TIMEOUT_MS`).
     pub call_limits: crate::session::Limits,
     /// Deadline of one Twilio REST request (`TWILIO_TIMEOUT_MS`, default 10 000).
@@ -369,6 +377,20 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         },
     };
 
+    let ai_disclosure = match r.optional("AI_DISCLOSURE") {
+        None => DEFAULT_AI_DISCLOSURE.to_owned(),
+        Some(v) => {
+            let v = v.trim().to_owned();
+            if v.chars().count() > AI_DISCLOSURE_MAX_CHARS || v.contains(['\n', '\r']) {
+                r.problem(
+                    "AI_DISCLOSURE",
+                    format!("must be one line of at most {AI_DISCLOSURE_MAX_CHARS} characters"),
+                );
+            }
+            v
+        }
+    };
+
     if !r.problems.is_empty() {
         return Err(ConfigErrors(r.problems));
     }
@@ -394,6 +416,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         admin_emails,
         cors_origins,
         free_credits,
+        ai_disclosure,
         call_limits,
         twilio_timeout_ms,
     })
@@ -467,6 +490,22 @@ mod tests {
         assert!(c.admin_emails.is_empty() && c.cors_origins.is_empty());
         assert_eq!(c.twilio_verify_api_base, "https://verify.twilio.com");
         assert_eq!(c.allowed_countries, ["US", "CA", "GB", "IE", "AU", "NZ"]);
+        assert_eq!(c.ai_disclosure, DEFAULT_AI_DISCLOSURE);
+    }
+
+    /// The disclosure can be reworded, not removed (an empty value is the default) and
+    /// not made into a speech.
+    #[test]
+    fn ai_disclosure() {
+        let mut v = good();
+        v.insert("AI_DISCLOSURE", "  This is an AI calling.  ".into());
+        assert_eq!(parse(&v).unwrap().ai_disclosure, "This is an AI calling.");
+        v.insert("AI_DISCLOSURE", "".into());
+        assert_eq!(parse(&v).unwrap().ai_disclosure, DEFAULT_AI_DISCLOSURE);
+        v.insert("AI_DISCLOSURE", "x".repeat(AI_DISCLOSURE_MAX_CHARS + 1));
+        assert_eq!(names(&parse(&v).unwrap_err()), ["AI_DISCLOSURE"]);
+        v.insert("AI_DISCLOSURE", "two\nlines".into());
+        assert_eq!(names(&parse(&v).unwrap_err()), ["AI_DISCLOSURE"]);
     }
 
     /// Verify and destination settings: a bad SID, an unknown country or an empty list

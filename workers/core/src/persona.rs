@@ -263,6 +263,17 @@ Your words are converted to speech, so reply in plain spoken language: no markdo
 emoji or stage directions. Keep each reply short (one to three sentences) unless asked for \
 more, and let the user talk. If they say goodbye, say a brief goodbye.";
 
+/// The persona's first words on a call. On the first call that reaches a number the AI
+/// disclosure comes first, so the person who answers hears that an AI is speaking
+/// before anything else; later calls open with the greeting alone.
+pub fn opening_line(greeting: &str, disclosure: &str, first_call_to_number: bool) -> String {
+    if first_call_to_number {
+        format!("{} {}", disclosure.trim(), greeting.trim())
+    } else {
+        greeting.trim().to_owned()
+    }
+}
+
 /// The system prompt for a call with `persona`: the phone-call rules, then the persona's
 /// name and its own prompt.
 pub fn call_system_prompt(persona: &PersonaFields) -> String {
@@ -275,6 +286,18 @@ pub fn call_system_prompt(persona: &PersonaFields) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_call_to_a_number_opens_with_the_disclosure() {
+        assert_eq!(
+            opening_line("Yo, it's Brad!", "This is an AI calling.", true),
+            "This is an AI calling. Yo, it's Brad!"
+        );
+        assert_eq!(
+            opening_line(" Yo, it's Brad! ", "This is an AI calling.", false),
+            "Yo, it's Brad!"
+        );
+    }
 
     fn full_input() -> PersonaInput {
         PersonaInput {

@@ -17,9 +17,9 @@ use crate::session::{session_op, CancelOutcome, SessionOp};
 use crate::store::{CallRow, LedgerEntry, WriteConflict};
 use crate::Ctx;
 
-/// API.md: scheduled calls at most 30 days ahead, at most 5 pending per user.
+/// API.md: scheduled calls at most 30 days ahead; pending ones capped per tier
+/// (`cmb_core::limits::pending_scheduled`: free 5, basic 10, premium 20).
 const MAX_SCHEDULE_AHEAD_SECS: i64 = 30 * 24 * 3600;
-const MAX_PENDING_SCHEDULED: i64 = 5;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -242,9 +242,10 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     // A scheduled call counts toward the daily limit of the day it will dial.
     let (day, _) = crate::http::limits::utc_day(at_secs);
     let cap = crate::http::limits::calls_per_day(&session.user.tier);
+    let max_pending = cmb_core::limits::pending_scheduled(&session.user.tier);
     match ctx
         .store
-        .insert_scheduled_call(&call, MAX_PENDING_SCHEDULED, &day, cap, &ctx.now_iso())
+        .insert_scheduled_call(&call, max_pending, &day, cap, &ctx.now_iso())
         .await?
     {
         Ok(true) => {}
@@ -252,8 +253,12 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
             return Err(ApiError::new(
                 429,
                 "too_many_scheduled_calls",
-                format!("You can have at most {MAX_PENDING_SCHEDULED} scheduled calls."),
-            ))
+                format!(
+                    "Your {} plan can have at most {max_pending} scheduled calls.",
+                    session.user.tier
+                ),
+            )
+            .with_details(json!({ "limit": max_pending, "tier": session.user.tier })))
         }
         Err(WriteConflict::DailyLimit) => {
             return Err(crate::http::limits::day_full_error(&session.user, &day))

@@ -5,14 +5,16 @@
 //! its owner (and admins). Field rules and voice-setting ranges are `cmb_core::persona`'s;
 //! this module only merges, authorises and stores.
 
+use cmb_core::limits::CUSTOM_PERSONAS_PER_USER;
 use cmb_core::persona::{PersonaFields, PersonaInput};
+use serde::Deserialize;
 use serde_json::json;
 use worker::{Request, Response};
 
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, optional_session, Session};
-use crate::http::{json, json_body, no_content};
+use crate::http::{json, json_body, no_content, page, query};
 use crate::store::{PersonaRow, PersonaWrite};
 use crate::Ctx;
 
@@ -50,17 +52,24 @@ fn may_edit(row: &PersonaRow, session: &Session) -> bool {
     session.is_admin() || row.owner_id.as_deref() == Some(session.user.id.as_str())
 }
 
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// `GET /api/personas[?limit&offset]`: a page (default 50, at most 200) and the total.
 pub async fn list(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = optional_session(req, ctx).await?;
+    let q: ListQuery = query(req)?;
+    let (limit, offset) = page(q.limit, q.offset)?;
     let viewer = session.as_ref().map(|s| s.user.id.as_str());
-    let personas: Vec<_> = ctx
-        .store
-        .list_personas(viewer)
-        .await?
-        .iter()
-        .map(PersonaRow::view)
-        .collect();
-    json(200, &json!({ "personas": personas }))
+    let (rows, total) = ctx.store.list_personas(viewer, limit, offset).await?;
+    let personas: Vec<_> = rows.iter().map(PersonaRow::view).collect();
+    json(
+        200,
+        &json!({ "personas": personas, "total": total, "limit": limit, "offset": offset }),
+    )
 }
 
 pub async fn get(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
@@ -85,9 +94,18 @@ pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     } else {
         Some(session.user.id.as_str())
     };
-    ctx.store
-        .insert_persona(&id, owner, &write_of(&fields), &ctx.now_iso())
-        .await?;
+    let max = CUSTOM_PERSONAS_PER_USER;
+    if !ctx
+        .store
+        .insert_persona(&id, owner, &write_of(&fields), max, &ctx.now_iso())
+        .await?
+    {
+        return Err(ApiError::conflict(
+            "too_many_personas",
+            format!("You can have at most {max} custom personas. Delete one to make room."),
+        )
+        .with_details(json!({ "limit": max })));
+    }
     let row = ctx
         .store
         .persona(&id)

@@ -347,6 +347,12 @@ impl CallSession {
             return Ok(None);
         };
         let fields = p.fields();
+        let first_call = !store
+            .number_reached_before(&call.phone_number, &call.id)
+            .await
+            .map_err(|e| rt(e.message))?;
+        let greeting =
+            cmb_core::persona::opening_line(&p.greeting, &self.config()?.ai_disclosure, first_call);
         Ok(Some(PersonaBrief {
             system_prompt: cmb_core::persona::call_system_prompt(&fields),
             name: p.name,
@@ -358,7 +364,7 @@ impl CallSession {
                 speed: p.speed,
                 use_speaker_boost: true,
             },
-            greeting: p.greeting,
+            greeting,
         }))
     }
 }

@@ -130,6 +130,18 @@ impl Store {
         self.batch(vec![update, ledger, balance]).await
     }
 
+    /// Whether a call other than `except` ever reached `phone` (was answered): its
+    /// listener has heard the AI disclosure already.
+    pub async fn number_reached_before(&self, phone: &str, except: &str) -> ApiResult<bool> {
+        let row: Option<Count> = self
+            .first(
+                "SELECT COUNT(*) AS n FROM calls WHERE phone_number = ?1 AND id <> ?2 AND started_at IS NOT NULL",
+                &[s(phone), s(except)],
+            )
+            .await?;
+        Ok(row.is_some_and(|c| c.n > 0))
+    }
+
     pub async fn call(&self, id: &str) -> ApiResult<Option<CallRow>> {
         self.first(
             &format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = ?1"),

@@ -6,16 +6,31 @@ impl Store {
     // ---- personas ----
 
     /// Active catalog personas plus the viewer's own active custom ones.
-    pub async fn list_personas(&self, viewer: Option<&str>) -> ApiResult<Vec<PersonaRow>> {
-        self.all(
-            &format!(
-                "SELECT {PERSONA_COLUMNS} FROM personas \
-                 WHERE is_active = TRUE AND (owner_id IS NULL OR owner_id = ?1) \
-                 ORDER BY owner_id IS NOT NULL, created_at, name"
-            ),
-            &[opt(viewer)],
-        )
-        .await
+    /// A page of the personas `viewer` may pick (active catalog ones first, then their
+    /// own), and how many there are in all.
+    pub async fn list_personas(
+        &self,
+        viewer: Option<&str>,
+        limit: i64,
+        offset: i64,
+    ) -> ApiResult<(Vec<PersonaRow>, i64)> {
+        let filter = "is_active = TRUE AND (owner_id IS NULL OR owner_id = ?1)";
+        let rows = self
+            .all(
+                &format!(
+                    "SELECT {PERSONA_COLUMNS} FROM personas WHERE {filter} \
+                     ORDER BY owner_id IS NOT NULL, created_at, name, id LIMIT ?2 OFFSET ?3"
+                ),
+                &[opt(viewer), int(limit), int(offset)],
+            )
+            .await?;
+        let total: Option<Count> = self
+            .first(
+                &format!("SELECT COUNT(*) AS n FROM personas WHERE {filter}"),
+                &[opt(viewer)],
+            )
+            .await?;
+        Ok((rows, total.map_or(0, |c| c.n)))
     }
 
     pub async fn persona(&self, id: &str) -> ApiResult<Option<PersonaRow>> {
@@ -26,26 +41,38 @@ impl Store {
         .await
     }
 
+    /// Inserts a persona: a catalog one (`owner` None), or a custom one of `owner` while
+    /// they have fewer than `max_custom` active ones (checked inside the insert, under
+    /// the owner's row lock, so concurrent creations cannot pass the cap). Whether it
+    /// was inserted.
     pub async fn insert_persona(
         &self,
         id: &str,
         owner: Option<&str>,
         p: &PersonaWrite,
+        max_custom: i64,
         now: &str,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<bool> {
         let mut args = vec![s(id), opt(owner)];
         args.extend(persona_args(p));
         args.push(ts(now));
-        let stmt = self.stmt(
+        args.push(int(max_custom));
+        let insert = self.stmt(
             "INSERT INTO personas (id, owner_id, name, description, system_prompt, greeting, voice_id, \
              stability, similarity_boost, style, speed, avatar_url, category, is_active, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, TRUE, ?14, ?14)",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, TRUE, ?14, ?14 \
+             WHERE ?2 IS NULL OR (SELECT COUNT(*) FROM personas WHERE owner_id = ?2 AND is_active = TRUE) < ?15",
             &args,
         )?;
-        stmt.run()
-            .await
-            .map_err(|e| ApiError::internal("insert persona", e))?;
-        Ok(())
+        let mut stmts = Vec::new();
+        if let Some(owner) = owner {
+            stmts.push(self.lock_user_stmt(owner)?);
+        }
+        stmts.push(insert);
+        if let Err(e) = self.batch(stmts).await? {
+            return Err(ApiError::internal("insert persona", format!("{e:?}")));
+        }
+        Ok(self.persona(id).await?.is_some())
     }
 
     pub async fn update_persona(&self, id: &str, p: &PersonaWrite, now: &str) -> ApiResult<()> {
