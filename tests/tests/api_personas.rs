@@ -501,3 +501,36 @@ async fn custom_personas_are_capped_and_the_list_is_paginated() {
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
 }
+
+/// A custom persona's prompt (8,000 characters) and greeting (500) are bounded: one
+/// character more is a 400 naming the field, and nothing is created.
+#[tokio::test]
+async fn prompt_and_greeting_lengths_are_bounded() {
+    let api = client();
+    let user = api.register_user("verbose").await.unwrap();
+    for (field, max) in [("system_prompt", 8000), ("greeting", 500)] {
+        let mut body = custom_persona("Long");
+        body[field] = json!("a".repeat(max + 1));
+        let r = api
+            .post("/api/personas", Some(&user.token), &body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{field}: {}", r.body);
+        assert!(r.body.to_string().contains(field), "{}", r.body);
+        body[field] = json!("a".repeat(max));
+        body["name"] = json!(format!("Longest {field}"));
+        let r = api
+            .post("/api/personas", Some(&user.token), &body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{field} at the limit: {}", r.body);
+    }
+    let mine = api.get("/api/personas", Some(&user.token)).await.unwrap();
+    let own = mine.body["personas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["owner_id"] == user.id.as_str())
+        .count();
+    assert_eq!(own, 2, "only the two within the limits exist");
+}

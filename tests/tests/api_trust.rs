@@ -400,3 +400,44 @@ async fn pending_schedules_are_capped_under_concurrency() {
     statuses.sort();
     assert_eq!(statuses, [201, 201, 201, 201, 201, 429, 429, 429]);
 }
+
+/// A call scheduled for the number the account had verified then does not ring it once
+/// the account has verified another phone: the old number may be somebody else's now.
+/// The call fails, free, and nothing reaches Twilio.
+#[tokio::test]
+async fn a_scheduled_call_does_not_ring_a_number_the_account_gave_up() {
+    let api = harness::worker().api();
+    let user = unverified_api().register_user("moved").await.unwrap();
+    let old = fresh_number();
+    assert_eq!(api.verify_phone(&user, &old).await.unwrap().status, 200);
+    let when = (time::OffsetDateTime::now_utc() + time::Duration::seconds(3))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let r = api
+        .post(
+            "/api/calls/schedule",
+            Some(&user.token),
+            &json!({ "persona_id": "alex", "scheduled_time": when }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["call"]["id"].as_str().unwrap().to_string();
+    let new = fresh_number();
+    assert_eq!(api.verify_phone(&user, &new).await.unwrap().status, 200);
+
+    let done = api
+        .wait_settled(&user, &id, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "failed", "{done}");
+    assert!(
+        harness::worker().twilio.calls().iter().all(|c| c.to != old),
+        "the old number was rung"
+    );
+    assert_eq!(
+        api.credits(&user).await.unwrap(),
+        200,
+        "a failed call is free"
+    );
+}

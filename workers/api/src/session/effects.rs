@@ -124,6 +124,21 @@ impl CallSession {
                         message: format!("unsupported destination: {}", refusal.message()),
                     })));
                 }
+                // And only the account's verified number as it is now: a call scheduled
+                // before the account verified another phone does not ring the old one.
+                if run.store.is_none() {
+                    run.store = Some(self.store().await?);
+                }
+                let store = run.store.as_ref().ok_or_else(|| rt("no store"))?;
+                let owner = store
+                    .user_by_id(&run.user_id)
+                    .await
+                    .map_err(|e| rt(e.message))?;
+                if owner.as_ref().and_then(|u| u.verified_phone()) != Some(to.as_str()) {
+                    return Ok(Some(Event::Twilio(TwilioResult::CreateRefused {
+                        message: "the number is no longer the account's verified phone".into(),
+                    })));
+                }
                 let id = &run.call_id;
                 let base = &cfg.public_base_url;
                 let twiml_url = format!("{base}/api/voice/twiml?callId={id}");
