@@ -526,11 +526,14 @@ async fn scheduled_call_dials_on_time_and_canceled_never_does() {
     let on_time = unique_number();
     let canceled = unique_number();
     set_script(&on_time, CalleeScript::Busy);
+    // Both numbers verified first: on a slow machine the SMS round trips would eat the
+    // three seconds of lead.
+    api.ensure_verified(&user, &on_time).await.unwrap();
+    api.ensure_verified(&other, &canceled).await.unwrap();
     let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
     let at_str = at
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
-    api.ensure_verified(&user, &on_time).await.unwrap();
     let r = api
         .post(
             "/api/calls/schedule",
@@ -541,7 +544,6 @@ async fn scheduled_call_dials_on_time_and_canceled_never_does() {
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["call"]["status"], "scheduled");
-    api.ensure_verified(&other, &canceled).await.unwrap();
     let r2 = api
         .post(
             "/api/calls/schedule",
