@@ -6,11 +6,25 @@
 // A panic in a test is that test's failure.
 #![allow(clippy::unwrap_used)]
 
-use cmb_tests::api::{fresh_number, ApiClient, TestUser};
+use cmb_tests::api::{fresh_number, ApiClient, Reply, TestUser};
 use cmb_tests::harness;
 use serde_json::json;
 
 /// A client that cannot read SMS: its users register without verifying a phone.
+/// `POST /api/calls/schedule` with persona Alex, `ahead` from now, as `token`.
+async fn schedule_in(api: &ApiClient, token: &str, ahead: time::Duration) -> Reply {
+    let when = (time::OffsetDateTime::now_utc() + ahead)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    api.post(
+        "/api/calls/schedule",
+        Some(token),
+        &json!({ "persona_id": "alex", "scheduled_time": when }),
+    )
+    .await
+    .unwrap()
+}
+
 fn unverified_api() -> ApiClient {
     ApiClient::new(harness::worker().url())
 }
@@ -324,34 +338,17 @@ async fn admin_rights_come_only_from_the_operator() {
 async fn scheduled_calls_count_toward_their_days_limit() {
     let api = harness::worker().api();
     let user = api.register_user("sched-flood").await.unwrap();
-    let at = |days: i64| {
-        (time::OffsetDateTime::now_utc() + time::Duration::days(days))
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    };
-    let schedule = |when: String| {
-        let api = api.clone();
-        let token = user.token.clone();
-        async move {
-            api.post(
-                "/api/calls/schedule",
-                Some(&token),
-                &json!({ "persona_id": "alex", "scheduled_time": when }),
-            )
-            .await
-            .unwrap()
-        }
-    };
+    let day = |n: i64| schedule_in(&api, &user.token, time::Duration::days(n));
     for _ in 0..3 {
-        let r = schedule(at(2)).await;
+        let r = day(2).await;
         assert_eq!(r.status, 201, "{}", r.body);
     }
-    let r = schedule(at(2)).await;
+    let r = day(2).await;
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.code(), Some("daily_call_limit"), "{}", r.body);
     assert_eq!(r.body["error"]["details"]["limit"], 3);
     // Another day has its own three.
-    let r = schedule(at(3)).await;
+    let r = day(3).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let history = api
         .get("/api/calls/history", Some(&user.token))
@@ -374,18 +371,7 @@ async fn pending_schedules_are_capped_under_concurrency() {
         .map(|day| {
             let api = api.clone();
             let token = user.token.clone();
-            let when = (time::OffsetDateTime::now_utc() + time::Duration::days(day))
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap();
-            tokio::spawn(async move {
-                api.post(
-                    "/api/calls/schedule",
-                    Some(&token),
-                    &json!({ "persona_id": "alex", "scheduled_time": when }),
-                )
-                .await
-                .unwrap()
-            })
+            tokio::spawn(async move { schedule_in(&api, &token, time::Duration::days(day)).await })
         })
         .collect();
     let mut statuses = Vec::new();
@@ -410,17 +396,7 @@ async fn a_scheduled_call_does_not_ring_a_number_the_account_gave_up() {
     let user = unverified_api().register_user("moved").await.unwrap();
     let old = fresh_number();
     assert_eq!(api.verify_phone(&user, &old).await.unwrap().status, 200);
-    let when = (time::OffsetDateTime::now_utc() + time::Duration::seconds(3))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
-    let r = api
-        .post(
-            "/api/calls/schedule",
-            Some(&user.token),
-            &json!({ "persona_id": "alex", "scheduled_time": when }),
-        )
-        .await
-        .unwrap();
+    let r = schedule_in(&api, &user.token, time::Duration::seconds(3)).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.body["call"]["id"].as_str().unwrap().to_string();
     let new = fresh_number();
