@@ -12,6 +12,7 @@ pub mod http;
 pub mod jwt;
 pub mod limits;
 pub mod log;
+pub mod model;
 pub mod password;
 pub mod persona;
 pub mod pricing;

@@ -13,6 +13,8 @@
 //! Unknown emails are counted exactly like real ones (by the normalised address), so
 //! the answers and their timing do not say whether an account exists.
 
+use crate::model::Tier;
+
 /// One fixed-window limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
@@ -77,22 +79,21 @@ pub fn login_slowed(account_failures: i64, from_owners_last_ip: bool) -> bool {
     account_failures > LOGIN_FAILURES_PER_ACCOUNT.limit && !from_owners_last_ip
 }
 
-/// Calls a user may place per UTC day, triggered or scheduled, by tier (unknown tiers
-/// get the free cap).
-pub fn calls_per_day(tier: &str) -> i64 {
+/// Calls a user may place per UTC day, triggered or scheduled, by tier.
+pub fn calls_per_day(tier: Tier) -> i64 {
     match tier {
-        "premium" => 50,
-        "basic" => 10,
-        _ => 3,
+        Tier::Premium => 50,
+        Tier::Basic => 10,
+        Tier::Free => 3,
     }
 }
 
 /// Scheduled calls a user may have pending at once, by tier.
-pub fn pending_scheduled(tier: &str) -> i64 {
+pub fn pending_scheduled(tier: Tier) -> i64 {
     match tier {
-        "premium" => 20,
-        "basic" => 10,
-        _ => 5,
+        Tier::Premium => 20,
+        Tier::Basic => 10,
+        Tier::Free => 5,
     }
 }
 
@@ -146,12 +147,12 @@ mod tests {
     #[test]
     fn tiers() {
         assert_eq!(
-            ["free", "basic", "premium", "gold"].map(calls_per_day),
-            [3, 10, 50, 3]
+            [Tier::Free, Tier::Basic, Tier::Premium].map(calls_per_day),
+            [3, 10, 50]
         );
         assert_eq!(
-            ["free", "basic", "premium", ""].map(pending_scheduled),
-            [5, 10, 20, 5]
+            [Tier::Free, Tier::Basic, Tier::Premium].map(pending_scheduled),
+            [5, 10, 20]
         );
     }
 }

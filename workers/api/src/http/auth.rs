@@ -22,23 +22,7 @@ pub struct Session {
 impl Session {
     /// Whether the account is an admin now (never from the token's claim).
     pub fn is_admin(&self) -> bool {
-        role_of(&self.user) == Role::Admin
-    }
-}
-
-/// The account's role as stored; only an operator grants `admin`.
-pub fn role_of(user: &UserRow) -> Role {
-    if user.role == "admin" {
-        Role::Admin
-    } else {
-        Role::User
-    }
-}
-
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Admin => "admin",
-        Role::User => "user",
+        self.user.role == Role::Admin
     }
 }
 
@@ -67,7 +51,7 @@ pub async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
     let Some(user) = ctx.store.user_by_id(&claims.sub).await? else {
         return Err(ApiError::unauthorized("This account no longer exists."));
     };
-    if user.is_banned != 0 {
+    if user.is_banned {
         return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
     }
     Ok(Session { user, claims })

@@ -179,13 +179,13 @@ pub async fn verification_start(req: &Request, ctx: &Ctx, user: &UserRow) -> Api
 pub fn daily_call_guard<'a>(ctx: &'a Ctx, user: &UserRow) -> ApiResult<Bound<'a>> {
     let (day, _) = utc_day(ctx.now_secs());
     ctx.store
-        .daily_call_stmt(&user.id, &day, calls_per_day(&user.tier))
+        .daily_call_stmt(&user.id, &day, calls_per_day(user.tier))
 }
 
 /// The 429 for a user whose daily call cap is reached; retry at the next UTC midnight.
 pub fn daily_limit_error(ctx: &Ctx, user: &UserRow) -> ApiError {
     let (_, retry_after) = utc_day(ctx.now_secs());
-    let cap = calls_per_day(&user.tier);
+    let cap = calls_per_day(user.tier);
     too_many(
         format!(
             "You have used all {cap} calls of your {} plan today. Try again in {retry_after} seconds.",
@@ -199,7 +199,7 @@ pub fn daily_limit_error(ctx: &Ctx, user: &UserRow) -> ApiError {
 
 /// The 429 for a scheduled call on a day whose calls are all planned already.
 pub fn day_full_error(user: &UserRow, day: &str) -> ApiError {
-    let cap = calls_per_day(&user.tier);
+    let cap = calls_per_day(user.tier);
     ApiError::new(
         429,
         "daily_call_limit",

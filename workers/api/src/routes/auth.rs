@@ -5,7 +5,7 @@
 //! in KV `TOKEN_BLACKLIST` until the token would have expired anyway. Every authenticated
 //! request also reloads the user, so a ban takes effect on the very next request.
 
-use cmb_core::jwt::{self, Claims, Role};
+use cmb_core::jwt::{self, Claims};
 use cmb_core::validate;
 use serde::Deserialize;
 use serde_json::json;
@@ -13,7 +13,7 @@ use worker::{Request, Response};
 
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
-use crate::http::auth::{authenticate, role_name, role_of};
+use crate::http::auth::authenticate;
 use crate::http::{json, json_body, no_content};
 use crate::store::{UserRow, WriteConflict};
 use crate::Ctx;
@@ -37,14 +37,14 @@ struct LoginBody {
     password: String,
 }
 
-fn issue_token(ctx: &Ctx, user: &UserRow, role: Role) -> ApiResult<String> {
+fn issue_token(ctx: &Ctx, user: &UserRow) -> ApiResult<String> {
     let now = ctx.now_secs();
     let claims = Claims {
         sub: user.id.clone(),
         jti: crypto::uuid().map_err(|e| ApiError::internal("jti", e))?,
         iat: now,
         exp: now + TOKEN_TTL_SECS,
-        role,
+        role: user.role,
     };
     jwt::encode(ctx.cfg.jwt_secret.expose().as_bytes(), &claims)
         .map_err(|e| ApiError::internal("jwt encode", e))
@@ -103,16 +103,12 @@ pub async fn register(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     ctx.store
         .set_last_login_ip(&user.id, &crate::http::limits::client_ip(&req))
         .await?;
-    let role = role_of(&user);
-    let token = issue_token(ctx, &user, role)?;
+    let token = issue_token(ctx, &user)?;
     crate::log::info(
         "user_registered",
         json!({ "request_id": ctx.request_id, "user_id": user.id }),
     );
-    json(
-        201,
-        &json!({ "token": token, "user": user.view(role_name(role)) }),
-    )
+    json(201, &json!({ "token": token, "user": user.view() }))
 }
 
 pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
@@ -147,15 +143,11 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         return Err(invalid());
     }
     attempt.succeeded(ctx, &user.id).await?;
-    if user.is_banned != 0 {
+    if user.is_banned {
         return Err(ApiError::forbidden("This account is suspended.").with_code("account_banned"));
     }
-    let role = role_of(&user);
-    let token = issue_token(ctx, &user, role)?;
-    json(
-        200,
-        &json!({ "token": token, "user": user.view(role_name(role)) }),
-    )
+    let token = issue_token(ctx, &user)?;
+    json(200, &json!({ "token": token, "user": user.view() }))
 }
 
 pub async fn logout(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
@@ -173,6 +165,5 @@ pub async fn logout(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
 
 pub async fn me(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(req, ctx).await?;
-    let role = role_name(role_of(&session.user));
-    json(200, &json!({ "user": session.user.view(role) }))
+    json(200, &json!({ "user": session.user.view() }))
 }

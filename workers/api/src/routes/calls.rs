@@ -4,6 +4,8 @@
 //! then hands the call to its `CallSession` Durable Object, which dials and owns the call
 //! from there.
 
+use cmb_core::calls::CallStatus;
+use cmb_core::model::LedgerKind;
 use cmb_core::validate;
 use serde::Deserialize;
 use serde_json::json;
@@ -76,9 +78,7 @@ fn destination(ctx: &Ctx, session: &Session, given: Option<&str>) -> ApiResult<S
 async fn usable_persona(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<()> {
     let persona = ctx.store.persona(id).await?;
     match persona {
-        Some(p)
-            if p.is_active != 0 && p.owner_id.as_deref().is_none_or(|o| o == session.user.id) =>
-        {
+        Some(p) if p.is_active && p.owner_id.as_deref().is_none_or(|o| o == session.user.id) => {
             Ok(())
         }
         _ => Err(ApiError::bad_request(
@@ -94,7 +94,7 @@ fn new_call(
     session: &Session,
     persona_id: String,
     phone: String,
-    status: &str,
+    status: CallStatus,
     scheduled: Option<String>,
 ) -> CallRow {
     CallRow {
@@ -102,7 +102,7 @@ fn new_call(
         user_id: session.user.id.clone(),
         persona_id,
         phone_number: phone,
-        status: status.into(),
+        status,
         status_reason: None,
         scheduled_time: scheduled,
         started_at: None,
@@ -130,7 +130,7 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         &session,
         body.persona_id,
         phone.clone(),
-        "queued",
+        CallStatus::Queued,
         None,
     );
     call.reserved_credits = amount;
@@ -138,7 +138,7 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let reserve = LedgerEntry {
         id: &ledger_id,
         user_id: &session.user.id,
-        kind: "reserve",
+        kind: LedgerKind::Reserve,
         amount: -amount,
         key: &key,
         call_id: Some(&call_id),
@@ -236,13 +236,13 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         &session,
         body.persona_id,
         phone.clone(),
-        "scheduled",
+        CallStatus::Scheduled,
         Some(crate::iso_from_millis(at_ms)),
     );
     // A scheduled call counts toward the daily limit of the day it will dial.
     let (day, _) = crate::http::limits::utc_day(at_secs);
-    let cap = crate::http::limits::calls_per_day(&session.user.tier);
-    let max_pending = cmb_core::limits::pending_scheduled(&session.user.tier);
+    let cap = crate::http::limits::calls_per_day(session.user.tier);
+    let max_pending = cmb_core::limits::pending_scheduled(session.user.tier);
     match ctx
         .store
         .insert_scheduled_call(&call, max_pending, &day, cap, &ctx.now_iso())
@@ -294,7 +294,7 @@ async fn abandon(ctx: &Ctx, call_id: &str, user_id: &str, reserved: i64) {
     let release = LedgerEntry {
         id: &id,
         user_id,
-        kind: "release",
+        kind: LedgerKind::Release,
         amount: reserved,
         key: &key,
         call_id: Some(call_id),

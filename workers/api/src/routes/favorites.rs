@@ -33,10 +33,11 @@ pub async fn list(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
 pub async fn add(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(&req, ctx).await?;
     let body: AddBody = json_body(&mut req).await?;
-    let visible =
-        ctx.store.persona(&body.persona_id).await?.filter(|p| {
-            p.is_active != 0 && p.owner_id.as_deref().is_none_or(|o| o == session.user.id)
-        });
+    let visible = ctx
+        .store
+        .persona(&body.persona_id)
+        .await?
+        .filter(|p| p.is_active && p.owner_id.as_deref().is_none_or(|o| o == session.user.id));
     let Some(persona) = visible else {
         return Err(ApiError::not_found("Persona"));
     };

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 
+use cmb_core::model::PurchaseStatus;
 use cmb_core::pricing::{self, credits_for_refunded, CreditPack, PaidMismatch};
 use cmb_core::stripe_sig;
 use serde::Deserialize;
@@ -276,16 +277,16 @@ pub async fn webhook(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
             let session: SessionObject =
                 serde_json::from_value(event.data.object.clone()).map_err(invalid_event)?;
             let status = if event.kind.ends_with("failed") {
-                "failed"
+                PurchaseStatus::Failed
             } else {
-                "expired"
+                PurchaseStatus::Expired
             };
             match ctx
                 .store
                 .close_purchase(&event.id, &event.kind, &session.id, status, &ctx.now_iso())
                 .await?
             {
-                Ok(()) => received(status),
+                Ok(()) => received(status.as_str()),
                 Err(_) => received("duplicate"),
             }
         }
@@ -642,7 +643,7 @@ mod tests {
             credits: 1200,
             amount_cents: 1000,
             currency: "usd".into(),
-            status: "open".into(),
+            status: PurchaseStatus::Open,
             payment_intent: None,
             refunded_cents: 0,
             created_at: String::new(),

@@ -44,7 +44,7 @@ fn visible(row: &PersonaRow, viewer: Option<&Session>) -> bool {
     if admin || owner {
         return true;
     }
-    row.owner_id.is_none() && row.is_active != 0
+    row.owner_id.is_none() && row.is_active
 }
 
 /// Whether `session` may change `row`: its owner, or an admin.
@@ -152,7 +152,7 @@ async fn editable(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<PersonaRo
             "Only an admin can change catalog personas.",
         ));
     }
-    if row.is_active == 0 {
+    if !row.is_active {
         return Err(ApiError::not_found("Persona"));
     }
     Ok(row)

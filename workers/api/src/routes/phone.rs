@@ -15,7 +15,7 @@ use crate::clients::twilio::TwilioError;
 use crate::clients::verify::{self, Check};
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
-use crate::http::auth::{authenticate, role_name};
+use crate::http::auth::authenticate;
 use crate::http::{json, json_body};
 use crate::Ctx;
 
@@ -133,8 +133,5 @@ pub async fn verify(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .user_by_id(&session.user.id)
         .await?
         .ok_or_else(|| ApiError::unauthorized("This account no longer exists."))?;
-    json(
-        200,
-        &json!({ "user": user.view(role_name(crate::http::auth::role_of(&user))) }),
-    )
+    json(200, &json!({ "user": user.view() }))
 }

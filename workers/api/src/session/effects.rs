@@ -9,6 +9,7 @@ use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use cmb_core::model::{LedgerKind, TranscriptRole};
 use cmb_core::prompt::Speaker;
 use cmb_core::session::{
     DbOp, DbOpKind, DbResult, Effect, Event, HangUpPurpose, LlmEvent, LogLevel, Refusal, Session,
@@ -359,7 +360,7 @@ async fn reserve(
     let entry = LedgerEntry {
         id: &id,
         user_id,
-        kind: "reserve",
+        kind: LedgerKind::Reserve,
         amount: -amount,
         key,
         call_id: Some(call_id),
@@ -451,7 +452,7 @@ async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Eve
             let entry = LedgerEntry {
                 id: &id,
                 user_id,
-                kind: "release",
+                kind: LedgerKind::Release,
                 amount: release,
                 key: &key,
                 call_id: Some(call_id),
@@ -475,8 +476,8 @@ async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Eve
                 .map(|l| TranscriptRow {
                     seq: l.seq,
                     role: match l.role {
-                        Speaker::User => "user".into(),
-                        Speaker::Assistant => "assistant".into(),
+                        Speaker::User => TranscriptRole::User,
+                        Speaker::Assistant => TranscriptRole::Assistant,
                     },
                     text: l.text.clone(),
                     at: iso(l.at_ms),
@@ -522,7 +523,7 @@ async fn db(store: &Store, call_id: &str, user_id: &str, op: DbOp) -> Option<Eve
             let ended = iso(s.ended_at_ms);
             let settlement = Settlement {
                 call_id,
-                status: s.status.as_str(),
+                status: s.status,
                 reason: s.reason.as_deref(),
                 ended_at: &ended,
                 duration_seconds: i64::from(s.duration_secs),

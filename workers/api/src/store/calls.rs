@@ -1,7 +1,65 @@
 //! Calls: their lifecycle rows, settlement, the conversation record (transcript, costs,
 //! latencies) and the admin's view.
 
+use cmb_core::calls::CallStatus;
+use cmb_core::model::{LedgerKind, TranscriptRole};
+
 use super::*;
+
+/// A call as stored; also its API view (API.md "A `call` object" plus `status_reason`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CallRow {
+    pub id: String,
+    pub user_id: String,
+    pub persona_id: String,
+    pub phone_number: String,
+    pub status: CallStatus,
+    pub status_reason: Option<String>,
+    pub scheduled_time: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub duration_seconds: Option<i64>,
+    pub twilio_call_sid: Option<String>,
+    pub answered_by: Option<String>,
+    #[serde(skip_serializing)]
+    pub reserved_credits: i64,
+    pub cost_cents: Option<i64>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TranscriptRow {
+    pub seq: i64,
+    pub role: TranscriptRole,
+    pub text: String,
+    pub at: String,
+    pub interrupted: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CostRow {
+    pub provider: String,
+    pub quantity: f64,
+    pub unit: String,
+    pub cost_micros: i64,
+}
+
+/// The final record of a call, written once when it settles.
+pub struct Settlement<'a> {
+    pub call_id: &'a str,
+    pub status: CallStatus,
+    pub reason: Option<&'a str>,
+    pub ended_at: &'a str,
+    pub duration_seconds: i64,
+    pub charge: i64,
+    pub release: i64,
+    pub user_id: &'a str,
+    pub release_ledger_id: &'a str,
+    pub settle_ledger_id: &'a str,
+    pub costs: &'a [CostRow],
+}
+
+pub(super) const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
 
 /// A call with its owner's email and current reservation, for admins.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -63,7 +121,7 @@ impl Store {
                 s(&call.user_id),
                 s(&call.persona_id),
                 s(&call.phone_number),
-                s(&call.status),
+                s(call.status.as_str()),
                 opt_ts(call.scheduled_time.as_deref()),
                 int(call.reserved_credits),
                 ts(now),
@@ -235,7 +293,7 @@ impl Store {
             &LedgerEntry {
                 id: st.release_ledger_id,
                 user_id: st.user_id,
-                kind: "release",
+                kind: LedgerKind::Release,
                 amount: st.release,
                 key: &release_key,
                 call_id: Some(st.call_id),
@@ -247,7 +305,7 @@ impl Store {
             &LedgerEntry {
                 id: st.settle_ledger_id,
                 user_id: st.user_id,
-                kind: "settle",
+                kind: LedgerKind::Settle,
                 amount: -st.charge,
                 key: &settle_key,
                 call_id: Some(st.call_id),
@@ -260,7 +318,7 @@ impl Store {
              duration_seconds = ?5, cost_cents = ?6, reserved_credits = 0, updated_at = ?4 WHERE id = ?1",
             &[
                 s(st.call_id),
-                s(st.status),
+                s(st.status.as_str()),
                 opt(st.reason),
                 ts(st.ended_at),
                 int(st.duration_seconds),
@@ -310,7 +368,7 @@ impl Store {
             stmts.push(self.stmt(
                 "INSERT INTO call_transcripts (call_id, seq, role, text, at, interrupted) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT (call_id, seq) DO UPDATE SET text = excluded.text, interrupted = excluded.interrupted",
-                &[s(call_id), int(r.seq), s(&r.role), s(&r.text), ts(&r.at), flag(r.interrupted != 0)],
+                &[s(call_id), int(r.seq), s(r.role.as_str()), s(&r.text), ts(&r.at), flag(r.interrupted != 0)],
             )?);
         }
         match self.batch(stmts).await? {

@@ -54,6 +54,22 @@ pub fn real(v: f64) -> Arg {
 pub fn flag(v: bool) -> Arg {
     Arg::Bool(Some(v))
 }
+/// Reads a stored flag: both drivers return 0/1 (SQLite's INTEGER, Postgres' BOOLEAN
+/// mapped the same way), and JSON booleans are accepted too.
+pub fn read_flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Int(i64),
+        Bool(bool),
+    }
+    match <Flag as serde::Deserialize>::deserialize(d)? {
+        Flag::Bool(b) => Ok(b),
+        Flag::Int(0) => Ok(false),
+        Flag::Int(1) => Ok(true),
+        Flag::Int(n) => Err(serde::de::Error::custom(format!("flag out of range: {n}"))),
+    }
+}
 pub fn ts(v: &str) -> Arg {
     Arg::Time(Some(v.to_string()))
 }

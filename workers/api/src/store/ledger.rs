@@ -1,12 +1,25 @@
 //! Credits: the ledger and the balance it keeps exact (every change is a ledger row
 //! with a unique idempotency key, in the same transaction as the balance update).
 
+use cmb_core::model::LedgerKind;
+
 use super::*;
+
+/// A credit movement for one call, with its idempotency key.
+pub struct LedgerEntry<'a> {
+    pub id: &'a str,
+    pub user_id: &'a str,
+    pub kind: LedgerKind,
+    pub amount: i64,
+    pub key: &'a str,
+    pub call_id: Option<&'a str>,
+    pub reason: &'a str,
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LedgerRow {
     pub id: String,
-    pub kind: String,
+    pub kind: LedgerKind,
     pub amount: i64,
     pub idempotency_key: String,
     pub call_id: Option<String>,
@@ -32,7 +45,7 @@ impl Store {
         let insert = self.stmt(
             "INSERT INTO credit_ledger (id, user_id, kind, amount, idempotency_key, call_id, reason, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            &[s(e.id), s(e.user_id), s(e.kind), int(e.amount), s(e.key), opt(e.call_id), s(e.reason), ts(now)],
+            &[s(e.id), s(e.user_id), s(e.kind.as_str()), int(e.amount), s(e.key), opt(e.call_id), s(e.reason), ts(now)],
         )?;
         let update = self.stmt(
             "UPDATE users SET credits = credits + ?2, updated_at = ?3 WHERE id = ?1",

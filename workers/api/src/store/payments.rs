@@ -1,5 +1,7 @@
 //! Purchases (Stripe Checkout), Stripe event idempotency and refunds.
 
+use cmb_core::model::PurchaseStatus;
+
 use super::*;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -10,7 +12,7 @@ pub struct PurchaseRow {
     pub credits: i64,
     pub amount_cents: i64,
     pub currency: String,
-    pub status: String,
+    pub status: PurchaseStatus,
     pub payment_intent: Option<String>,
     pub refunded_cents: i64,
     pub created_at: String,
@@ -276,13 +278,13 @@ impl Store {
         event_id: &str,
         event_type: &str,
         session_id: &str,
-        status: &str,
+        status: PurchaseStatus,
         now: &str,
     ) -> ApiResult<Result<(), WriteConflict>> {
-        let event = self.event_stmt(event_id, event_type, session_id, status, now)?;
+        let event = self.event_stmt(event_id, event_type, session_id, status.as_str(), now)?;
         let update = self.stmt(
             "UPDATE purchases SET status = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'open'",
-            &[s(session_id), s(status), ts(now)],
+            &[s(session_id), s(status.as_str()), ts(now)],
         )?;
         self.batch(vec![event, update]).await
     }

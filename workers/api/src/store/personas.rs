@@ -2,6 +2,142 @@
 
 use super::*;
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct PersonaRow {
+    pub id: String,
+    pub owner_id: Option<String>,
+    pub name: String,
+    pub description: String,
+    pub system_prompt: String,
+    pub greeting: String,
+    pub voice_id: String,
+    pub stability: f64,
+    pub similarity_boost: f64,
+    pub style: f64,
+    pub speed: f64,
+    #[serde(deserialize_with = "read_flag")]
+    pub is_active: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    pub avatar_url: Option<String>,
+    pub category: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VoiceSettingsView {
+    pub stability: f64,
+    pub similarity_boost: f64,
+    pub style: f64,
+    pub speed: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PersonaView {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub system_prompt: String,
+    pub greeting: String,
+    pub voice_id: String,
+    pub voice_settings: VoiceSettingsView,
+    /// The first version's names for the same three fields, for its clients.
+    pub core_system_prompt: String,
+    pub default_voice_id: String,
+    pub default_voice_settings: VoiceSettingsView,
+    pub avatar_url: Option<String>,
+    pub category: Option<String>,
+    pub is_custom: bool,
+    pub owner_id: Option<String>,
+    pub is_active: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl PersonaRow {
+    /// The persona's validated fields (as `cmb_core::persona` merges updates into them).
+    pub fn fields(&self) -> cmb_core::persona::PersonaFields {
+        cmb_core::persona::PersonaFields {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            system_prompt: self.system_prompt.clone(),
+            greeting: self.greeting.clone(),
+            voice_id: self.voice_id.clone(),
+            voice_settings: cmb_core::channel::VoiceSettings {
+                stability: self.stability,
+                similarity_boost: self.similarity_boost,
+                style: self.style,
+                speed: self.speed,
+                use_speaker_boost: true,
+            },
+            avatar_url: self.avatar_url.clone(),
+            category: self.category.clone(),
+        }
+    }
+
+    pub fn view(&self) -> PersonaView {
+        let voice_settings = VoiceSettingsView {
+            stability: self.stability,
+            similarity_boost: self.similarity_boost,
+            style: self.style,
+            speed: self.speed,
+        };
+        PersonaView {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            description: self.description.clone(),
+            system_prompt: self.system_prompt.clone(),
+            greeting: self.greeting.clone(),
+            voice_id: self.voice_id.clone(),
+            voice_settings: voice_settings.clone(),
+            core_system_prompt: self.system_prompt.clone(),
+            default_voice_id: self.voice_id.clone(),
+            default_voice_settings: voice_settings,
+            avatar_url: self.avatar_url.clone(),
+            category: self.category.clone(),
+            is_custom: self.owner_id.is_some(),
+            owner_id: self.owner_id.clone(),
+            is_active: self.is_active,
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+        }
+    }
+}
+
+/// The fields of a persona to write (already validated by `cmb_core::persona`).
+#[derive(Debug, Clone)]
+pub struct PersonaWrite {
+    pub name: String,
+    pub description: String,
+    pub system_prompt: String,
+    pub greeting: String,
+    pub voice_id: String,
+    pub stability: f64,
+    pub similarity_boost: f64,
+    pub style: f64,
+    pub speed: f64,
+    pub avatar_url: Option<String>,
+    pub category: Option<String>,
+}
+
+/// A persona's writable fields as arguments, in column order (name … speed).
+fn persona_args(p: &PersonaWrite) -> [Arg; 11] {
+    [
+        s(&p.name),
+        s(&p.description),
+        s(&p.system_prompt),
+        s(&p.greeting),
+        s(&p.voice_id),
+        real(p.stability),
+        real(p.similarity_boost),
+        real(p.style),
+        real(p.speed),
+        opt(p.avatar_url.as_deref()),
+        opt(p.category.as_deref()),
+    ]
+}
+
+pub(crate) const PERSONA_COLUMNS: &str = "id, owner_id, name, description, system_prompt, greeting, voice_id, stability, similarity_boost, style, speed, is_active, created_at, updated_at, avatar_url, category";
+
 impl Store {
     // ---- personas ----
 

@@ -1,6 +1,71 @@
 //! Accounts: users, their roles and bans, and the admin's view of them.
 
+use cmb_core::jwt::Role;
+use cmb_core::model::Tier;
+
 use super::*;
+
+/// A user as stored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserRow {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub phone_number: Option<String>,
+    pub password_hash: String,
+    pub role: Role,
+    pub tier: Tier,
+    pub credits: i64,
+    #[serde(deserialize_with = "read_flag")]
+    pub is_banned: bool,
+    #[serde(deserialize_with = "read_flag")]
+    pub phone_verified: bool,
+    /// The address the owner last signed in from (never slowed down at login).
+    pub last_login_ip: Option<String>,
+    pub created_at: String,
+}
+
+impl UserRow {
+    /// The number calls go to: the account's phone, once verified.
+    pub fn verified_phone(&self) -> Option<&str> {
+        self.phone_number.as_deref().filter(|_| self.phone_verified)
+    }
+}
+
+/// The public view of a user (never the password hash).
+#[derive(Debug, Clone, Serialize)]
+pub struct UserView {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub phone_number: Option<String>,
+    pub role: Role,
+    pub tier: Tier,
+    pub credits: i64,
+    pub is_banned: bool,
+    pub phone_verified: bool,
+    pub created_at: String,
+}
+
+impl UserRow {
+    pub fn view(&self) -> UserView {
+        UserView {
+            id: self.id.clone(),
+            email: self.email.clone(),
+            name: self.name.clone(),
+            phone_number: self.phone_number.clone(),
+            role: self.role,
+            tier: self.tier,
+            credits: self.credits,
+            is_banned: self.is_banned,
+            phone_verified: self.phone_verified,
+            created_at: self.created_at.clone(),
+        }
+    }
+}
+
+pub(super) const USER_COLUMNS: &str =
+    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, last_login_ip, created_at";
 
 /// A user as the admin list shows it (never the password hash), with recorded debt.
 #[derive(Debug, Clone, Deserialize)]
@@ -9,10 +74,11 @@ pub struct AdminUserRow {
     pub email: String,
     pub name: String,
     pub phone_number: Option<String>,
-    pub role: String,
-    pub tier: String,
+    pub role: Role,
+    pub tier: Tier,
     pub credits: i64,
-    pub is_banned: i64,
+    #[serde(deserialize_with = "read_flag")]
+    pub is_banned: bool,
     pub debt: i64,
     pub created_at: String,
 }

@@ -2,15 +2,16 @@
 //! with its transcript and economics, and the full persona catalog.
 //!
 //! Every route starts with [`require_admin`]: anonymous is 401, anyone else 403. The
-//! admin role must still hold *now* (stored role or `ADMIN_EMAILS`), not just when the
-//! token was issued. Every change writes its audit row in the same transaction as the
-//! change (`store_admin.rs`). This module never touches a call's state directly: a
+//! admin role must still hold *now* (the stored role, which only an operator grants), not
+//! just when the token was issued. Every change writes its audit row in the same
+//! transaction as the change (`store/users.rs`). This module never touches a call's state directly: a
 //! banned user's pending calls are canceled through each call's Durable Object.
 
 pub mod analytics;
 pub mod audit;
 
 use cmb_core::calls::CallStatus;
+use cmb_core::model::LedgerKind;
 use cmb_core::validate;
 use futures::future::join_all;
 use serde::Deserialize;
@@ -37,17 +38,16 @@ const MAX_BALANCE: i64 = 1_000_000_000;
 const REASON_MAX_CHARS: usize = 500;
 
 fn user_view(u: &AdminUserRow) -> Value {
-    let role = if u.role == "admin" { "admin" } else { "user" };
     json!({
         "id": u.id,
         "email": u.email,
         "name": u.name,
         "phone_number": u.phone_number,
-        "role": role,
+        "role": u.role,
         "tier": u.tier,
         "credits": u.credits,
         "debt": u.debt,
-        "is_banned": u.is_banned != 0,
+        "is_banned": u.is_banned,
         "created_at": u.created_at,
     })
 }
@@ -284,7 +284,7 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
     let entry = LedgerEntry {
         id: &ledger_id,
         user_id: id,
-        kind: if body.amount > 0 { "grant" } else { "adjust" },
+        kind: LedgerKind::for_adjustment(body.amount),
         amount: body.amount,
         key: &key,
         call_id: None,
