@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn every_vocabulary_matches_its_check_constraint_in_both_dialects() {
         for sql in MIGRATIONS {
-            let mut sorted = |mut v: Vec<String>| {
+            let sorted = |mut v: Vec<String>| {
                 v.sort();
                 v
             };
