@@ -103,6 +103,50 @@ impl ApiError {
     }
 }
 
+/// An error as it crosses an internal hop (a Durable Object answering the Worker): the
+/// API's error object plus the internal cause, which only the receiving Worker reads.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct InternalReply {
+    pub code: String,
+    pub message: String,
+    #[serde(default)]
+    pub cause: Option<String>,
+}
+
+impl ApiError {
+    /// The reply of an internal hop: status, code and message as for a client, and the
+    /// cause, so the receiving side can log it once at its boundary.
+    pub fn into_internal_reply(self) -> worker::Result<Response> {
+        let body = InternalReply {
+            code: self.code.to_owned(),
+            message: self.message,
+            cause: self.cause,
+        };
+        Ok(Response::from_json(&json!({ "error": body }))?.with_status(self.status))
+    }
+
+    /// The error an internal hop answered with `status` and `body`. The receiver's own
+    /// error is internal whatever the hop said: a route never sends a Durable Object a
+    /// request it could refuse as the client's fault.
+    pub fn from_internal_reply(hop: &str, status: u16, body: &str) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Wrapped {
+            error: InternalReply,
+        }
+        match serde_json::from_str::<Wrapped>(body) {
+            Ok(Wrapped { error: e }) => ApiError::internal(
+                hop,
+                format!(
+                    "{status} {}: {}",
+                    e.code,
+                    e.cause.as_deref().unwrap_or(&e.message)
+                ),
+            ),
+            Err(_) => ApiError::internal(hop, format!("{status}: {body}")),
+        }
+    }
+}
+
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
         let details = json!([{ "field": e.field, "code": e.code, "message": e.message }]);
@@ -133,5 +177,38 @@ impl From<Vec<ValidationError>> for ApiError {
 impl From<worker::Error> for ApiError {
     fn from(e: worker::Error) -> Self {
         ApiError::internal("worker", e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Durable Object's failure reaches the route as an internal error that keeps the
+    /// object's cause for the one log line, and never its status as the client's.
+    #[test]
+    fn an_internal_reply_becomes_an_internal_error_with_its_cause() {
+        let body = r#"{"error":{"code":"internal_error","message":"Something went wrong on our side.","cause":"d1 batch: disk I/O error"}}"#;
+        let e = ApiError::from_internal_reply("call session", 500, body);
+        assert_eq!((e.status, e.code), (500, "internal_error"));
+        assert_eq!(
+            e.cause.as_deref(),
+            Some("call session: 500 internal_error: d1 batch: disk I/O error")
+        );
+
+        let refused =
+            r#"{"error":{"code":"invalid_input","message":"Bad session op: missing field `op`."}}"#;
+        let e = ApiError::from_internal_reply("call session", 400, refused);
+        assert_eq!(e.status, 500);
+        assert_eq!(
+            e.cause.as_deref(),
+            Some("call session: 400 invalid_input: Bad session op: missing field `op`.")
+        );
+
+        let e = ApiError::from_internal_reply("call session", 502, "<html>bad gateway</html>");
+        assert_eq!(
+            e.cause.as_deref(),
+            Some("call session: 502: <html>bad gateway</html>")
+        );
     }
 }

@@ -26,10 +26,14 @@ pub async fn session_op<T: for<'de> Deserialize<'de>>(
         .await
         .map_err(|e| ApiError::internal("do fetch", e))?;
     if resp.status_code() != 200 {
-        let text = resp.text().await.unwrap_or_default();
-        return Err(ApiError::internal(
-            "do op",
-            format!("{}: {text}", resp.status_code()),
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ApiError::internal("call session reply", e))?;
+        return Err(ApiError::from_internal_reply(
+            "call session",
+            resp.status_code(),
+            &text,
         ));
     }
     resp.json()

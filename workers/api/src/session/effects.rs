@@ -16,18 +16,19 @@ use cmb_core::session::{
     TwilioCall, TwilioResult,
 };
 use futures::{FutureExt as _, StreamExt as _};
-use worker::{AbortController, Delay, Result};
+use worker::{AbortController, Delay};
 
-use super::{now_ms, rt, CallSession};
+use super::{now_ms, CallSession};
 use crate::clients::llm;
 use crate::clients::twilio::{self, Dial};
 use crate::crypto;
+use crate::error::{ApiError, ApiResult};
 use crate::iso_from_millis as iso;
 use crate::store::{CostRow, LedgerEntry, Settlement, Store, TranscriptRow, WriteConflict};
 
 impl CallSession {
     /// Runs `first` and everything its results lead to; LLM streams after the rest.
-    pub(super) async fn drive(&self, first: Vec<Effect>, session: &Session) -> Result<()> {
+    pub(super) async fn drive(&self, first: Vec<Effect>, session: &Session) -> ApiResult<()> {
         let mut run = Run {
             queue: first.into(),
             streams: VecDeque::new(),
@@ -45,7 +46,7 @@ impl CallSession {
         }
     }
 
-    async fn run_queue(&self, run: &mut Run) -> Result<()> {
+    async fn run_queue(&self, run: &mut Run) -> ApiResult<()> {
         while let Some(effect) = run.queue.pop_front() {
             if matches!(effect, Effect::StartLlm { .. }) {
                 run.streams.push_back(effect);
@@ -61,12 +62,14 @@ impl CallSession {
     }
 
     /// One effect; its result as an event, if it has one.
-    async fn run(&self, effect: Effect, run: &mut Run) -> Result<Option<Event>> {
+    async fn run(&self, effect: Effect, run: &mut Run) -> ApiResult<Option<Event>> {
         match effect {
             Effect::ToRelay { conn, frames } => {
                 for ws in self.sockets(conn) {
                     for f in &frames {
-                        let text = f.to_json().map_err(rt)?;
+                        let text = f
+                            .to_json()
+                            .map_err(|e| ApiError::internal("encode relay frame", e))?;
                         if let Err(e) = ws.send_with_str(text) {
                             crate::log::warn(
                                 "relay_send_failed",
@@ -130,11 +133,11 @@ impl CallSession {
                 if run.store.is_none() {
                     run.store = Some(self.store().await?);
                 }
-                let store = run.store.as_ref().ok_or_else(|| rt("no store"))?;
-                let owner = store
-                    .user_by_id(&run.user_id)
-                    .await
-                    .map_err(|e| rt(e.message))?;
+                let store = run
+                    .store
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("call session", "no store"))?;
+                let owner = store.user_by_id(&run.user_id).await?;
                 if owner.as_ref().and_then(|u| u.verified_phone()) != Some(to.as_str()) {
                     return Ok(Some(Event::Twilio(TwilioResult::CreateRefused {
                         message: "the number is no longer the account's verified phone".into(),
@@ -194,14 +197,17 @@ impl CallSession {
                 if run.store.is_none() {
                     run.store = Some(self.store().await?);
                 }
-                let store = run.store.as_ref().ok_or_else(|| rt("no store"))?;
+                let store = run
+                    .store
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("call session", "no store"))?;
                 Ok(db(store, &run.call_id, &run.user_id, op).await)
             }
         }
     }
 
     /// Reads one LLM reply with the machine's deadlines, each piece an event.
-    async fn stream_llm(&self, start: Effect, run: &mut Run) -> Result<()> {
+    async fn stream_llm(&self, start: Effect, run: &mut Run) -> ApiResult<()> {
         let Effect::StartLlm {
             stream,
             messages,
@@ -256,7 +262,7 @@ impl CallSession {
                         text,
                         since_start_ms: since,
                     });
-                    if !self.feed(ev, stream, run).await.map_err(|e| (false, e.to_string()))? {
+                    if !self.feed(ev, stream, run).await.map_err(|e| (false, e.log_detail()))? {
                         return Ok(()); // the machine moved on (barge-in, hang-up, end)
                     }
                 }
@@ -285,7 +291,7 @@ impl CallSession {
 
     /// Steps one LLM event and runs what it leads to; false once `stream` is no longer
     /// the one the machine wants.
-    async fn feed(&self, event: Event, stream: u32, run: &mut Run) -> Result<bool> {
+    async fn feed(&self, event: Event, stream: u32, run: &mut Run) -> ApiResult<bool> {
         let Some((effects, session)) = self.step(event).await? else {
             return Ok(false);
         };

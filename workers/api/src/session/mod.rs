@@ -21,6 +21,8 @@ use worker::{
     WebSocketIncomingMessage, WebSocketPair,
 };
 
+use crate::error::{ApiError, ApiResult};
+
 pub use client::{relay_session, session_op};
 pub use cmb_core::session::CancelOutcome;
 
@@ -79,16 +81,12 @@ fn now_ms() -> u64 {
     worker::Date::now().as_millis()
 }
 
-fn ok() -> Result<Response> {
-    Response::from_json(&serde_json::json!({ "ok": true }))
+fn ok() -> ApiResult<Response> {
+    Ok(Response::from_json(&serde_json::json!({ "ok": true }))?)
 }
 
 fn conn_tag(conn: u32) -> String {
     format!("conn-{conn}")
-}
-
-fn rt(e: impl std::fmt::Display) -> worker::Error {
-    worker::Error::RustError(e.to_string())
 }
 
 impl DurableObject for CallSession {
@@ -100,14 +98,82 @@ impl DurableObject for CallSession {
         }
     }
 
-    async fn fetch(&self, mut req: Request) -> Result<Response> {
+    /// A route's operation, or the relay's channel. An error is answered in the API's
+    /// JSON error format; an internal one carries its cause for the route, which logs it
+    /// once with its request id (`session_op`), so it is not logged here.
+    async fn fetch(&self, req: Request) -> Result<Response> {
+        match self.serve(req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => e.into_internal_reply(),
+        }
+    }
+
+    /// An alarm's failure is logged here (no caller will) and returned, so the platform
+    /// retries the alarm.
+    async fn alarm(&self) -> Result<Response> {
+        match self.event(Event::Alarm).await {
+            Ok(()) => Response::ok("ok"),
+            Err(e) => {
+                self.log_failure("alarm", &e).await;
+                Err(worker::Error::RustError(e.log_detail()))
+            }
+        }
+    }
+
+    async fn websocket_message(
+        &self,
+        ws: WebSocket,
+        message: WebSocketIncomingMessage,
+    ) -> Result<()> {
+        if let Err(e) = self.relay_message(ws, message).await {
+            self.log_failure("relay_message", &e).await;
+        }
+        Ok(())
+    }
+
+    async fn websocket_close(
+        &self,
+        ws: WebSocket,
+        code: usize,
+        reason: String,
+        _was_clean: bool,
+    ) -> Result<()> {
+        crate::log::info(
+            "relay_channel_closed",
+            serde_json::json!({ "call_id": self.call_id_hint().await, "code": code, "reason": reason }),
+        );
+        let _ = ws.close(Some(1000), Some("bye"));
+        if let Some(conn) = self.conn_of(&ws) {
+            if let Err(e) = self.event(Event::RelayClosed { conn }).await {
+                self.log_failure("relay_closed", &e).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn websocket_error(&self, _ws: WebSocket, error: worker::Error) -> Result<()> {
+        crate::log::warn(
+            "relay_channel_error",
+            serde_json::json!({ "call_id": self.call_id_hint().await, "error": error.to_string() }),
+        );
+        Ok(())
+    }
+}
+
+impl CallSession {
+    async fn serve(&self, mut req: Request) -> ApiResult<Response> {
         let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
         if upgrade.eq_ignore_ascii_case("websocket") {
             return self.accept_relay().await;
         }
         let op: SessionOp = match req.json().await {
             Ok(op) => op,
-            Err(e) => return Response::error(format!("bad session op: {e}"), 400),
+            Err(e) => {
+                return Err(ApiError::bad_request(
+                    "invalid_input",
+                    format!("Bad session op: {e}."),
+                ))
+            }
         };
         match op {
             SessionOp::Start {
@@ -152,7 +218,7 @@ impl DurableObject for CallSession {
             }
             SessionOp::StreamEnded => {
                 let graceful = self.load().await?.is_some_and(|s| s.hung_up_on_purpose());
-                Response::from_json(&StreamEndedOutcome { graceful })
+                Ok(Response::from_json(&StreamEndedOutcome { graceful })?)
             }
             SessionOp::TwilioStatus { params } => {
                 self.event(Event::TwilioStatus { params }).await?;
@@ -160,17 +226,15 @@ impl DurableObject for CallSession {
             }
         }
     }
+}
 
-    async fn alarm(&self) -> Result<Response> {
-        self.event(Event::Alarm).await?;
-        Response::ok("ok")
-    }
-
-    async fn websocket_message(
+impl CallSession {
+    /// One frame from the relay's control channel, through the machine.
+    async fn relay_message(
         &self,
         ws: WebSocket,
         message: WebSocketIncomingMessage,
-    ) -> Result<()> {
+    ) -> ApiResult<()> {
         let Some(conn) = self.conn_of(&ws) else {
             return Ok(());
         };
@@ -198,60 +262,41 @@ impl DurableObject for CallSession {
         self.event(Event::RelayFrame { conn, frame }).await
     }
 
-    async fn websocket_close(
-        &self,
-        ws: WebSocket,
-        code: usize,
-        reason: String,
-        _was_clean: bool,
-    ) -> Result<()> {
-        crate::log::info(
-            "relay_channel_closed",
-            serde_json::json!({ "call_id": self.call_id_hint().await, "code": code, "reason": reason }),
+    /// Logs a failure no caller will see (alarm, relay channel), once, with the call id.
+    async fn log_failure(&self, during: &str, e: &ApiError) {
+        crate::log::error(
+            "call_session_failed",
+            serde_json::json!({ "call_id": self.call_id_hint().await, "during": during, "error": e.log_detail() }),
         );
-        let _ = ws.close(Some(1000), Some("bye"));
-        match self.conn_of(&ws) {
-            Some(conn) => self.event(Event::RelayClosed { conn }).await,
-            None => Ok(()),
-        }
     }
 
-    async fn websocket_error(&self, _ws: WebSocket, error: worker::Error) -> Result<()> {
-        crate::log::warn(
-            "relay_channel_error",
-            serde_json::json!({ "call_id": self.call_id_hint().await, "error": error.to_string() }),
-        );
-        Ok(())
-    }
-}
-
-impl CallSession {
-    pub(crate) fn config(&self) -> Result<std::rc::Rc<cmb_core::config::WorkerConfig>> {
+    pub(crate) fn config(&self) -> ApiResult<std::rc::Rc<cmb_core::config::WorkerConfig>> {
         config::load(&self.env).map_err(|r| {
             let names: Vec<&str> = r.problems.iter().map(|p| p.name).collect();
-            rt(format!("misconfigured: {}", names.join(", ")))
+            ApiError::internal(
+                "call session config",
+                format!("misconfigured: {}", names.join(", ")),
+            )
         })
     }
 
     /// The configured database (D1 or Postgres), opened for this event.
-    pub(crate) async fn store(&self) -> Result<Store> {
+    pub(crate) async fn store(&self) -> ApiResult<Store> {
         let cfg = self.config()?;
-        Store::open(&self.env, cfg.db_backend)
-            .await
-            .map_err(|e| rt(format!("{}: {}", e.code, e.message)))
+        Store::open(&self.env, cfg.db_backend).await
     }
 
-    async fn load(&self) -> Result<Option<Session>> {
-        self.state.storage().get::<Session>(STATE_KEY).await
+    async fn load(&self) -> ApiResult<Option<Session>> {
+        Ok(self.state.storage().get::<Session>(STATE_KEY).await?)
     }
 
-    async fn save(&self, s: &Session) -> Result<()> {
-        self.state.storage().put(STATE_KEY, s).await
+    async fn save(&self, s: &Session) -> ApiResult<()> {
+        Ok(self.state.storage().put(STATE_KEY, s).await?)
     }
 
     /// Load → handle → persist, under the lock (storage only). `None` for a call this
     /// object does not hold.
-    pub(crate) async fn step(&self, event: Event) -> Result<Option<(Vec<Effect>, Session)>> {
+    pub(crate) async fn step(&self, event: Event) -> ApiResult<Option<(Vec<Effect>, Session)>> {
         let _guard = self.lock.lock().await;
         let Some(mut session) = self.load().await? else {
             return Ok(None);
@@ -262,7 +307,7 @@ impl CallSession {
     }
 
     /// One outside event, and everything it leads to.
-    async fn event(&self, event: Event) -> Result<()> {
+    async fn event(&self, event: Event) -> ApiResult<()> {
         match self.step(event).await? {
             Some((effects, session)) => self.drive(effects, &session).await,
             None => Ok(()),
@@ -270,7 +315,7 @@ impl CallSession {
     }
 
     /// `Cancel` / `End`: the machine's reply once its effects (a Twilio cancel) ran.
-    async fn cancel_like(&self, event: Event) -> Result<Response> {
+    async fn cancel_like(&self, event: Event) -> ApiResult<Response> {
         self.event(event).await?;
         let outcome = match self.load().await? {
             Some(s) => s.reply.unwrap_or(CancelOutcome {
@@ -282,7 +327,7 @@ impl CallSession {
                 status: CallStatus::Failed,
             },
         };
-        Response::from_json(&outcome)
+        Ok(Response::from_json(&outcome)?)
     }
 
     /// The call this DO holds, for a log line (None before `Start`).
@@ -303,21 +348,28 @@ impl CallSession {
 
     /// The relay's control channel: accept it (hibernatable, tagged with its number) and
     /// let the machine decide what it gets.
-    async fn accept_relay(&self) -> Result<Response> {
+    async fn accept_relay(&self) -> ApiResult<Response> {
         let Some(session) = self.load().await? else {
-            return Response::error("unknown call", 404);
+            return Err(ApiError::not_found("Call"));
         };
         if session.final_.is_some() {
-            return Response::error("call already ended", 410);
+            return Err(ApiError::new(
+                410,
+                "call_ended",
+                "This call has already ended.",
+            ));
         }
         let Some(persona) = self.persona_for(&session.call_id).await? else {
-            return Response::error("persona missing", 409);
+            return Err(ApiError::conflict(
+                "persona_missing",
+                "The call's persona is gone.",
+            ));
         };
         let pair = WebSocketPair::new()?;
         let (effects, session) = {
             let _guard = self.lock.lock().await;
             let Some(mut session) = self.load().await? else {
-                return Response::error("unknown call", 404);
+                return Err(ApiError::not_found("Call"));
             };
             let conn = session.relay.next_conn;
             self.state
@@ -331,26 +383,21 @@ impl CallSession {
             "relay_connected",
             serde_json::json!({ "call_id": session.call_id }),
         );
-        Response::from_websocket(pair.client)
+        Ok(Response::from_websocket(pair.client)?)
     }
 
-    async fn persona_for(&self, call_id: &str) -> Result<Option<PersonaBrief>> {
+    async fn persona_for(&self, call_id: &str) -> ApiResult<Option<PersonaBrief>> {
         let store = self.store().await?;
-        let Some(call) = store.call(call_id).await.map_err(|e| rt(e.message))? else {
+        let Some(call) = store.call(call_id).await? else {
             return Ok(None);
         };
-        let Some(p) = store
-            .persona(&call.persona_id)
-            .await
-            .map_err(|e| rt(e.message))?
-        else {
+        let Some(p) = store.persona(&call.persona_id).await? else {
             return Ok(None);
         };
         let fields = p.fields();
         let first_call = !store
             .number_reached_before(&call.phone_number, &call.id)
-            .await
-            .map_err(|e| rt(e.message))?;
+            .await?;
         let greeting =
             cmb_core::persona::opening_line(&p.greeting, &self.config()?.ai_disclosure, first_call);
         Ok(Some(PersonaBrief {
