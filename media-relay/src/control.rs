@@ -11,17 +11,20 @@ use std::collections::VecDeque;
 
 use cmb_core::channel::{decode, DoToRelay, Envelope, RelayToDo};
 use cmb_core::secret::Secret;
-use futures::{SinkExt, StreamExt};
+use futures::future::Either;
+use futures::{Future, SinkExt, StreamExt};
 use http::header::AUTHORIZATION;
+use http::{HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, info, warn};
+use tracing::warn;
 use url::Url;
 
-use crate::ws::{self, Backoff, ClientSocket, CONTROL_DELAYS};
+use crate::reconnect::{self, Ended, Resume};
+use crate::ws::{self, ClientSocket, ConnectError};
 
 /// Largest DO frame accepted: hello with a long greeting is a few KB.
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -140,79 +143,97 @@ enum SessionEnd {
     Refused(String),
 }
 
-async fn run(
+/// The task: [`reconnect::run`] over the DO link, or only the loss if the secret cannot
+/// be sent. Built here rather than in an `async fn`, whose future would keep its arguments
+/// beside the link for the whole call.
+fn run(
     p: ControlParams,
-    mut from_loop: mpsc::Receiver<RelayToDo>,
+    from_loop: mpsc::Receiver<RelayToDo>,
     to_loop: mpsc::Sender<ControlEvent>,
     reconnects: Counter,
-) {
-    let mut outbox = Outbox::default();
-    // Seq of the last DO frame processed: replays at or below it are dropped.
-    let mut last_in: Option<u64> = None;
-    let mut backoff = Backoff::new(CONTROL_DELAYS);
-    let mut connected_before = false;
-    loop {
-        let auth = match ws::header_value(&format!("Bearer {}", p.secret.expose())) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(call_id = %p.call_id, error = %e, "control channel: bad secret");
+) -> impl Future<Output = ()> {
+    let auth = match ws::header_value(&format!("Bearer {}", p.secret.expose())) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(call_id = %p.call_id, error = %e, "control channel: bad secret");
+            return Either::Left(async move {
                 let _ = to_loop.send(ControlEvent::Lost).await;
-                return;
-            }
-        };
-        let mut socket = match ws::connect(&p.url, &[(AUTHORIZATION, auth)], MAX_MESSAGE).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(call_id = %p.call_id, provider = "control", error = %e, "control channel connect failed");
-                match backoff.next_delay() {
-                    Some(d) => {
-                        tokio::time::sleep(d).await;
-                        continue;
-                    }
-                    None => {
-                        warn!(call_id = %p.call_id, "control channel lost for good");
-                        let _ = to_loop.send(ControlEvent::Lost).await;
-                        return;
-                    }
-                }
-            }
-        };
-        backoff.reset();
-        if connected_before {
-            reconnects.inc();
-            info!(call_id = %p.call_id, resume_from = ?last_in, "control channel reconnected");
+            });
         }
-        connected_before = true;
+    };
+    let link = Control {
+        header: [(AUTHORIZATION, auth)],
+        p,
+        outbox: Outbox::default(),
+        last_in: None,
+        from_loop,
+        to_loop,
+    };
+    Either::Right(reconnect::run(link, reconnect::CONTROL, reconnects))
+}
+
+/// The task's own steps for [`reconnect::run`]. The call loop's frames wait in their
+/// channel while disconnected; each new socket starts with `ready` and the unacked ones.
+struct Control {
+    p: ControlParams,
+    header: [(HeaderName, HeaderValue); 1],
+    outbox: Outbox,
+    /// Seq of the last DO frame processed: replays at or below it are dropped.
+    last_in: Option<u64>,
+    from_loop: mpsc::Receiver<RelayToDo>,
+    to_loop: mpsc::Sender<ControlEvent>,
+}
+
+impl reconnect::Link for Control {
+    const PROVIDER: &'static str = "control";
+    const NAME: &'static str = "control channel";
+    type Socket = Box<ClientSocket>;
+
+    async fn connect(&mut self, _: bool) -> Option<Result<Self::Socket, ConnectError>> {
+        Some(ws::connect(&self.p.url, &self.header, MAX_MESSAGE).await)
+    }
+
+    async fn serve(&mut self, socket: &mut Self::Socket, _: bool) -> Ended {
         let ready = RelayToDo::Ready {
-            call_sid: p.call_sid.clone(),
-            stream_sid: p.stream_sid.clone(),
-            resume_from: last_in,
+            call_sid: self.p.call_sid.clone(),
+            stream_sid: self.p.stream_sid.clone(),
+            resume_from: self.last_in,
         };
         match session(
-            &mut socket,
+            socket,
             ready,
-            &mut outbox,
-            &mut last_in,
-            &mut from_loop,
-            &to_loop,
+            &mut self.outbox,
+            &mut self.last_in,
+            &mut self.from_loop,
+            &self.to_loop,
         )
         .await
         {
+            SessionEnd::Dropped => Ended::Dropped,
             SessionEnd::Done => {
-                let _ = socket.as_mut().close(None).await;
-                return;
+                ws::close(socket, None).await;
+                Ended::Over
             }
             SessionEnd::Refused(reason) => {
-                warn!(call_id = %p.call_id, provider = "control", reason, "the call's DO refused this relay");
-                let _ = to_loop.send(ControlEvent::Refused).await;
-                return;
+                warn!(call_id = %self.p.call_id, provider = "control", reason, "the call's DO refused this relay");
+                let _ = self.to_loop.send(ControlEvent::Refused).await;
+                Ended::Over
             }
-            SessionEnd::Dropped => {
-                debug!(call_id = %p.call_id, "control channel dropped");
-                if let Some(d) = backoff.next_delay() {
-                    tokio::time::sleep(d).await;
-                }
-            }
+        }
+    }
+
+    async fn give_up(&mut self) {
+        let _ = self.to_loop.send(ControlEvent::Lost).await;
+    }
+
+    fn call_id(&self) -> Option<&str> {
+        Some(&self.p.call_id)
+    }
+
+    fn resume(&self) -> Resume {
+        Resume {
+            resume_from: self.last_in,
+            ..Resume::default()
         }
     }
 }

@@ -8,7 +8,8 @@
 //! - codecs (no I/O): [`twilio`], [`deepgram`], [`elevenlabs`];
 //! - behaviour (no I/O, no clock): [`machine`], the per-call state machine;
 //! - sockets: [`call`] (handshake and call loop), [`control`] (DO channel), [`stt`] and
-//!   [`tts`] (provider tasks), [`ws`] (connect and backoff);
+//!   [`tts`] (provider tasks), [`reconnect`] (the one reconnect loop of those three tasks),
+//!   [`ws`] (connect and backoff);
 //! - process: [`config`], [`state`] (shared by `server` and `call`, depending on neither),
 //!   [`server`], [`metrics`], [`nonce`].
 
@@ -20,6 +21,7 @@ pub mod elevenlabs;
 pub mod machine;
 pub mod metrics;
 pub mod nonce;
+pub mod reconnect;
 pub mod server;
 pub mod state;
 pub mod stt;

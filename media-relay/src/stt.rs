@@ -1,29 +1,33 @@
 //! The Deepgram socket task: caller audio in, transcript events out.
 //!
-//! Owns the connection's lifetime: connect, KeepAlive while no audio flows, reconnect with
-//! backoff, and a bounded buffer of the caller's audio while disconnected, replayed on
-//! reconnect so no speech is lost. Converts Deepgram's per-connection audio times to
-//! stream time. It must not decide anything about turns: events go to the call loop as is.
+//! Owns what happens on the connection and around it: KeepAlive while no audio flows, and
+//! a bounded buffer of the caller's audio while disconnected, replayed on reconnect so no
+//! speech is lost (the reconnect loop itself is [`crate::reconnect`]'s). Converts
+//! Deepgram's per-connection audio times to stream time. It must not decide anything about
+//! turns: events go to the call loop as is.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
 use cmb_core::secret::Secret;
-use futures::{SinkExt, StreamExt};
+use futures::future::Either;
+use futures::{Future, SinkExt, StreamExt};
 use http::header::AUTHORIZATION;
+use http::{HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use url::Url;
 
 use crate::deepgram::{self, DeepgramEvent};
 use crate::machine::{Event, Ms};
-use crate::ws::{self, Backoff, ClientSocket, PROVIDER_DELAYS};
+use crate::reconnect::{self, Ended, Resume};
+use crate::ws::{self, ClientSocket, ConnectError};
 
 /// Deepgram closes after 10 s without data; KeepAlive well inside that.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(4);
@@ -33,8 +37,6 @@ const RING_FRAMES: usize = 250;
 const MAX_MESSAGE: usize = 256 * 1024;
 /// Most caller frames written to Deepgram in one go when several have queued up.
 const MAX_BATCH: usize = 16;
-/// A connection that lived this long was healthy: its failure restarts the backoff.
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// One inbound audio frame, stamped with when the relay read it from Twilio.
 #[derive(Debug, Clone)]
@@ -92,106 +94,92 @@ impl Ring {
     }
 }
 
-async fn run(
+/// The task: [`reconnect::run`] over a Deepgram link, or only the failure if the key
+/// cannot be sent. Built here rather than in an `async fn`, whose future would keep its
+/// arguments beside the link for the whole call.
+fn run(
     url: Url,
     key: Secret,
-    mut audio: mpsc::Receiver<AudioFrame>,
+    audio: mpsc::Receiver<AudioFrame>,
     tx: mpsc::Sender<SttOut>,
     probes: SttProbes,
-) {
-    let mut ring = Ring::default();
-    let mut backoff = Backoff::new(PROVIDER_DELAYS);
-    let mut connected_before = false;
+) -> impl Future<Output = ()> {
     let header = match ws::header_value(&format!("Token {}", key.expose())) {
         Ok(v) => [(AUTHORIZATION, v)],
         Err(e) => {
             warn!(provider = "deepgram", error = %e, "bad Deepgram key");
-            let _ = tx.send(SttOut::Failed).await;
-            return;
+            return Either::Left(async move {
+                let _ = tx.send(SttOut::Failed).await;
+            });
         }
     };
-    loop {
-        // Keep taking (and buffering) the caller's audio while connecting.
-        let connecting = ws::connect(&url, &header, MAX_MESSAGE);
-        tokio::pin!(connecting);
-        let result = loop {
-            tokio::select! {
-                r = &mut connecting => break r,
-                f = audio.recv() => match f {
-                    Some(f) => ring.push(f),
-                    None => return,
-                },
-            }
-        };
-        let mut socket = match result {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(provider = "deepgram", error = %e, "Deepgram connect failed");
-                let Some(delay) = backoff.next_delay() else {
-                    let _ = tx.send(SttOut::Failed).await;
-                    return;
-                };
-                if !buffer_for(delay, &mut audio, &mut ring).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        if connected_before {
-            probes.reconnects.inc();
-            info!(
-                provider = "deepgram",
-                buffered = ring.0.len(),
-                "Deepgram reconnected; replaying audio"
-            );
-        }
-        connected_before = true;
-        let opened = Instant::now();
-        match session(&mut socket, &mut ring, &mut audio, &tx, &probes).await {
-            Ended::CallOver => {
-                let _ = socket.send(Message::text(deepgram::CLOSE_STREAM)).await;
-                let _ = socket.as_mut().close(None).await;
-                return;
-            }
-            Ended::Dropped => {
-                debug!(provider = "deepgram", "Deepgram connection dropped");
-                if opened.elapsed() >= HEALTHY_AFTER {
-                    backoff.reset();
-                }
-                let Some(delay) = backoff.next_delay() else {
-                    let _ = tx.send(SttOut::Failed).await;
-                    return;
-                };
-                if !buffer_for(delay, &mut audio, &mut ring).await {
-                    return;
-                }
-            }
-        }
-    }
+    let reconnects = probes.reconnects.clone();
+    let link = Deepgram {
+        url,
+        header,
+        audio,
+        ring: Ring::default(),
+        tx,
+        probes,
+    };
+    Either::Right(reconnect::run(link, reconnect::PROVIDERS, reconnects))
 }
 
-/// Waits `delay` while buffering audio; false if the call ended meanwhile.
-async fn buffer_for(
-    delay: Duration,
-    audio: &mut mpsc::Receiver<AudioFrame>,
-    ring: &mut Ring,
-) -> bool {
-    let sleep = tokio::time::sleep(delay);
-    tokio::pin!(sleep);
-    loop {
-        tokio::select! {
-            () = &mut sleep => return true,
-            f = audio.recv() => match f {
-                Some(f) => ring.push(f),
-                None => return false,
-            },
-        }
-    }
+/// The task's own steps for [`reconnect::run`]. The caller's audio is taken (and
+/// buffered) all the time, connecting and waiting included; the call is over once the
+/// call loop drops the audio sender.
+struct Deepgram {
+    url: Url,
+    header: [(HeaderName, HeaderValue); 1],
+    audio: mpsc::Receiver<AudioFrame>,
+    ring: Ring,
+    tx: mpsc::Sender<SttOut>,
+    probes: SttProbes,
 }
 
-enum Ended {
-    Dropped,
-    CallOver,
+impl reconnect::Link for Deepgram {
+    const PROVIDER: &'static str = "deepgram";
+    const NAME: &'static str = "Deepgram";
+    type Socket = Box<ClientSocket>;
+
+    async fn connect(&mut self, _: bool) -> Option<Result<Self::Socket, ConnectError>> {
+        let connecting = ws::connect(&self.url, &self.header, MAX_MESSAGE);
+        let ring = &mut self.ring;
+        reconnect::meanwhile(connecting, &mut self.audio, |f| ring.push(f)).await
+    }
+
+    async fn wait(&mut self, delay: Duration) -> bool {
+        let ring = &mut self.ring;
+        reconnect::meanwhile(tokio::time::sleep(delay), &mut self.audio, |f| ring.push(f))
+            .await
+            .is_some()
+    }
+
+    async fn serve(&mut self, socket: &mut Self::Socket, _: bool) -> Ended {
+        let ended = session(
+            socket,
+            &mut self.ring,
+            &mut self.audio,
+            &self.tx,
+            &self.probes,
+        )
+        .await;
+        if ended == Ended::Over {
+            ws::close(socket, Some(deepgram::CLOSE_STREAM)).await;
+        }
+        ended
+    }
+
+    async fn give_up(&mut self) {
+        let _ = self.tx.send(SttOut::Failed).await;
+    }
+
+    fn resume(&self) -> Resume {
+        Resume {
+            buffered: Some(self.ring.0.len()),
+            ..Resume::default()
+        }
+    }
 }
 
 async fn session(
@@ -238,12 +226,12 @@ async fn session(
                 };
                 if let Some(ev) = to_event(event, epoch) {
                     if tx.send(SttOut::Event(ev)).await.is_err() {
-                        return Ended::CallOver;
+                        return Ended::Over;
                     }
                 }
             }
             f = audio.recv() => {
-                let Some(f) = f else { return Ended::CallOver };
+                let Some(f) = f else { return Ended::Over };
                 epoch.get_or_insert_with(|| probes.stream_ms(f.read_at));
                 // Frames that queued up meanwhile go out in the same write: no frame
                 // waits for another, but a busy relay makes one syscall, not several.

@@ -1,35 +1,34 @@
 //! The ElevenLabs socket task: TTS commands in, audio events out.
 //!
 //! Owns the connection's lifetime: connect (before the greeting is needed), translate
-//! `TtsCommand`s into multi-context messages, reconnect with backoff, and report
-//! `Reconnected` so the state machine re-issues what the old socket lost. Audio is handed
-//! on only as fast as the call loop takes it (backpressure reaches the TCP socket), while
-//! commands keep flowing. It must not decide what to say or when.
-
-use std::time::Duration;
+//! `TtsCommand`s into multi-context messages, reconnect (the loop is
+//! [`crate::reconnect`]'s), and report `Reconnected` so the state machine re-issues what
+//! the old socket lost. Audio is handed on only as fast as the call loop takes it
+//! (backpressure reaches the TCP socket), while commands keep flowing. It must not decide
+//! what to say or when.
 
 use cmb_core::channel::VoiceSettings;
 use cmb_core::secret::Secret;
-use futures::{SinkExt, StreamExt};
-use http::HeaderName;
+use futures::future::Either;
+use futures::{Future, SinkExt, StreamExt};
+use http::{HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use url::Url;
 
 use crate::elevenlabs::{self, TtsMessage};
 use crate::machine::{Event, TtsCommand};
-use crate::ws::{self, Backoff, ClientSocket, PROVIDER_DELAYS};
+use crate::reconnect::{self, Ended};
+use crate::ws::{self, ClientSocket, ConnectError};
 
 /// Largest ElevenLabs message accepted: a chunk of base64 audio with alignment.
 const MAX_MESSAGE: usize = 1024 * 1024;
 /// Commands buffered from the call loop (text per clause, context open/close).
 const COMMANDS: usize = 128;
-/// A connection that lived this long was healthy: its failure restarts the backoff.
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// What the task tells the call loop.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,83 +103,87 @@ fn to_event(msg: TtsMessage) -> Option<Event> {
     }
 }
 
-async fn run(
+/// The task: [`reconnect::run`] over an ElevenLabs link, or only the failure if the key
+/// cannot be sent. Built here rather than in an `async fn`, whose future would keep its
+/// arguments beside the link for the whole call.
+fn run(
     url: Url,
     key: Secret,
     voice: VoiceSettings,
-    mut commands: mpsc::Receiver<TtsCommand>,
+    commands: mpsc::Receiver<TtsCommand>,
     out: mpsc::Sender<TtsOut>,
     reconnects: Counter,
-) {
+) -> impl Future<Output = ()> {
     let key = match ws::header_value(key.expose()) {
         Ok(v) => v,
         Err(e) => {
             warn!(provider = "elevenlabs", error = %e, "bad ElevenLabs key");
-            let _ = out.send(TtsOut::Failed).await;
-            return;
+            return Either::Left(async move {
+                let _ = out.send(TtsOut::Failed).await;
+            });
         }
     };
-    let header = [(HeaderName::from_static("xi-api-key"), key)];
-    let mut backoff = Backoff::new(PROVIDER_DELAYS);
-    let mut connected_before = false;
-    loop {
-        // Before the first connection, commands wait in the channel (the greeting must
-        // not be lost). After a drop, they are read and discarded while reconnecting: the
-        // machine re-issues everything still needed after `Reconnected`.
-        let connecting = ws::connect(&url, &header, MAX_MESSAGE);
-        tokio::pin!(connecting);
-        let result = loop {
-            tokio::select! {
-                r = &mut connecting => break r,
-                c = commands.recv(), if connected_before => if c.is_none() { return },
-            }
-        };
-        let mut socket = match result {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(provider = "elevenlabs", error = %e, "ElevenLabs connect failed");
-                let Some(delay) = backoff.next_delay() else {
-                    let _ = out.send(TtsOut::Failed).await;
-                    return;
-                };
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-        };
-        let resync = connected_before;
-        if connected_before {
-            reconnects.inc();
-            info!(provider = "elevenlabs", "ElevenLabs reconnected");
-            if out.send(TtsOut::Reconnected).await.is_err() {
-                return;
-            }
-        }
-        connected_before = true;
-        let opened = Instant::now();
-        match session(&mut socket, &voice, resync, &mut commands, &out).await {
-            Ended::CallOver => {
-                let _ = socket.send(Message::text(elevenlabs::CLOSE_SOCKET)).await;
-                let _ = socket.as_mut().close(None).await;
-                return;
-            }
-            Ended::Dropped => {
-                debug!(provider = "elevenlabs", "ElevenLabs connection dropped");
-                if opened.elapsed() >= HEALTHY_AFTER {
-                    backoff.reset();
-                }
-                let Some(delay) = backoff.next_delay() else {
-                    let _ = out.send(TtsOut::Failed).await;
-                    return;
-                };
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+    let link = ElevenLabs {
+        url,
+        header: [(HeaderName::from_static("xi-api-key"), key)],
+        voice,
+        commands,
+        out,
+    };
+    Either::Right(reconnect::run(link, reconnect::PROVIDERS, reconnects))
 }
 
-enum Ended {
-    Dropped,
-    CallOver,
+/// The task's own steps for [`reconnect::run`]. Before the first connection, commands
+/// wait in the channel (the greeting must not be lost). After a drop, they are read and
+/// discarded while connecting: the machine re-issues everything still needed after
+/// `Reconnected`. Between attempts the channel is not read.
+struct ElevenLabs {
+    url: Url,
+    header: [(HeaderName, HeaderValue); 1],
+    voice: VoiceSettings,
+    commands: mpsc::Receiver<TtsCommand>,
+    out: mpsc::Sender<TtsOut>,
+}
+
+impl reconnect::Link for ElevenLabs {
+    const PROVIDER: &'static str = "elevenlabs";
+    const NAME: &'static str = "ElevenLabs";
+    type Socket = Box<ClientSocket>;
+
+    async fn connect(
+        &mut self,
+        ever_connected: bool,
+    ) -> Option<Result<Self::Socket, ConnectError>> {
+        let connecting = ws::connect(&self.url, &self.header, MAX_MESSAGE);
+        if ever_connected {
+            reconnect::meanwhile(connecting, &mut self.commands, drop).await
+        } else {
+            Some(connecting.await)
+        }
+    }
+
+    async fn reconnected(&mut self) -> bool {
+        self.out.send(TtsOut::Reconnected).await.is_ok()
+    }
+
+    async fn serve(&mut self, socket: &mut Self::Socket, reconnect: bool) -> Ended {
+        let ended = session(
+            socket,
+            &self.voice,
+            reconnect,
+            &mut self.commands,
+            &self.out,
+        )
+        .await;
+        if ended == Ended::Over {
+            ws::close(socket, Some(elevenlabs::CLOSE_SOCKET)).await;
+        }
+        ended
+    }
+
+    async fn give_up(&mut self) {
+        let _ = self.out.send(TtsOut::Failed).await;
+    }
 }
 
 async fn session(
@@ -197,7 +200,7 @@ async fn session(
         tokio::select! {
             biased;
             cmd = commands.recv() => {
-                let Some(cmd) = cmd else { return Ended::CallOver };
+                let Some(cmd) = cmd else { return Ended::Over };
                 if cmd == TtsCommand::Resync {
                     awaiting_resync = false;
                     continue;
@@ -212,7 +215,7 @@ async fn session(
                 }
             }
             permit = out.reserve(), if pending.is_some() => {
-                let Ok(permit) = permit else { return Ended::CallOver };
+                let Ok(permit) = permit else { return Ended::Over };
                 if let Some((event, read_at)) = pending.take() {
                     permit.send(TtsOut::Event { event, read_at });
                 }

@@ -1,5 +1,6 @@
 //! Outbound WebSocket plumbing shared by the provider and control tasks: connecting with
-//! small buffers and TLS, and the reconnect backoff schedule.
+//! small buffers and TLS, and the reconnect backoff schedule (the loop that uses it is
+//! [`crate::reconnect`]).
 //!
 //! Owns how a socket is opened, never what is said on it. Buffers are sized per socket so
 //! that a call (four sockets) stays within the relay's memory budget.
@@ -7,12 +8,14 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures::SinkExt;
 use http::{HeaderName, HeaderValue};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use url::Url;
 
@@ -100,6 +103,15 @@ pub async fn connect(
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ConnectError::Timeout),
     }
+}
+
+/// Ends a socket the task is done with: `last` (the peer's own end-of-stream message,
+/// if it has one), then a close frame. Errors are moot: the task is ending either way.
+pub async fn close(socket: &mut ClientSocket, last: Option<&'static str>) {
+    if let Some(text) = last {
+        let _ = socket.send(Message::text(text)).await;
+    }
+    let _ = socket.close(None).await;
 }
 
 /// A header value from a secret; a value with control characters is a config problem
