@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use cmb_core::config::{ConfigProblem, WorkerConfig};
+use cmb_core::http::cors::CorsPolicy;
 use worker::Env;
 
 pub const DB_BINDING: &str = "DB";
@@ -19,6 +20,24 @@ pub const HYPERDRIVE_BINDING: &str = "HYPERDRIVE";
 
 thread_local! {
     static CACHED: RefCell<Option<Rc<WorkerConfig>>> = const { RefCell::new(None) };
+    static CORS: RefCell<Option<Rc<CorsPolicy>>> = const { RefCell::new(None) };
+}
+
+/// The CORS policy from `CORS_ORIGINS`, parsed once per isolate (vars cannot change
+/// without a new deployment). Read on its own, not through [`load`], so preflights and
+/// the answers of a misconfigured Worker get it too; entries that do not parse allow
+/// nothing here, and [`load`] reports them by name.
+pub fn cors(env: &Env) -> Rc<CorsPolicy> {
+    if let Some(policy) = CORS.with(|c| c.borrow().clone()) {
+        return policy;
+    }
+    let policy = Rc::new(
+        env.var("CORS_ORIGINS")
+            .map(|v| CorsPolicy::lenient(&v.to_string()))
+            .unwrap_or_default(),
+    );
+    CORS.with(|c| *c.borrow_mut() = Some(policy.clone()));
+    policy
 }
 
 /// Every problem found in the configuration and bindings, each naming the setting.

@@ -18,7 +18,6 @@ mod routes;
 mod session;
 mod store;
 
-use cmb_core::http::cors::CorsPolicy;
 use cmb_core::http::routes::{self as table, Endpoint as E, Found, ROUTES};
 use serde_json::json;
 use worker::{event, Context, Env, Method, Request, Response};
@@ -65,10 +64,7 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
     if resp.status_code() == 101 {
         return Ok(resp); // a WebSocket: its headers are the runtime's
     }
-    let cors = env
-        .var("CORS_ORIGINS")
-        .map(|v| CorsPolicy::lenient(&v.to_string()))
-        .unwrap_or_default();
+    let cors = config::cors(&env);
     let headers = resp.headers_mut();
     // Responses a route got from elsewhere (a DO) may have immutable headers: those keep
     // theirs, which is why failures to set are not errors.
@@ -79,12 +75,27 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
     Ok(resp)
 }
 
-/// `cf-ray` when Cloudflare sent a plausible one, else a fresh random id.
+/// `cf-ray` when Cloudflare sent a plausible one, else a fresh random id. Should the
+/// random source fail, the id comes from the clock and a per-isolate counter (still
+/// distinct within the isolate), and the failure is logged.
 fn request_id(req: &Request) -> String {
+    use cmb_core::http::request_id;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static SEQ: AtomicU16 = AtomicU16::new(0);
     let ray = req.headers().get("cf-ray").ok().flatten();
-    cmb_core::http::request_id::from_cf_ray(ray.as_deref()).unwrap_or_else(|| {
-        let bytes = crypto::random_bytes::<8>().unwrap_or_default();
-        cmb_core::http::request_id::generated(bytes)
+    request_id::from_cf_ray(ray.as_deref()).unwrap_or_else(|| match crypto::random_bytes::<8>() {
+        Ok(bytes) => request_id::generated(bytes),
+        Err(e) => {
+            let id = request_id::from_clock(
+                worker::Date::now().as_millis(),
+                SEQ.fetch_add(1, Ordering::Relaxed),
+            );
+            log::error(
+                "request_id_random_failed",
+                json!({ "request_id": id, "error": e.to_string() }),
+            );
+            id
+        }
     })
 }
 

@@ -12,6 +12,25 @@ use worker::{Request, Response};
 
 use crate::error::{ApiError, ApiResult};
 
+/// The client's `Idempotency-Key` header, trimmed, if it sent one; a 400
+/// `invalid_idempotency_key` when it is not 1 to 100 letters, digits or `- _ . :`.
+pub fn idempotency_key(req: &Request) -> ApiResult<Option<String>> {
+    let Some(raw) = req.headers().get("idempotency-key").ok().flatten() else {
+        return Ok(None);
+    };
+    let key = raw.trim();
+    if !cmb_core::http::valid_idempotency_key(key) {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key must be 1 to {} letters, digits or - _ . :",
+                cmb_core::http::IDEMPOTENCY_KEY_MAX
+            ),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
 /// API.md: bodies over 64 KiB are refused.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 

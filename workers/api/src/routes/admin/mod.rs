@@ -130,32 +130,8 @@ async fn ban_body(req: &mut Request) -> ApiResult<BanBody> {
 /// request (authentication reloads the user); through each call's Durable Object their
 /// scheduled or queued calls are canceled and a ringing or live call is ended (a live
 /// conversation with a short goodbye).
-pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
-    let session = require_admin(&req, ctx).await?;
-    let body = ban_body(&mut req).await?;
-    let reason = optional_reason(body.reason.as_deref())?;
-    if id == session.user.id {
-        return Err(ApiError::bad_request(
-            "cannot_ban_self",
-            "You cannot ban your own account.",
-        ));
-    }
-    target_user(ctx, id).await?;
-    let actor = audit::actor(&session);
-    let audit_id = new_id()?;
-    let entry = AuditEntry {
-        id: &audit_id,
-        actor: &actor,
-        action: action::USER_BAN,
-        target_type: "user",
-        target_id: Some(id),
-        before: None,
-        after: None,
-        reason: reason.as_deref(),
-    };
-    ctx.store
-        .set_banned(id, true, &entry, &ctx.now_iso())
-        .await?;
+pub async fn ban(req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = set_banned(req, ctx, id, true).await?;
     crate::log::info(
         "user_banned",
         json!({ "request_id": ctx.request_id, "user_id": id, "by": session.user.id }),
@@ -204,17 +180,41 @@ pub async fn ban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
 }
 
 /// `POST /admin/users/:id/unban {reason?}`.
-pub async fn unban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+pub async fn unban(req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    set_banned(req, ctx, id, false).await?;
+    let user = target_user(ctx, id).await?;
+    json(200, &json!({ "user": user_view(&user) }))
+}
+
+/// What ban and unban share: an admin, the optional `{reason}` body, an existing target
+/// (never the admin's own account for a ban), and the change with its audit row in one
+/// transaction. Returns the admin's session.
+async fn set_banned(
+    mut req: Request,
+    ctx: &Ctx,
+    id: &str,
+    banned: bool,
+) -> ApiResult<crate::http::auth::Session> {
     let session = require_admin(&req, ctx).await?;
     let body = ban_body(&mut req).await?;
     let reason = optional_reason(body.reason.as_deref())?;
+    if banned && id == session.user.id {
+        return Err(ApiError::bad_request(
+            "cannot_ban_self",
+            "You cannot ban your own account.",
+        ));
+    }
     target_user(ctx, id).await?;
     let actor = audit::actor(&session);
     let audit_id = new_id()?;
     let entry = AuditEntry {
         id: &audit_id,
         actor: &actor,
-        action: action::USER_UNBAN,
+        action: if banned {
+            action::USER_BAN
+        } else {
+            action::USER_UNBAN
+        },
         target_type: "user",
         target_id: Some(id),
         before: None,
@@ -222,10 +222,9 @@ pub async fn unban(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response>
         reason: reason.as_deref(),
     };
     ctx.store
-        .set_banned(id, false, &entry, &ctx.now_iso())
+        .set_banned(id, banned, &entry, &ctx.now_iso())
         .await?;
-    let user = target_user(ctx, id).await?;
-    json(200, &json!({ "user": user_view(&user) }))
+    Ok(session)
 }
 
 #[derive(Deserialize)]
@@ -240,12 +239,7 @@ struct CreditsBody {
 /// request a no-op that answers the current state with `"replayed": true`.
 pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     let session = require_admin(&req, ctx).await?;
-    let client_key = req
-        .headers()
-        .get("idempotency-key")
-        .ok()
-        .flatten()
-        .map(|k| k.trim().to_string());
+    let client_key = crate::http::idempotency_key(&req)?;
     let body: CreditsBody = crate::http::json_body(&mut req).await?;
     // A range check, not `abs()`: `i64::MIN` has no absolute value (and wraps in release).
     if body.amount == 0 || !(-MAX_ADJUSTMENT..=MAX_ADJUSTMENT).contains(&body.amount) {
@@ -256,15 +250,6 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
         .with_details(json!([{ "field": "amount" }])));
     }
     let reason = reason(&body.reason)?;
-    if client_key
-        .as_deref()
-        .is_some_and(|k| k.is_empty() || k.len() > 100)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_idempotency_key",
-            "Idempotency-Key must be 1 to 100 characters.",
-        ));
-    }
     let target = target_user(ctx, id).await?;
     if body.amount > 0 && target.credits > MAX_BALANCE - body.amount {
         return Err(ApiError::bad_request(
