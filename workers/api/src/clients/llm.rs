@@ -10,7 +10,9 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
-use worker::{Fetch, Headers, Method, Request, RequestInit};
+use worker::{Fetch, Method};
+
+use super::{request, Body};
 
 /// Replies are spoken: keep them short.
 const MAX_COMPLETION_TOKENS: u32 = 220;
@@ -98,25 +100,16 @@ pub async fn open(
         "temperature": 0.7,
     });
     let transport = |e: worker::Error| LlmError::Transport(e.to_string());
-    let headers = Headers::new();
-    headers
-        .set(
-            "authorization",
-            &format!("Bearer {}", cfg.llm_api_key.expose()),
-        )
-        .map_err(transport)?;
-    headers
-        .set("content-type", "application/json")
-        .map_err(transport)?;
-    headers
-        .set("accept", "text/event-stream")
-        .map_err(transport)?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_body(Some(body.to_string().into()));
+    let auth = format!("Bearer {}", cfg.llm_api_key.expose());
     let url = format!("{}/chat/completions", cfg.llm_api_base);
-    let req = Request::new_with_init(&url, &init).map_err(transport)?;
+    // The session's deadlines (first token, whole reply) abort it through `signal`.
+    let req = request(
+        Method::Post,
+        &url,
+        &[("authorization", &auth), ("accept", "text/event-stream")],
+        Some(Body::Json(body.to_string())),
+    )
+    .map_err(|e| LlmError::Transport(e.to_string()))?;
     let mut resp = Fetch::Request(req)
         .send_with_signal(signal)
         .await

@@ -8,7 +8,9 @@
 use cmb_core::config::WorkerConfig;
 use cmb_core::pricing::CreditPack;
 use serde::Deserialize;
-use worker::{Fetch, Headers, Method, Request, RequestInit};
+use worker::Method;
+
+use super::{request, send, Body, SendError};
 
 /// A failed Stripe request: HTTP status (0 when Stripe was unreachable), Stripe's error
 /// `type` and its human message, which we pass on to the client.
@@ -114,58 +116,64 @@ pub async fn create_checkout_session(
     })
 }
 
+/// Every Stripe request's deadline: a checkout that hangs fails rather than holding the
+/// client's request open.
+const STRIPE_TIMEOUT_MS: u32 = 10_000;
+
 async fn post_form(
     cfg: &WorkerConfig,
     url: &str,
     form: &[(String, String)],
     idempotency_key: &str,
 ) -> Result<Vec<u8>, StripeError> {
-    let transport = |e: worker::Error| StripeError {
-        status: 0,
-        kind: "api_connection_error".into(),
-        message: format!("Stripe unreachable: {e}"),
-    };
-    let body = serde_urlencoded::to_string(form).map_err(|e| StripeError {
-        status: 0,
-        kind: "invalid_request_error".into(),
-        message: format!("could not encode request: {e}"),
-    })?;
-    let headers = Headers::new();
-    headers
-        .set(
-            "authorization",
-            &format!("Bearer {}", cfg.stripe_secret_key.expose()),
-        )
-        .map_err(transport)?;
-    headers
-        .set("content-type", "application/x-www-form-urlencoded")
-        .map_err(transport)?;
-    headers
-        .set("idempotency-key", idempotency_key)
-        .map_err(transport)?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_body(Some(body.into()));
-    let req = Request::new_with_init(url, &init).map_err(transport)?;
-    let mut resp = Fetch::Request(req).send().await.map_err(transport)?;
-    let status = resp.status_code();
-    let bytes = resp.bytes().await.map_err(transport)?;
-    if (200..300).contains(&status) {
-        return Ok(bytes);
+    let auth = format!("Bearer {}", cfg.stripe_secret_key.expose());
+    let answer = async {
+        let req = request(
+            Method::Post,
+            url,
+            &[
+                ("authorization", &auth),
+                ("idempotency-key", idempotency_key),
+            ],
+            Some(Body::form(form)?),
+        )?;
+        send(req, STRIPE_TIMEOUT_MS).await
     }
-    Err(match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
-        Ok(e) => StripeError {
-            status,
-            kind: e.error.kind,
-            message: e.error.message,
+    .await
+    .map_err(|e| match e {
+        SendError::Encode(message) => StripeError {
+            status: 0,
+            kind: "invalid_request_error".into(),
+            message,
         },
-        Err(_) => StripeError {
-            status,
-            kind: "api_error".into(),
-            message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+        SendError::Transport(m) => StripeError {
+            status: 0,
+            kind: "api_connection_error".into(),
+            message: format!("Stripe unreachable: {m}"),
         },
-    })
+        SendError::Timeout { ms } => StripeError {
+            status: 0,
+            kind: "api_connection_error".into(),
+            message: format!("Stripe did not answer within {ms} ms"),
+        },
+    })?;
+    if answer.is_success() {
+        return Ok(answer.body);
+    }
+    Err(
+        match serde_json::from_slice::<ErrorEnvelope>(&answer.body) {
+            Ok(e) => StripeError {
+                status: answer.status,
+                kind: e.error.kind,
+                message: e.error.message,
+            },
+            Err(_) => StripeError {
+                status: answer.status,
+                kind: "api_error".into(),
+                message: answer.snippet(200),
+            },
+        },
+    )
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use cmb_core::config::WorkerConfig;
 use serde::Deserialize;
 use std::time::Duration;
 
-use futures::FutureExt as _;
-use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit};
+use worker::{Delay, Method};
+
+use super::{request, send as send_request, Body, SendError};
 
 /// A failed Twilio request: HTTP status, Twilio error code (0 when the body had none),
 /// and a message fit for the call's `status_reason`.
@@ -65,81 +66,49 @@ fn calls_url(cfg: &WorkerConfig) -> String {
     )
 }
 
-/// One request: Basic auth, an optional form body, a deadline (`TWILIO_TIMEOUT_MS`)
-/// enforced by aborting the fetch. Transport failures and timeouts are status 0.
+/// One request: Basic auth, an optional form body, a deadline (`TWILIO_TIMEOUT_MS`).
+/// Transport failures and timeouts are status 0.
 pub(super) async fn send(
     cfg: &WorkerConfig,
     method: Method,
     url: &str,
     form: Option<&[(&str, &str)]>,
 ) -> Result<Vec<u8>, TwilioError> {
-    let transport = |e: worker::Error| TwilioError {
-        status: 0,
-        code: 0,
-        message: format!("Twilio unreachable: {e}"),
-    };
     let auth = base64::engine::general_purpose::STANDARD.encode(format!(
         "{}:{}",
         cfg.twilio_account_sid,
         cfg.twilio_auth_token.expose()
     ));
-    let headers = Headers::new();
-    headers
-        .set("authorization", &format!("Basic {auth}"))
-        .map_err(transport)?;
-    let mut init = RequestInit::new();
-    init.with_method(method);
-    if let Some(form) = form {
-        let body = serde_urlencoded::to_string(form).map_err(|e| TwilioError {
-            status: 0,
-            code: 0,
-            message: format!("could not encode request: {e}"),
-        })?;
-        headers
-            .set("content-type", "application/x-www-form-urlencoded")
-            .map_err(transport)?;
-        init.with_body(Some(body.into()));
+    let auth = format!("Basic {auth}");
+    let answer = async {
+        let body = form.map(Body::form).transpose()?;
+        let req = request(method, url, &[("authorization", &auth)], body)?;
+        send_request(req, cfg.twilio_timeout_ms).await
     }
-    init.with_headers(headers);
-    let req = Request::new_with_init(url, &init).map_err(transport)?;
-    let controller = AbortController::default();
-    let signal = controller.signal();
-    let deadline = Duration::from_millis(u64::from(cfg.twilio_timeout_ms));
-    let fetch = Fetch::Request(req);
-    let response = {
-        let sending = fetch.send_with_signal(&signal).fuse();
-        let timer = Delay::from(deadline).fuse();
-        futures::pin_mut!(sending, timer);
-        futures::select! {
-            r = sending => Some(r),
-            () = timer => None,
-        }
-    };
-    let Some(response) = response else {
-        controller.abort();
-        return Err(TwilioError {
-            status: 0,
-            code: 0,
-            message: format!("Twilio did not answer within {} ms", cfg.twilio_timeout_ms),
-        });
-    };
-    let mut resp = response.map_err(transport)?;
-    let status = resp.status_code();
-    let bytes = resp.bytes().await.map_err(transport)?;
-    if (200..300).contains(&status) {
-        return Ok(bytes);
+    .await
+    .map_err(|e| TwilioError {
+        status: 0,
+        code: 0,
+        message: match e {
+            SendError::Encode(m) => m,
+            SendError::Transport(m) => format!("Twilio unreachable: {m}"),
+            SendError::Timeout { ms } => format!("Twilio did not answer within {ms} ms"),
+        },
+    })?;
+    if answer.is_success() {
+        return Ok(answer.body);
     }
-    let parsed: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+    let parsed: Option<ErrorBody> = serde_json::from_slice(&answer.body).ok();
     Err(match parsed {
         Some(e) => TwilioError {
-            status,
+            status: answer.status,
             code: e.code,
             message: e.message,
         },
         None => TwilioError {
-            status,
+            status: answer.status,
             code: 0,
-            message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            message: answer.snippet(200),
         },
     })
 }
