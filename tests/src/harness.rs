@@ -7,8 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
+use std::time::Duration;
 
+use futures::{Stream, StreamExt as _};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{ApiClient, TestUser};
 use crate::fakes;
@@ -30,10 +33,10 @@ pub const ADMIN_EMAIL: &str = "admin@callmeback.test";
 /// A running Worker plus the fakes it is wired to.
 pub struct TestWorker {
     stack: Stack,
-    pub twilio: fakes::twilio::TwilioHandle,
+    pub twilio: fakes::twilio::Handle,
     /// The fake Stripe behind `STRIPE_API_BASE`; its pay page delivers signed
     /// `checkout.session.completed` events to this Worker's webhook.
-    pub stripe: fakes::stripe::StripeHandle,
+    pub stripe: fakes::stripe::Handle,
     /// The Worker's Postgres database when the suite runs on Postgres; `None` on D1
     /// (whose file is under [`Stack::dir`]).
     pub postgres_url: Option<String>,
@@ -136,11 +139,11 @@ pub fn with_backend(mut opts: StackOptions, label: &str) -> StackOptions {
 pub fn worker() -> &'static TestWorker {
     static WORKER: OnceLock<TestWorker> = OnceLock::new();
     WORKER.get_or_init(|| {
-        let mut cfg = fakes::twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
+        let mut cfg = fakes::twilio::Config::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
         // Short rings keep the suite fast; the protocol Twilio speaks is unchanged.
         cfg.ring = std::time::Duration::from_millis(300);
         let twilio = on_fakes_runtime(fakes::twilio::spawn(cfg)).expect("start fake Twilio");
-        let stripe = on_fakes_runtime(fakes::stripe::spawn(fakes::stripe::StripeConfig::new(
+        let stripe = on_fakes_runtime(fakes::stripe::spawn(fakes::stripe::Config::new(
             STRIPE_SECRET_KEY,
         )))
         .expect("start fake Stripe");
@@ -233,7 +236,7 @@ pub const LLM_KEY: &str = "csk-e2e-key";
 /// (with the phone simulator), Deepgram, ElevenLabs and Cerebras.
 pub struct VoiceStack {
     pub stack: Stack,
-    pub twilio: fakes::twilio::TwilioHandle,
+    pub twilio: fakes::twilio::Handle,
     pub deepgram: fakes::deepgram::Handle,
     pub elevenlabs: fakes::elevenlabs::Handle,
     pub cerebras: fakes::cerebras::Handle,
@@ -256,7 +259,7 @@ impl VoiceStack {
         extra_worker_vars: BTreeMap<String, String>,
     ) -> VoiceStack {
         use fakes::{cerebras, deepgram, elevenlabs, twilio};
-        let mut tcfg = twilio::TwilioConfig::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
+        let mut tcfg = twilio::Config::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
         tcfg.ring = std::time::Duration::from_millis(200);
         let twilio = on_fakes_runtime(twilio::spawn(tcfg)).expect("fake Twilio");
         let deepgram = on_fakes_runtime(deepgram::spawn(deepgram::Config {
@@ -309,5 +312,83 @@ impl VoiceStack {
             elevenlabs,
             cerebras,
         }
+    }
+}
+
+/// Reads `ws` until the peer's close frame and returns its code: `None` for a close
+/// frame without payload, or when the stream ends without one (read errors are skipped).
+/// `Err` when `within` passes first. For the e2e tests that expect the relay to refuse
+/// a stream (e.g. close 1008).
+pub async fn wait_close_code<S, E>(
+    ws: &mut S,
+    within: Duration,
+) -> Result<Option<u16>, tokio::time::error::Elapsed>
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+{
+    tokio::time::timeout(within, async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Close(frame)) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+    type Read = Result<Message, &'static str>;
+
+    fn close(code: u16) -> Read {
+        Ok(Message::Close(Some(CloseFrame {
+            code: code.into(),
+            reason: "bye".into(),
+        })))
+    }
+
+    /// Other messages and read errors before the close frame are passed over.
+    #[tokio::test]
+    async fn close_code_after_other_messages() {
+        let mut ws = futures::stream::iter(vec![
+            Ok(Message::text("hello")),
+            Err("broken frame"),
+            close(1008),
+            Ok(Message::text("after")),
+        ]);
+        let got = wait_close_code(&mut ws, Duration::from_secs(5)).await;
+        assert_eq!(got.unwrap(), Some(1008));
+    }
+
+    /// A close frame without payload, and a stream that just ends, both give `None`.
+    #[tokio::test]
+    async fn no_code_without_payload_or_close() {
+        let mut bare = futures::stream::iter(vec![Ok::<_, &str>(Message::Close(None))]);
+        assert_eq!(
+            wait_close_code(&mut bare, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            None
+        );
+        let mut ended = futures::stream::iter(vec![Ok::<_, &str>(Message::text("hi"))]);
+        assert_eq!(
+            wait_close_code(&mut ended, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    /// A socket that stays open past the deadline is an `Err`.
+    #[tokio::test(start_paused = true)]
+    async fn deadline_passes() {
+        let mut open = futures::stream::pending::<Read>();
+        assert!(wait_close_code(&mut open, Duration::from_secs(5))
+            .await
+            .is_err());
     }
 }

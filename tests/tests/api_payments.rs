@@ -12,7 +12,7 @@
 
 use cmb_core::stripe_sig;
 use cmb_tests::api::{ApiClient, TestUser};
-use cmb_tests::fakes::stripe::{self as fake_stripe, StripeHandle};
+use cmb_tests::fakes::stripe as fake_stripe;
 use cmb_tests::harness::{self, STRIPE_WEBHOOK_SECRET};
 use serde_json::{json, Value};
 use tokio::sync::RwLock;
@@ -25,7 +25,7 @@ fn client() -> ApiClient {
     harness::worker().api()
 }
 
-fn stripe() -> &'static StripeHandle {
+fn stripe() -> &'static fake_stripe::Handle {
     &harness::worker().stripe
 }
 

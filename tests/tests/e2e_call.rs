@@ -211,7 +211,7 @@ async fn a_whole_call_with_barge_in() {
 /// A forged stream token is refused by the relay with close 1008 and nothing is opened.
 #[tokio::test]
 async fn forged_stream_token_is_refused() {
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
     let v = voice();
     let relay_public = v.stack.relay_env().get("RELAY_PUBLIC_URL").unwrap().clone();
@@ -237,16 +237,9 @@ async fn forged_stream_token_is_refused() {
         "tracks":["inbound"],"customParameters":{"callId":"call-x","streamToken":forged},
         "mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}});
     ws.send(Message::text(start.to_string())).await.unwrap();
-    let close = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(msg) = ws.next().await {
-            if let Ok(Message::Close(frame)) = msg {
-                return frame.map(|f| u16::from(f.code));
-            }
-        }
-        None
-    })
-    .await
-    .unwrap();
+    let close = harness::wait_close_code(&mut ws, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(close, Some(1008));
     assert_eq!(
         v.deepgram.connections().len(),

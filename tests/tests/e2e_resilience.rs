@@ -362,7 +362,7 @@ async fn a_stalled_llm_holds_up_neither_twilio_nor_the_call() {
 #[tokio::test]
 async fn a_stream_replayed_to_another_relay_is_refused() {
     use cmb_tests::harness::TWILIO_AUTH_TOKEN;
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
     let mut v = VoiceStack::start(vec!["Still here with you.".into()]);
@@ -408,16 +408,9 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
     .await
     .unwrap();
     ws.send(Message::text(start.to_string())).await.unwrap();
-    let close = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(msg) = ws.next().await {
-            if let Ok(Message::Close(frame)) = msg {
-                return frame.map(|f| u16::from(f.code));
-            }
-        }
-        None
-    })
-    .await
-    .expect("the replayed stream was closed");
+    let close = cmb_tests::harness::wait_close_code(&mut ws, Duration::from_secs(15))
+        .await
+        .expect("the replayed stream was closed");
     assert_eq!(close, Some(1008));
     assert_eq!(v.deepgram.connections().len(), deepgram_before);
     assert_eq!(v.elevenlabs.connections().len(), elevenlabs_before);

@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
-use cmb_tests::fakes::stripe::{self, StripeConfig, StripeHandle, WebhookTarget};
+use cmb_tests::fakes::stripe::{self, Config, WebhookTarget};
 use cmb_tests::fakes::{Server, LOOPBACK_ANY};
 use serde_json::Value;
 
@@ -27,9 +27,9 @@ fn init_tracing() {
         .try_init();
 }
 
-async fn fake() -> StripeHandle {
+async fn fake() -> stripe::Handle {
     init_tracing();
-    stripe::spawn(StripeConfig::new(KEY)).await.unwrap()
+    stripe::spawn(Config::new(KEY)).await.unwrap()
 }
 
 fn checkout_form(order: &str) -> Vec<(&'static str, String)> {
@@ -56,7 +56,7 @@ fn checkout_form(order: &str) -> Vec<(&'static str, String)> {
 }
 
 async fn create(
-    fake: &StripeHandle,
+    fake: &stripe::Handle,
     form: &[(&str, String)],
     key: Option<&str>,
 ) -> (u16, HeaderMap, Value) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use cmb_tests::audio;
 use cmb_tests::fakes::twilio::app::WebhookApp;
 use cmb_tests::fakes::twilio::{
-    self, Answer, AnsweredBy, CallStatus, CalleeScript, StreamEnd, TwilioConfig, TwilioHandle,
+    self, Answer, AnsweredBy, CallStatus, CalleeScript, Config, StreamEnd,
 };
 use cmb_tests::sim::{SimScript, Step, Utterance};
 use serde_json::Value;
@@ -30,9 +30,9 @@ fn init_tracing() {
 
 /// A fast fake: 50 ms rings, 5 ms per 20 ms media frame, and a callee who says nothing
 /// and gives up after 60 s of media time (15 s of wall time).
-async fn fake() -> TwilioHandle {
+async fn fake() -> twilio::Handle {
     init_tracing();
-    let mut cfg = TwilioConfig::new(ACCOUNT, TOKEN);
+    let mut cfg = Config::new(ACCOUNT, TOKEN);
     cfg.ring = Duration::from_millis(50);
     cfg.frame_interval = Duration::from_millis(5);
     cfg.default_script = CalleeScript::answer(quiet_callee());
@@ -45,14 +45,14 @@ fn quiet_callee() -> SimScript {
     script
 }
 
-fn calls_url(fake: &TwilioHandle) -> String {
+fn calls_url(fake: &twilio::Handle) -> String {
     format!(
         "{}/2010-04-01/Accounts/{ACCOUNT}/Calls.json",
         fake.base_url()
     )
 }
 
-fn call_url(fake: &TwilioHandle, sid: &str) -> String {
+fn call_url(fake: &twilio::Handle, sid: &str) -> String {
     format!(
         "{}/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}.json",
         fake.base_url()
@@ -72,7 +72,12 @@ async fn post(url: &str, auth: (&str, &str), form: &[(&str, &str)]) -> (u16, Val
 }
 
 /// Creates a call to `to` with the app's TwiML and status URLs and every event.
-async fn create(fake: &TwilioHandle, app: &WebhookApp, to: &str, extra: &[(&str, &str)]) -> String {
+async fn create(
+    fake: &twilio::Handle,
+    app: &WebhookApp,
+    to: &str,
+    extra: &[(&str, &str)],
+) -> String {
     let twiml_url = app.twiml_url();
     let status_url = app.status_url();
     let mut form = vec![

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cmb_tests::audio;
 use cmb_tests::fakes::twilio::app::{BotStream, WebhookApp};
-use cmb_tests::fakes::twilio::{self, CallStatus, CalleeScript, TwilioConfig, TwilioHandle};
+use cmb_tests::fakes::twilio::{self, CallStatus, CalleeScript, Config};
 use cmb_tests::sim::{HangUpReason, SimEvent, SimScript, Speaker, Step, Utterance};
 use serde_json::Value;
 
@@ -18,12 +18,12 @@ const TOKEN: &str = "fake-auth-token";
 const TO: &str = "+15558675310";
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn setup(script: SimScript) -> (TwilioHandle, WebhookApp, String) {
+async fn setup(script: SimScript) -> (twilio::Handle, WebhookApp, String) {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
-    let mut cfg = TwilioConfig::new(ACCOUNT, TOKEN);
+    let mut cfg = Config::new(ACCOUNT, TOKEN);
     cfg.ring = Duration::from_millis(20);
     // 4× real time: the protocol is the same, in media time.
     cfg.frame_interval = Duration::from_millis(5);

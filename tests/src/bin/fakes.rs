@@ -126,10 +126,11 @@ struct Args {
     ring_ms: u64,
 }
 
-/// Defaults used when a credential is not given: the same stand-ins the tests use.
-const DEFAULT_TWILIO_SID: &str = "AC00000000000000000000000000000000";
-const DEFAULT_TWILIO_TOKEN: &str = "fake-twilio-auth-token";
-const DEFAULT_STRIPE_KEY: &str = "sk_test_fake";
+/// Defaults used when a credential is not given: the same stand-ins the tests use (the
+/// fakes' own `Config::default` credentials).
+const DEFAULT_TWILIO_SID: &str = twilio::DEFAULT_ACCOUNT_SID;
+const DEFAULT_TWILIO_TOKEN: &str = twilio::DEFAULT_AUTH_TOKEN;
+const DEFAULT_STRIPE_KEY: &str = stripe::DEFAULT_SECRET_KEY;
 
 /// An empty value (e.g. `KEY=` in an env file) counts as not given.
 fn given(value: &Option<String>) -> Option<String> {
@@ -183,11 +184,11 @@ impl Args {
 
 /// A started fake, kept alive until shutdown.
 enum Running {
-    Twilio(twilio::TwilioHandle),
+    Twilio(twilio::Handle),
     Deepgram(deepgram::Handle),
     Elevenlabs(elevenlabs::Handle),
     Cerebras(cerebras::Handle),
-    Stripe(stripe::StripeHandle),
+    Stripe(stripe::Handle),
     Control(cmb_tests::fakes::Server),
 }
 
@@ -222,7 +223,7 @@ async fn start(args: &Args, fake: Fake) -> anyhow::Result<Running> {
             let sid = given(&args.twilio_account_sid).unwrap_or_else(|| DEFAULT_TWILIO_SID.into());
             let token =
                 given(&args.twilio_auth_token).unwrap_or_else(|| DEFAULT_TWILIO_TOKEN.into());
-            let mut cfg = twilio::TwilioConfig::new(sid, token);
+            let mut cfg = twilio::Config::new(sid, token);
             cfg.addr = addr;
             cfg.ring = Duration::from_millis(args.ring_ms);
             // Answer after one ring, wait for the greeting, say two short things, hang up.
@@ -261,7 +262,7 @@ async fn start(args: &Args, fake: Fake) -> anyhow::Result<Running> {
         }
         Fake::Stripe => {
             let key = given(&args.stripe_secret_key).unwrap_or_else(|| DEFAULT_STRIPE_KEY.into());
-            let mut cfg = stripe::StripeConfig::new(key);
+            let mut cfg = stripe::Config::new(key);
             cfg.addr = addr;
             cfg.webhook = args.stripe_webhook();
             if let Some(target) = &cfg.webhook {

@@ -1,9 +1,18 @@
 //! Protocol-faithful fake providers (PROTOCOLS.md is the wire-format truth).
 //!
-//! Each fake is an axum app (`router(state)`) plus `spawn(cfg)` that serves it on
-//! loopback and returns a handle tests inspect. This module owns only what all fakes
-//! share: the fault knobs ([`faults`]) and [`Server`], the serve-in-a-task helper. It must
-//! not hold provider behaviour.
+//! Each fake is a folder (`cerebras/`, `deepgram/`, `elevenlabs/`, `stripe/`, `twilio/`)
+//! whose `mod.rs` follows one convention:
+//!
+//! - `Config`: how it is set up; `Config::default()` listens on [`LOOPBACK_ANY`] with
+//!   test credentials, and `Config::addr` says where to listen;
+//! - `spawn(cfg: Config) -> anyhow::Result<Handle>`: serves the fake on `cfg.addr`
+//!   (through [`Server`]);
+//! - `Handle`: the running fake, which tests inspect (`addr()`, `base_url()`,
+//!   `faults()`, what it recorded) and stop with `shutdown()` or by dropping it;
+//! - `router(..)`: its axum app (wrapped with the faults), for `oneshot` tests.
+//!
+//! This module owns only what all fakes share: the fault knobs ([`faults`]) and
+//! [`Server`], the serve-in-a-task helper. It must not hold provider behaviour.
 
 pub mod cerebras;
 pub mod deepgram;

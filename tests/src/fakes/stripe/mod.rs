@@ -54,7 +54,7 @@ pub struct WebhookTarget {
 
 /// Configuration of the fake.
 #[derive(Clone, Debug)]
-pub struct StripeConfig {
+pub struct Config {
     pub addr: SocketAddr,
     /// The secret key the API accepts (`sk_test_…`).
     pub secret_key: String,
@@ -66,7 +66,10 @@ pub struct StripeConfig {
     pub fault_seed: u64,
 }
 
-impl StripeConfig {
+/// The secret key of [`Config::default`] (the `fakes` binary's stand-in).
+pub const DEFAULT_SECRET_KEY: &str = "sk_test_fake";
+
+impl Config {
     /// Loopback on a free port, no prices, no webhook.
     pub fn new(secret_key: impl Into<String>) -> Self {
         Self {
@@ -79,9 +82,16 @@ impl StripeConfig {
     }
 }
 
+impl Default for Config {
+    /// [`Config::new`] with [`DEFAULT_SECRET_KEY`].
+    fn default() -> Self {
+        Self::new(DEFAULT_SECRET_KEY)
+    }
+}
+
 /// One API request the fake answered.
 #[derive(Clone, Debug, PartialEq)]
-pub struct StripeRequest {
+pub struct RequestRecord {
     pub method: String,
     pub path: String,
     pub idempotency_key: Option<String>,
@@ -109,10 +119,10 @@ struct Stored {
 }
 
 struct Store {
-    cfg: StripeConfig,
+    cfg: Config,
     sessions: Vec<Value>,
     idempotency: HashMap<String, Stored>,
-    requests: Vec<StripeRequest>,
+    requests: Vec<RequestRecord>,
     deliveries: Vec<Delivery>,
 }
 
@@ -128,26 +138,26 @@ impl Shared {
 }
 
 /// The running fake; dropping it stops the server.
-pub struct StripeHandle {
+pub struct Handle {
     server: Server,
     shared: Arc<Shared>,
 }
 
 /// Starts the fake on `cfg.addr`.
-pub async fn spawn(cfg: StripeConfig) -> anyhow::Result<StripeHandle> {
+pub async fn spawn(cfg: Config) -> anyhow::Result<Handle> {
     let faults = FaultSwitch::with_seed(cfg.fault_seed);
     let shared = new_shared(cfg, faults);
     let addr = shared.lock().cfg.addr;
     let server = Server::start("stripe", addr, router_for(shared.clone())).await?;
-    Ok(StripeHandle { server, shared })
+    Ok(Handle { server, shared })
 }
 
 /// The fake's HTTP app (API, pay page and `/__faults`), for `oneshot` tests.
-pub fn router(cfg: StripeConfig, faults: FaultSwitch) -> Router {
+pub fn router(cfg: Config, faults: FaultSwitch) -> Router {
     router_for(new_shared(cfg, faults))
 }
 
-fn new_shared(cfg: StripeConfig, faults: FaultSwitch) -> Arc<Shared> {
+fn new_shared(cfg: Config, faults: FaultSwitch) -> Arc<Shared> {
     Arc::new(Shared {
         state: Mutex::new(Store {
             cfg,
@@ -170,7 +180,7 @@ fn router_for(shared: Arc<Shared>) -> Router {
     faults::wrap(app, faults, error_responder())
 }
 
-impl StripeHandle {
+impl Handle {
     pub fn addr(&self) -> SocketAddr {
         self.server.addr()
     }
@@ -205,7 +215,7 @@ impl StripeHandle {
     }
 
     /// Every API request answered, in order.
-    pub fn requests(&self) -> Vec<StripeRequest> {
+    pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.lock().requests.clone()
     }
 
@@ -419,7 +429,7 @@ async fn create_session(
     let host = host_of(&headers);
     let mut state = shared.lock();
     let params = form::parse(&body);
-    let mut log = StripeRequest {
+    let mut log = RequestRecord {
         method: "POST".into(),
         path: "/v1/checkout/sessions".into(),
         idempotency_key: key.clone(),
@@ -877,7 +887,7 @@ async fn retrieve_session(
         Ok(session) => (StatusCode::OK, session),
         Err(e) => (e.status, e.body(&request_id)),
     };
-    state.requests.push(StripeRequest {
+    state.requests.push(RequestRecord {
         method: "GET".into(),
         path: format!("/v1/checkout/sessions/{id}"),
         idempotency_key: None,

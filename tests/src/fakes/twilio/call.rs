@@ -8,7 +8,7 @@
 //! requests from clients (that is `rest.rs`).
 //!
 //! Twilio behaviours modelled here, and their documented choices:
-//! - `Timeout` is counted in rings (one ring = `TwilioConfig::ring`), so a short ring makes
+//! - `Timeout` is counted in rings (one ring = `Config::ring`), so a short ring makes
 //!   a test time out after the same number of rings, only faster.
 //! - A TwiML fetch that fails (HTTP error: 11200, wrong content type: 12300, bad XML:
 //!   12100, schema: 12200) is recorded as a notice; like Twilio, the callee then hears

@@ -5,7 +5,7 @@
 //! registered for its `To` number: it rings, then is busy, unanswered, failed, or answered
 //! by a scripted [`crate::sim::Simulator`] that hears the bot and talks back through the
 //! media stream (`media.rs`). Everything the fake saw and sent is recorded in
-//! [`CallRecord`]s that tests read through [`TwilioHandle`].
+//! [`CallRecord`]s that tests read through [`Handle`].
 //!
 //! This module owns the configuration, the shared state and the handle. It must not sign
 //! anything itself (signatures come from `cmb_core::twilio_sig`) and must never panic on
@@ -39,7 +39,7 @@ pub const API_VERSION: &str = "2010-04-01";
 
 /// Configuration of the fake.
 #[derive(Clone, Debug)]
-pub struct TwilioConfig {
+pub struct Config {
     /// Where to listen; port 0 picks a free port.
     pub addr: SocketAddr,
     /// The AccountSid the REST API accepts (Basic auth user and path segment).
@@ -66,7 +66,7 @@ pub struct TwilioConfig {
 /// The Verify Service SID the test stacks configure (`TWILIO_VERIFY_SERVICE_SID`).
 pub const VERIFY_SERVICE_SID: &str = xtask::providers::FAKE_VERIFY_SERVICE_SID;
 
-impl TwilioConfig {
+impl Config {
     /// Real-time defaults: 1 s rings, 20 ms frames, loopback on a free port, and a
     /// callee that answers after one ring and has a short conversation.
     pub fn new(account_sid: impl Into<String>, auth_token: impl Into<String>) -> Self {
@@ -81,6 +81,18 @@ impl TwilioConfig {
             fault_seed: faults::DEFAULT_SEED,
             verify_service_sid: VERIFY_SERVICE_SID.to_owned(),
         }
+    }
+}
+
+/// The AccountSid of [`Config::default`] (the `fakes` binary's stand-in).
+pub const DEFAULT_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
+/// The AuthToken of [`Config::default`] (the `fakes` binary's stand-in).
+pub const DEFAULT_AUTH_TOKEN: &str = "fake-twilio-auth-token";
+
+impl Default for Config {
+    /// [`Config::new`] with [`DEFAULT_ACCOUNT_SID`] and [`DEFAULT_AUTH_TOKEN`].
+    fn default() -> Self {
+        Self::new(DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN)
     }
 }
 
@@ -366,7 +378,7 @@ struct State {
 
 /// State shared by the REST handlers, the call tasks and the handle.
 struct Shared {
-    cfg: TwilioConfig,
+    cfg: Config,
     faults: FaultSwitch,
     http: reqwest::Client,
     state: Mutex<State>,
@@ -418,7 +430,7 @@ impl Shared {
 }
 
 /// The running fake; dropping it stops the server.
-pub struct TwilioHandle {
+pub struct Handle {
     server: Server,
     shared: Arc<Shared>,
 }
@@ -441,20 +453,20 @@ impl SmsInbox {
 }
 
 /// Starts the fake on `cfg.addr` and returns its handle.
-pub async fn spawn(cfg: TwilioConfig) -> anyhow::Result<TwilioHandle> {
+pub async fn spawn(cfg: Config) -> anyhow::Result<Handle> {
     let faults = FaultSwitch::with_seed(cfg.fault_seed);
     let shared = new_shared(cfg, faults)?;
     let server = Server::start("twilio", shared.cfg.addr, router_for(shared.clone())).await?;
-    Ok(TwilioHandle { server, shared })
+    Ok(Handle { server, shared })
 }
 
 /// The fake's HTTP app (REST API + `/__faults`), for tests that drive it with `oneshot`.
 /// Calls created through it run in tasks on the current runtime.
-pub fn router(cfg: TwilioConfig, faults: FaultSwitch) -> anyhow::Result<axum::Router> {
+pub fn router(cfg: Config, faults: FaultSwitch) -> anyhow::Result<axum::Router> {
     Ok(router_for(new_shared(cfg, faults)?))
 }
 
-fn new_shared(cfg: TwilioConfig, faults: FaultSwitch) -> anyhow::Result<Arc<Shared>> {
+fn new_shared(cfg: Config, faults: FaultSwitch) -> anyhow::Result<Arc<Shared>> {
     let http = reqwest::Client::builder()
         .timeout(cfg.webhook_timeout)
         // Twilio does not follow redirects on webhooks; a 3xx is the answer.
@@ -489,7 +501,7 @@ fn router_for(shared: Arc<Shared>) -> axum::Router {
     )
 }
 
-impl TwilioHandle {
+impl Handle {
     /// The codes Verify "sent" by SMS to `to`, oldest first (the phone's inbox).
     pub fn sms_codes(&self, to: &str) -> Vec<String> {
         self.shared
