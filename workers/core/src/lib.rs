@@ -4,6 +4,7 @@
 //! bytes are always arguments, so every function runs the same on wasm32 and native and
 //! is unit-tested natively.
 
+pub mod analytics;
 pub mod calls;
 pub mod channel;
 pub mod config;

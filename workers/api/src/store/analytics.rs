@@ -2,50 +2,7 @@
 
 use super::*;
 
-/// Calls of one UTC day and status.
-#[derive(Debug, Clone, Deserialize)]
-pub struct CallDayRow {
-    pub day: String,
-    pub status: String,
-    pub calls: i64,
-    pub duration_seconds: i64,
-    pub billed_minutes: i64,
-    pub credits_charged: i64,
-}
-
-/// End-of-turn latency of one UTC day (or of the whole range, `day = "total"`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct LatencyDayRow {
-    pub day: String,
-    pub turns: i64,
-    pub avg_ms: Option<f64>,
-    pub p95_ms: Option<i64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct SalesDayRow {
-    pub day: String,
-    pub purchases: i64,
-    pub credits_sold: i64,
-    pub sales_cents: i64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct RefundDayRow {
-    pub day: String,
-    pub refunds: i64,
-    pub refunded_cents: i64,
-    pub credits_taken: i64,
-    pub debt_credits: i64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct CostDayRow {
-    pub day: String,
-    pub provider: String,
-    pub quantity: f64,
-    pub cost_micros: i64,
-}
+use cmb_core::analytics::{CallDayRow, CostDayRow, LatencyDayRow, RefundDayRow, SalesDayRow};
 
 /// The UTC day a call belongs to in analytics: when it was answered, else when it was
 /// due, else when it was requested. `date()` normalises any UTC offset, so a timestamp

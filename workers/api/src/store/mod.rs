@@ -20,7 +20,6 @@ mod payments;
 mod personas;
 mod users;
 
-pub use analytics::*;
 pub use audit::*;
 pub use calls::*;
 pub use ledger::*;
