@@ -195,6 +195,45 @@ pub fn check(e164: &str, allowed: &[String]) -> Result<(), Refusal> {
     }
 }
 
+/// Why a call cannot go to the number asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallRefusal {
+    /// The number given is not a valid E.164 number.
+    Invalid(crate::validate::ValidationError),
+    /// The account has no verified phone, or asked for another number (`asked`).
+    NotVerified { asked: bool },
+    /// The verified number is outside the destination rules (they may have changed
+    /// since it was verified).
+    Destination(Refusal),
+}
+
+/// The number a call goes to: the account's verified phone, and only that. A number
+/// given with the request must be that one (we call only the caller's own phone);
+/// without one, the verified phone is used. Either way the destination rules apply
+/// again, in case `ALLOWED_COUNTRIES` changed since the number was verified.
+pub fn for_call(
+    given: Option<&str>,
+    verified: Option<&str>,
+    allowed: &[String],
+) -> Result<String, CallRefusal> {
+    let given = given.map(str::trim).filter(|p| !p.is_empty());
+    let asked = given
+        .map(crate::validate::e164)
+        .transpose()
+        .map_err(CallRefusal::Invalid)?;
+    let phone = match (asked, verified) {
+        (Some(asked), Some(verified)) if asked == verified => asked,
+        (None, Some(verified)) => verified.to_owned(),
+        (asked, _) => {
+            return Err(CallRefusal::NotVerified {
+                asked: asked.is_some(),
+            })
+        }
+    };
+    check(&phone, allowed).map_err(CallRefusal::Destination)?;
+    Ok(phone)
+}
+
 /// Parses one `ALLOWED_COUNTRIES` entry: a country we can recognise numbers of.
 pub fn parse_country(entry: &str) -> Result<String, String> {
     let code = entry.trim().to_ascii_uppercase();
@@ -317,5 +356,42 @@ mod tests {
         assert!(Refusal::Country(Some("DE")).message().contains("DE"));
         assert!(Refusal::Range("satellite").message().contains("satellite"));
         assert!(!Refusal::Country(None).message().is_empty());
+    }
+
+    /// Only the account's own verified number is called; a number given must be it, and
+    /// the destination rules still apply to it.
+    #[test]
+    fn a_call_goes_only_to_the_verified_number() {
+        let us = ["US".to_owned()];
+        let verified = Some("+14155550100");
+        assert_eq!(for_call(None, verified, &us), Ok("+14155550100".into()));
+        assert_eq!(
+            for_call(Some("  "), verified, &us),
+            Ok("+14155550100".into())
+        );
+        assert_eq!(
+            for_call(Some(" +1 415 555 0100 "), verified, &us),
+            Ok("+14155550100".into())
+        );
+        assert_eq!(
+            for_call(Some("+14155550199"), verified, &us),
+            Err(CallRefusal::NotVerified { asked: true })
+        );
+        assert_eq!(
+            for_call(None, None, &us),
+            Err(CallRefusal::NotVerified { asked: false })
+        );
+        assert_eq!(
+            for_call(Some("+14155550100"), None, &us),
+            Err(CallRefusal::NotVerified { asked: true })
+        );
+        assert!(matches!(
+            for_call(Some("call me"), verified, &us),
+            Err(CallRefusal::Invalid(_))
+        ));
+        assert_eq!(
+            for_call(None, verified, &["GB".to_owned()]),
+            Err(CallRefusal::Destination(Refusal::Country(Some("US"))))
+        );
     }
 }

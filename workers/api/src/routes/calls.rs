@@ -6,7 +6,6 @@
 
 use cmb_core::calls::CallStatus;
 use cmb_core::model::LedgerKind;
-use cmb_core::validate;
 use serde::Deserialize;
 use serde_json::json;
 use worker::{Request, Response};
@@ -18,10 +17,6 @@ use crate::http::{json, json_body, query};
 use crate::session::{session_op, CancelOutcome, SessionOp};
 use crate::store::{CallRow, LedgerEntry, WriteConflict};
 use crate::Ctx;
-
-/// API.md: scheduled calls at most 30 days ahead; pending ones capped per tier
-/// (`cmb_core::limits::pending_scheduled`: free 5, basic 10, premium 20).
-const MAX_SCHEDULE_AHEAD_SECS: i64 = 30 * 24 * 3600;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,29 +44,28 @@ struct HistoryQuery {
     offset: Option<i64>,
 }
 
-/// The number to call: the account's verified phone. A number given in the body must be
-/// that one (we call only the caller's own phone); without one, the verified phone is
-/// used. Either way the destination rules apply again, in case `ALLOWED_COUNTRIES`
-/// changed since the number was verified.
+/// The number to call (`cmb_core::destination::for_call`: the account's verified phone,
+/// and only that).
 fn destination(ctx: &Ctx, session: &Session, given: Option<&str>) -> ApiResult<String> {
-    let given = given.map(str::trim).filter(|p| !p.is_empty());
-    let asked = given.map(validate::e164).transpose()?;
-    let verified = session.user.verified_phone();
-    let phone = match (asked, verified) {
-        (Some(asked), Some(verified)) if asked == verified => asked,
-        (None, Some(verified)) => verified.to_owned(),
-        (asked, _) => {
-            let message = match asked {
-                Some(_) => "We only call your own verified number. Verify this number first (POST /api/me/phone).",
-                None => "Verify your phone number first (POST /api/me/phone); we only call that number.",
+    use cmb_core::destination::{for_call, CallRefusal};
+    for_call(
+        given,
+        session.user.verified_phone(),
+        &ctx.cfg.allowed_countries,
+    )
+    .map_err(|r| match r {
+        CallRefusal::Invalid(e) => e.into(),
+        CallRefusal::NotVerified { asked } => {
+            let message = if asked {
+                "We only call your own verified number. Verify this number first (POST /api/me/phone)."
+            } else {
+                "Verify your phone number first (POST /api/me/phone); we only call that number."
             };
-            return Err(ApiError::new(403, "phone_not_verified", message)
-                .with_details(json!([{ "field": "phone_number" }])));
+            ApiError::new(403, "phone_not_verified", message)
+                .with_details(json!([{ "field": "phone_number" }]))
         }
-    };
-    cmb_core::destination::check(&phone, &ctx.cfg.allowed_countries)
-        .map_err(|r| crate::http::unsupported_destination(&r))?;
-    Ok(phone)
+        CallRefusal::Destination(r) => crate::http::unsupported_destination(&r),
+    })
 }
 
 /// The persona must exist, be active, and be visible to the caller.
@@ -204,32 +198,12 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(&req, ctx).await?;
     let body: ScheduleBody = json_body(&mut req).await?;
     let phone = destination(ctx, &session, body.phone_number.as_deref())?;
-    let at = time::OffsetDateTime::parse(
-        body.scheduled_time.trim(),
-        &time::format_description::well_known::Rfc3339,
-    )
-    .map_err(|_| {
-        ApiError::bad_request(
-            "invalid_scheduled_time",
-            "scheduled_time must be an RFC 3339 date-time, e.g. 2026-12-01T09:30:00Z.",
-        )
-    })?;
-    let at_secs = at.unix_timestamp();
-    let now = ctx.now_secs();
-    if at_secs <= now {
-        return Err(ApiError::bad_request(
-            "invalid_scheduled_time",
-            "scheduled_time must be in the future.",
-        ));
-    }
-    if at_secs - now > MAX_SCHEDULE_AHEAD_SECS {
-        return Err(ApiError::bad_request(
-            "invalid_scheduled_time",
-            "scheduled_time must be at most 30 days ahead.",
-        ));
-    }
+    // RFC 3339, in the future, at most 30 days ahead (`cmb_core::calls`); pending ones
+    // are capped per tier below (`cmb_core::limits::pending_scheduled`).
+    let at_secs = cmb_core::calls::parse_scheduled_time(&body.scheduled_time, ctx.now_secs())
+        .map_err(|e| ApiError::from(e).with_code("invalid_scheduled_time"))?;
     usable_persona(ctx, &session, &body.persona_id).await?;
-    let at_ms = (at.unix_timestamp_nanos() / 1_000_000) as u64;
+    let at_ms = at_secs.unsigned_abs() * 1000; // after now, so positive
     let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let call = new_call(
         call_id.clone(),
