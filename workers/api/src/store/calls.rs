@@ -69,7 +69,7 @@ pub struct AdminCallRow {
     pub user_email: Option<String>,
     pub persona_id: String,
     pub phone_number: String,
-    pub status: String,
+    pub status: CallStatus,
     pub status_reason: Option<String>,
     pub scheduled_time: Option<String>,
     pub started_at: Option<String>,
