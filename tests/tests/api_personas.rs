@@ -534,3 +534,80 @@ async fn prompt_and_greeting_lengths_are_bounded() {
         .count();
     assert_eq!(own, 2, "only the two within the limits exist");
 }
+
+/// A persona's memory of the caller: empty before any call, private to each caller,
+/// 404 for personas the caller cannot talk to, and forgetting is idempotent.
+#[tokio::test]
+async fn persona_memory_routes() {
+    let api = client();
+    let me = api.register_user("memory").await.unwrap();
+    let other = api.register_user("memory-other").await.unwrap();
+
+    let empty = api
+        .get("/api/personas/brad/memory", Some(&me.token))
+        .await
+        .unwrap();
+    assert_eq!(empty.status, 200, "{}", empty.body);
+    assert_eq!(
+        empty.body["memory"],
+        json!({ "summary": null, "updated_at": null, "calls": 0, "last_call_at": null })
+    );
+
+    let anonymous = api.get("/api/personas/brad/memory", None).await.unwrap();
+    assert_eq!(
+        (anonymous.status, anonymous.code()),
+        (401, Some("unauthorized"))
+    );
+    let unknown = api
+        .get("/api/personas/no-such-persona/memory", Some(&me.token))
+        .await
+        .unwrap();
+    assert_eq!((unknown.status, unknown.code()), (404, Some("not_found")));
+
+    // Another caller's custom persona does not exist for me, for reading or forgetting.
+    let created = api
+        .post(
+            "/api/personas",
+            Some(&other.token),
+            &custom_persona("Theirs"),
+        )
+        .await
+        .unwrap();
+    let theirs = created.body["persona"]["id"].as_str().unwrap().to_string();
+    let path = format!("/api/personas/{theirs}/memory");
+    assert_eq!(api.get(&path, Some(&me.token)).await.unwrap().status, 404);
+    assert_eq!(
+        api.delete(&path, Some(&me.token)).await.unwrap().status,
+        404
+    );
+    assert_eq!(
+        api.get(&path, Some(&other.token)).await.unwrap().status,
+        200
+    );
+
+    // Forgetting works with nothing to forget, and twice; a retired persona of mine can
+    // still be made to forget.
+    for _ in 0..2 {
+        let gone = api
+            .delete("/api/personas/brad/memory", Some(&me.token))
+            .await
+            .unwrap();
+        assert_eq!(gone.status, 204, "{}", gone.body);
+    }
+    assert_eq!(
+        api.delete(&format!("/api/personas/{theirs}"), Some(&other.token))
+            .await
+            .unwrap()
+            .status,
+        204
+    );
+    assert_eq!(
+        api.delete(&path, Some(&other.token)).await.unwrap().status,
+        204
+    );
+    let wrong_method = api
+        .put("/api/personas/brad/memory", Some(&me.token), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status, 405);
+}

@@ -253,3 +253,168 @@ async fn forged_stream_token_is_refused() {
         .insert("X-Twilio-Signature", "bogus".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(bad).await.is_err());
 }
+
+/// Its own stack: the conversation replies are the fake's echo, so this test takes no
+/// scripted reply from the other tests.
+fn memory_voice() -> &'static VoiceStack {
+    static STACK: OnceLock<VoiceStack> = OnceLock::new();
+    STACK.get_or_init(|| VoiceStack::start(Vec::new()))
+}
+
+/// One call to `number` in which the caller says `line` and hangs up; its settled view.
+async fn call_saying(v: &VoiceStack, user: &cmb_tests::api::TestUser, number: &str, line: &str) {
+    v.twilio.set_script(
+        number.to_owned(),
+        twilio::CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Say(Utterance::text(line)),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+    let api = v.api();
+    let id = api.trigger_call(user, "brad", number).await.unwrap();
+    let done = api
+        .wait_settled(user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    assert_eq!(done["call"]["requested_by"], "user", "{done}");
+}
+
+/// The memory once it has folded in `calls` calls (it is written after settlement, in
+/// the background).
+async fn memory_after(
+    v: &VoiceStack,
+    user: &cmb_tests::api::TestUser,
+    calls: i64,
+) -> serde_json::Value {
+    let api = v.api();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let r = api
+            .get("/api/personas/brad/memory", Some(&user.token))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        if r.body["memory"]["calls"] == calls {
+            return r.body["memory"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memory never folded in call {calls}: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The system prompt of the conversation request in which the caller said `line`.
+fn system_prompt_when(v: &VoiceStack, line: &str) -> String {
+    let request = v
+        .cerebras
+        .requests()
+        .into_iter()
+        .filter(|r| r.body["stream"] == true)
+        .find(|r| {
+            r.body["messages"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["role"] == "user" && m["content"] == line)
+            })
+        })
+        .unwrap_or_else(|| panic!("no conversation request with {line:?}"));
+    request.body["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The persona remembers the caller: after a call the LLM is asked (non-streaming) for
+/// notes made of the previous notes and the transcript, they are stored, and the next
+/// call's system prompt carries them with the day of the call; a second call folds in;
+/// after DELETE the next call starts fresh.
+#[tokio::test]
+async fn the_persona_remembers_the_caller_across_calls() {
+    let v = memory_voice();
+    let api = v.api();
+    let user = api.register_user("memory").await.unwrap();
+    let number = unique_number();
+    let admin = harness::admin_on(&api, &v.stack).await;
+    let r = api
+        .post(
+            &format!("/admin/users/{}/credits", user.id),
+            Some(&admin.token),
+            &json!({ "amount": 1000, "reason": "three calls" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let first = "my name is sam and i want to run five kilometres by friday";
+    call_saying(v, &user, &number, first).await;
+    assert!(
+        !system_prompt_when(v, first).contains("What you remember about this caller"),
+        "a first call has nothing to remember"
+    );
+    let memory = memory_after(v, &user, 1).await;
+    let summary = memory["summary"].as_str().unwrap().to_owned();
+    // The fake's echo answers with the prompt's last user message: the transcript.
+    assert!(summary.contains("five kilometres"), "{summary}");
+    assert!(summary.chars().count() <= 1200, "{summary}");
+    assert!(memory["updated_at"].is_string() && memory["last_call_at"].is_string());
+    let asked = v
+        .cerebras
+        .requests()
+        .into_iter()
+        .find(|r| {
+            r.body["stream"] == false
+                && r.body["messages"][1]["content"]
+                    .as_str()
+                    .is_some_and(|c| c.contains(&format!("Caller: {first}")))
+        })
+        .expect("a notes request carrying the transcript");
+    assert!(asked.body["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Previous notes: none"));
+
+    let second = "hello again it is sam checking in";
+    call_saying(v, &user, &number, second).await;
+    let prompt = system_prompt_when(v, second);
+    let day = &memory["last_call_at"].as_str().unwrap()[..10];
+    assert!(
+        prompt.contains(&format!(
+            "What you remember about this caller from earlier calls (the last one on {day}):\n{summary}"
+        )),
+        "{prompt}"
+    );
+    let folded = memory_after(v, &user, 2).await;
+    let notes_request = v
+        .cerebras
+        .requests()
+        .into_iter()
+        .find(|r| {
+            r.body["stream"] == false
+                && r.body["messages"][1]["content"]
+                    .as_str()
+                    .is_some_and(|c| c.contains(&format!("Caller: {second}")))
+        })
+        .expect("the second notes request");
+    assert!(notes_request.body["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("Previous notes (last call on {day}):\n{summary}")));
+    assert!(folded["summary"].as_str().unwrap().contains(second));
+
+    let gone = api
+        .delete("/api/personas/brad/memory", Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(gone.status, 204);
+    let third = "do you remember me at all";
+    call_saying(v, &user, &number, third).await;
+    assert!(
+        !system_prompt_when(v, third).contains("What you remember about this caller"),
+        "a forgotten caller starts fresh"
+    );
+}

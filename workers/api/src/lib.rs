@@ -155,6 +155,8 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::PersonaGet => personas::get(&req, ctx, id).await,
         E::PersonaUpdate => personas::update(req, ctx, id).await,
         E::PersonaDelete => personas::delete(&req, ctx, id).await,
+        E::PersonaMemoryGet => personas::memory(&req, ctx, id).await,
+        E::PersonaMemoryDelete => personas::forget(&req, ctx, id).await,
 
         E::CallTrigger => calls::trigger(req, ctx).await,
         E::CallSchedule => calls::schedule(req, ctx).await,

@@ -13,6 +13,7 @@ pub mod http;
 pub mod jwt;
 pub mod limits;
 pub mod log;
+pub mod memory;
 pub mod model;
 pub mod password;
 pub mod persona;

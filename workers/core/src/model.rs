@@ -124,6 +124,19 @@ vocabulary! {
     }
 }
 
+vocabulary! {
+    /// Who asked for a call (`calls.requested_by`).
+    "requester",
+    pub enum RequestedBy {
+        /// The user, through the API.
+        User = "user",
+        /// The persona, during a call (a callback it promised).
+        Persona = "persona",
+        /// One of the user's recurring schedules.
+        Schedule = "schedule",
+    }
+}
+
 impl LedgerKind {
     /// An admin adjustment of `amount` credits: a grant when positive, else a deduction.
     pub fn for_adjustment(amount: i64) -> LedgerKind {
@@ -146,11 +159,13 @@ mod tests {
             include_str!("../../../migrations/d1/0001_accounts_personas.sql"),
             include_str!("../../../migrations/d1/0002_calls.sql"),
             include_str!("../../../migrations/d1/0003_payments_admin.sql"),
+            include_str!("../../../migrations/d1/0007_persona_memory.sql"),
         ),
         concat!(
             include_str!("../../../migrations/postgres/0001_accounts_personas.sql"),
             include_str!("../../../migrations/postgres/0002_calls.sql"),
             include_str!("../../../migrations/postgres/0003_payments_admin.sql"),
+            include_str!("../../../migrations/postgres/0007_persona_memory.sql"),
         ),
     ];
 
@@ -198,6 +213,10 @@ mod tests {
             assert_eq!(
                 sorted(check_values(sql, "role")),
                 sorted(names(&[Role::User, Role::Admin], Role::as_str))
+            );
+            assert_eq!(
+                sorted(check_values(sql, "requested_by")),
+                sorted(names(RequestedBy::ALL, RequestedBy::as_str))
             );
             let transcripts = &sql[sql
                 .find("CREATE TABLE call_transcripts")

@@ -128,3 +128,65 @@ pub async fn open(
             .map_err(|e| LlmError::Stream(e.to_string()))
     }))
 }
+
+/// A whole (non-streaming) completion's deadline: it runs after the call, in the
+/// background, so it may take longer than a turn but not forever.
+const COMPLETE_TIMEOUT_MS: u32 = 20_000;
+
+#[derive(Deserialize)]
+struct Completion {
+    #[serde(default)]
+    choices: Vec<CompletionChoice>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice {
+    message: CompletionMessage,
+}
+
+#[derive(Deserialize)]
+struct CompletionMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// One non-streaming completion (at most `max_tokens`); its text.
+pub async fn complete(
+    cfg: &WorkerConfig,
+    messages: &[ChatMessage],
+    max_tokens: u32,
+) -> Result<String, LlmError> {
+    let body = json!({
+        "model": cfg.llm_model,
+        "messages": messages,
+        "stream": false,
+        "max_completion_tokens": max_tokens,
+        "temperature": 0.3,
+    });
+    let auth = format!("Bearer {}", cfg.llm_api_key.expose());
+    let url = format!("{}/chat/completions", cfg.llm_api_base);
+    let req = request(
+        Method::Post,
+        &url,
+        &[("authorization", &auth)],
+        Some(Body::Json(body.to_string())),
+    )
+    .map_err(|e| LlmError::Transport(e.to_string()))?;
+    let answer = super::send(req, COMPLETE_TIMEOUT_MS)
+        .await
+        .map_err(|e| LlmError::Transport(e.to_string()))?;
+    if answer.status != 200 {
+        return Err(LlmError::Http {
+            status: answer.status,
+            message: answer.snippet(300),
+        });
+    }
+    let completion: Completion = serde_json::from_slice(&answer.body)
+        .map_err(|e| LlmError::Stream(format!("bad completion: {e}")))?;
+    completion
+        .choices
+        .into_iter()
+        .next()
+        .and_then(|c| c.message.content)
+        .ok_or_else(|| LlmError::Stream("a completion without content".into()))
+}

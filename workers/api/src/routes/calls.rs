@@ -5,7 +5,7 @@
 //! from there.
 
 use cmb_core::calls::CallStatus;
-use cmb_core::model::LedgerKind;
+use cmb_core::model::{LedgerKind, RequestedBy};
 use serde::Deserialize;
 use serde_json::json;
 use worker::{Request, Response};
@@ -106,6 +106,7 @@ fn new_call(
         answered_by: None,
         reserved_credits: 0,
         cost_cents: None,
+        requested_by: RequestedBy::User,
         created_at: String::new(),
     }
 }

@@ -138,6 +138,47 @@ pub async fn delete(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     no_content()
 }
 
+/// A persona whose memory of the caller the session may read or clear: one it talks to
+/// (a catalog persona, or its own), even retired, so a caller can always make a persona
+/// forget. 404 otherwise, as for any persona it cannot see.
+async fn remembering(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<PersonaRow> {
+    ctx.store
+        .persona(id)
+        .await?
+        .filter(|row| row.owner_id.as_deref().is_none_or(|o| o == session.user.id))
+        .ok_or_else(|| ApiError::not_found("Persona"))
+}
+
+/// `GET /api/personas/:id/memory`: what this persona remembers about the caller.
+pub async fn memory(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    remembering(ctx, &session, id).await?;
+    let memory = ctx.store.memory(&session.user.id, id).await?;
+    let view = match memory {
+        Some(m) => json!({
+            "summary": m.summary,
+            "updated_at": m.updated_at,
+            "calls": m.calls,
+            "last_call_at": m.last_call_at,
+        }),
+        None => json!({ "summary": null, "updated_at": null, "calls": 0, "last_call_at": null }),
+    };
+    json(200, &json!({ "memory": view }))
+}
+
+/// `DELETE /api/personas/:id/memory`: the persona forgets the caller; the next call
+/// starts fresh.
+pub async fn forget(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
+    let session = authenticate(req, ctx).await?;
+    remembering(ctx, &session, id).await?;
+    ctx.store.delete_memory(&session.user.id, id).await?;
+    crate::log::info(
+        "memory_deleted",
+        json!({ "request_id": ctx.request_id, "user_id": session.user.id, "persona_id": id }),
+    );
+    no_content()
+}
+
 /// Loads a persona the session may change: 404 when it cannot even see it (so custom
 /// personas' existence does not leak), 403 when it can see but not change it (catalog).
 async fn editable(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<PersonaRow> {

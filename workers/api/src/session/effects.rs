@@ -102,6 +102,19 @@ impl CallSession {
                 }
                 Ok(None)
             }
+            Effect::Remember { lines, ended_at_ms } => {
+                let job = super::memory::Job {
+                    env: self.env.clone(),
+                    cfg: self.config()?,
+                    call_id: run.call_id.clone(),
+                    user_id: run.user_id.clone(),
+                    lines,
+                    ended_at_ms,
+                };
+                // In the background: nothing waits for the notes.
+                self.state.wait_until(super::memory::remember(job));
+                Ok(None)
+            }
             Effect::Log { level, message } => {
                 let level = match level {
                     LogLevel::Info => cmb_core::log::Level::Info,

@@ -10,6 +10,7 @@
 
 pub mod client;
 mod effects;
+mod memory;
 
 use cmb_core::calls::CallStatus;
 use cmb_core::channel::{self, RelayToDo};
@@ -395,13 +396,21 @@ impl CallSession {
             return Ok(None);
         };
         let fields = p.fields();
+        let notes = store.memory(&call.user_id, &call.persona_id).await?;
+        let system_prompt = cmb_core::memory::with_notes(
+            &cmb_core::persona::call_system_prompt(&fields),
+            notes.as_ref().map(|m| cmb_core::memory::Notes {
+                summary: &m.summary,
+                day: m.last_call_day(),
+            }),
+        );
         let first_call = !store
             .number_reached_before(&call.phone_number, &call.id)
             .await?;
         let greeting =
             cmb_core::persona::opening_line(&p.greeting, &self.config()?.ai_disclosure, first_call);
         Ok(Some(PersonaBrief {
-            system_prompt: cmb_core::persona::call_system_prompt(&fields),
+            system_prompt,
             name: p.name,
             voice_id: p.voice_id,
             voice_settings: cmb_core::channel::VoiceSettings {

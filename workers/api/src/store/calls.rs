@@ -2,7 +2,7 @@
 //! latencies) and the admin's view.
 
 use cmb_core::calls::CallStatus;
-use cmb_core::model::{LedgerKind, TranscriptRole};
+use cmb_core::model::{LedgerKind, RequestedBy, TranscriptRole};
 
 use super::*;
 
@@ -25,6 +25,8 @@ pub struct CallRow {
     pub reserved_credits: i64,
     pub cost_cents: Option<i64>,
     pub created_at: String,
+    /// Who asked for the call: the user, the persona, or a schedule.
+    pub requested_by: RequestedBy,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -59,7 +61,7 @@ pub struct Settlement<'a> {
     pub costs: &'a [CostRow],
 }
 
-pub(super) const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at";
+pub(super) const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at, requested_by";
 
 /// A call with its owner's email and current reservation, for admins.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -80,6 +82,7 @@ pub struct AdminCallRow {
     pub reserved_credits: i64,
     pub cost_cents: Option<i64>,
     pub created_at: String,
+    pub requested_by: RequestedBy,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -91,7 +94,7 @@ pub struct LatencyRow {
 
 pub(super) const ADMIN_CALL_COLUMNS: &str = "c.id, c.user_id, u.email AS user_email, c.persona_id, c.phone_number, c.status, \
      c.status_reason, c.scheduled_time, c.started_at, c.ended_at, c.duration_seconds, c.twilio_call_sid, \
-     c.answered_by, c.reserved_credits, c.cost_cents, c.created_at";
+     c.answered_by, c.reserved_credits, c.cost_cents, c.created_at, c.requested_by";
 
 impl Store {
     // ---- calls ----
@@ -114,8 +117,8 @@ impl Store {
 
     pub(super) fn insert_call_stmt(&self, call: &CallRow, now: &str) -> ApiResult<Bound<'_>> {
         self.stmt(
-            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, requested_by, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, ?8, ?8)",
             &[
                 s(&call.id),
                 s(&call.user_id),
@@ -125,6 +128,7 @@ impl Store {
                 opt_ts(call.scheduled_time.as_deref()),
                 int(call.reserved_credits),
                 ts(now),
+                s(call.requested_by.as_str()),
             ],
         )
     }
@@ -148,8 +152,8 @@ impl Store {
     ) -> ApiResult<Result<bool, WriteConflict>> {
         let lock = self.lock_user_stmt(&call.user_id)?;
         let insert = self.stmt(
-            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, created_at, updated_at) \
-             SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?6, ?6 \
+            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, requested_by, created_at, updated_at) \
+             SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?8, ?6, ?6 \
              WHERE (SELECT COUNT(*) FROM calls WHERE user_id = ?2 AND status = 'scheduled') < ?7",
             &[
                 s(&call.id),
@@ -159,6 +163,7 @@ impl Store {
                 opt_ts(call.scheduled_time.as_deref()),
                 ts(now),
                 int(max_pending),
+                s(call.requested_by.as_str()),
             ],
         )?;
         let count = self.stmt(

@@ -1,5 +1,5 @@
 //! Data access: the only module that writes SQL, one file per subject (`users`,
-//! `personas`, `ledger`, `calls`, `payments`, `audit`, `limits`, `analytics`) over the
+//! `personas`, `ledger`, `calls`, `payments`, `audit`, `limits`, `analytics`, `memory`) over the
 //! database drivers in `db`. Routes and the Durable Object call these methods and never
 //! see which database answers.
 //!
@@ -16,6 +16,7 @@ mod calls;
 pub mod db;
 mod ledger;
 mod limits;
+mod memory;
 mod payments;
 mod personas;
 mod users;

@@ -719,6 +719,15 @@ impl Session {
                             self.status, self.charged
                         ),
                     );
+                    if let Some(f) = self.final_.as_ref().filter(|f| f.connected) {
+                        let lines = self.record(now).lines;
+                        if crate::memory::worth_remembering(&lines) {
+                            out.push(Effect::Remember {
+                                lines,
+                                ended_at_ms: f.at_ms,
+                            });
+                        }
+                    }
                 }
             }
             DbResult::SettleShort { balance } => {

@@ -289,6 +289,13 @@ pub enum Effect {
         purpose: HangUpPurpose,
     },
     Db(DbOp),
+    /// The call settled after a conversation the caller spoke in: update what the persona
+    /// remembers of them (`crate::memory`), in the background. Emitted once, after the
+    /// settlement is written, so it never holds settlement up; failing keeps the old notes.
+    Remember {
+        lines: Vec<TranscriptLine>,
+        ended_at_ms: u64,
+    },
     /// Set the alarm to this time (ms since the epoch), or delete it.
     SetAlarm(Option<u64>),
     /// Something an operator should see in the logs.

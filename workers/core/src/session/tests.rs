@@ -1079,6 +1079,54 @@ fn settlement_retried() {
     settle_ok(&mut s, T0 + 6_200);
 }
 
+// ---- memory ----
+
+fn remembers(effects: &[Effect]) -> Vec<&Vec<TranscriptLine>> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Remember { lines, .. } => Some(lines),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A call the caller spoke in is remembered once, after its settlement is written (and
+/// not again when a late or repeated `Settled` arrives).
+#[test]
+fn a_settled_conversation_is_remembered_once() {
+    let mut s = live();
+    user_says(&mut s, 2, "I want to run 5 km by Friday.", T0 + 8_000);
+    let fx = s.handle(status(3, "completed"), T0 + 20_000);
+    assert!(settlement(&fx).is_some(), "the final write comes first");
+    assert!(
+        remembers(&fx).is_empty(),
+        "nothing before the settlement is written"
+    );
+    let fx = s.handle(Event::Db(DbResult::Settled), T0 + 20_100);
+    let lines = remembers(&fx);
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0]
+        .iter()
+        .any(|l| l.role == Speaker::User && l.text.contains("5 km by Friday")));
+    let fx = s.handle(Event::Db(DbResult::Settled), T0 + 20_200);
+    assert!(remembers(&fx).is_empty(), "once");
+}
+
+/// A call where the caller never spoke, or that never connected, leaves no memory.
+#[test]
+fn silent_and_unconnected_calls_are_not_remembered() {
+    let mut s = live();
+    s.handle(status(3, "completed"), T0 + 20_000);
+    let fx = s.handle(Event::Db(DbResult::Settled), T0 + 20_100);
+    assert!(remembers(&fx).is_empty());
+
+    let mut s = placed();
+    s.handle(status(1, "no-answer"), T0 + 30_000);
+    let fx = s.handle(Event::Db(DbResult::Settled), T0 + 30_100);
+    assert!(remembers(&fx).is_empty());
+}
+
 // ---- properties ----
 
 mod properties {
