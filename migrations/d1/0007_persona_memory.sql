@@ -1,4 +1,5 @@
--- 0007: what a persona remembers about a caller, and who asked for a call (SQLite / D1
+-- 0007: what a persona remembers about a caller, the caller's time zone, and who asked
+-- for a call (SQLite / D1
 -- dialect). Kept in step with migrations/postgres/0007_persona_memory.sql.
 
 -- One set of notes per (caller, persona), rewritten after each call the caller spoke in
@@ -14,6 +15,10 @@ CREATE TABLE persona_memories (
     updated_at    TEXT NOT NULL,
     PRIMARY KEY (user_id, persona_id)
 );
+
+-- The caller's IANA time zone (PATCH /api/me): the persona's prompt states the caller's
+-- local date and time. NULL: UTC.
+ALTER TABLE users ADD COLUMN timezone TEXT;
 
 -- Who asked for the call: the user, the persona (a callback it promised), or a schedule.
 ALTER TABLE calls ADD COLUMN requested_by TEXT NOT NULL DEFAULT 'user'

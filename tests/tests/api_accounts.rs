@@ -259,3 +259,83 @@ async fn unknown_route_is_a_json_404() {
     assert_eq!(r.status, 404);
     assert_eq!(r.code(), Some("not_found"));
 }
+
+/// `PATCH /api/me`.
+async fn patch_me(api: &ApiClient, token: &str, body: serde_json::Value) -> cmb_tests::api::Reply {
+    api.raw(
+        reqwest::Method::PATCH,
+        "/api/me",
+        Some(token),
+        Some(("application/json", body.to_string().into_bytes())),
+    )
+    .await
+    .unwrap()
+}
+
+/// The caller sets their name and IANA time zone; bad values are 400 naming each field
+/// and change nothing.
+#[tokio::test]
+async fn the_caller_sets_their_name_and_time_zone() {
+    let api = client();
+    let user = api.register_user("zone").await.unwrap();
+    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
+    assert_eq!(me.body["user"]["timezone"], serde_json::Value::Null);
+
+    let r = patch_me(&api, &user.token, json!({ "timezone": "Europe/London" })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["user"]["timezone"], "Europe/London");
+    assert_eq!(
+        r.body["user"]["name"], "zone",
+        "a field not given is unchanged"
+    );
+
+    let r = patch_me(&api, &user.token, json!({ "name": "  Sam  " })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["user"]["name"], "Sam");
+    assert_eq!(r.body["user"]["timezone"], "Europe/London");
+
+    let r = patch_me(
+        &api,
+        &user.token,
+        json!({ "name": "New Name", "timezone": "Mars/Olympus_Mons" }),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, Some("invalid_timezone")),
+        "{}",
+        r.body
+    );
+    let r = patch_me(
+        &api,
+        &user.token,
+        json!({ "name": "", "timezone": "EST+5" }),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let fields: Vec<&str> = r.body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["name", "timezone"]);
+    let r = patch_me(&api, &user.token, json!({ "tier": "premium" })).await;
+    assert_eq!(r.status, 400, "unknown fields are refused: {}", r.body);
+
+    let me = api.get("/api/me", Some(&user.token)).await.unwrap();
+    assert_eq!(me.body["user"]["name"], "Sam", "nothing half-applied");
+    assert_eq!(me.body["user"]["timezone"], "Europe/London");
+    assert_eq!(me.body["user"]["tier"], "free");
+
+    let anonymous = api
+        .raw(
+            reqwest::Method::PATCH,
+            "/api/me",
+            None,
+            Some(("application/json", b"{}".to_vec())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status, 401);
+}

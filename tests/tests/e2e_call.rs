@@ -332,7 +332,8 @@ fn system_prompt_when(v: &VoiceStack, line: &str) -> String {
 /// The persona remembers the caller: after a call the LLM is asked (non-streaming) for
 /// notes made of the previous notes and the transcript, they are stored, and the next
 /// call's system prompt carries them with the day of the call; a second call folds in;
-/// after DELETE the next call starts fresh.
+/// after DELETE the next call starts fresh. The prompt also states the caller's local
+/// time in their zone.
 #[tokio::test]
 async fn the_persona_remembers_the_caller_across_calls() {
     let v = memory_voice();
@@ -350,11 +351,32 @@ async fn the_persona_remembers_the_caller_across_calls() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
 
+    let zone = api
+        .raw(
+            reqwest::Method::PATCH,
+            "/api/me",
+            Some(&user.token),
+            Some((
+                "application/json",
+                br#"{"timezone":"Australia/Sydney"}"#.to_vec(),
+            )),
+        )
+        .await
+        .unwrap();
+    assert_eq!(zone.status, 200, "{}", zone.body);
+
     let first = "my name is sam and i want to run five kilometres by friday";
     call_saying(v, &user, &number, first).await;
+    let prompt = system_prompt_when(v, first);
     assert!(
-        !system_prompt_when(v, first).contains("What you remember about this caller"),
+        !prompt.contains("What you remember about this caller"),
         "a first call has nothing to remember"
+    );
+    // The persona knows when it is for the caller: their zone's local date and time.
+    assert!(
+        prompt.contains("For the caller it is now ")
+            && prompt.contains("(time zone Australia/Sydney)."),
+        "{prompt}"
     );
     let memory = memory_after(v, &user, 1).await;
     let summary = memory["summary"].as_str().unwrap().to_owned();

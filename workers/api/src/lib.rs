@@ -147,6 +147,7 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::Login => auth::login(req, ctx).await,
         E::Logout => auth::logout(&req, ctx).await,
         E::Me => auth::me(&req, ctx).await,
+        E::MeUpdate => auth::update_me(req, ctx).await,
         E::PhoneStart => phone::start(req, ctx).await,
         E::PhoneVerify => phone::verify(req, ctx).await,
 

@@ -25,6 +25,7 @@ pub mod stream_token;
 pub mod stripe_sig;
 pub mod twilio_sig;
 pub mod twiml;
+pub mod tz;
 pub mod validate;
 
 pub use secret::Secret;

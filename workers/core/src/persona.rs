@@ -283,9 +283,45 @@ pub fn call_system_prompt(persona: &PersonaFields) -> String {
     )
 }
 
+/// A call's whole system prompt: the phone rules and the persona, the caller's local
+/// date and time (`zone`, at `now_ms`), and what the persona remembers of the caller.
+pub fn call_prompt(
+    persona: &PersonaFields,
+    zone: Option<&str>,
+    now_ms: i64,
+    notes: Option<crate::memory::Notes<'_>>,
+) -> String {
+    let base = format!(
+        "{}\n\n{}",
+        call_system_prompt(persona),
+        crate::tz::prompt_line(zone, now_ms)
+    );
+    crate::memory::with_notes(&base, notes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_calls_prompt_has_the_persona_the_callers_time_and_the_notes_in_that_order() {
+        let fields = full_input().validate_create().unwrap();
+        let p = super::call_prompt(
+            &fields,
+            Some("Europe/London"),
+            1_796_239_800_000,
+            Some(crate::memory::Notes {
+                summary: "Sam runs.",
+                day: "2026-12-01",
+            }),
+        );
+        let persona = p.find("Your name is Coach Max.").unwrap();
+        let time = p
+            .find("For the caller it is now Wednesday 2 December 2026, 19:30")
+            .unwrap();
+        let notes = p.find("(the last one on 2026-12-01):\nSam runs.").unwrap();
+        assert!(persona < time && time < notes, "{p}");
+    }
 
     #[test]
     fn the_first_call_to_a_number_opens_with_the_disclosure() {

@@ -167,3 +167,54 @@ pub async fn me(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(req, ctx).await?;
     json(200, &json!({ "user": session.user.view() }))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeUpdate {
+    name: Option<String>,
+    timezone: Option<String>,
+}
+
+/// `PATCH /api/me {name?, timezone?}`: the caller's display name and IANA time zone
+/// (the persona's prompt states the caller's local time in it). Every field is
+/// validated before anything is written.
+pub async fn update_me(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let session = authenticate(&req, ctx).await?;
+    let body: MeUpdate = json_body(&mut req).await?;
+    let mut errors = Vec::new();
+    let name = body
+        .name
+        .as_deref()
+        .map(validate::name)
+        .transpose()
+        .unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
+    let timezone = body
+        .timezone
+        .as_deref()
+        .map(cmb_core::tz::parse)
+        .transpose()
+        .unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
+    if !errors.is_empty() {
+        return Err(errors.into());
+    }
+    ctx.store
+        .update_profile(
+            &session.user.id,
+            name.as_deref(),
+            timezone.as_deref(),
+            &ctx.now_iso(),
+        )
+        .await?;
+    let user = ctx
+        .store
+        .user_by_id(&session.user.id)
+        .await?
+        .ok_or_else(|| ApiError::internal("update me", "user missing after update"))?;
+    json(200, &json!({ "user": user.view() }))
+}

@@ -397,8 +397,14 @@ impl CallSession {
         };
         let fields = p.fields();
         let notes = store.memory(&call.user_id, &call.persona_id).await?;
-        let system_prompt = cmb_core::memory::with_notes(
-            &cmb_core::persona::call_system_prompt(&fields),
+        let zone = store
+            .user_by_id(&call.user_id)
+            .await?
+            .and_then(|u| u.timezone);
+        let system_prompt = cmb_core::persona::call_prompt(
+            &fields,
+            zone.as_deref(),
+            i64::try_from(now_ms()).unwrap_or(i64::MAX),
             notes.as_ref().map(|m| cmb_core::memory::Notes {
                 summary: &m.summary,
                 day: m.last_call_day(),

@@ -23,6 +23,8 @@ pub struct UserRow {
     /// The address the owner last signed in from (never slowed down at login).
     pub last_login_ip: Option<String>,
     pub created_at: String,
+    /// IANA time zone (`None`: UTC).
+    pub timezone: Option<String>,
 }
 
 impl UserRow {
@@ -45,6 +47,8 @@ pub struct UserView {
     pub is_banned: bool,
     pub phone_verified: bool,
     pub created_at: String,
+    /// IANA time zone, `null` until the caller sets one (then UTC is assumed).
+    pub timezone: Option<String>,
 }
 
 impl UserRow {
@@ -60,12 +64,13 @@ impl UserRow {
             is_banned: self.is_banned,
             phone_verified: self.phone_verified,
             created_at: self.created_at.clone(),
+            timezone: self.timezone.clone(),
         }
     }
 }
 
 pub(super) const USER_COLUMNS: &str =
-    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, last_login_ip, created_at";
+    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, last_login_ip, created_at, timezone";
 
 /// A user as the admin list shows it (never the password hash), with recorded debt.
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +258,24 @@ impl Store {
             &[s(user_id), int(limit)],
         )
         .await
+    }
+
+    /// Sets the fields given of the caller's profile (`None`: unchanged).
+    pub async fn update_profile(
+        &self,
+        user_id: &str,
+        name: Option<&str>,
+        timezone: Option<&str>,
+        now: &str,
+    ) -> ApiResult<()> {
+        let update = self.stmt(
+            "UPDATE users SET name = COALESCE(?2, name), timezone = COALESCE(?3, timezone), updated_at = ?4 WHERE id = ?1",
+            &[s(user_id), opt(name), opt(timezone), ts(now)],
+        )?;
+        match self.batch(vec![update]).await? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ApiError::internal("update profile", format!("{e:?}"))),
+        }
     }
 
     /// Sets `is_banned` and audits the change, in one transaction. Setting the value it

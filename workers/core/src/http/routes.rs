@@ -58,6 +58,7 @@ pub enum Endpoint {
     Login,
     Logout,
     Me,
+    MeUpdate,
     PhoneStart,
     PhoneVerify,
     PersonaList,
@@ -117,7 +118,7 @@ const fn r(method: Method, path: &'static str, endpoint: Endpoint, access: Acces
 
 use Access::{Admin, Anyone, Relay, Stripe, Twilio, User};
 use Endpoint as E;
-use Method::{Delete, Get, Post, Put};
+use Method::{Delete, Get, Patch, Post, Put};
 
 /// Every route of the Worker.
 pub const ROUTES: &[Route] = &[
@@ -126,6 +127,7 @@ pub const ROUTES: &[Route] = &[
     r(Post, "/api/auth/login", E::Login, Anyone),
     r(Post, "/api/auth/logout", E::Logout, User),
     r(Get, "/api/me", E::Me, User),
+    r(Patch, "/api/me", E::MeUpdate, User),
     r(Post, "/api/me/phone", E::PhoneStart, User),
     r(Post, "/api/me/phone/verify", E::PhoneVerify, User),
     r(Get, "/api/personas", E::PersonaList, User),
