@@ -440,3 +440,75 @@ async fn the_persona_remembers_the_caller_across_calls() {
         "a forgotten caller starts fresh"
     );
 }
+
+/// The reply the persona gives when the caller has to go: a goodbye, then `end_call`.
+const GOODBYE_WITH_END_CALL: &str = "Go get it, Sam. Talk soon, bye! <tool_call>end_call {\"reason\":\"the caller had to go\"}</tool_call>";
+
+fn ending_voice() -> &'static VoiceStack {
+    static STACK: OnceLock<VoiceStack> = OnceLock::new();
+    STACK.get_or_init(|| VoiceStack::start(vec![GOODBYE_WITH_END_CALL.into()]))
+}
+
+/// The persona ends the call itself (`end_call`, streamed as a tool call): its goodbye is
+/// heard in full, then the line drops, without the caller hanging up.
+#[tokio::test]
+async fn the_persona_hangs_up_after_its_goodbye_is_heard() {
+    let v = ending_voice();
+    let api = v.api();
+    let user = api.register_user("ender").await.unwrap();
+    let number = unique_number();
+    v.twilio.set_script(
+        number.clone(),
+        twilio::CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Say(Utterance::text("ok i have to go now")),
+            // The caller would stay on the line for a long while: the persona ends it.
+            Step::Pause(45_000),
+            Step::HangUp,
+        ])),
+    );
+    let id = api.trigger_call(&user, "brad", &number).await.unwrap();
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(40))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let record = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap();
+    assert!(
+        record.heard_text.contains("Talk soon, bye"),
+        "the goodbye was heard to its end: {}",
+        record.heard_text
+    );
+    assert!(
+        !record
+            .sim_events
+            .iter()
+            .any(|e| matches!(e, cmb_tests::sim::SimEvent::HungUp { .. })),
+        "the persona hung up, not the caller: {:?}",
+        record.sim_events
+    );
+    let said: Vec<&str> = done["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "assistant")
+        .map(|t| t["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        said.iter()
+            .any(|t| t.contains("Go get it, Sam. Talk soon, bye!") && !t.contains("tool_call")),
+        "{said:?}"
+    );
+    let asked = v
+        .cerebras
+        .requests()
+        .into_iter()
+        .find(|r| r.body["stream"] == true)
+        .unwrap();
+    assert_eq!(asked.body["tools"][0]["function"]["name"], "end_call");
+}

@@ -23,6 +23,7 @@ pub mod secret;
 pub mod session;
 pub mod stream_token;
 pub mod stripe_sig;
+pub mod tools;
 pub mod twilio_sig;
 pub mod twiml;
 pub mod tz;

@@ -327,6 +327,8 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<usize>,
     /// `(role, text)` of every message (text parts joined).
     pub messages: Vec<(String, String)>,
+    /// Names of the functions offered in `tools`.
+    pub tools: Vec<String>,
 }
 
 /// Why a request was refused: `(status, param, message, code)`.
@@ -424,11 +426,33 @@ impl ChatRequest {
                 }
             },
         };
+        let tools = match map.get("tools") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(list)) => {
+                let mut names = Vec::new();
+                for (i, t) in list.iter().enumerate() {
+                    match t["function"]["name"].as_str() {
+                        Some(name) if t["type"] == "function" && !name.is_empty() => {
+                            names.push(name.to_owned());
+                        }
+                        _ => {
+                            return Err(bad(
+                                "tools",
+                                format!("tools[{i}] must be {{\"type\":\"function\",\"function\":{{\"name\":…}}}}"),
+                            ))
+                        }
+                    }
+                }
+                names
+            }
+            Some(_) => return Err(bad("tools", "tools must be an array".into())),
+        };
         Ok(Self {
             model,
             stream,
             max_completion_tokens,
             messages,
+            tools,
         })
     }
 
@@ -568,9 +592,24 @@ async fn chat(
         }
         _ => {}
     }
-    record(200);
     let reply = scripted.unwrap_or_else(|| request.echo_reply());
-    let (pieces, finish_reason) = reply_pieces(&reply, request.max_completion_tokens);
+    // A scripted reply may end with tool calls; the model can only call tools offered.
+    let (reply, calls) = split_tool_calls(&reply);
+    if let Some((name, _)) = calls.iter().find(|(n, _)| !request.tools.contains(n)) {
+        record(400);
+        return error_response(
+            400,
+            "invalid_request_error",
+            &format!("the scripted reply calls {name:?}, which the request did not offer in tools"),
+            Some("tools"),
+            "wrong_api_format",
+        );
+    }
+    record(200);
+    let (pieces, mut finish_reason) = reply_pieces(&reply, request.max_completion_tokens);
+    if !calls.is_empty() {
+        finish_reason = "tool_calls";
+    }
     let completion_tokens = pieces.len();
     let prompt_tokens = request.prompt_tokens();
     let meta = Meta {
@@ -585,13 +624,21 @@ async fn chat(
     };
     if !request.stream {
         let content: String = pieces.concat();
+        let mut message = json!({"role": "assistant", "content": content});
+        if !calls.is_empty() {
+            message["tool_calls"] = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, args))| json!({"id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": args}}))
+                .collect();
+        }
         return Json(json!({
             "id": meta.id,
             "object": "chat.completion",
             "created": meta.created,
             "model": meta.model,
             "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
             "usage": meta.usage,
             "time_info": time_info(meta.created),
         }))
@@ -604,7 +651,7 @@ async fn chat(
         }) => Some((after_chunks, status)),
         _ => None,
     };
-    let events = stream_events(&meta, &pieces, finish_reason, mid_stream);
+    let events = stream_events(&meta, &pieces, &calls, finish_reason, mid_stream);
     sse_response(events, state.faults.connection(), state.cfg.chunk_interval)
 }
 
@@ -632,6 +679,7 @@ enum Event {
 fn stream_events(
     meta: &Meta,
     pieces: &[String],
+    calls: &[(String, String)],
     finish_reason: &str,
     mid_stream: Option<(usize, u16)>,
 ) -> Vec<Event> {
@@ -672,6 +720,30 @@ fn stream_events(
         });
         return events;
     }
+    // Tool calls after the content (PROTOCOLS.md §9): id, type and name once, then the
+    // arguments in two fragments.
+    for (i, (name, args)) in calls.iter().enumerate() {
+        events.push(Event::Data {
+            json: chunk(
+                json!({"tool_calls": [{"index": i, "id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                Value::Null,
+            ),
+            content: false,
+        });
+        let half = args
+            .char_indices()
+            .nth(args.chars().count() / 2)
+            .map_or(args.len(), |(b, _)| b);
+        for part in [&args[..half], &args[half..]] {
+            events.push(Event::Data {
+                json: chunk(
+                    json!({"tool_calls": [{"index": i, "function": {"arguments": part}}]}),
+                    Value::Null,
+                ),
+                content: false,
+            });
+        }
+    }
     let mut last = chunk(json!({}), json!(finish_reason));
     last["usage"] = meta.usage.clone();
     last["time_info"] = time_info(meta.created);
@@ -681,6 +753,29 @@ fn stream_events(
     });
     events.push(Event::Done);
     events
+}
+
+/// Opens a scripted tool call: `Bye! <tool_call>end_call {"reason":"done"}</tool_call>`.
+pub const TOOL_CALL_OPEN: &str = "<tool_call>";
+const TOOL_CALL_CLOSE: &str = "</tool_call>";
+
+/// A scripted reply's text and its tool calls `(name, arguments)`, in order.
+pub fn split_tool_calls(reply: &str) -> (String, Vec<(String, String)>) {
+    let Some(at) = reply.find(TOOL_CALL_OPEN) else {
+        return (reply.to_owned(), Vec::new());
+    };
+    let text = reply[..at].trim_end().to_owned();
+    let calls = reply[at..]
+        .split(TOOL_CALL_OPEN)
+        .filter_map(|part| part.split(TOOL_CALL_CLOSE).next())
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| match c.split_once(char::is_whitespace) {
+            Some((name, args)) => (name.to_owned(), args.trim().to_owned()),
+            None => (c.to_owned(), String::new()),
+        })
+        .collect();
+    (text, calls)
 }
 
 fn mid_stream_error(status: u16) -> Value {
@@ -856,7 +951,7 @@ mod tests {
             usage: json!({"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}),
         };
         let pieces = vec!["Hi".to_owned(), " you".to_owned()];
-        let events = stream_events(&meta, &pieces, "stop", None);
+        let events = stream_events(&meta, &pieces, &[], "stop", None);
         assert_eq!(events.len(), 5);
         let Event::Data { json: first, .. } = &events[0] else {
             panic!()
@@ -870,12 +965,57 @@ mod tests {
         assert!(last["time_info"]["total_time"].is_number());
         assert_eq!(events[4], Event::Done);
 
-        let broken = stream_events(&meta, &pieces, "stop", Some((1, 429)));
+        let broken = stream_events(&meta, &pieces, &[], "stop", Some((1, 429)));
         assert_eq!(broken.len(), 3);
         let Event::Data { json: err, .. } = &broken[2] else {
             panic!()
         };
         assert_eq!(err["status_code"], 429);
         assert!(err["error"]["message"].is_string());
+    }
+
+    /// A scripted reply's tool calls stream after its content as PROTOCOLS.md §9 shows:
+    /// id, type and name once, the arguments in fragments, `finish_reason: tool_calls`.
+    #[test]
+    fn scripted_tool_calls_stream_in_fragments() {
+        let (text, calls) =
+            split_tool_calls("Bye, Sam! <tool_call>end_call {\"reason\":\"done\"}</tool_call>");
+        assert_eq!(text, "Bye, Sam!");
+        assert_eq!(
+            calls,
+            vec![("end_call".to_string(), "{\"reason\":\"done\"}".to_string())]
+        );
+        assert_eq!(split_tool_calls("plain"), ("plain".to_string(), vec![]));
+        let meta = Meta {
+            id: "chatcmpl-1".into(),
+            created: 1,
+            model: "m".into(),
+            usage: json!({}),
+        };
+        let (pieces, _) = reply_pieces(&text, None);
+        let events = stream_events(&meta, &pieces, &calls, "tool_calls", None);
+        let data: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Data { json, .. } => Some(json),
+                Event::Done => None,
+            })
+            .collect();
+        let fragments: Vec<&Value> = data
+            .iter()
+            .filter_map(|d| d["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert_eq!(fragments.len(), 3);
+        assert_eq!(fragments[0]["id"], "call_0");
+        assert_eq!(fragments[0]["function"]["name"], "end_call");
+        let args: String = fragments
+            .iter()
+            .map(|f| f["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(args, "{\"reason\":\"done\"}");
+        assert_eq!(
+            data.last().unwrap()["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
     }
 }

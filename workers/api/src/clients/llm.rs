@@ -44,6 +44,8 @@ struct Choice {
 #[derive(Deserialize, Default)]
 struct Delta {
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<cmb_core::tools::ToolCallDelta>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +58,8 @@ struct Usage {
 #[derive(Debug, Default)]
 pub struct Piece {
     pub text: Vec<String>,
+    /// Fragments of tool calls (PROTOCOLS.md §9), to assemble per index.
+    pub tool_calls: Vec<cmb_core::tools::ToolCallDelta>,
     pub usage: Option<(u64, u64)>,
     /// `[DONE]`: the stream is over.
     pub done: bool,
@@ -79,6 +83,7 @@ pub fn parse_event(data: &str) -> Result<Piece, LlmError> {
         if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
             piece.text.push(text);
         }
+        piece.tool_calls.extend(choice.delta.tool_calls);
     }
     piece.usage = chunk.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
     Ok(piece)
@@ -98,6 +103,8 @@ pub async fn open(
         "stream_options": { "include_usage": true },
         "max_completion_tokens": MAX_COMPLETION_TOKENS,
         "temperature": 0.7,
+        "tools": cmb_core::tools::definitions(),
+        "tool_choice": "auto",
     });
     let transport = |e: worker::Error| LlmError::Transport(e.to_string());
     let auth = format!("Bearer {}", cfg.llm_api_key.expose());

@@ -238,6 +238,7 @@ impl CallSession {
         let total_deadline = started + u64::from(total_ms);
         let mut got_first = false;
         let mut usage = (0u64, 0u64);
+        let mut tool_calls = cmb_core::tools::Assembler::default();
         let outcome: std::result::Result<(), (bool, String)> = async {
             let opening = llm::open(&cfg, &messages, &signal).fuse();
             let timer = Delay::from(Duration::from_millis(u64::from(first_token_ms))).fuse();
@@ -267,6 +268,9 @@ impl CallSession {
                 if let Some(u) = piece.usage {
                     usage = u;
                 }
+                for delta in piece.tool_calls {
+                    tool_calls.push(delta);
+                }
                 for text in piece.text {
                     got_first = true;
                     let since = u32::try_from(now_ms() - started).unwrap_or(u32::MAX);
@@ -291,6 +295,7 @@ impl CallSession {
                 stream,
                 prompt_tokens: usage.0,
                 completion_tokens: usage.1,
+                tool_calls: tool_calls.finish(),
             },
             Err((timed_out, message)) => LlmEvent::Failed {
                 stream,

@@ -4,6 +4,7 @@ use crate::calls::{self, CallStatus};
 use crate::channel::{DoToRelay, Envelope, RelayToDo, SttOptions};
 use crate::pricing;
 use crate::prompt::{self, Speaker};
+use crate::tools;
 
 use super::*;
 
@@ -633,7 +634,7 @@ impl Session {
             }
             CallStatus::InProgress if is_end => {
                 let reason = platform.unwrap_or_default();
-                self.hang_up(&reason, ENDED_GOODBYE, now, out);
+                self.hang_up(&reason, Some(ENDED_GOODBYE), now, out);
                 self.reply = Some(CancelOutcome {
                     canceled: true,
                     status: self.status,
@@ -699,7 +700,7 @@ impl Session {
                     self.finalize(CallStatus::Failed, 0, false, Some(reason), now, out);
                 } else if self.minute_pending {
                     self.minute_pending = false;
-                    self.hang_up("out_of_credits", CREDITS_GOODBYE, now, out);
+                    self.hang_up("out_of_credits", Some(CREDITS_GOODBYE), now, out);
                 }
             }
             DbResult::Settled => {
@@ -1037,13 +1038,13 @@ impl Session {
             return;
         };
         if now >= connected + secs(l.max_call_secs) {
-            self.hang_up("max_duration", MAX_DURATION_GOODBYE, now, out);
+            self.hang_up("max_duration", Some(MAX_DURATION_GOODBYE), now, out);
             return;
         }
         let idle_from = self.conv.last_activity_ms.unwrap_or(connected);
         if now >= idle_from + secs(l.idle_timeout_secs) {
             if self.conv.checked_in {
-                self.hang_up("idle", IDLE_GOODBYE, now, out);
+                self.hang_up("idle", Some(IDLE_GOODBYE), now, out);
                 return;
             }
             self.conv.checked_in = true;
@@ -1410,7 +1411,10 @@ impl Session {
     }
 
     /// Hangs up from our side: the relay says the goodbye, then the call ends.
-    fn hang_up(&mut self, reason: &str, goodbye: &str, now: u64, out: &mut Vec<Effect>) {
+    /// Ends a live conversation: what the persona is saying is finished, then `goodbye`
+    /// (when given) is said, and the relay hangs up once the last of it has been heard
+    /// (bounded by its grace time).
+    fn hang_up(&mut self, reason: &str, goodbye: Option<&str>, now: u64, out: &mut Vec<Effect>) {
         if !self.is_talking() {
             return;
         }
@@ -1419,21 +1423,23 @@ impl Session {
             out.push(Effect::CancelLlm { stream: llm.stream });
             self.close_turn(llm, now, out);
         }
-        let turn = self.conv.next_turn;
-        self.conv.next_turn += 1;
-        self.conv.lines.push(Line {
-            speaker: Speaker::Assistant,
-            turn: Some(turn),
-            text: goodbye.into(),
-            heard: None,
-            interrupted: false,
-            at_ms: now,
-        });
+        if let Some(goodbye) = goodbye {
+            let turn = self.conv.next_turn;
+            self.conv.next_turn += 1;
+            self.conv.lines.push(Line {
+                speaker: Speaker::Assistant,
+                turn: Some(turn),
+                text: goodbye.into(),
+                heard: None,
+                interrupted: false,
+                at_ms: now,
+            });
+        }
         Self::log(out, LogLevel::Info, format!("hanging up reason={reason}"));
         self.send(
             DoToRelay::HangUp {
                 reason: reason.into(),
-                goodbye: Some(goodbye.into()),
+                goodbye: goodbye.map(Into::into),
             },
             out,
         );
@@ -1514,17 +1520,45 @@ impl Session {
                 stream,
                 prompt_tokens,
                 completion_tokens,
+                tool_calls,
             } => {
                 if self.active_stream() != Some(stream) {
                     return;
                 }
                 self.conv.llm_prompt_tokens += prompt_tokens;
                 self.conv.llm_completion_tokens += completion_tokens;
+                let mut end = None;
+                for call in &tool_calls {
+                    match tools::parse(call) {
+                        Ok(tools::Tool::EndCall { reason }) => end = Some(reason),
+                        // The model's mistake: logged, and the turn goes on as spoken.
+                        Err(why) => {
+                            Self::log(out, LogLevel::Warn, format!("tool call refused: {why}"))
+                        }
+                    }
+                }
                 let empty = self.llm.as_ref().is_none_or(|l| l.text.trim().is_empty());
-                if empty {
-                    self.llm_failed(stream, "LLM answered nothing", now, out);
-                } else if let Some(llm) = self.llm.take() {
-                    self.close_turn(llm, now, out);
+                match end {
+                    // The persona ended the call: its goodbye is this reply (or, when it
+                    // said nothing, ours), and the line drops once that has been heard.
+                    Some(reason) => {
+                        Self::log(
+                            out,
+                            LogLevel::Info,
+                            format!(
+                                "the persona ends the call reason={}",
+                                reason.as_deref().unwrap_or("-")
+                            ),
+                        );
+                        let goodbye = empty.then_some(PERSONA_GOODBYE);
+                        self.hang_up("persona_ended", goodbye, now, out);
+                    }
+                    None if empty => self.llm_failed(stream, "LLM answered nothing", now, out),
+                    None => {
+                        if let Some(llm) = self.llm.take() {
+                            self.close_turn(llm, now, out);
+                        }
+                    }
                 }
             }
             LlmEvent::Failed {

@@ -155,6 +155,8 @@ pub enum LlmEvent {
         stream: u32,
         prompt_tokens: u64,
         completion_tokens: u64,
+        /// The tool calls the reply made (`crate::tools`), assembled from the stream.
+        tool_calls: Vec<crate::tools::ToolCall>,
     },
     /// An error, or a deadline passed (`timed_out`).
     Failed {
@@ -574,6 +576,8 @@ pub struct Session {
 pub const FALLBACK_LINE: &str =
     "Sorry, I lost my train of thought for a second. Could you say that again?";
 pub const CHECK_IN_LINE: &str = "Are you still there?";
+/// Said when the persona ended the call without a goodbye of its own.
+pub const PERSONA_GOODBYE: &str = "Alright, talk soon. Bye!";
 pub const IDLE_GOODBYE: &str = "Seems like you're busy. I'll let you go. Talk soon, bye!";
 /// Said when the platform ends the call (the account was suspended).
 pub const ENDED_GOODBYE: &str = "I'm sorry, I have to end our call now. Goodbye.";

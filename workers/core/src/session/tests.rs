@@ -587,6 +587,7 @@ fn relay_resume_replays_unacknowledged_in_order() {
             stream,
             prompt_tokens: 10,
             completion_tokens: 3,
+            tool_calls: Vec::new(),
         }),
         T0 + 6_300,
     );
@@ -835,6 +836,7 @@ fn credits_run_out() {
             stream,
             prompt_tokens: 1,
             completion_tokens: 1,
+            tool_calls: Vec::new(),
         }),
         T0 + 100_100,
     );
@@ -1077,6 +1079,139 @@ fn settlement_retried() {
     let fx = fire(&mut s, T0 + 6_100);
     assert_eq!(end_unconnected(&fx), Some((CallStatus::Busy, 65)));
     settle_ok(&mut s, T0 + 6_200);
+}
+
+// ---- the persona's tools ----
+
+/// A reply: `text` streamed, then the end with `tool_calls`.
+fn reply(
+    s: &mut Session,
+    text: &str,
+    tool_calls: Vec<crate::tools::ToolCall>,
+    at: u64,
+) -> Vec<Effect> {
+    let stream = s.active_stream().expect("a reply is streaming");
+    if !text.is_empty() {
+        s.handle(
+            Event::Llm(LlmEvent::Delta {
+                stream,
+                text: text.into(),
+                since_start_ms: 200,
+            }),
+            at,
+        );
+    }
+    s.handle(
+        Event::Llm(LlmEvent::Done {
+            stream,
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            tool_calls,
+        }),
+        at + 10,
+    )
+}
+
+fn end_call(args: &str) -> crate::tools::ToolCall {
+    crate::tools::ToolCall {
+        id: "call_1".into(),
+        name: "end_call".into(),
+        arguments: args.into(),
+    }
+}
+
+fn hang_ups(effects: &[Effect]) -> Vec<(String, Option<String>)> {
+    sent(effects)
+        .into_iter()
+        .filter_map(|m| match m {
+            DoToRelay::HangUp { reason, goodbye } => Some((reason, goodbye)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `end_call` after a goodbye: the goodbye is finished and the relay hangs up once it
+/// has been heard; nothing more is said.
+#[test]
+fn end_call_hangs_up_after_the_goodbye_is_heard() {
+    let mut s = live();
+    user_says(&mut s, 2, "ok I have to go", T0 + 8_000);
+    let fx = reply(
+        &mut s,
+        "Go get it, Sam. Bye!",
+        vec![end_call(r#"{"reason":"caller had to go"}"#)],
+        T0 + 8_500,
+    );
+    let said = sent(&fx);
+    let end = said
+        .iter()
+        .position(|m| matches!(m, DoToRelay::SayEnd { .. }));
+    let hang = said
+        .iter()
+        .position(|m| matches!(m, DoToRelay::HangUp { .. }));
+    assert!(
+        end.is_some() && end < hang,
+        "the reply is finished first: {said:?}"
+    );
+    assert_eq!(hang_ups(&fx), vec![("persona_ended".to_string(), None)]);
+    assert!(s
+        .conv
+        .lines
+        .iter()
+        .any(|l| l.speaker == Speaker::Assistant && l.text == "Go get it, Sam. Bye!"));
+    // The caller's next words are not answered: the call is ending.
+    let fx = user_says(&mut s, 3, "wait one more thing", T0 + 9_000);
+    assert!(!has(&fx, |e| matches!(e, Effect::StartLlm { .. })));
+}
+
+/// `end_call` with nothing said: our goodbye is said, then the line drops.
+#[test]
+fn end_call_without_a_goodbye_says_ours() {
+    let mut s = live();
+    user_says(&mut s, 2, "bye", T0 + 8_000);
+    let fx = reply(&mut s, "", vec![end_call("")], T0 + 8_500);
+    assert_eq!(
+        hang_ups(&fx),
+        vec![(
+            "persona_ended".to_string(),
+            Some(PERSONA_GOODBYE.to_string())
+        )]
+    );
+}
+
+/// A tool call the model got wrong is logged and refused; the turn goes on as spoken.
+#[test]
+fn a_bad_tool_call_never_breaks_the_turn() {
+    let mut s = live();
+    user_says(&mut s, 2, "how are you", T0 + 8_000);
+    let unknown = crate::tools::ToolCall {
+        id: "call_9".into(),
+        name: "transfer_money".into(),
+        arguments: "{}".into(),
+    };
+    let fx = reply(
+        &mut s,
+        "Doing great!",
+        vec![end_call("{\"reason\":"), unknown],
+        T0 + 8_500,
+    );
+    assert!(hang_ups(&fx).is_empty(), "no hang-up on a malformed call");
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::Log { level: LogLevel::Warn, message } if message.contains("not JSON"))
+    ));
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::Log { level: LogLevel::Warn, message } if message.contains("transfer_money"))
+    ));
+    assert!(sent(&fx)
+        .iter()
+        .any(|m| matches!(m, DoToRelay::SayEnd { .. })));
+    let fx = user_says(&mut s, 3, "cool", T0 + 9_000);
+    assert!(
+        has(&fx, |e| matches!(e, Effect::StartLlm { .. })),
+        "the call goes on"
+    );
 }
 
 // ---- memory ----
@@ -1441,6 +1576,7 @@ mod properties {
                             stream,
                             prompt_tokens: 5,
                             completion_tokens: 5,
+                            tool_calls: Vec::new(),
                         },
                         _ => LlmEvent::Failed {
                             stream,
