@@ -441,37 +441,45 @@ async fn the_persona_remembers_the_caller_across_calls() {
     );
 }
 
-/// The reply the persona gives when the caller has to go: a goodbye, then `end_call`.
-const GOODBYE_WITH_END_CALL: &str = "Go get it, Sam. Talk soon, bye! <tool_call>end_call {\"reason\":\"the caller had to go\"}</tool_call>";
+/// The persona's replies on the call the caller ends early: it books a callback, then,
+/// with the booking's result, confirms it, says goodbye and ends the call.
+const BOOKS_A_CALLBACK: &str =
+    "Sure thing! <tool_call>schedule_callback {\"delay_minutes\":10}</tool_call>";
+const CONFIRMS_AND_ENDS: &str = "Booked, I will call you back in ten minutes. Drive safe, bye! <tool_call>end_call {\"reason\":\"the caller is driving\"}</tool_call>";
 
 fn ending_voice() -> &'static VoiceStack {
     static STACK: OnceLock<VoiceStack> = OnceLock::new();
-    STACK.get_or_init(|| VoiceStack::start(vec![GOODBYE_WITH_END_CALL.into()]))
+    STACK.get_or_init(|| VoiceStack::start(vec![BOOKS_A_CALLBACK.into(), CONFIRMS_AND_ENDS.into()]))
 }
 
-/// The persona ends the call itself (`end_call`, streamed as a tool call): its goodbye is
-/// heard in full, then the line drops, without the caller hanging up.
+/// "Call me back in ten minutes, I'm driving": the persona books the callback
+/// (`schedule_callback`, streamed as a tool call), gets the booking back as a `tool`
+/// message, confirms it aloud, and ends the call itself (`end_call`) once its goodbye has
+/// been heard, without the caller hanging up. The callback is an ordinary scheduled call
+/// to the same number with the same persona, `requested_by: persona`.
 #[tokio::test]
-async fn the_persona_hangs_up_after_its_goodbye_is_heard() {
+async fn the_persona_books_a_callback_and_hangs_up_after_its_goodbye() {
     let v = ending_voice();
     let api = v.api();
-    let user = api.register_user("ender").await.unwrap();
+    let user = api.register_user("driver").await.unwrap();
     let number = unique_number();
     v.twilio.set_script(
         number.clone(),
         twilio::CalleeScript::answer(SimScript::new(vec![
             Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::Say(Utterance::text("ok i have to go now")),
+            Step::Say(Utterance::text("call me back in ten minutes i am driving")),
             // The caller would stay on the line for a long while: the persona ends it.
             Step::Pause(45_000),
             Step::HangUp,
         ])),
     );
+    let before = std::time::SystemTime::now();
     let id = api.trigger_call(&user, "brad", &number).await.unwrap();
     let done = api
         .wait_settled(&user, &id, Duration::from_secs(40))
         .await
         .unwrap();
+    let after = std::time::SystemTime::now();
     assert_eq!(done["call"]["status"], "completed", "{done}");
     let record = v
         .twilio
@@ -480,8 +488,11 @@ async fn the_persona_hangs_up_after_its_goodbye_is_heard() {
         .find(|c| c.to == number)
         .unwrap();
     assert!(
-        record.heard_text.contains("Talk soon, bye"),
-        "the goodbye was heard to its end: {}",
+        record
+            .heard_text
+            .contains("I will call you back in ten minutes")
+            && record.heard_text.contains("Drive safe, bye"),
+        "the confirmation and goodbye were heard to their end: {}",
         record.heard_text
     );
     assert!(
@@ -500,15 +511,92 @@ async fn the_persona_hangs_up_after_its_goodbye_is_heard() {
         .map(|t| t["text"].as_str().unwrap())
         .collect();
     assert!(
-        said.iter()
-            .any(|t| t.contains("Go get it, Sam. Talk soon, bye!") && !t.contains("tool_call")),
+        said.iter().all(|t| !t.contains("tool_call"))
+            && said.iter().any(|t| t.contains("Drive safe, bye!")),
         "{said:?}"
     );
-    let asked = v
+
+    // The callback: a scheduled call ten minutes out, same number and persona.
+    let history = api
+        .get("/api/calls/history", Some(&user.token))
+        .await
+        .unwrap();
+    let callback = history.body["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["requested_by"] == "persona")
+        .unwrap_or_else(|| panic!("no callback booked: {}", history.body))
+        .clone();
+    assert_eq!(callback["status"], "scheduled", "{callback}");
+    assert_eq!(callback["phone_number"], number);
+    assert_eq!(callback["persona_id"], "brad");
+    let at = time::OffsetDateTime::parse(
+        callback["scheduled_time"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    };
+    let at = at.unix_timestamp();
+    assert!(
+        secs(before) + 600 - 1 <= at && at <= secs(after) + 600,
+        "ten minutes from the request: {callback}"
+    );
+
+    // What the model saw: both tools offered, then its call answered by a tool message.
+    let conversation: Vec<_> = v
         .cerebras
         .requests()
         .into_iter()
-        .find(|r| r.body["stream"] == true)
+        .filter(|r| r.body["stream"] == true)
+        .collect();
+    let names: Vec<&str> = conversation[0].body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["end_call", "schedule_callback"]);
+    let confirm = conversation
+        .iter()
+        .find(|r| {
+            r.body["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["role"] == "tool")
+        })
+        .expect("the booking went back to the model");
+    let messages = confirm.body["messages"].as_array().unwrap();
+    let tool = messages.iter().find(|m| m["role"] == "tool").unwrap();
+    let result: serde_json::Value =
+        serde_json::from_str(tool["content"].as_str().unwrap()).unwrap();
+    assert_eq!(result["scheduled"], true, "{tool}");
+    assert_eq!(
+        result["at"],
+        callback["scheduled_time"]
+            .as_str()
+            .unwrap()
+            .replace(".000Z", "Z")
+    );
+    let asked = messages
+        .iter()
+        .find(|m| m["role"] == "assistant" && m["tool_calls"].is_array())
         .unwrap();
-    assert_eq!(asked.body["tools"][0]["function"]["name"], "end_call");
+    assert_eq!(asked["tool_calls"][0]["id"], tool["tool_call_id"]);
+    assert_eq!(
+        asked["tool_calls"][0]["function"]["name"],
+        "schedule_callback"
+    );
+
+    let cancel = api
+        .delete(
+            &format!("/api/calls/{}", callback["id"].as_str().unwrap()),
+            Some(&user.token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancel.status, 200, "{}", cancel.body);
 }

@@ -69,14 +69,11 @@ pub fn update_messages(
         None => "Previous notes: none (this was the first call).".to_owned(),
     };
     vec![
-        ChatMessage {
-            role: "system".into(),
-            content: system,
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: format!("{previous}\n\nThe call on {call_day}:\n{transcript}"),
-        },
+        ChatMessage::new("system", system),
+        ChatMessage::new(
+            "user",
+            format!("{previous}\n\nThe call on {call_day}:\n{transcript}"),
+        ),
     ]
 }
 

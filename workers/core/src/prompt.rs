@@ -6,11 +6,64 @@
 
 use serde::{Deserialize, Serialize};
 
-/// An OpenAI-compatible chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An OpenAI-compatible chat message: `system`, `user`, `assistant` (which may carry
+/// `tool_calls`, and then `content: null` when it said nothing) or `tool` (a tool's
+/// result, answering `tool_call_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    #[serde(default)]
+    pub tool_calls: Vec<crate::tools::ToolCall>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+impl Serialize for ChatMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("role", &self.role)?;
+        if self.content.is_empty() && !self.tool_calls.is_empty() {
+            m.serialize_entry("content", &())?;
+        } else {
+            m.serialize_entry("content", &self.content)?;
+        }
+        if !self.tool_calls.is_empty() {
+            let calls: Vec<serde_json::Value> = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "id": c.id,
+                        "type": "function",
+                        "function": { "name": c.name, "arguments": c.arguments },
+                    })
+                })
+                .collect();
+            m.serialize_entry("tool_calls", &calls)?;
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.serialize_entry("tool_call_id", id)?;
+        }
+        m.end()
+    }
 }
 
 /// Who said a line of the conversation.
@@ -53,20 +106,17 @@ pub fn build_messages(
             break;
         }
         used += cost;
-        kept.push(ChatMessage {
-            role: match speaker {
-                Speaker::User => "user".into(),
-                Speaker::Assistant => "assistant".into(),
+        kept.push(ChatMessage::new(
+            match speaker {
+                Speaker::User => "user",
+                Speaker::Assistant => "assistant",
             },
-            content: text.to_string(),
-        });
+            text,
+        ));
     }
     kept.reverse();
     let mut messages = Vec::with_capacity(kept.len() + 1);
-    messages.push(ChatMessage {
-        role: "system".into(),
-        content: system,
-    });
+    messages.push(ChatMessage::new("system", system));
     messages.extend(kept);
     messages
 }

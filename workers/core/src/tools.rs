@@ -2,9 +2,11 @@
 //! (PROTOCOLS.md §9): their definitions, the streamed `tool_calls` fragments assembled
 //! into whole calls, and each call's arguments validated into a [`Tool`].
 //!
-//! Offered today: `end_call` (the persona has said goodbye; the call ends once that
-//! goodbye has been heard). A call the model gets wrong (an unknown tool, bad JSON) is
-//! refused here with a reason the session logs; it never breaks the turn.
+//! Offered: `end_call` (the persona has said goodbye; the call ends once that goodbye has
+//! been heard) and `schedule_callback` (`{"delay_minutes": 1..10080}` or `{"at": RFC
+//! 3339}`: a call back later, to the same number with the same persona). A call the
+//! model gets wrong (an unknown tool, bad JSON, a time out of range) is refused here with
+//! a reason; it never breaks the turn.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub const END_CALL: &str = "end_call";
+pub const SCHEDULE_CALLBACK: &str = "schedule_callback";
+/// The longest `delay_minutes` (a week).
+pub const MAX_DELAY_MINUTES: i64 = 10_080;
 /// Longest `reason` kept from an `end_call`.
 const REASON_MAX_CHARS: usize = 200;
 
@@ -28,6 +33,30 @@ pub fn definitions() -> Value {
                 "type": "object",
                 "properties": {
                     "reason": { "type": "string", "description": "Why the call is ending, in a few words." }
+                },
+                "additionalProperties": false
+            }
+        }
+    }, {
+        "type": "function",
+        "function": {
+            "name": SCHEDULE_CALLBACK,
+            "description": "Schedule a phone call back to the caller later, when they ask \
+                            for one (\"call me back in ten minutes\", \"call me tomorrow at \
+                            seven\"). Give either delay_minutes or at, not both. The result \
+                            says when it was booked, in the caller's local time, or why it \
+                            could not be: tell the caller.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "delay_minutes": {
+                        "type": "integer", "minimum": 1, "maximum": MAX_DELAY_MINUTES,
+                        "description": "Minutes from now."
+                    },
+                    "at": {
+                        "type": "string",
+                        "description": "The time as RFC 3339 with the caller's UTC offset, e.g. 2026-12-03T07:00:00+00:00."
+                    }
                 },
                 "additionalProperties": false
             }
@@ -94,16 +123,48 @@ impl Assembler {
     }
 }
 
+/// What a tool call came to, as the `role: "tool"` message's content: booked (with the
+/// time in UTC and in the caller's zone) or refused, and why.
+pub fn callback_result(outcome: Result<u64, &str>, zone: Option<&str>) -> String {
+    match outcome {
+        Ok(at_ms) => {
+            let at = crate::calls::format_rfc3339(i64::try_from(at_ms / 1000).unwrap_or(i64::MAX))
+                .unwrap_or_default();
+            json!({
+                "scheduled": true,
+                "at": at,
+                "caller_local_time": crate::tz::local_time(zone, i64::try_from(at_ms).unwrap_or(i64::MAX)),
+            })
+            .to_string()
+        }
+        Err(why) => json!({ "scheduled": false, "error": why }).to_string(),
+    }
+}
+
+/// The result for a call the model got wrong.
+pub fn error_result(why: &str) -> String {
+    json!({ "error": why }).to_string()
+}
+
 /// A tool call the session can carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tool {
-    EndCall { reason: Option<String> },
+    EndCall {
+        reason: Option<String>,
+    },
+    /// Call back at `at_ms` (already checked: in the future, at most 30 days ahead).
+    ScheduleCallback {
+        at_ms: u64,
+    },
 }
 
-/// Validates a call: a tool we offered, with arguments of the right shape. The error
-/// says what the model got wrong.
-pub fn parse(call: &ToolCall) -> Result<Tool, String> {
+/// Validates a call at `now_ms`: a tool we offered, with arguments of the right shape and
+/// range. The error says what the model got wrong; it goes back to the model.
+pub fn parse(call: &ToolCall, now_ms: u64) -> Result<Tool, String> {
     let args = call.arguments.trim();
+    if call.name != END_CALL && call.name != SCHEDULE_CALLBACK {
+        return Err(format!("unknown tool {:?}", call.name));
+    }
     let args: Value = if args.is_empty() {
         json!({})
     } else {
@@ -127,6 +188,32 @@ pub fn parse(call: &ToolCall) -> Result<Tool, String> {
                 Some(_) => return Err("end_call: reason must be a string".into()),
             };
             Ok(Tool::EndCall { reason })
+        }
+        SCHEDULE_CALLBACK => {
+            if let Some(other) = fields
+                .keys()
+                .find(|k| !matches!(k.as_str(), "delay_minutes" | "at"))
+            {
+                return Err(format!("schedule_callback: unknown argument {other:?}"));
+            }
+            let now_secs = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+            let at_secs = match (fields.get("delay_minutes"), fields.get("at")) {
+                (Some(d), None) => match d.as_i64() {
+                    Some(m) if (1..=MAX_DELAY_MINUTES).contains(&m) => now_secs + m * 60,
+                    _ => {
+                        return Err(format!(
+                            "schedule_callback: delay_minutes must be a whole number from 1 to {MAX_DELAY_MINUTES}"
+                        ))
+                    }
+                },
+                (None, Some(Value::String(at))) => crate::calls::parse_scheduled_time(at, now_secs)
+                    .map_err(|e| format!("schedule_callback: {}", e.message))?,
+                (None, Some(_)) => return Err("schedule_callback: at must be an RFC 3339 string".into()),
+                _ => return Err("schedule_callback: give exactly one of delay_minutes or at".into()),
+            };
+            Ok(Tool::ScheduleCallback {
+                at_ms: at_secs.unsigned_abs() * 1000,
+            })
         }
         other => Err(format!("unknown tool {other:?}")),
     }
@@ -182,6 +269,74 @@ mod tests {
         );
     }
 
+    const NOW: u64 = 1_796_239_800_000; // 2026-12-02T19:30:00Z
+
+    fn parse_at(call: &ToolCall) -> Result<Tool, String> {
+        parse(call, NOW)
+    }
+
+    #[test]
+    fn schedule_callback_arguments_are_validated() {
+        let call = |args: &str| ToolCall {
+            id: "c".into(),
+            name: SCHEDULE_CALLBACK.into(),
+            arguments: args.into(),
+        };
+        assert_eq!(
+            parse_at(&call(r#"{"delay_minutes":10}"#)),
+            Ok(Tool::ScheduleCallback {
+                at_ms: NOW + 600_000
+            })
+        );
+        assert_eq!(
+            parse_at(&call(r#"{"delay_minutes":10080}"#)),
+            Ok(Tool::ScheduleCallback {
+                at_ms: NOW + 10_080 * 60_000
+            })
+        );
+        assert_eq!(
+            parse_at(&call(r#"{"at":"2026-12-03T07:00:00+11:00"}"#)),
+            Ok(Tool::ScheduleCallback {
+                at_ms: 1_796_241_600_000
+            })
+        );
+        for (args, says) in [
+            (r#"{"delay_minutes":0}"#, "from 1 to 10080"),
+            (r#"{"delay_minutes":10081}"#, "from 1 to 10080"),
+            (r#"{"delay_minutes":2.5}"#, "whole number"),
+            (r#"{"delay_minutes":"10"}"#, "whole number"),
+            (r#"{"at":"2026-12-01T07:00:00Z"}"#, "in the future"),
+            (r#"{"at":"2027-02-01T07:00:00Z"}"#, "30 days"),
+            (r#"{"at":"tomorrow at 7"}"#, "RFC 3339"),
+            (r#"{"at":7}"#, "RFC 3339 string"),
+            (r#"{}"#, "exactly one"),
+            (
+                r#"{"delay_minutes":5,"at":"2026-12-03T07:00:00Z"}"#,
+                "exactly one",
+            ),
+            (r#"{"minutes":5}"#, "unknown argument"),
+        ] {
+            let e = parse_at(&call(args)).unwrap_err();
+            assert!(e.contains(says), "{args}: {e}");
+        }
+    }
+
+    #[test]
+    fn results_say_when_in_the_callers_time_or_why_not() {
+        let ok: Value =
+            serde_json::from_str(&callback_result(Ok(NOW + 600_000), Some("Europe/London")))
+                .unwrap();
+        assert_eq!(ok["scheduled"], true);
+        assert_eq!(ok["at"], "2026-12-02T19:40:00Z");
+        assert_eq!(
+            ok["caller_local_time"],
+            "Wednesday 2 December 2026, 19:40 (Europe/London)"
+        );
+        let no: Value =
+            serde_json::from_str(&callback_result(Err("out of credits"), None)).unwrap();
+        assert_eq!(no, json!({ "scheduled": false, "error": "out of credits" }));
+    }
+
     #[test]
     fn end_call_arguments_are_validated() {
         let call = |args: &str| ToolCall {
@@ -189,28 +344,28 @@ mod tests {
             name: END_CALL.into(),
             arguments: args.into(),
         };
-        assert_eq!(parse(&call("")), Ok(Tool::EndCall { reason: None }));
-        assert_eq!(parse(&call("{}")), Ok(Tool::EndCall { reason: None }));
+        assert_eq!(parse_at(&call("")), Ok(Tool::EndCall { reason: None }));
+        assert_eq!(parse_at(&call("{}")), Ok(Tool::EndCall { reason: None }));
         assert_eq!(
-            parse(&call(r#"{"reason":" caller is driving "}"#)),
+            parse_at(&call(r#"{"reason":" caller is driving "}"#)),
             Ok(Tool::EndCall {
                 reason: Some("caller is driving".into())
             })
         );
         assert_eq!(
-            parse(&call(&format!(r#"{{"reason":"{}"}}"#, "x".repeat(500)))),
+            parse_at(&call(&format!(r#"{{"reason":"{}"}}"#, "x".repeat(500)))),
             Ok(Tool::EndCall {
                 reason: Some("x".repeat(200))
             })
         );
-        assert!(parse(&call("{\"reason\":"))
+        assert!(parse_at(&call("{\"reason\":"))
             .unwrap_err()
             .contains("not JSON"));
-        assert!(parse(&call("[1]")).unwrap_err().contains("JSON object"));
-        assert!(parse(&call(r#"{"reason":5}"#))
+        assert!(parse_at(&call("[1]")).unwrap_err().contains("JSON object"));
+        assert!(parse_at(&call(r#"{"reason":5}"#))
             .unwrap_err()
             .contains("string"));
-        assert!(parse(&call(r#"{"when":"now"}"#))
+        assert!(parse_at(&call(r#"{"when":"now"}"#))
             .unwrap_err()
             .contains("unknown argument"));
         let unknown = ToolCall {
@@ -219,16 +374,21 @@ mod tests {
             arguments: "{}".into(),
         };
         assert_eq!(
-            parse(&unknown),
+            parse_at(&unknown),
             Err("unknown tool \"transfer_money\"".into())
         );
     }
 
     #[test]
-    fn the_definitions_offer_end_call_with_a_schema() {
+    fn the_definitions_offer_both_tools_with_a_schema() {
         let d = definitions();
         assert_eq!(d[0]["type"], "function");
         assert_eq!(d[0]["function"]["name"], END_CALL);
         assert_eq!(d[0]["function"]["parameters"]["type"], "object");
+        assert_eq!(d[1]["function"]["name"], SCHEDULE_CALLBACK);
+        assert_eq!(
+            d[1]["function"]["parameters"]["properties"]["delay_minutes"]["maximum"],
+            MAX_DELAY_MINUTES
+        );
     }
 }

@@ -39,6 +39,26 @@ pub fn parse(name: &str) -> Result<String, ValidationError> {
     Ok(name.to_owned())
 }
 
+/// `at_ms` as the caller reads it: `Wednesday 2 December 2026, 19:40 (Europe/London)`
+/// (UTC when the zone is unknown or absent).
+pub fn local_time(zone: Option<&str>, at_ms: i64) -> String {
+    let (name, tz) = zone_or_utc(zone);
+    match Timestamp::from_millisecond(at_ms) {
+        Ok(ts) => format!(
+            "{} ({name})",
+            ts.to_zoned_datetime(tz).strftime("%A %-d %B %Y, %H:%M")
+        ),
+        Err(_) => format!("an unknown time ({name})"),
+    }
+}
+
+fn zone_or_utc(zone: Option<&str>) -> (&str, TimeZone) {
+    match zone.and_then(|z| TimeZone::get(z).ok().map(|tz| (z, tz))) {
+        Some(found) => found,
+        None => (DEFAULT, TimeZone::UTC),
+    }
+}
+
 /// The system prompt's line with the caller's local date and time at `now_ms`, in `zone`
 /// (an unknown or absent zone is UTC, and says so).
 pub fn prompt_line(zone: Option<&str>, now_ms: i64) -> String {

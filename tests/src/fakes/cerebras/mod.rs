@@ -404,6 +404,25 @@ impl ChatRequest {
                     ))
                 }
             };
+            // A tool result must answer a call an earlier assistant message made.
+            if role == "tool" {
+                let id = m
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let answered = raw_messages[..i].iter().any(|prev| {
+                    prev["role"] == "assistant"
+                        && prev["tool_calls"]
+                            .as_array()
+                            .is_some_and(|calls| calls.iter().any(|c| c["id"] == id))
+                });
+                if id.is_empty() || !answered {
+                    return Err(bad(
+                        "messages",
+                        format!("messages[{i}] (role tool) must answer an earlier assistant tool call by tool_call_id"),
+                    ));
+                }
+            }
             messages.push((role.to_owned(), text));
         }
         let stream = match map.get("stream") {

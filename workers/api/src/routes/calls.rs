@@ -14,6 +14,7 @@ use crate::crypto;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, Session};
 use crate::http::{json, json_body, query};
+use crate::session::client::{abandon, book_scheduled, Booking};
 use crate::session::{session_op, CancelOutcome, SessionOp};
 use crate::store::{CallRow, LedgerEntry, WriteConflict};
 use crate::Ctx;
@@ -180,7 +181,14 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     if let Err(e) = session_op::<serde_json::Value>(ctx, &call_id, &op).await {
         // The row and reservation are in but the session never got the call: end it
         // here, releasing the reservation, rather than leave an orphan `queued` call.
-        abandon(ctx, &call_id, &session.user.id, amount).await;
+        abandon(
+            &ctx.store,
+            &call_id,
+            &session.user.id,
+            amount,
+            &ctx.now_iso(),
+        )
+        .await;
         return Err(e);
     }
     crate::log::info(
@@ -204,87 +212,15 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let at_secs = cmb_core::calls::parse_scheduled_time(&body.scheduled_time, ctx.now_secs())
         .map_err(|e| ApiError::from(e).with_code("invalid_scheduled_time"))?;
     usable_persona(ctx, &session, &body.persona_id).await?;
-    let at_ms = at_secs.unsigned_abs() * 1000; // after now, so positive
-    let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
-    let call = new_call(
-        call_id.clone(),
-        &session,
-        body.persona_id,
-        phone.clone(),
-        CallStatus::Scheduled,
-        Some(crate::iso_from_millis(at_ms)),
-    );
-    // A scheduled call counts toward the daily limit of the day it will dial.
-    let (day, _) = crate::http::limits::utc_day(at_secs);
-    let cap = crate::http::limits::calls_per_day(session.user.tier);
-    let max_pending = cmb_core::limits::pending_scheduled(session.user.tier);
-    match ctx
-        .store
-        .insert_scheduled_call(&call, max_pending, &day, cap, &ctx.now_iso())
-        .await?
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(ApiError::new(
-                429,
-                "too_many_scheduled_calls",
-                format!(
-                    "Your {} plan can have at most {max_pending} scheduled calls.",
-                    session.user.tier
-                ),
-            )
-            .with_details(json!({ "limit": max_pending, "tier": session.user.tier })))
-        }
-        Err(WriteConflict::DailyLimit) => {
-            return Err(crate::http::limits::day_full_error(&session.user, &day))
-        }
-        Err(e) => return Err(ApiError::internal("schedule", format!("{e:?}"))),
-    }
-    let op = SessionOp::Start {
-        call_id: call_id.clone(),
-        user_id: session.user.id.clone(),
-        phone_number: phone,
-        reserved: 0,
-        balance: 0,
-        scheduled_at_ms: Some(at_ms),
+    let booking = Booking {
+        user: &session.user,
+        persona_id: &body.persona_id,
+        phone: &phone,
+        at_ms: at_secs.unsigned_abs() * 1000, // after now, so positive
+        requested_by: RequestedBy::User,
     };
-    if let Err(e) = session_op::<serde_json::Value>(ctx, &call_id, &op).await {
-        abandon(ctx, &call_id, &session.user.id, 0).await;
-        return Err(e);
-    }
-    let row = ctx
-        .store
-        .call(&call_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("Call"))?;
+    let row = book_scheduled(&ctx.env, &ctx.store, &booking, &ctx.now_iso()).await?;
     json(201, &json!({ "call": row }))
-}
-
-/// Ends a call whose session could not be started, releasing what it reserved (the same
-/// ledger key the session would use, so this can never release twice).
-async fn abandon(ctx: &Ctx, call_id: &str, user_id: &str, reserved: i64) {
-    let Ok(id) = crypto::uuid() else { return };
-    let key = format!("release:{call_id}");
-    let reason = "The call could not be started; nothing was charged.";
-    let release = LedgerEntry {
-        id: &id,
-        user_id,
-        kind: LedgerKind::Release,
-        amount: reserved,
-        key: &key,
-        call_id: Some(call_id),
-        reason,
-    };
-    let result = ctx
-        .store
-        .end_call_unconnected(call_id, "failed", reason, Some(&release), &ctx.now_iso())
-        .await;
-    if !matches!(result, Ok(Ok(()))) {
-        crate::log::error(
-            "abandon_failed",
-            json!({ "request_id": ctx.request_id, "call_id": call_id }),
-        );
-    }
 }
 
 /// Loads a call the session may see: its owner or an admin; 404 otherwise.

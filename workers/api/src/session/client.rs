@@ -5,9 +5,14 @@
 use serde::Deserialize;
 use worker::{Method, Request, RequestInit, Response};
 
+use cmb_core::calls::CallStatus;
+use cmb_core::model::{LedgerKind, RequestedBy};
+use serde_json::json;
+
 use crate::config;
 use crate::error::{ApiError, ApiResult};
 use crate::session::SessionOp;
+use crate::store::{CallRow, LedgerEntry, Store, UserRow, WriteConflict};
 use crate::Ctx;
 
 /// Sends one operation to the call's Durable Object.
@@ -16,7 +21,16 @@ pub async fn session_op<T: for<'de> Deserialize<'de>>(
     call_id: &str,
     op: &SessionOp,
 ) -> ApiResult<T> {
-    let stub = stub(ctx, call_id)?;
+    session_op_in(&ctx.env, call_id, op).await
+}
+
+/// [`session_op`] from anywhere with the bindings (a call's own DO booking another).
+pub async fn session_op_in<T: for<'de> Deserialize<'de>>(
+    env: &worker::Env,
+    call_id: &str,
+    op: &SessionOp,
+) -> ApiResult<T> {
+    let stub = stub(env, call_id)?;
     let body = serde_json::to_string(op).map_err(|e| ApiError::internal("encode op", e))?;
     let mut init = RequestInit::new();
     init.with_method(Method::Post).with_body(Some(body.into()));
@@ -73,14 +87,120 @@ pub async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<
     if ctx.store.call(call_id).await?.is_none() {
         return Err(ApiError::not_found("Call"));
     }
-    let stub = stub(ctx, call_id)?;
+    let stub = stub(&ctx.env, call_id)?;
     Ok(stub.fetch_with_request(req).await?)
 }
 
+/// A scheduled call to book: who, to which number, with which persona, when, and who
+/// asked for it.
+pub struct Booking<'a> {
+    pub user: &'a UserRow,
+    pub persona_id: &'a str,
+    pub phone: &'a str,
+    pub at_ms: u64,
+    pub requested_by: RequestedBy,
+}
+
+/// Books a scheduled call: its row, under the tier's pending cap and the daily limit of
+/// the UTC day it will dial (one transaction), then its session (which reserves credits
+/// and re-checks the verified number at dial time). `POST /api/calls/schedule` and a
+/// persona's `schedule_callback` share it; refusals are the API's errors.
+pub async fn book_scheduled(
+    env: &worker::Env,
+    store: &Store,
+    b: &Booking<'_>,
+    now: &str,
+) -> ApiResult<CallRow> {
+    let call_id = crate::crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
+    let call = CallRow {
+        id: call_id.clone(),
+        user_id: b.user.id.clone(),
+        persona_id: b.persona_id.to_owned(),
+        phone_number: b.phone.to_owned(),
+        status: CallStatus::Scheduled,
+        status_reason: None,
+        scheduled_time: Some(crate::iso_from_millis(b.at_ms)),
+        started_at: None,
+        ended_at: None,
+        duration_seconds: None,
+        twilio_call_sid: None,
+        answered_by: None,
+        reserved_credits: 0,
+        cost_cents: None,
+        created_at: String::new(),
+        requested_by: b.requested_by,
+    };
+    let at_secs = i64::try_from(b.at_ms / 1000).unwrap_or(i64::MAX);
+    let (day, _) = crate::http::limits::utc_day(at_secs);
+    let cap = crate::http::limits::calls_per_day(b.user.tier);
+    let max_pending = cmb_core::limits::pending_scheduled(b.user.tier);
+    match store
+        .insert_scheduled_call(&call, max_pending, &day, cap, now)
+        .await?
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(ApiError::new(
+                429,
+                "too_many_scheduled_calls",
+                format!(
+                    "Your {} plan can have at most {max_pending} scheduled calls.",
+                    b.user.tier
+                ),
+            )
+            .with_details(json!({ "limit": max_pending, "tier": b.user.tier })))
+        }
+        Err(WriteConflict::DailyLimit) => {
+            return Err(crate::http::limits::day_full_error(b.user, &day))
+        }
+        Err(e) => return Err(ApiError::internal("schedule", format!("{e:?}"))),
+    }
+    let op = SessionOp::Start {
+        call_id: call_id.clone(),
+        user_id: b.user.id.clone(),
+        phone_number: b.phone.to_owned(),
+        reserved: 0,
+        balance: 0,
+        scheduled_at_ms: Some(b.at_ms),
+    };
+    if let Err(e) = session_op_in::<serde_json::Value>(env, &call_id, &op).await {
+        abandon(store, &call_id, &b.user.id, 0, now).await;
+        return Err(e);
+    }
+    store
+        .call(&call_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("schedule", "the booked call is gone"))
+}
+
+/// Ends a call whose session could not be started, releasing what it reserved (the same
+/// ledger key the session would use, so this can never release twice).
+pub async fn abandon(store: &Store, call_id: &str, user_id: &str, reserved: i64, now: &str) {
+    let Ok(id) = crate::crypto::uuid() else {
+        return;
+    };
+    let key = format!("release:{call_id}");
+    let reason = "The call could not be started; nothing was charged.";
+    let release = LedgerEntry {
+        id: &id,
+        user_id,
+        kind: LedgerKind::Release,
+        amount: reserved,
+        key: &key,
+        call_id: Some(call_id),
+        reason,
+    };
+    let result = store
+        .end_call_unconnected(call_id, "failed", reason, Some(&release), now)
+        .await;
+    if !matches!(result, Ok(Ok(()))) {
+        crate::log::error("abandon_failed", json!({ "call_id": call_id }));
+    }
+}
+
 /// The stub of `call_id`'s Durable Object (one per call, named by the call id).
-fn stub(ctx: &Ctx, call_id: &str) -> ApiResult<worker::Stub> {
-    let ns = ctx
-        .env
+fn stub(env: &worker::Env, call_id: &str) -> ApiResult<worker::Stub> {
+    let ns = env
         .durable_object(config::CALL_SESSION_BINDING)
         .map_err(|e| ApiError::internal("do binding", e))?;
     ns.id_from_name(call_id)

@@ -9,7 +9,7 @@ use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use cmb_core::model::{LedgerKind, TranscriptRole};
+use cmb_core::model::{LedgerKind, RequestedBy, TranscriptRole};
 use cmb_core::prompt::Speaker;
 use cmb_core::session::{
     DbOp, DbOpKind, DbResult, Effect, Event, HangUpPurpose, LlmEvent, LogLevel, Refusal, Session,
@@ -101,6 +101,23 @@ impl CallSession {
                     None => self.state.storage().delete_alarm().await?,
                 }
                 Ok(None)
+            }
+            Effect::ScheduleCallback {
+                tool_call_id,
+                at_ms,
+            } => {
+                if run.store.is_none() {
+                    run.store = Some(self.store().await?);
+                }
+                let store = run
+                    .store
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("call session", "no store"))?;
+                let outcome = self.book_callback(store, run, at_ms).await;
+                Ok(Some(Event::Callback {
+                    tool_call_id,
+                    outcome,
+                }))
             }
             Effect::Remember { lines, ended_at_ms } => {
                 let job = super::memory::Job {
@@ -316,6 +333,68 @@ impl CallSession {
         run.queue.extend(effects);
         self.run_queue(run).await?;
         Ok(session.active_stream() == Some(stream))
+    }
+}
+
+impl CallSession {
+    /// The persona's `schedule_callback`: a scheduled call to the account's verified
+    /// number with this call's persona, under the usual limits (the route's own booking).
+    /// `Err` says why not, for the persona to tell the caller.
+    async fn book_callback(
+        &self,
+        store: &Store,
+        run: &Run,
+        at_ms: u64,
+    ) -> std::result::Result<u64, String> {
+        let refused = |why: &str| Err(why.to_owned());
+        let cfg = match self.config() {
+            Ok(cfg) => cfg,
+            Err(_) => return refused("the service cannot book calls right now"),
+        };
+        let (user, call) = match (
+            store.user_by_id(&run.user_id).await,
+            store.call(&run.call_id).await,
+        ) {
+            (Ok(Some(user)), Ok(Some(call))) => (user, call),
+            _ => return refused("the callback could not be booked right now"),
+        };
+        if user.is_banned {
+            return refused("the account is suspended");
+        }
+        let phone = match cmb_core::destination::for_call(
+            None,
+            user.verified_phone(),
+            &cfg.allowed_countries,
+        ) {
+            Ok(phone) => phone,
+            Err(_) => return refused("the account has no verified phone number we can call"),
+        };
+        let booking = crate::session::client::Booking {
+            user: &user,
+            persona_id: &call.persona_id,
+            phone: &phone,
+            at_ms,
+            requested_by: RequestedBy::Persona,
+        };
+        match crate::session::client::book_scheduled(&self.env, store, &booking, &iso(now_ms()))
+            .await
+        {
+            Ok(row) => {
+                crate::log::info(
+                    "callback_booked",
+                    json!({ "call_id": run.call_id, "callback_call_id": row.id, "at": row.scheduled_time }),
+                );
+                Ok(at_ms)
+            }
+            Err(e) if e.status < 500 => Err(e.message),
+            Err(e) => {
+                crate::log::error(
+                    "callback_failed",
+                    json!({ "call_id": run.call_id, "error": e.log_detail() }),
+                );
+                refused("the callback could not be booked right now")
+            }
+        }
     }
 }
 

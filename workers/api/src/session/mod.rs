@@ -427,6 +427,7 @@ impl CallSession {
                 use_speaker_boost: true,
             },
             greeting,
+            caller_zone: zone,
         }))
     }
 }

@@ -112,6 +112,10 @@ impl Session {
             Event::RelayFrame { conn, frame } => self.on_relay_frame(conn, frame, now, &mut out),
             Event::RelayClosed { conn } => self.on_relay_closed(conn, now),
             Event::Llm(e) => self.on_llm(e, now, &mut out),
+            Event::Callback {
+                tool_call_id,
+                outcome,
+            } => self.on_callback(&tool_call_id, outcome, now, &mut out),
             Event::Alarm => {
                 self.alarm_ms = None; // the platform cleared it by firing
                 self.on_alarm(now, &mut out);
@@ -1447,7 +1451,63 @@ impl Session {
 
     // ---- the LLM ----
 
+    /// A booked (or refused) callback: its result joins the tool round.
+    fn on_callback(
+        &mut self,
+        tool_call_id: &str,
+        outcome: Result<u64, String>,
+        now: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        match &outcome {
+            Ok(at_ms) => Self::log(
+                out,
+                LogLevel::Info,
+                format!("callback booked at_ms={at_ms}"),
+            ),
+            Err(why) => Self::log(out, LogLevel::Warn, format!("callback refused: {why}")),
+        }
+        let zone = self
+            .conv
+            .persona
+            .as_ref()
+            .and_then(|p| p.caller_zone.clone());
+        let Some(round) = self.conv.tool_round.as_mut() else {
+            return; // the call moved on (it ended, or the caller spoke): nothing to say
+        };
+        let Some(i) = round.calls.iter().position(|c| c.id == tool_call_id) else {
+            return;
+        };
+        round.results[i] = Some(tools::callback_result(
+            outcome.as_ref().map(|at| *at).map_err(String::as_str),
+            zone.as_deref(),
+        ));
+        self.answer_tools(now, out);
+    }
+
+    /// Once every call of the tool round has its result, streams the reply that says
+    /// what came of them.
+    fn answer_tools(&mut self, now: u64, out: &mut Vec<Effect>) {
+        let ready = self
+            .conv
+            .tool_round
+            .as_ref()
+            .is_some_and(|r| r.results.iter().all(Option::is_some));
+        if !ready || !self.is_talking() || self.llm.is_some() {
+            return;
+        }
+        if let Some(round) = self.conv.tool_round.take() {
+            self.start_stream(Some(round), now, out);
+        }
+    }
+
     fn start_reply(&mut self, now: u64, out: &mut Vec<Effect>) {
+        // The caller spoke: a tool round not yet answered is dropped with the old turn.
+        self.conv.tool_round = None;
+        self.start_stream(None, now, out);
+    }
+
+    fn start_stream(&mut self, round: Option<ToolRound>, now: u64, out: &mut Vec<Effect>) {
         if let Some(old) = self.llm.take() {
             // The caller spoke again before the last reply finished: drop it.
             out.push(Effect::CancelLlm { stream: old.stream });
@@ -1462,8 +1522,24 @@ impl Session {
             .iter()
             .map(|l| (l.speaker, l.heard.clone().unwrap_or_else(|| l.text.clone())))
             .collect();
-        let messages =
+        let mut messages =
             prompt::build_messages(&persona.system_prompt, None, &history, PROMPT_BUDGET_TOKENS);
+        if let Some(round) = round {
+            // The reply that made the calls carries them; each result answers its call.
+            match messages.last_mut().filter(|m| m.role == "assistant") {
+                Some(last) => last.tool_calls = round.calls.clone(),
+                None => messages.push(prompt::ChatMessage {
+                    tool_calls: round.calls.clone(),
+                    ..prompt::ChatMessage::new("assistant", "")
+                }),
+            }
+            for (call, result) in round.calls.iter().zip(round.results) {
+                messages.push(prompt::ChatMessage {
+                    tool_call_id: Some(call.id.clone()),
+                    ..prompt::ChatMessage::new("tool", result.unwrap_or_default())
+                });
+            }
+        }
         let turn = self.conv.next_turn;
         self.conv.next_turn += 1;
         let stream = self.conv.next_stream;
@@ -1528,14 +1604,32 @@ impl Session {
                 self.conv.llm_prompt_tokens += prompt_tokens;
                 self.conv.llm_completion_tokens += completion_tokens;
                 let mut end = None;
+                let mut results = Vec::new();
+                let mut booked = false;
                 for call in &tool_calls {
-                    match tools::parse(call) {
-                        Ok(tools::Tool::EndCall { reason }) => end = Some(reason),
-                        // The model's mistake: logged, and the turn goes on as spoken.
-                        Err(why) => {
-                            Self::log(out, LogLevel::Warn, format!("tool call refused: {why}"))
+                    let result = match tools::parse(call, now) {
+                        Ok(tools::Tool::EndCall { reason }) => {
+                            end = Some(reason);
+                            Some(tools::error_result("the call is ending"))
                         }
-                    }
+                        Ok(tools::Tool::ScheduleCallback { .. }) if booked => {
+                            Some(tools::error_result("only one callback per reply"))
+                        }
+                        Ok(tools::Tool::ScheduleCallback { at_ms }) => {
+                            booked = true;
+                            out.push(Effect::ScheduleCallback {
+                                tool_call_id: call.id.clone(),
+                                at_ms,
+                            });
+                            None
+                        }
+                        // The model's mistake: it gets the reason as the tool's result.
+                        Err(why) => {
+                            Self::log(out, LogLevel::Warn, format!("tool call refused: {why}"));
+                            Some(tools::error_result(&why))
+                        }
+                    };
+                    results.push(result);
                 }
                 let empty = self.llm.as_ref().is_none_or(|l| l.text.trim().is_empty());
                 match end {
@@ -1552,6 +1646,18 @@ impl Session {
                         );
                         let goodbye = empty.then_some(PERSONA_GOODBYE);
                         self.hang_up("persona_ended", goodbye, now, out);
+                    }
+                    // Tool calls to answer: the turn ends as spoken, and the results go
+                    // back to the LLM (once all are in) so the persona says what came of it.
+                    None if !tool_calls.is_empty() => {
+                        if let Some(llm) = self.llm.take() {
+                            self.close_turn(llm, now, out);
+                        }
+                        self.conv.tool_round = Some(ToolRound {
+                            calls: tool_calls,
+                            results,
+                        });
+                        self.answer_tools(now, out);
                     }
                     None if empty => self.llm_failed(stream, "LLM answered nothing", now, out),
                     None => {

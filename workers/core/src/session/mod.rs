@@ -84,6 +84,9 @@ pub struct PersonaBrief {
     pub greeting: String,
     /// The full system prompt for this call.
     pub system_prompt: String,
+    /// The caller's IANA time zone (tool results say times in it).
+    #[serde(default)]
+    pub caller_zone: Option<String>,
 }
 
 /// A call was handed to its session (`POST /api/calls/trigger` or `/schedule`).
@@ -138,6 +141,12 @@ pub enum Event {
         conn: u32,
     },
     Llm(LlmEvent),
+    /// The callback the persona asked for ([`Effect::ScheduleCallback`]): booked for
+    /// `Ok(at_ms)`, or refused and why.
+    Callback {
+        tool_call_id: String,
+        outcome: Result<u64, String>,
+    },
     /// The object's alarm fired.
     Alarm,
 }
@@ -297,6 +306,13 @@ pub enum Effect {
     Remember {
         lines: Vec<TranscriptLine>,
         ended_at_ms: u64,
+    },
+    /// The persona asked to call the caller back at `at_ms`: book a scheduled call to the
+    /// account's verified number with this call's persona (the usual limits apply), and
+    /// answer with [`Event::Callback`].
+    ScheduleCallback {
+        tool_call_id: String,
+        at_ms: u64,
     },
     /// Set the alarm to this time (ms since the epoch), or delete it.
     SetAlarm(Option<u64>),
@@ -509,6 +525,16 @@ pub struct Conversation {
     pub tts_chars: u64,
     pub latencies: Vec<(u32, Option<u32>, Option<u32>)>,
     pub next_stream: u32,
+    /// Tool calls of the last reply waiting for their results, to go back to the LLM.
+    #[serde(default)]
+    pub tool_round: Option<ToolRound>,
+}
+
+/// A reply's tool calls and their results (`None`: still being carried out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolRound {
+    pub calls: Vec<crate::tools::ToolCall>,
+    pub results: Vec<Option<String>>,
 }
 
 /// One call's whole state, persisted by the shell after every event.

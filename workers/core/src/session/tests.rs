@@ -28,6 +28,7 @@ fn persona() -> PersonaBrief {
         voice_settings: VoiceSettings::default(),
         greeting: "Yo!".into(),
         system_prompt: "You are Brad.".into(),
+        caller_zone: Some("Europe/London".into()),
     }
 }
 
@@ -1212,6 +1213,148 @@ fn a_bad_tool_call_never_breaks_the_turn() {
         has(&fx, |e| matches!(e, Effect::StartLlm { .. })),
         "the call goes on"
     );
+}
+
+fn schedule(id: &str, args: &str) -> crate::tools::ToolCall {
+    crate::tools::ToolCall {
+        id: id.into(),
+        name: "schedule_callback".into(),
+        arguments: args.into(),
+    }
+}
+
+fn started_messages(effects: &[Effect]) -> Option<&Vec<crate::prompt::ChatMessage>> {
+    effects.iter().find_map(|e| match e {
+        Effect::StartLlm { messages, .. } => Some(messages),
+        _ => None,
+    })
+}
+
+/// "Call me back in ten minutes": the callback is booked through the shell, and its
+/// result goes back to the LLM as a `tool` message answering the reply's call, so the
+/// persona confirms it aloud in the caller's time.
+#[test]
+fn schedule_callback_is_booked_then_confirmed_aloud() {
+    let mut s = live();
+    user_says(
+        &mut s,
+        2,
+        "call me back in ten minutes, I'm driving",
+        T0 + 8_000,
+    );
+    let fx = reply(
+        &mut s,
+        "Sure thing.",
+        vec![schedule("call_7", r#"{"delay_minutes":10}"#)],
+        T0 + 8_500,
+    );
+    let booked = fx.iter().find_map(|e| match e {
+        Effect::ScheduleCallback {
+            tool_call_id,
+            at_ms,
+        } => Some((tool_call_id.clone(), *at_ms)),
+        _ => None,
+    });
+    // Ten minutes from now, to the second.
+    let at = (T0 + 8_510) / 1000 * 1000 + 600_000;
+    assert_eq!(booked, Some(("call_7".to_string(), at)));
+    assert!(
+        started_messages(&fx).is_none(),
+        "nothing to say before the result"
+    );
+    assert!(hang_ups(&fx).is_empty());
+
+    let fx = s.handle(
+        Event::Callback {
+            tool_call_id: "call_7".into(),
+            outcome: Ok(at),
+        },
+        T0 + 8_700,
+    );
+    let messages = started_messages(&fx).expect("the persona confirms");
+    let n = messages.len();
+    assert_eq!(messages[n - 2].role, "assistant");
+    assert_eq!(messages[n - 2].content, "Sure thing.");
+    assert_eq!(messages[n - 2].tool_calls[0].id, "call_7");
+    assert_eq!(messages[n - 1].role, "tool");
+    assert_eq!(messages[n - 1].tool_call_id.as_deref(), Some("call_7"));
+    let result: serde_json::Value = serde_json::from_str(&messages[n - 1].content).unwrap();
+    assert_eq!(result["scheduled"], true);
+    assert!(result["caller_local_time"]
+        .as_str()
+        .unwrap()
+        .ends_with("(Europe/London)"));
+}
+
+/// A refused callback (limits, credits) is reported to the model, which explains it.
+#[test]
+fn a_refused_callback_is_explained() {
+    let mut s = live();
+    user_says(&mut s, 2, "call me tomorrow", T0 + 8_000);
+    reply(
+        &mut s,
+        "",
+        vec![schedule("call_1", r#"{"delay_minutes":1440}"#)],
+        T0 + 8_500,
+    );
+    let fx = s.handle(
+        Event::Callback {
+            tool_call_id: "call_1".into(),
+            outcome: Err("You already have 5 scheduled calls.".into()),
+        },
+        T0 + 8_700,
+    );
+    let messages = started_messages(&fx).expect("the persona explains");
+    let last = messages.last().unwrap();
+    assert_eq!(last.role, "tool");
+    assert!(
+        last.content.contains("\"scheduled\":false") && last.content.contains("5 scheduled calls")
+    );
+    // The assistant message with the call stands on its own when nothing was said.
+    let call = &messages[messages.len() - 2];
+    assert_eq!(
+        (call.role.as_str(), call.content.as_str()),
+        ("assistant", "")
+    );
+}
+
+/// An out-of-range time never reaches the shell; the model gets the reason at once.
+#[test]
+fn a_bad_callback_time_goes_back_to_the_model() {
+    let mut s = live();
+    user_says(&mut s, 2, "call me in a year", T0 + 8_000);
+    let fx = reply(
+        &mut s,
+        "",
+        vec![schedule("call_2", r#"{"delay_minutes":525600}"#)],
+        T0 + 8_500,
+    );
+    assert!(!has(&fx, |e| matches!(e, Effect::ScheduleCallback { .. })));
+    let messages = started_messages(&fx).expect("answered at once");
+    assert!(messages.last().unwrap().content.contains("delay_minutes"));
+}
+
+/// The caller speaking before the result is in: the round is dropped with the old turn,
+/// and the late result says nothing.
+#[test]
+fn a_late_callback_result_after_the_caller_spoke_says_nothing() {
+    let mut s = live();
+    user_says(&mut s, 2, "call me back later", T0 + 8_000);
+    reply(
+        &mut s,
+        "",
+        vec![schedule("call_3", r#"{"delay_minutes":30}"#)],
+        T0 + 8_500,
+    );
+    user_says(&mut s, 3, "actually never mind", T0 + 9_000);
+    let fx = s.handle(
+        Event::Callback {
+            tool_call_id: "call_3".into(),
+            outcome: Ok(T0 + 1_800_000),
+        },
+        T0 + 9_100,
+    );
+    assert!(started_messages(&fx).is_none());
 }
 
 // ---- memory ----
