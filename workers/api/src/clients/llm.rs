@@ -197,3 +197,63 @@ pub async fn complete(
         .and_then(|c| c.message.content)
         .ok_or_else(|| LlmError::Stream("a completion without content".into()))
 }
+
+#[cfg(test)]
+// A panic in a test is that test's failure.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn assembled(events: &[&str]) -> (String, Vec<cmb_core::tools::ToolCall>) {
+        let mut text = String::new();
+        let mut calls = cmb_core::tools::Assembler::default();
+        for e in events {
+            let piece = parse_event(e).unwrap();
+            text.extend(piece.text);
+            for d in piece.tool_calls {
+                calls.push(d);
+            }
+        }
+        (text, calls.finish())
+    }
+
+    /// PROTOCOLS.md §9, tools only: `content: null`, then the fragments.
+    #[test]
+    fn a_tools_only_reply_assembles_its_call() {
+        let (text, calls) = assembled(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"schedule_callback","arguments":""}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"delay_"}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"minutes\":10}"}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":5,"completion_tokens":7}}"#,
+        ]);
+        assert_eq!(text, "");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].id, "call_1");
+        assert_eq!(calls[0].name, "schedule_callback");
+        assert_eq!(calls[0].arguments, r#"{"delay_minutes":10}"#);
+        assert!(parse_event("[DONE]").unwrap().done);
+    }
+
+    /// Some models speak and call in one response: both are kept.
+    #[test]
+    fn content_and_tools_in_one_reply() {
+        let (text, calls) = assembled(&[
+            r#"{"choices":[{"index":0,"delta":{"content":"Bye, Sam!"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":" Talk soon.","tool_calls":[{"index":0,"id":"call_2","type":"function","function":{"name":"end_call","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#,
+        ]);
+        assert_eq!(text, "Bye, Sam! Talk soon.");
+        assert_eq!(calls[0].name, "end_call");
+    }
+
+    /// Malformed arguments assemble as sent (the session answers them with an error
+    /// result); a malformed chunk is a stream error, not a panic.
+    #[test]
+    fn malformed_arguments_and_chunks() {
+        let (_, calls) = assembled(&[
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_3","type":"function","function":{"name":"end_call","arguments":"{\"reason\":"}}]},"finish_reason":"tool_calls"}]}"#,
+        ]);
+        assert_eq!(calls[0].arguments, "{\"reason\":");
+        assert!(cmb_core::tools::parse(&calls[0], 0).is_err());
+        assert!(matches!(parse_event("{not json"), Err(LlmError::Stream(_))));
+    }
+}
