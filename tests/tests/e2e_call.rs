@@ -309,6 +309,23 @@ async fn memory_after(
     }
 }
 
+/// The user message of the notes request (non-streaming) made after the call in which
+/// the caller said `line`: the previous notes and that call's transcript.
+fn notes_prompt_after(v: &VoiceStack, line: &str) -> String {
+    let caller = format!("Caller: {line}");
+    v.cerebras
+        .requests()
+        .into_iter()
+        .filter(|r| r.body["stream"] == false)
+        .find_map(|r| {
+            r.body["messages"][1]["content"]
+                .as_str()
+                .filter(|c| c.contains(&caller))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no notes request with {caller:?}"))
+}
+
 /// The system prompt of the conversation request in which the caller said `line`.
 fn system_prompt_when(v: &VoiceStack, line: &str) -> String {
     let request = v
@@ -384,21 +401,7 @@ async fn the_persona_remembers_the_caller_across_calls() {
     assert!(summary.contains("five kilometres"), "{summary}");
     assert!(summary.chars().count() <= 1200, "{summary}");
     assert!(memory["updated_at"].is_string() && memory["last_call_at"].is_string());
-    let asked = v
-        .cerebras
-        .requests()
-        .into_iter()
-        .find(|r| {
-            r.body["stream"] == false
-                && r.body["messages"][1]["content"]
-                    .as_str()
-                    .is_some_and(|c| c.contains(&format!("Caller: {first}")))
-        })
-        .expect("a notes request carrying the transcript");
-    assert!(asked.body["messages"][1]["content"]
-        .as_str()
-        .unwrap()
-        .starts_with("Previous notes: none"));
+    assert!(notes_prompt_after(v, first).starts_with("Previous notes: none"));
 
     let second = "hello again it is sam checking in";
     call_saying(v, &user, &number, second).await;
@@ -411,20 +414,7 @@ async fn the_persona_remembers_the_caller_across_calls() {
         "{prompt}"
     );
     let folded = memory_after(v, &user, 2).await;
-    let notes_request = v
-        .cerebras
-        .requests()
-        .into_iter()
-        .find(|r| {
-            r.body["stream"] == false
-                && r.body["messages"][1]["content"]
-                    .as_str()
-                    .is_some_and(|c| c.contains(&format!("Caller: {second}")))
-        })
-        .expect("the second notes request");
-    assert!(notes_request.body["messages"][1]["content"]
-        .as_str()
-        .unwrap()
+    assert!(notes_prompt_after(v, second)
         .contains(&format!("Previous notes (last call on {day}):\n{summary}")));
     assert!(folded["summary"].as_str().unwrap().contains(second));
 

@@ -84,34 +84,6 @@ async fn usable_persona(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<()>
     }
 }
 
-fn new_call(
-    id: String,
-    session: &Session,
-    persona_id: String,
-    phone: String,
-    status: CallStatus,
-    scheduled: Option<String>,
-) -> CallRow {
-    CallRow {
-        id,
-        user_id: session.user.id.clone(),
-        persona_id,
-        phone_number: phone,
-        status,
-        status_reason: None,
-        scheduled_time: scheduled,
-        started_at: None,
-        ended_at: None,
-        duration_seconds: None,
-        twilio_call_sid: None,
-        answered_by: None,
-        reserved_credits: 0,
-        cost_cents: None,
-        requested_by: RequestedBy::User,
-        created_at: String::new(),
-    }
-}
-
 pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let session = authenticate(&req, ctx).await?;
     let body: TriggerBody = json_body(&mut req).await?;
@@ -121,13 +93,14 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let amount = cmb_core::pricing::MIN_CREDITS_TO_START;
-    let mut call = new_call(
+    let mut call = CallRow::pending(
         call_id.clone(),
-        &session,
-        body.persona_id,
-        phone.clone(),
+        &session.user.id,
+        &body.persona_id,
+        &phone,
         CallStatus::Queued,
         None,
+        RequestedBy::User,
     );
     call.reserved_credits = amount;
     let key = format!("reserve:{call_id}");

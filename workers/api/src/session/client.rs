@@ -112,24 +112,15 @@ pub async fn book_scheduled(
     now: &str,
 ) -> ApiResult<CallRow> {
     let call_id = crate::crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
-    let call = CallRow {
-        id: call_id.clone(),
-        user_id: b.user.id.clone(),
-        persona_id: b.persona_id.to_owned(),
-        phone_number: b.phone.to_owned(),
-        status: CallStatus::Scheduled,
-        status_reason: None,
-        scheduled_time: Some(crate::iso_from_millis(b.at_ms)),
-        started_at: None,
-        ended_at: None,
-        duration_seconds: None,
-        twilio_call_sid: None,
-        answered_by: None,
-        reserved_credits: 0,
-        cost_cents: None,
-        created_at: String::new(),
-        requested_by: b.requested_by,
-    };
+    let call = CallRow::pending(
+        call_id.clone(),
+        &b.user.id,
+        b.persona_id,
+        b.phone,
+        CallStatus::Scheduled,
+        Some(crate::iso_from_millis(b.at_ms)),
+        b.requested_by,
+    );
     let at_secs = i64::try_from(b.at_ms / 1000).unwrap_or(i64::MAX);
     let (day, _) = crate::http::limits::utc_day(at_secs);
     let cap = crate::http::limits::calls_per_day(b.user.tier);

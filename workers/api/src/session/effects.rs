@@ -106,13 +106,8 @@ impl CallSession {
                 tool_call_id,
                 at_ms,
             } => {
-                if run.store.is_none() {
-                    run.store = Some(self.store().await?);
-                }
-                let store = run
-                    .store
-                    .as_ref()
-                    .ok_or_else(|| ApiError::internal("call session", "no store"))?;
+                self.open_store(run).await?;
+                let store = run.store()?;
                 let outcome = self.book_callback(store, run, at_ms).await;
                 Ok(Some(Event::Callback {
                     tool_call_id,
@@ -160,13 +155,8 @@ impl CallSession {
                 }
                 // And only the account's verified number as it is now: a call scheduled
                 // before the account verified another phone does not ring the old one.
-                if run.store.is_none() {
-                    run.store = Some(self.store().await?);
-                }
-                let store = run
-                    .store
-                    .as_ref()
-                    .ok_or_else(|| ApiError::internal("call session", "no store"))?;
+                self.open_store(run).await?;
+                let store = run.store()?;
                 let owner = store.user_by_id(&run.user_id).await?;
                 if owner.as_ref().and_then(|u| u.verified_phone()) != Some(to.as_str()) {
                     return Ok(Some(Event::Twilio(TwilioResult::CreateRefused {
@@ -224,13 +214,8 @@ impl CallSession {
                 Ok(Some(Event::Twilio(TwilioResult::HungUp { purpose, ok })))
             }
             Effect::Db(op) => {
-                if run.store.is_none() {
-                    run.store = Some(self.store().await?);
-                }
-                let store = run
-                    .store
-                    .as_ref()
-                    .ok_or_else(|| ApiError::internal("call session", "no store"))?;
+                self.open_store(run).await?;
+                let store = run.store()?;
                 Ok(db(store, &run.call_id, &run.user_id, op).await)
             }
         }
@@ -337,6 +322,14 @@ impl CallSession {
 }
 
 impl CallSession {
+    /// Opens the run's database on first use.
+    async fn open_store(&self, run: &mut Run) -> ApiResult<()> {
+        if run.store.is_none() {
+            run.store = Some(self.store().await?);
+        }
+        Ok(())
+    }
+
     /// The persona's `schedule_callback`: a scheduled call to the account's verified
     /// number with this call's persona, under the usual limits (the route's own booking).
     /// `Err` says why not, for the persona to tell the caller.
@@ -407,6 +400,15 @@ struct Run {
     call_id: String,
     call_sid: Option<String>,
     user_id: String,
+}
+
+impl Run {
+    /// The database, once [`CallSession::open_store`] opened it.
+    fn store(&self) -> ApiResult<&Store> {
+        self.store
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("call session", "the store was not opened"))
+    }
 }
 
 fn looked(r: std::result::Result<Option<twilio::CallResource>, twilio::TwilioError>) -> Event {

@@ -29,6 +29,38 @@ pub struct CallRow {
     pub requested_by: RequestedBy,
 }
 
+impl CallRow {
+    /// A call not placed yet (queued or scheduled), as a route or a persona requests it.
+    pub fn pending(
+        id: String,
+        user_id: &str,
+        persona_id: &str,
+        phone: &str,
+        status: CallStatus,
+        scheduled_time: Option<String>,
+        requested_by: RequestedBy,
+    ) -> Self {
+        Self {
+            id,
+            user_id: user_id.to_owned(),
+            persona_id: persona_id.to_owned(),
+            phone_number: phone.to_owned(),
+            status,
+            status_reason: None,
+            scheduled_time,
+            started_at: None,
+            ended_at: None,
+            duration_seconds: None,
+            twilio_call_sid: None,
+            answered_by: None,
+            reserved_credits: 0,
+            cost_cents: None,
+            created_at: String::new(),
+            requested_by,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TranscriptRow {
     pub seq: i64,
