@@ -1395,13 +1395,23 @@ fn a_settled_conversation_is_remembered_once() {
 #[test]
 fn silent_and_unconnected_calls_are_not_remembered() {
     let mut s = live();
-    s.handle(status(3, "completed"), T0 + 20_000);
+    let fx = s.handle(status(3, "completed"), T0 + 20_000);
+    assert!(settlement(&fx).is_some(), "the final write is in flight");
     let fx = s.handle(Event::Db(DbResult::Settled), T0 + 20_100);
+    assert!(
+        s.is_settled(),
+        "the settlement landed, so Remember would be due now"
+    );
     assert!(remembers(&fx).is_empty());
 
     let mut s = placed();
-    s.handle(status(1, "no-answer"), T0 + 30_000);
+    let fx = s.handle(status(1, "no-answer"), T0 + 30_000);
+    assert!(
+        end_unconnected(&fx).is_some(),
+        "the final write is in flight"
+    );
     let fx = s.handle(Event::Db(DbResult::Settled), T0 + 30_100);
+    assert!(s.is_settled());
     assert!(remembers(&fx).is_empty());
 }
 
