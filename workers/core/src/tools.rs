@@ -20,8 +20,36 @@ pub const MAX_DELAY_MINUTES: i64 = 10_080;
 /// Longest `reason` kept from an `end_call`.
 const REASON_MAX_CHARS: usize = 200;
 
+/// Which tools a reply is offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Offer {
+    /// An ordinary reply: both.
+    All,
+    /// The reply that answers tool results: it may still say goodbye and hang up, but
+    /// not book again, so tool rounds never chain.
+    EndCallOnly,
+}
+
+impl Offer {
+    pub fn allows(self, name: &str) -> bool {
+        name == END_CALL || self == Self::All
+    }
+}
+
 /// The `tools` array of a conversation request.
-pub fn definitions() -> Value {
+pub fn definitions(offer: Offer) -> Value {
+    let mut all = all_definitions();
+    if let Value::Array(list) = &mut all {
+        list.retain(|d| {
+            d["function"]["name"]
+                .as_str()
+                .is_some_and(|n| offer.allows(n))
+        });
+    }
+    all
+}
+
+fn all_definitions() -> Value {
     json!([{
         "type": "function",
         "function": {
@@ -117,9 +145,24 @@ impl Assembler {
         }
     }
 
-    /// The calls, in `index` order.
+    /// The calls, in `index` order. Each has an id of its own: one the model left out or
+    /// repeated becomes `call_<index>` (made unique), since every `tool` result must
+    /// answer exactly one call.
     pub fn finish(self) -> Vec<ToolCall> {
-        self.calls.into_values().collect()
+        let mut seen = std::collections::BTreeSet::new();
+        let mut calls = Vec::with_capacity(self.calls.len());
+        for (index, mut call) in self.calls {
+            if call.id.is_empty() || seen.contains(&call.id) {
+                let mut id = format!("call_{index}");
+                while seen.contains(&id) {
+                    id.push('_');
+                }
+                call.id = id;
+            }
+            seen.insert(call.id.clone());
+            calls.push(call);
+        }
+        calls
     }
 }
 
@@ -133,12 +176,66 @@ pub fn callback_result(outcome: Result<u64, &str>, zone: Option<&str>) -> String
             json!({
                 "scheduled": true,
                 "at": at,
-                "caller_local_time": crate::tz::local_time(zone, i64::try_from(at_ms).unwrap_or(i64::MAX)),
+                "caller_local_time": local(at_ms, zone),
             })
             .to_string()
         }
         Err(why) => json!({ "scheduled": false, "error": why }).to_string(),
     }
+}
+
+/// Where the call's callback stands: the persona books at most one per call, and every
+/// later request's system prompt says what came of it (so a result the caller talked
+/// over is not lost, and the model does not book twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallbackState {
+    /// Asked for; the booking's answer is awaited.
+    Booking {
+        tool_call_id: String,
+    },
+    Booked {
+        at_ms: u64,
+    },
+    /// The last try was refused; another may be made.
+    Refused {
+        why: String,
+    },
+}
+
+impl CallbackState {
+    /// Why another `schedule_callback` is refused, while one is booked or being booked.
+    pub fn refuses_another(&self, zone: Option<&str>) -> Option<String> {
+        match self {
+            Self::Booking { .. } => Some("a callback is already being booked on this call".into()),
+            Self::Booked { at_ms } => Some(format!(
+                "a callback is already booked on this call, for {}",
+                local(*at_ms, zone)
+            )),
+            Self::Refused { .. } => None,
+        }
+    }
+
+    /// The system prompt's line about it.
+    pub fn prompt_note(&self, zone: Option<&str>) -> String {
+        match self {
+            Self::Booking { .. } => "You asked to book a callback on this call; the booking is \
+                                     not confirmed yet. Do not book another."
+                .into(),
+            Self::Booked { at_ms } => format!(
+                "You booked a callback on this call for {}. It stands: do not \
+                 book another.",
+                local(*at_ms, zone)
+            ),
+            Self::Refused { why } => format!(
+                "Your callback could not be booked: {why}. If you have not told the caller \
+                 yet, tell them."
+            ),
+        }
+    }
+}
+
+fn local(at_ms: u64, zone: Option<&str>) -> String {
+    crate::tz::local_time(zone, i64::try_from(at_ms).unwrap_or(i64::MAX))
 }
 
 /// The result for a call the model got wrong.
@@ -269,6 +366,28 @@ mod tests {
         );
     }
 
+    /// Every result must answer exactly one call: a missing or repeated id is replaced.
+    #[test]
+    fn every_call_gets_an_id_of_its_own() {
+        let mut a = Assembler::default();
+        a.push(delta(0, Some("call_1"), Some("end_call"), Some("{}")));
+        a.push(delta(
+            1,
+            Some("call_1"),
+            Some("schedule_callback"),
+            Some("{}"),
+        ));
+        a.push(delta(2, None, Some("end_call"), Some("{}")));
+        a.push(delta(3, Some("call_2"), Some("end_call"), Some("{}")));
+        let ids: Vec<String> = a.finish().into_iter().map(|c| c.id).collect();
+        // Index 1 repeats call_1, and its index name is taken too; index 2 has none;
+        // index 3's own id was given to index 2.
+        assert_eq!(
+            ids,
+            ["call_1", "call_1_", "call_2", "call_3"].map(String::from)
+        );
+    }
+
     const NOW: u64 = 1_796_239_800_000; // 2026-12-02T19:30:00Z
 
     fn parse_at(call: &ToolCall) -> Result<Tool, String> {
@@ -380,8 +499,17 @@ mod tests {
     }
 
     #[test]
+    fn the_answer_to_a_result_is_offered_only_end_call() {
+        let d = definitions(Offer::EndCallOnly);
+        assert_eq!(d.as_array().map(Vec::len), Some(1));
+        assert_eq!(d[0]["function"]["name"], END_CALL);
+        assert!(!Offer::EndCallOnly.allows(SCHEDULE_CALLBACK));
+        assert!(Offer::All.allows(SCHEDULE_CALLBACK));
+    }
+
+    #[test]
     fn the_definitions_offer_both_tools_with_a_schema() {
-        let d = definitions();
+        let d = definitions(Offer::All);
         assert_eq!(d[0]["type"], "function");
         assert_eq!(d[0]["function"]["name"], END_CALL);
         assert_eq!(d[0]["function"]["parameters"]["type"], "object");

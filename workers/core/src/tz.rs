@@ -17,7 +17,8 @@ const MAX_LEN: usize = 64;
 /// The error code of an unknown or malformed zone.
 pub const INVALID_TIMEZONE: &str = "invalid_timezone";
 
-/// Validates an IANA time-zone name (`Europe/London`, `America/New_York`, `UTC`).
+/// Validates an IANA time-zone name (`Europe/London`, `America/New_York`, `UTC`), and
+/// returns it as the database spells it (`europe/london` → `Europe/London`).
 pub fn parse(name: &str) -> Result<String, ValidationError> {
     let name = name.trim();
     let invalid = || {
@@ -35,8 +36,9 @@ pub fn parse(name: &str) -> Result<String, ValidationError> {
     if name.contains(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+'))) {
         return Err(invalid());
     }
-    TimeZone::get(name).map_err(|_| invalid())?;
-    Ok(name.to_owned())
+    // The database's own spelling is stored: lookups ignore case.
+    let tz = TimeZone::get(name).map_err(|_| invalid())?;
+    Ok(tz.iana_name().unwrap_or(name).to_owned())
 }
 
 /// `at_ms` as the caller reads it: `Wednesday 2 December 2026, 19:40 (Europe/London)`
@@ -93,6 +95,9 @@ mod tests {
         ] {
             assert_eq!(parse(ok).as_deref(), Ok(ok.trim()), "{ok}");
         }
+        // Stored as the database spells it.
+        assert_eq!(parse("europe/london").as_deref(), Ok("Europe/London"));
+        assert_eq!(parse("AMERICA/NEW_YORK").as_deref(), Ok("America/New_York"));
         for bad in [
             "",
             "Mars/Olympus_Mons",

@@ -329,6 +329,8 @@ pub struct ChatRequest {
     pub messages: Vec<(String, String)>,
     /// Names of the functions offered in `tools`.
     pub tools: Vec<String>,
+    /// `tool_choice` (`auto` when absent); with `none` no tool may be called.
+    pub tool_choice: String,
 }
 
 /// Why a request was refused: `(status, param, message, code)`.
@@ -466,12 +468,25 @@ impl ChatRequest {
             }
             Some(_) => return Err(bad("tools", "tools must be an array".into())),
         };
+        let tool_choice = match map.get("tool_choice") {
+            None | Some(Value::Null) => "auto".to_owned(),
+            Some(Value::String(c)) if matches!(c.as_str(), "auto" | "none" | "required") => {
+                c.clone()
+            }
+            Some(_) => {
+                return Err(bad(
+                    "tool_choice",
+                    "tool_choice must be \"auto\", \"none\" or \"required\"".into(),
+                ))
+            }
+        };
         Ok(Self {
             model,
             stream,
             max_completion_tokens,
             messages,
             tools,
+            tool_choice,
         })
     }
 
@@ -614,12 +629,16 @@ async fn chat(
     let reply = scripted.unwrap_or_else(|| request.echo_reply());
     // A scripted reply may end with tool calls; the model can only call tools offered.
     let (reply, calls) = split_tool_calls(&reply);
-    if let Some((name, _)) = calls.iter().find(|(n, _)| !request.tools.contains(n)) {
+    let callable = |name: &String| request.tool_choice != "none" && request.tools.contains(name);
+    if let Some((name, _)) = calls.iter().find(|(n, _)| !callable(n)) {
         record(400);
         return error_response(
             400,
             "invalid_request_error",
-            &format!("the scripted reply calls {name:?}, which the request did not offer in tools"),
+            &format!(
+                "the scripted reply calls {name:?}, which the request did not offer (tools {:?}, tool_choice {:?})",
+                request.tools, request.tool_choice
+            ),
             Some("tools"),
             "wrong_api_format",
         );

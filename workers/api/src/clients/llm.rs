@@ -94,6 +94,7 @@ pub fn parse_event(data: &str) -> Result<Piece, LlmError> {
 pub async fn open(
     cfg: &WorkerConfig,
     messages: &[ChatMessage],
+    tools: cmb_core::tools::Offer,
     signal: &worker::AbortSignal,
 ) -> Result<impl futures::Stream<Item = Result<String, LlmError>>, LlmError> {
     let body = json!({
@@ -103,7 +104,7 @@ pub async fn open(
         "stream_options": { "include_usage": true },
         "max_completion_tokens": MAX_COMPLETION_TOKENS,
         "temperature": 0.7,
-        "tools": cmb_core::tools::definitions(),
+        "tools": cmb_core::tools::definitions(tools),
         "tool_choice": "auto",
     });
     let transport = |e: worker::Error| LlmError::Transport(e.to_string());

@@ -73,9 +73,7 @@ fn destination(ctx: &Ctx, session: &Session, given: Option<&str>) -> ApiResult<S
 async fn usable_persona(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<()> {
     let persona = ctx.store.persona(id).await?;
     match persona {
-        Some(p) if p.is_active && p.owner_id.as_deref().is_none_or(|o| o == session.user.id) => {
-            Ok(())
-        }
+        Some(p) if p.usable_by(&session.user.id) => Ok(()),
         _ => Err(ApiError::bad_request(
             "invalid_persona",
             "This persona does not exist or is not available.",

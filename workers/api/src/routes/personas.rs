@@ -171,7 +171,9 @@ pub async fn memory(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
 pub async fn forget(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     let session = authenticate(req, ctx).await?;
     remembering(ctx, &session, id).await?;
-    ctx.store.delete_memory(&session.user.id, id).await?;
+    ctx.store
+        .delete_memory(&session.user.id, id, &ctx.now_iso())
+        .await?;
     crate::log::info(
         "memory_deleted",
         json!({ "request_id": ctx.request_id, "user_id": session.user.id, "persona_id": id }),

@@ -106,9 +106,17 @@ impl CallSession {
                 tool_call_id,
                 at_ms,
             } => {
-                self.open_store(run).await?;
-                let store = run.store()?;
-                let outcome = self.book_callback(store, run, at_ms).await;
+                // Whatever goes wrong, the persona gets an answer to tell the caller.
+                let outcome = match self.open_store(run).await {
+                    Ok(()) => self.book_callback(run.store()?, run, at_ms).await,
+                    Err(e) => {
+                        crate::log::error(
+                            "callback_failed",
+                            json!({ "call_id": run.call_id, "error": e.log_detail() }),
+                        );
+                        Err(CALLBACK_UNAVAILABLE.to_owned())
+                    }
+                };
                 Ok(Some(Event::Callback {
                     tool_call_id,
                     outcome,
@@ -226,6 +234,7 @@ impl CallSession {
         let Effect::StartLlm {
             stream,
             messages,
+            tools,
             first_token_ms,
             total_ms,
         } = start
@@ -242,7 +251,7 @@ impl CallSession {
         let mut usage = (0u64, 0u64);
         let mut tool_calls = cmb_core::tools::Assembler::default();
         let outcome: std::result::Result<(), (bool, String)> = async {
-            let opening = llm::open(&cfg, &messages, &signal).fuse();
+            let opening = llm::open(&cfg, &messages, tools, &signal).fuse();
             let timer = Delay::from(Duration::from_millis(u64::from(first_token_ms))).fuse();
             futures::pin_mut!(opening, timer);
             let events = futures::select! {
@@ -270,7 +279,9 @@ impl CallSession {
                 if let Some(u) = piece.usage {
                     usage = u;
                 }
+                // A reply that only calls tools has begun too: the first-token deadline is met.
                 for delta in piece.tool_calls {
+                    got_first = true;
                     tool_calls.push(delta);
                 }
                 for text in piece.text {
@@ -340,19 +351,36 @@ impl CallSession {
         at_ms: u64,
     ) -> std::result::Result<u64, String> {
         let refused = |why: &str| Err(why.to_owned());
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            crate::log::error(
+                "callback_failed",
+                json!({ "call_id": run.call_id, "step": what, "error": e.to_string() }),
+            );
+            Err(CALLBACK_UNAVAILABLE.to_owned())
+        };
         let cfg = match self.config() {
             Ok(cfg) => cfg,
-            Err(_) => return refused("the service cannot book calls right now"),
+            Err(e) => return failed("config", &e.log_detail()),
         };
-        let (user, call) = match (
-            store.user_by_id(&run.user_id).await,
-            store.call(&run.call_id).await,
-        ) {
-            (Ok(Some(user)), Ok(Some(call))) => (user, call),
-            _ => return refused("the callback could not be booked right now"),
+        let user = match store.user_by_id(&run.user_id).await {
+            Ok(Some(user)) => user,
+            Ok(None) => return refused("the account no longer exists"),
+            Err(e) => return failed("read account", &e.log_detail()),
+        };
+        let call = match store.call(&run.call_id).await {
+            Ok(Some(call)) => call,
+            Ok(None) => return failed("read call", &"the call row is missing"),
+            Err(e) => return failed("read call", &e.log_detail()),
         };
         if user.is_banned {
             return refused("the account is suspended");
+        }
+        // The persona as the booking route would check it: it may have been retired (or
+        // made private to someone else) since this call began.
+        match store.persona(&call.persona_id).await {
+            Ok(Some(p)) if p.usable_by(&user.id) => {}
+            Ok(_) => return refused("this persona is no longer available for calls"),
+            Err(e) => return failed("read persona", &e.log_detail()),
         }
         let phone = match cmb_core::destination::for_call(
             None,
@@ -380,16 +408,13 @@ impl CallSession {
                 Ok(at_ms)
             }
             Err(e) if e.status < 500 => Err(e.message),
-            Err(e) => {
-                crate::log::error(
-                    "callback_failed",
-                    json!({ "call_id": run.call_id, "error": e.log_detail() }),
-                );
-                refused("the callback could not be booked right now")
-            }
+            Err(e) => failed("book", &e.log_detail()),
         }
     }
 }
+
+/// What the persona is told when a callback could not be booked for a reason of ours.
+const CALLBACK_UNAVAILABLE: &str = "the callback could not be booked right now";
 
 /// The work of one `drive`: effects still to run, LLM streams to read after them, the
 /// database opened on first use, and the call's ids.

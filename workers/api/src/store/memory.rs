@@ -31,7 +31,9 @@ impl Store {
     }
 
     /// Writes the notes made from call `call_id` (ended at `call_at`). Idempotent: a call
-    /// already folded in, or one older than the notes' last call, changes nothing.
+    /// already folded in, or one older than the notes' last call, changes nothing. Nor
+    /// does a call that ended before the caller last made the persona forget them, even
+    /// when its notes job was already running then (`memory_forgets`).
     pub async fn save_memory(
         &self,
         user_id: &str,
@@ -43,7 +45,9 @@ impl Store {
     ) -> ApiResult<()> {
         let upsert = self.stmt(
             "INSERT INTO persona_memories (user_id, persona_id, summary, calls, last_call_id, last_call_at, updated_at) \
-             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6) \
+             SELECT ?1, ?2, ?3, 1, ?4, ?5, ?6 \
+             WHERE NOT EXISTS (SELECT 1 FROM memory_forgets \
+               WHERE user_id = ?1 AND persona_id = ?2 AND forgotten_at >= ?5) \
              ON CONFLICT (user_id, persona_id) DO UPDATE SET summary = excluded.summary, \
                calls = persona_memories.calls + 1, last_call_id = excluded.last_call_id, \
                last_call_at = excluded.last_call_at, updated_at = excluded.updated_at \
@@ -57,13 +61,19 @@ impl Store {
         }
     }
 
-    /// Forgets what the persona remembers about the caller.
-    pub async fn delete_memory(&self, user_id: &str, persona_id: &str) -> ApiResult<()> {
+    /// Forgets what the persona remembers about the caller, at `now`: the notes go, and
+    /// no call that ended before `now` is folded in again.
+    pub async fn delete_memory(&self, user_id: &str, persona_id: &str, now: &str) -> ApiResult<()> {
+        let forget = self.stmt(
+            "INSERT INTO memory_forgets (user_id, persona_id, forgotten_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (user_id, persona_id) DO UPDATE SET forgotten_at = excluded.forgotten_at",
+            &[s(user_id), s(persona_id), ts(now)],
+        )?;
         let delete = self.stmt(
             "DELETE FROM persona_memories WHERE user_id = ?1 AND persona_id = ?2",
             &[s(user_id), s(persona_id)],
         )?;
-        match self.batch(vec![delete]).await? {
+        match self.batch(vec![forget, delete]).await? {
             Ok(()) => Ok(()),
             Err(e) => Err(ApiError::internal("delete memory", format!("{e:?}"))),
         }

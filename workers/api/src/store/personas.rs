@@ -54,6 +54,11 @@ pub struct PersonaView {
 }
 
 impl PersonaRow {
+    /// A call can be booked with it by `user_id`: active, and a catalog persona or theirs.
+    pub fn usable_by(&self, user_id: &str) -> bool {
+        self.is_active && self.owner_id.as_deref().is_none_or(|o| o == user_id)
+    }
+
     /// The persona's validated fields (as `cmb_core::persona` merges updates into them).
     pub fn fields(&self) -> cmb_core::persona::PersonaFields {
         cmb_core::persona::PersonaFields {

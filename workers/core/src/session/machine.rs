@@ -1467,11 +1467,16 @@ impl Session {
             ),
             Err(why) => Self::log(out, LogLevel::Warn, format!("callback refused: {why}")),
         }
-        let zone = self
-            .conv
-            .persona
-            .as_ref()
-            .and_then(|p| p.caller_zone.clone());
+        let zone = self.caller_zone();
+        // What came of it stays with the call, for every later prompt to say, even when
+        // the round below is gone.
+        if matches!(&self.conv.callback, Some(tools::CallbackState::Booking { tool_call_id: id }) if id == tool_call_id)
+        {
+            self.conv.callback = Some(match &outcome {
+                Ok(at_ms) => tools::CallbackState::Booked { at_ms: *at_ms },
+                Err(why) => tools::CallbackState::Refused { why: why.clone() },
+            });
+        }
         let Some(round) = self.conv.tool_round.as_mut() else {
             return; // the call moved on (it ended, or the caller spoke): nothing to say
         };
@@ -1502,9 +1507,17 @@ impl Session {
     }
 
     fn start_reply(&mut self, now: u64, out: &mut Vec<Effect>) {
-        // The caller spoke: a tool round not yet answered is dropped with the old turn.
+        // The caller spoke: a tool round not yet answered is dropped with the old turn
+        // (what came of a callback still reaches the prompt, through `conv.callback`).
         self.conv.tool_round = None;
         self.start_stream(None, now, out);
+    }
+
+    fn caller_zone(&self) -> Option<String> {
+        self.conv
+            .persona
+            .as_ref()
+            .and_then(|p| p.caller_zone.clone())
     }
 
     fn start_stream(&mut self, round: Option<ToolRound>, now: u64, out: &mut Vec<Effect>) {
@@ -1522,8 +1535,17 @@ impl Session {
             .iter()
             .map(|l| (l.speaker, l.heard.clone().unwrap_or_else(|| l.text.clone())))
             .collect();
-        let mut messages =
-            prompt::build_messages(&persona.system_prompt, None, &history, PROMPT_BUDGET_TOKENS);
+        let system = match &self.conv.callback {
+            Some(cb) => format!(
+                "{}\n\n{}",
+                persona.system_prompt,
+                cb.prompt_note(persona.caller_zone.as_deref())
+            ),
+            None => persona.system_prompt.clone(),
+        };
+        let mut messages = prompt::build_messages(&system, None, &history, PROMPT_BUDGET_TOKENS);
+        // The reply that answers tool results cannot book again: rounds never chain.
+        let answering = round.is_some();
         if let Some(round) = round {
             // The reply that made the calls carries them; each result answers its call.
             match messages.last_mut().filter(|m| m.role == "assistant") {
@@ -1550,10 +1572,16 @@ impl Session {
             started_ms: now,
             text: String::new(),
             first_token_ms: None,
+            answering,
         });
         out.push(Effect::StartLlm {
             stream,
             messages,
+            tools: if answering {
+                tools::Offer::EndCallOnly
+            } else {
+                tools::Offer::All
+            },
             first_token_ms: self.limits.llm_first_token_ms,
             total_ms: self.limits.llm_total_ms,
         });
@@ -1603,69 +1631,21 @@ impl Session {
                 }
                 self.conv.llm_prompt_tokens += prompt_tokens;
                 self.conv.llm_completion_tokens += completion_tokens;
-                let mut end = None;
-                let mut results = Vec::new();
-                let mut booked = false;
-                for call in &tool_calls {
-                    let result = match tools::parse(call, now) {
-                        Ok(tools::Tool::EndCall { reason }) => {
-                            end = Some(reason);
-                            Some(tools::error_result("the call is ending"))
-                        }
-                        Ok(tools::Tool::ScheduleCallback { .. }) if booked => {
-                            Some(tools::error_result("only one callback per reply"))
-                        }
-                        Ok(tools::Tool::ScheduleCallback { at_ms }) => {
-                            booked = true;
-                            out.push(Effect::ScheduleCallback {
-                                tool_call_id: call.id.clone(),
-                                at_ms,
-                            });
-                            None
-                        }
-                        // The model's mistake: it gets the reason as the tool's result.
-                        Err(why) => {
-                            Self::log(out, LogLevel::Warn, format!("tool call refused: {why}"));
-                            Some(tools::error_result(&why))
-                        }
-                    };
-                    results.push(result);
+                let offer = match self.llm.as_ref().is_some_and(|l| l.answering) {
+                    true => tools::Offer::EndCallOnly,
+                    false => tools::Offer::All,
+                };
+                // A tool the reply was not offered is not acted on (nor answered).
+                let (tool_calls, unoffered): (Vec<_>, Vec<_>) =
+                    tool_calls.into_iter().partition(|c| offer.allows(&c.name));
+                for call in unoffered {
+                    Self::log(
+                        out,
+                        LogLevel::Warn,
+                        format!("tool call {:?} was not offered; ignored", call.name),
+                    );
                 }
-                let empty = self.llm.as_ref().is_none_or(|l| l.text.trim().is_empty());
-                match end {
-                    // The persona ended the call: its goodbye is this reply (or, when it
-                    // said nothing, ours), and the line drops once that has been heard.
-                    Some(reason) => {
-                        Self::log(
-                            out,
-                            LogLevel::Info,
-                            format!(
-                                "the persona ends the call reason={}",
-                                reason.as_deref().unwrap_or("-")
-                            ),
-                        );
-                        let goodbye = empty.then_some(PERSONA_GOODBYE);
-                        self.hang_up("persona_ended", goodbye, now, out);
-                    }
-                    // Tool calls to answer: the turn ends as spoken, and the results go
-                    // back to the LLM (once all are in) so the persona says what came of it.
-                    None if !tool_calls.is_empty() => {
-                        if let Some(llm) = self.llm.take() {
-                            self.close_turn(llm, now, out);
-                        }
-                        self.conv.tool_round = Some(ToolRound {
-                            calls: tool_calls,
-                            results,
-                        });
-                        self.answer_tools(now, out);
-                    }
-                    None if empty => self.llm_failed(stream, "LLM answered nothing", now, out),
-                    None => {
-                        if let Some(llm) = self.llm.take() {
-                            self.close_turn(llm, now, out);
-                        }
-                    }
-                }
+                self.on_reply_done(stream, tool_calls, now, out);
             }
             LlmEvent::Failed {
                 stream,
@@ -1683,6 +1663,100 @@ impl Session {
                 self.llm_failed(stream, &format!("{what}: {message}"), now, out);
             }
         }
+    }
+
+    /// A reply finished, with the tool calls it made: the persona may end the call, book
+    /// its callback, or get what its calls came to back in one more reply.
+    fn on_reply_done(
+        &mut self,
+        stream: u32,
+        tool_calls: Vec<tools::ToolCall>,
+        now: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        let zone = self.caller_zone();
+        let mut end = None;
+        let mut results = Vec::new();
+        // Carried out once the turn's own effects are out (its SayEnd first).
+        let mut booking = None;
+        for call in &tool_calls {
+            let result = match tools::parse(call, now) {
+                Ok(tools::Tool::EndCall { reason }) => {
+                    end = Some(reason);
+                    Some(tools::error_result("the call is ending"))
+                }
+                Ok(tools::Tool::ScheduleCallback { at_ms }) => {
+                    let busy = self
+                        .conv
+                        .callback
+                        .as_ref()
+                        .and_then(|cb| cb.refuses_another(zone.as_deref()));
+                    match busy {
+                        Some(why) => Some(tools::error_result(&why)),
+                        None => {
+                            self.conv.callback = Some(tools::CallbackState::Booking {
+                                tool_call_id: call.id.clone(),
+                            });
+                            booking = Some(Effect::ScheduleCallback {
+                                tool_call_id: call.id.clone(),
+                                at_ms,
+                            });
+                            None
+                        }
+                    }
+                }
+                // The model's mistake: it gets the reason as the tool's result.
+                Err(why) => {
+                    Self::log(out, LogLevel::Warn, format!("tool call refused: {why}"));
+                    Some(tools::error_result(&why))
+                }
+            };
+            results.push(result);
+        }
+        let empty = self.llm.as_ref().is_none_or(|l| l.text.trim().is_empty());
+        match end {
+            // The persona ended the call: its goodbye is this reply (or, when it said
+            // nothing, ours), and the line drops once that has been heard. A callback in
+            // the same reply is still booked; there is no one left to tell what came of it.
+            Some(reason) => {
+                Self::log(
+                    out,
+                    LogLevel::Info,
+                    format!(
+                        "the persona ends the call reason={}",
+                        reason.as_deref().unwrap_or("-")
+                    ),
+                );
+                let goodbye = empty.then_some(PERSONA_GOODBYE);
+                self.hang_up("persona_ended", goodbye, now, out);
+            }
+            // Calls that only failed, beside a whole spoken reply: the reply stands, and
+            // the mistakes are logged; no extra turn.
+            None if booking.is_none() && !empty => {
+                if let Some(llm) = self.llm.take() {
+                    self.close_turn(llm, now, out);
+                }
+            }
+            // Tool calls to answer: the turn ends as spoken, and the results go back to
+            // the LLM (once all are in) so the persona says what came of them.
+            None if !tool_calls.is_empty() => {
+                if let Some(llm) = self.llm.take() {
+                    self.close_turn(llm, now, out);
+                }
+                self.conv.tool_round = Some(ToolRound {
+                    calls: tool_calls,
+                    results,
+                });
+                self.answer_tools(now, out);
+            }
+            None if empty => self.llm_failed(stream, "LLM answered nothing", now, out),
+            None => {
+                if let Some(llm) = self.llm.take() {
+                    self.close_turn(llm, now, out);
+                }
+            }
+        }
+        out.extend(booking);
     }
 
     /// Never leave the caller in silence: finish the turn with the fallback line.

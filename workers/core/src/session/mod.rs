@@ -70,7 +70,9 @@ impl Default for Limits {
             llm_first_token_ms: 4_000,
             llm_total_ms: 15_000,
             settle_wait_secs: 30,
-            hang_up_grace_secs: 10,
+            // Longer than the relay's own bound on a goodbye (30 s), so our backstop only
+            // acts when the relay could not.
+            hang_up_grace_secs: 40,
         }
     }
 }
@@ -275,6 +277,8 @@ pub enum Effect {
     StartLlm {
         stream: u32,
         messages: Vec<ChatMessage>,
+        /// The tools the reply is offered.
+        tools: crate::tools::Offer,
         first_token_ms: u32,
         total_ms: u32,
     },
@@ -477,6 +481,9 @@ pub struct LlmTurn {
     pub started_ms: u64,
     pub text: String,
     pub first_token_ms: Option<u32>,
+    /// The reply that answers tool results: it was offered only `end_call`.
+    #[serde(default)]
+    pub answering: bool,
 }
 
 /// A final status waiting to be written.
@@ -528,6 +535,9 @@ pub struct Conversation {
     /// Tool calls of the last reply waiting for their results, to go back to the LLM.
     #[serde(default)]
     pub tool_round: Option<ToolRound>,
+    /// The call's one callback, once the persona asked for it.
+    #[serde(default)]
+    pub callback: Option<crate::tools::CallbackState>,
 }
 
 /// A reply's tool calls and their results (`None`: still being carried out).

@@ -931,7 +931,9 @@ fn idle_check_in_then_goodbye_then_settles() {
         .iter()
         .any(|m| matches!(m, DoToRelay::HangUp { reason, .. } if reason == "idle")));
     let wake = s.next_wake().expect("hang-up grace");
-    assert_eq!(wake, T0 + 55_000);
+    // The default grace outlasts the relay's own 30 s bound on a goodbye.
+    assert_eq!(s.limits.hang_up_grace_secs, 40);
+    assert_eq!(wake, T0 + 85_000);
     let fx = fire(&mut s, wake);
     assert!(has(&fx, |e| matches!(
         e,
@@ -944,8 +946,8 @@ fn idle_check_in_then_goodbye_then_settles() {
     let fx = fire(&mut s, wake);
     let st = settlement(&fx).expect("settles from our measure");
     assert_eq!(st.status, CallStatus::Completed);
-    // Answered at +4 s; our measure stops when we asked Twilio to end it (+55 s).
-    assert_eq!(st.duration_secs, 51);
+    // Answered at +4 s; our measure stops when we asked Twilio to end it (+85 s).
+    assert_eq!(st.duration_secs, 81);
 }
 
 // ---- cancel and end ----
@@ -1208,6 +1210,10 @@ fn a_bad_tool_call_never_breaks_the_turn() {
     assert!(sent(&fx)
         .iter()
         .any(|m| matches!(m, DoToRelay::SayEnd { .. })));
+    assert!(
+        started_messages(&fx).is_none(),
+        "the spoken reply stands: no extra turn for the mistakes"
+    );
     let fx = user_says(&mut s, 3, "cool", T0 + 9_000);
     assert!(
         has(&fx, |e| matches!(e, Effect::StartLlm { .. })),
@@ -1258,6 +1264,14 @@ fn schedule_callback_is_booked_then_confirmed_aloud() {
     // Ten minutes from now, to the second.
     let at = (T0 + 8_510) / 1000 * 1000 + 600_000;
     assert_eq!(booked, Some(("call_7".to_string(), at)));
+    // The booking goes out after the turn's own end.
+    let say_end = fx.iter().position(|e| {
+        matches!(e, Effect::ToRelay { frames, .. } if frames.iter().any(|f| matches!(f.msg, DoToRelay::SayEnd { .. })))
+    });
+    let booking = fx
+        .iter()
+        .position(|e| matches!(e, Effect::ScheduleCallback { .. }));
+    assert!(say_end.is_some() && say_end < booking, "{fx:?}");
     assert!(
         started_messages(&fx).is_none(),
         "nothing to say before the result"
@@ -1272,6 +1286,11 @@ fn schedule_callback_is_booked_then_confirmed_aloud() {
         T0 + 8_700,
     );
     let messages = started_messages(&fx).expect("the persona confirms");
+    assert_eq!(
+        offers_tools(&fx),
+        Some(crate::tools::Offer::EndCallOnly),
+        "the answer cannot book again"
+    );
     let n = messages.len();
     assert_eq!(messages[n - 2].role, "assistant");
     assert_eq!(messages[n - 2].content, "Sure thing.");
@@ -1284,6 +1303,93 @@ fn schedule_callback_is_booked_then_confirmed_aloud() {
         .as_str()
         .unwrap()
         .ends_with("(Europe/London)"));
+}
+
+fn offers_tools(effects: &[Effect]) -> Option<crate::tools::Offer> {
+    effects.iter().find_map(|e| match e {
+        Effect::StartLlm { tools, .. } => Some(*tools),
+        _ => None,
+    })
+}
+
+fn system_prompt(effects: &[Effect]) -> String {
+    started_messages(effects).expect("a reply starts")[0]
+        .content
+        .clone()
+}
+
+/// Books the callback of `live()`'s call for ten minutes out and has it confirmed.
+fn booked_and_confirmed(s: &mut Session) -> u64 {
+    let fx = user_says(s, 2, "call me back in ten minutes", T0 + 8_000);
+    assert_eq!(
+        offers_tools(&fx),
+        Some(crate::tools::Offer::All),
+        "an ordinary reply offers both"
+    );
+    reply(
+        s,
+        "Sure thing.",
+        vec![schedule("call_7", r#"{"delay_minutes":10}"#)],
+        T0 + 8_500,
+    );
+    let at = T0 + 608_000;
+    s.handle(
+        Event::Callback {
+            tool_call_id: "call_7".into(),
+            outcome: Ok(at),
+        },
+        T0 + 8_700,
+    );
+    at
+}
+
+/// Tool rounds never chain: the reply that answers a result is offered only `end_call`,
+/// and a booking it makes anyway is not acted on.
+#[test]
+fn the_answer_to_a_tool_result_cannot_call_tools() {
+    let mut s = live();
+    booked_and_confirmed(&mut s);
+    let fx = reply(
+        &mut s,
+        "Done, I'll call you at 10:25.",
+        vec![schedule("call_8", r#"{"delay_minutes":20}"#)],
+        T0 + 9_000,
+    );
+    assert!(!has(&fx, |e| matches!(e, Effect::ScheduleCallback { .. })));
+    assert!(started_messages(&fx).is_none(), "no further round");
+    assert!(s
+        .conv
+        .lines
+        .iter()
+        .any(|l| l.text == "Done, I'll call you at 10:25."));
+}
+
+/// One callback per call: once booked, another is refused for the model, and every later
+/// prompt says what was booked.
+#[test]
+fn one_callback_per_call() {
+    let mut s = live();
+    let at = booked_and_confirmed(&mut s);
+    reply(&mut s, "Booked for 10:25.", vec![], T0 + 9_000);
+    let fx = user_says(&mut s, 3, "and call me tomorrow too", T0 + 10_000);
+    assert!(system_prompt(&fx).contains("You booked a callback on this call for"));
+    let fx = reply(
+        &mut s,
+        "",
+        vec![schedule("call_9", r#"{"delay_minutes":1440}"#)],
+        T0 + 10_500,
+    );
+    assert!(!has(&fx, |e| matches!(e, Effect::ScheduleCallback { .. })));
+    let result = &started_messages(&fx)
+        .expect("told at once")
+        .last()
+        .unwrap()
+        .content;
+    assert!(result.contains("already booked"), "{result}");
+    assert_eq!(
+        s.conv.callback,
+        Some(crate::tools::CallbackState::Booked { at_ms: at })
+    );
 }
 
 /// A refused callback (limits, credits) is reported to the model, which explains it.
@@ -1355,6 +1461,46 @@ fn a_late_callback_result_after_the_caller_spoke_says_nothing() {
         T0 + 9_100,
     );
     assert!(started_messages(&fx).is_none());
+    // It is not lost: the next prompt says it was booked.
+    reply(&mut s, "Okay.", vec![], T0 + 9_500);
+    let fx = user_says(&mut s, 4, "wait, did you book it?", T0 + 10_000);
+    assert!(system_prompt(&fx).contains("You booked a callback on this call for"));
+}
+
+/// "Call me back in ten, bye": booked and hung up in one reply. The callback is still
+/// booked, after the hang-up is on its way; nothing more is said.
+#[test]
+fn a_callback_with_the_goodbye_is_still_booked() {
+    let mut s = live();
+    user_says(&mut s, 2, "call me back in ten, bye", T0 + 8_000);
+    let fx = reply(
+        &mut s,
+        "Will do. Bye!",
+        vec![
+            schedule("call_4", r#"{"delay_minutes":10}"#),
+            end_call("{}"),
+        ],
+        T0 + 8_500,
+    );
+    let hang = fx.iter().position(|e| {
+        matches!(e, Effect::ToRelay { frames, .. } if frames.iter().any(|f| matches!(f.msg, DoToRelay::HangUp { .. })))
+    });
+    let booking = fx
+        .iter()
+        .position(|e| matches!(e, Effect::ScheduleCallback { .. }));
+    assert!(hang.is_some() && hang < booking, "{fx:?}");
+    let fx = s.handle(
+        Event::Callback {
+            tool_call_id: "call_4".into(),
+            outcome: Ok(T0 + 608_000),
+        },
+        T0 + 8_700,
+    );
+    assert!(started_messages(&fx).is_none());
+    assert!(matches!(
+        s.conv.callback,
+        Some(crate::tools::CallbackState::Booked { .. })
+    ));
 }
 
 // ---- memory ----
