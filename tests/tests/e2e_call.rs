@@ -431,6 +431,110 @@ async fn the_persona_remembers_the_caller_across_calls() {
     );
 }
 
+fn forgetting_voice() -> &'static VoiceStack {
+    static STACK: OnceLock<VoiceStack> = OnceLock::new();
+    STACK.get_or_init(|| VoiceStack::start(Vec::new()))
+}
+
+/// The notes request made after the call in which the caller said `line`, once it has
+/// been answered.
+async fn notes_request_answered(v: &VoiceStack, line: &str) -> u16 {
+    let caller = format!("Caller: {line}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let status = v.cerebras.requests().into_iter().find_map(|r| {
+            let content = r.body["messages"][1]["content"].as_str()?.to_owned();
+            (r.body["stream"] == false && content.contains(&caller)).then_some(r.status)
+        });
+        if let Some(status) = status {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notes request after {line:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The notes are never worse for a failure, and forgetting wins: a notes request that
+/// fails leaves the old notes as they were, and a `DELETE` made while a call's notes are
+/// still being written is not undone by that write.
+#[tokio::test]
+async fn failed_notes_keep_the_old_ones_and_forgetting_wins_a_race() {
+    let v = forgetting_voice();
+    let api = v.api();
+    let user = api.register_user("forget").await.unwrap();
+    let number = unique_number();
+    let admin = harness::admin_on(&api, &v.stack).await;
+    let r = api
+        .post(
+            &format!("/admin/users/{}/credits", user.id),
+            Some(&admin.token),
+            &json!({ "amount": 1000, "reason": "three calls" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let first = "my name is kim and i swim on tuesdays";
+    call_saying(v, &user, &number, first).await;
+    let kept = memory_after(v, &user, 1).await;
+    assert!(kept["summary"]
+        .as_str()
+        .unwrap()
+        .contains("swim on tuesdays"));
+
+    // The notes LLM fails after the second call: the first call's notes stay.
+    v.cerebras
+        .plan_notes(cmb_tests::fakes::cerebras::NotesPlan::Fail(500));
+    let second = "i could not swim this week";
+    call_saying(v, &user, &number, second).await;
+    assert_eq!(notes_request_answered(v, second).await, 500);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = api
+        .get("/api/personas/brad/memory", Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.body["memory"], kept,
+        "a failed update changes nothing"
+    );
+
+    // The third call's notes are held at the LLM; the caller asks to be forgotten then.
+    v.cerebras
+        .plan_notes(cmb_tests::fakes::cerebras::NotesPlan::Hold(
+            Duration::from_secs(3),
+        ));
+    let third = "please forget everything about me";
+    call_saying(v, &user, &number, third).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while v.cerebras.holding() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the notes request never came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone = api
+        .delete("/api/personas/brad/memory", Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(gone.status, 204);
+    assert_eq!(notes_request_answered(v, third).await, 200);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = api
+        .get("/api/personas/brad/memory", Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(
+        after.body["memory"]["summary"],
+        serde_json::Value::Null,
+        "the notes written after the DELETE did not bring the caller back: {}",
+        after.body
+    );
+}
+
 /// The persona's replies on the call the caller ends early: it books a callback, then,
 /// with the booking's result, confirms it, says goodbye and ends the call.
 const BOOKS_A_CALLBACK: &str =

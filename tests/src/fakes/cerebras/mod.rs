@@ -100,6 +100,16 @@ pub enum PlannedFailure {
     MidStream { after_chunks: usize, status: u16 },
 }
 
+/// What an upcoming non-streaming request (the notes after a call) gets, whatever the
+/// streaming requests around it get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotesPlan {
+    /// Answer with this HTTP status and the error body.
+    Fail(u16),
+    /// Answer as usual, after holding the request this long.
+    Hold(Duration),
+}
+
 /// One chat completions request as received.
 #[derive(Clone, Debug)]
 pub struct RequestRecord {
@@ -115,6 +125,9 @@ pub struct RequestRecord {
 struct Inner {
     script: VecDeque<String>,
     failures: VecDeque<PlannedFailure>,
+    notes_plans: VecDeque<NotesPlan>,
+    /// Non-streaming requests being held now ([`NotesPlan::Hold`]).
+    holding: usize,
     requests: Vec<RequestRecord>,
     warming_hits: u64,
 }
@@ -214,6 +227,16 @@ impl Handle {
             },
             n,
         ));
+    }
+
+    /// The next non-streaming requests (one per plan) go as planned.
+    pub fn plan_notes(&self, plan: NotesPlan) {
+        self.state.inner().notes_plans.push_back(plan);
+    }
+
+    /// Non-streaming requests being held right now.
+    pub fn holding(&self) -> usize {
+        self.state.inner().holding
     }
 
     /// Chat completions requests received, in order.
@@ -604,6 +627,22 @@ async fn chat(
             return error_response(status, "invalid_request_error", &message, param, code);
         }
     };
+    let notes_plan = match request.stream {
+        true => None,
+        false => state.inner().notes_plans.pop_front(),
+    };
+    match notes_plan {
+        Some(NotesPlan::Fail(status)) => {
+            record(status);
+            return error_for_status(status);
+        }
+        Some(NotesPlan::Hold(pause)) => {
+            state.inner().holding += 1;
+            tokio::time::sleep(pause).await;
+            state.inner().holding -= 1;
+        }
+        None => {}
+    }
     let (failure, scripted) = {
         let mut inner = state.inner();
         let failure = inner.failures.pop_front();
