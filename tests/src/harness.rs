@@ -258,9 +258,30 @@ impl VoiceStack {
         replies: Vec<String>,
         extra_worker_vars: BTreeMap<String, String>,
     ) -> VoiceStack {
+        Self::start_full(replies, extra_worker_vars, false)
+    }
+
+    /// The `cargo xtask dev` demo's providers: the fake LLM acts (`cerebras::acting`),
+    /// and callees play the demo's first call, then its callback.
+    pub fn start_demo() -> VoiceStack {
+        Self::start_full(Vec::new(), BTreeMap::new(), true)
+    }
+
+    fn start_full(
+        replies: Vec<String>,
+        extra_worker_vars: BTreeMap<String, String>,
+        demo: bool,
+    ) -> VoiceStack {
         use fakes::{cerebras, deepgram, elevenlabs, twilio};
         let mut tcfg = twilio::Config::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
         tcfg.ring = std::time::Duration::from_millis(200);
+        if demo {
+            tcfg.default_script =
+                twilio::CalleeScript::answer(crate::sim::SimScript::demo_first_call());
+            tcfg.repeat_script = Some(twilio::CalleeScript::answer(
+                crate::sim::SimScript::demo_callback(),
+            ));
+        }
         let twilio = on_fakes_runtime(twilio::spawn(tcfg)).expect("fake Twilio");
         let deepgram = on_fakes_runtime(deepgram::spawn(deepgram::Config {
             api_key: DG_KEY.into(),
@@ -275,6 +296,7 @@ impl VoiceStack {
         let cerebras = on_fakes_runtime(cerebras::spawn(cerebras::Config {
             api_key: LLM_KEY.into(),
             script: replies,
+            acts: demo,
             ..Default::default()
         }))
         .expect("fake Cerebras");

@@ -61,6 +61,41 @@ impl SimScript {
         self
     }
 
+    /// The first call of the `cargo xtask dev` demo: a goal the persona's notes keep, a
+    /// turn the caller interrupts, "call me back in two minutes" (the persona books it
+    /// and confirms), then "bye" (the persona says goodbye and hangs up itself).
+    pub fn demo_first_call() -> Self {
+        Self::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 800 },
+            Step::Say(Utterance::text(
+                "Hi, I am ready. My goal is to run five kilometres by Friday.",
+            )),
+            Step::WaitForPersonaToFinish { silence_ms: 800 },
+            Step::Say(Utterance::text("Tell me about my plan for today.")),
+            Step::InterruptAfterMs(600),
+            Step::Say(Utterance::text("Sorry, I have to drive now.")),
+            Step::WaitForPersonaToFinish { silence_ms: 800 },
+            Step::Say(Utterance::text("Call me back in two minutes.")),
+            Step::WaitForPersonaToFinish { silence_ms: 800 },
+            Step::Say(Utterance::text("Thanks, bye.")),
+            // The persona hangs up; hang up ourselves only if it never does.
+            Step::Pause(20_000),
+            Step::HangUp,
+        ])
+    }
+
+    /// The demo's callback: the persona opens with what it remembers; the caller says bye.
+    pub fn demo_callback() -> Self {
+        Self::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 800 },
+            Step::Say(Utterance::text("Hey, it is me again.")),
+            Step::WaitForPersonaToFinish { silence_ms: 800 },
+            Step::Say(Utterance::text("Great, thanks. Bye.")),
+            Step::Pause(20_000),
+            Step::HangUp,
+        ])
+    }
+
     /// The script the `fakes` binary uses (so `cargo xtask dev` shows a whole call): wait
     /// for the greeting, take two turns, interrupt the persona's second reply, take one
     /// more turn, then hang up.

@@ -535,6 +535,106 @@ async fn failed_notes_keep_the_old_ones_and_forgetting_wins_a_race() {
     );
 }
 
+/// What `cargo xtask dev` shows with simulated providers (the same demo scripts and the
+/// same acting fake LLM as the `fakes` binary): the caller asks to be called back in two
+/// minutes, the persona books it and confirms, then says goodbye and hangs up; on the
+/// callback it opens with what it remembered. The callback is dialled here at once
+/// rather than after two minutes; everything else is the demo as it runs.
+#[tokio::test]
+async fn the_dev_demo_books_a_callback_and_remembers_on_it() {
+    let v = demo_voice();
+    let api = v.api();
+    let user = api.register_user("demo").await.unwrap();
+    let number = unique_number();
+    let before = std::time::SystemTime::now();
+    let id = api.trigger_call(&user, "brad", &number).await.unwrap();
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let record = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap();
+    assert!(
+        record
+            .heard_text
+            .contains("I'll call you back in 2 minutes")
+            && record.heard_text.contains("Done! I'll call you back")
+            && record.heard_text.contains("Talk soon, bye!"),
+        "booked, confirmed and said goodbye: {}",
+        record.heard_text
+    );
+    assert!(
+        !record
+            .sim_events
+            .iter()
+            .any(|e| matches!(e, cmb_tests::sim::SimEvent::HungUp { .. })),
+        "the persona hung up, not the caller"
+    );
+    let history = api
+        .get("/api/calls/history", Some(&user.token))
+        .await
+        .unwrap();
+    let callback = history.body["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["requested_by"] == "persona")
+        .unwrap_or_else(|| panic!("no callback booked: {}", history.body))
+        .clone();
+    let at = time::OffsetDateTime::parse(
+        callback["scheduled_time"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp();
+    let asked = before
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (asked + 120..asked + 180).contains(&at),
+        "about two minutes out: {callback}"
+    );
+    // The notes kept the goal; the callback (dialled now) opens with it.
+    let memory = memory_after(v, &user, 1).await;
+    assert!(
+        memory["summary"]
+            .as_str()
+            .unwrap()
+            .contains("run five kilometres by Friday"),
+        "{memory}"
+    );
+    let again = api.trigger_call(&user, "brad", &number).await.unwrap();
+    api.wait_settled(&user, &again, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let second = v
+        .twilio
+        .calls()
+        .into_iter()
+        .filter(|c| c.to == number)
+        .nth(1)
+        .unwrap();
+    assert!(
+        second
+            .heard_text
+            .contains("Good to hear from you again! I remember:")
+            && second.heard_text.contains("five kilometres by Friday"),
+        "the callback opens with the remembered goal: {}",
+        second.heard_text
+    );
+}
+
+fn demo_voice() -> &'static VoiceStack {
+    static STACK: OnceLock<VoiceStack> = OnceLock::new();
+    STACK.get_or_init(VoiceStack::start_demo)
+}
+
 /// The persona's replies on the call the caller ends early: it books a callback, then,
 /// with the booking's result, confirms it, says goodbye and ends the call.
 const BOOKS_A_CALLBACK: &str =

@@ -226,8 +226,10 @@ async fn start(args: &Args, fake: Fake) -> anyhow::Result<Running> {
             let mut cfg = twilio::Config::new(sid, token);
             cfg.addr = addr;
             cfg.ring = Duration::from_millis(args.ring_ms);
-            // Answer after one ring, wait for the greeting, say two short things, hang up.
-            cfg.default_script = twilio::CalleeScript::answer(SimScript::default_conversation());
+            // Answer after one ring and play the demo: a goal, a barge-in, a callback the
+            // persona books, "bye"; the callback is the demo's second call.
+            cfg.default_script = twilio::CalleeScript::answer(SimScript::demo_first_call());
+            cfg.repeat_script = Some(twilio::CalleeScript::answer(SimScript::demo_callback()));
             Running::Twilio(twilio::spawn(cfg).await?)
         }
         Fake::Deepgram => {
@@ -251,8 +253,10 @@ async fn start(args: &Args, fake: Fake) -> anyhow::Result<Running> {
             Running::Elevenlabs(elevenlabs::spawn(cfg).await?)
         }
         Fake::Cerebras => {
+            // The demo's stand-in judgement: tools used as a model would (see `acting`).
             let mut cfg = cerebras::Config {
                 addr,
+                acts: true,
                 ..Default::default()
             };
             if let Some(key) = given(&args.llm_api_key) {

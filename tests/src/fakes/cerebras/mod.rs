@@ -11,6 +11,8 @@
 //! words of the message contents and of the reply: close enough to real tokenisation for
 //! billing tests, and exactly predictable.
 
+pub mod acting;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -74,6 +76,10 @@ pub struct Config {
     /// Pause between two content chunks of a stream (generation speed; 0 = instant).
     pub chunk_interval: Duration,
     pub fault_seed: u64,
+    /// Without a scripted reply, answer with [`acting`]'s rules (book a callback when
+    /// asked, hang up on "bye", greet a known caller with the notes) instead of the echo.
+    /// For the `cargo xtask dev` demo.
+    pub acts: bool,
 }
 
 impl Default for Config {
@@ -85,6 +91,7 @@ impl Default for Config {
             script: Vec::new(),
             chunk_interval: Duration::ZERO,
             fault_seed: crate::fakes::faults::DEFAULT_SEED,
+            acts: false,
         }
     }
 }
@@ -665,7 +672,9 @@ async fn chat(
         }
         _ => {}
     }
-    let reply = scripted.unwrap_or_else(|| request.echo_reply());
+    let reply = scripted
+        .or_else(|| state.cfg.acts.then(|| acting::reply(&request)).flatten())
+        .unwrap_or_else(|| request.echo_reply());
     // A scripted reply may end with tool calls; the model can only call tools offered.
     let (reply, calls) = split_tool_calls(&reply);
     let callable = |name: &String| request.tool_choice != "none" && request.tools.contains(name);

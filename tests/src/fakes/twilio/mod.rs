@@ -55,6 +55,9 @@ pub struct Config {
     pub frame_interval: Duration,
     /// The script for numbers without one of their own.
     pub default_script: CalleeScript,
+    /// For numbers without one of their own that were called before (a callback): this
+    /// script instead of `default_script`, when set.
+    pub repeat_script: Option<CalleeScript>,
     /// How long Twilio waits for a webhook (TwiML or callback) to answer.
     pub webhook_timeout: Duration,
     /// Seed of the fault jitter.
@@ -77,6 +80,7 @@ impl Config {
             ring: Duration::from_secs(1),
             frame_interval: Duration::from_millis(20),
             default_script: CalleeScript::answer(SimScript::default_conversation()),
+            repeat_script: None,
             webhook_timeout: Duration::from_secs(15),
             fault_seed: faults::DEFAULT_SEED,
             verify_service_sid: VERIFY_SERVICE_SID.to_owned(),
@@ -421,9 +425,12 @@ impl Shared {
 
     fn script_for(&self, to: &str) -> CalleeScript {
         let state = self.lock();
+        let called_before = state.calls.iter().any(|c| c.to == to);
+        let repeat = self.cfg.repeat_script.as_ref().filter(|_| called_before);
         state
             .scripts
             .get(to)
+            .or(repeat)
             .unwrap_or(&state.default_script)
             .clone()
     }
