@@ -24,7 +24,9 @@ use worker::{event, Context, Env, Method, Request, Response};
 
 pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
-use crate::routes::{admin, auth, calls, favorites, health, payments, personas, phone, voice};
+use crate::routes::{
+    admin, auth, calls, favorites, health, payments, personas, phone, schedules, voice,
+};
 pub use crate::session::CallSession;
 
 #[event(start)]
@@ -164,6 +166,11 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::CallHistory => calls::history(&req, ctx).await,
         E::CallDetail => calls::detail(&req, ctx, id).await,
         E::CallCancel => calls::cancel(&req, ctx, id).await,
+
+        E::ScheduleList => schedules::list(&req, ctx).await,
+        E::ScheduleCreate => schedules::create(req, ctx).await,
+        E::ScheduleUpdate => schedules::update(req, ctx, id).await,
+        E::ScheduleDelete => schedules::delete(&req, ctx, id).await,
 
         E::VoiceTwiml => voice::twiml(req, ctx).await,
         E::VoiceStatus => voice::status(req, ctx).await,

@@ -89,6 +89,9 @@ pub struct WorkerConfig {
     pub call_limits: crate::session::Limits,
     /// Deadline of one Twilio REST request (`TWILIO_TIMEOUT_MS`, default 10 000).
     pub twilio_timeout_ms: u32,
+    /// The least `retry_after_minutes` a schedule may ask for (`SCHEDULE_MIN_RETRY_MINUTES`,
+    /// default 5). Test-only: the test stacks lower it to 0 so a retry needs no wait.
+    pub schedule_min_retry_minutes: u32,
 }
 
 /// One missing or malformed setting.
@@ -365,6 +368,22 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         hang_up_grace_secs: r.positive("CALL_HANG_UP_GRACE_SECS", defaults.hang_up_grace_secs),
     };
     let twilio_timeout_ms = r.positive("TWILIO_TIMEOUT_MS", 10_000);
+    let schedule_min_retry_minutes = match r.optional("SCHEDULE_MIN_RETRY_MINUTES") {
+        None => crate::schedule::MIN_RETRY_AFTER_MINUTES,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n <= crate::schedule::MIN_RETRY_AFTER_MINUTES => n,
+            _ => {
+                r.problem(
+                    "SCHEDULE_MIN_RETRY_MINUTES",
+                    format!(
+                        "must be a whole number from 0 to {}",
+                        crate::schedule::MIN_RETRY_AFTER_MINUTES
+                    ),
+                );
+                crate::schedule::MIN_RETRY_AFTER_MINUTES
+            }
+        },
+    };
 
     let free_credits = match r.optional("FREE_CREDITS") {
         None => DEFAULT_FREE_CREDITS,
@@ -416,6 +435,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         admin_emails,
         cors_origins,
         free_credits,
+        schedule_min_retry_minutes,
         ai_disclosure,
         call_limits,
         twilio_timeout_ms,

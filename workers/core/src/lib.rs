@@ -19,6 +19,7 @@ pub mod password;
 pub mod persona;
 pub mod pricing;
 pub mod prompt;
+pub mod schedule;
 pub mod secret;
 pub mod session;
 pub mod stream_token;

@@ -4,6 +4,7 @@
 //! Nothing here knows about users or calls.
 
 pub mod auth;
+pub mod booking;
 pub mod limits;
 
 use serde::de::DeserializeOwned;

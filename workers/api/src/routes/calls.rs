@@ -13,6 +13,7 @@ use worker::{Request, Response};
 use crate::crypto;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, Session};
+use crate::http::booking::{destination, usable_persona};
 use crate::http::{json, json_body, query};
 use crate::session::client::{abandon, book_scheduled, Booking};
 use crate::session::{session_op, CancelOutcome, SessionOp};
@@ -43,43 +44,6 @@ struct ScheduleBody {
 struct HistoryQuery {
     limit: Option<i64>,
     offset: Option<i64>,
-}
-
-/// The number to call (`cmb_core::destination::for_call`: the account's verified phone,
-/// and only that).
-fn destination(ctx: &Ctx, session: &Session, given: Option<&str>) -> ApiResult<String> {
-    use cmb_core::destination::{for_call, CallRefusal};
-    for_call(
-        given,
-        session.user.verified_phone(),
-        &ctx.cfg.allowed_countries,
-    )
-    .map_err(|r| match r {
-        CallRefusal::Invalid(e) => e.into(),
-        CallRefusal::NotVerified { asked } => {
-            let message = if asked {
-                "We only call your own verified number. Verify this number first (POST /api/me/phone)."
-            } else {
-                "Verify your phone number first (POST /api/me/phone); we only call that number."
-            };
-            ApiError::new(403, "phone_not_verified", message)
-                .with_details(json!([{ "field": "phone_number" }]))
-        }
-        CallRefusal::Destination(r) => crate::http::unsupported_destination(&r),
-    })
-}
-
-/// The persona must exist, be active, and be visible to the caller.
-async fn usable_persona(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<()> {
-    let persona = ctx.store.persona(id).await?;
-    match persona {
-        Some(p) if p.usable_by(&session.user.id) => Ok(()),
-        _ => Err(ApiError::bad_request(
-            "invalid_persona",
-            "This persona does not exist or is not available.",
-        )
-        .with_details(json!([{ "field": "persona_id" }]))),
-    }
 }
 
 pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
@@ -189,6 +153,7 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         phone: &phone,
         at_ms: at_secs.unsigned_abs() * 1000, // after now, so positive
         requested_by: RequestedBy::User,
+        schedule: None,
     };
     let row = book_scheduled(&ctx.env, &ctx.store, &booking, &ctx.now_iso()).await?;
     json(201, &json!({ "call": row }))

@@ -10,4 +10,5 @@ pub mod health;
 pub mod payments;
 pub mod personas;
 pub mod phone;
+pub mod schedules;
 pub mod voice;

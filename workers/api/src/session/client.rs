@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::config;
 use crate::error::{ApiError, ApiResult};
 use crate::session::SessionOp;
-use crate::store::{CallRow, LedgerEntry, Store, UserRow, WriteConflict};
+use crate::store::{CallRow, LedgerEntry, ScheduleRow, Store, UserRow, WriteConflict};
 use crate::Ctx;
 
 /// Sends one operation to the call's Durable Object.
@@ -99,6 +99,8 @@ pub struct Booking<'a> {
     pub phone: &'a str,
     pub at_ms: u64,
     pub requested_by: RequestedBy,
+    /// The schedule it is an attempt of, and which attempt (0: the occurrence itself).
+    pub schedule: Option<(&'a str, i64)>,
 }
 
 /// Books a scheduled call: its row, under the tier's pending cap and the daily limit of
@@ -112,7 +114,7 @@ pub async fn book_scheduled(
     now: &str,
 ) -> ApiResult<CallRow> {
     let call_id = crate::crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
-    let call = CallRow::pending(
+    let mut call = CallRow::pending(
         call_id.clone(),
         &b.user.id,
         b.persona_id,
@@ -121,6 +123,10 @@ pub async fn book_scheduled(
         Some(crate::iso_from_millis(b.at_ms)),
         b.requested_by,
     );
+    if let Some((schedule_id, attempt)) = b.schedule {
+        call.schedule_id = Some(schedule_id.to_owned());
+        call.attempt = attempt;
+    }
     let at_secs = i64::try_from(b.at_ms / 1000).unwrap_or(i64::MAX);
     let (day, _) = crate::http::limits::utc_day(at_secs);
     let cap = crate::http::limits::calls_per_day(b.user.tier);
@@ -144,6 +150,13 @@ pub async fn book_scheduled(
         Err(WriteConflict::DailyLimit) => {
             return Err(crate::http::limits::day_full_error(b.user, &day))
         }
+        // `calls_one_pending_per_schedule`: another booking of this schedule won.
+        Err(WriteConflict::Duplicate) if b.schedule.is_some() => {
+            return Err(ApiError::conflict(
+                "schedule_busy",
+                "This schedule is being changed by another request; try again.",
+            ))
+        }
         Err(e) => return Err(ApiError::internal("schedule", format!("{e:?}"))),
     }
     let op = SessionOp::Start {
@@ -162,6 +175,89 @@ pub async fn book_scheduled(
         .call(&call_id)
         .await?
         .ok_or_else(|| ApiError::internal("schedule", "the booked call is gone"))
+}
+
+/// Books `schedule`'s attempt `(at_ms, attempt)` for `user`, and records on the schedule
+/// the call now pending (with `note`, why the last one was not placed, if it was not),
+/// or why this occurrence was skipped (no verified phone, a suspended account, a persona
+/// no longer available, or a booking limit). `Ok(Err(_))` is that refusal, in the API's
+/// terms; `Err` a failure of ours.
+#[allow(clippy::too_many_arguments)]
+pub async fn book_attempt(
+    env: &worker::Env,
+    cfg: &cmb_core::config::WorkerConfig,
+    store: &Store,
+    schedule: &ScheduleRow,
+    user: &UserRow,
+    (at_ms, attempt): (u64, i64),
+    note: Option<&str>,
+    now: &str,
+) -> ApiResult<Result<CallRow, ApiError>> {
+    let skip = |why: &str, code: &'static str| ApiError::new(409, code, why.to_owned());
+    let refusal = if user.is_banned {
+        Some(skip("The account is suspended.", "account_suspended"))
+    } else if !store
+        .persona(&schedule.persona_id)
+        .await?
+        .is_some_and(|p| p.usable_by(&user.id))
+    {
+        Some(skip(
+            "The schedule's persona is no longer available.",
+            "invalid_persona",
+        ))
+    } else {
+        None
+    };
+    let phone =
+        cmb_core::destination::for_call(None, user.verified_phone(), &cfg.allowed_countries);
+    let outcome = match (refusal, phone) {
+        (Some(refused), _) => Err(refused),
+        (None, Err(_)) => Err(skip(
+            "The account has no verified phone number we can call.",
+            "phone_not_verified",
+        )),
+        (None, Ok(phone)) => {
+            let booking = Booking {
+                user,
+                persona_id: &schedule.persona_id,
+                phone: &phone,
+                at_ms,
+                requested_by: RequestedBy::Schedule,
+                schedule: Some((&schedule.id, attempt)),
+            };
+            match book_scheduled(env, store, &booking, now).await {
+                Ok(row) => Ok(row),
+                Err(e) if e.status < 500 => Err(e),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match &outcome {
+        Ok(row) => {
+            let at = row.scheduled_time.as_deref().unwrap_or_default();
+            store
+                .set_schedule_pending(&schedule.id, Some((&row.id, at)), note, now)
+                .await?;
+        }
+        Err(e) => {
+            store
+                .set_schedule_pending(&schedule.id, None, Some(&e.message), now)
+                .await?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Cancels the schedule's pending attempt, if it has one still waiting; false when it
+/// could not be (it is already dialling or live: it runs, and the schedule's changes
+/// apply from the next occurrence).
+pub async fn cancel_pending(env: &worker::Env, schedule: &ScheduleRow) -> ApiResult<bool> {
+    let Some(call_id) = &schedule.pending_call_id else {
+        return Ok(true);
+    };
+    let outcome: crate::session::CancelOutcome =
+        session_op_in(env, call_id, &SessionOp::Cancel).await?;
+    Ok(outcome.canceled || outcome.status.is_final())
 }
 
 /// Ends a call whose session could not be started, releasing what it reserved (the same

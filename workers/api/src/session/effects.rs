@@ -122,6 +122,20 @@ impl CallSession {
                     outcome,
                 }))
             }
+            Effect::Settled { status } => {
+                // What follows a schedule's attempt; a failure is logged, never the call's.
+                let follow = match self.open_store(run).await {
+                    Ok(()) => self.follow_schedule(run.store()?, run, status).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = follow {
+                    crate::log::error(
+                        "schedule_follow_up_failed",
+                        json!({ "call_id": run.call_id, "error": e.log_detail() }),
+                    );
+                }
+                Ok(None)
+            }
             Effect::Remember { lines, ended_at_ms } => {
                 let job = super::memory::Job {
                     env: self.env.clone(),
@@ -396,6 +410,7 @@ impl CallSession {
             phone: &phone,
             at_ms,
             requested_by: RequestedBy::Persona,
+            schedule: None,
         };
         match crate::session::client::book_scheduled(&self.env, store, &booking, &iso(now_ms()))
             .await
@@ -410,6 +425,77 @@ impl CallSession {
             Err(e) if e.status < 500 => Err(e.message),
             Err(e) => failed("book", &e.log_detail()),
         }
+    }
+}
+
+impl CallSession {
+    /// After an attempt of a schedule settled: its retry (`no_answer`/`busy`, while retries
+    /// are left) or the schedule's next occurrence is booked, unless the schedule was
+    /// deleted, paused, or moved on to another attempt since (a PATCH detaches the old).
+    async fn follow_schedule(
+        &self,
+        store: &Store,
+        run: &Run,
+        status: cmb_core::calls::CallStatus,
+    ) -> ApiResult<()> {
+        let Some(call) = store.call(&run.call_id).await? else {
+            return Ok(());
+        };
+        let Some(schedule_id) = call.schedule_id.as_deref() else {
+            return Ok(());
+        };
+        let Some(schedule) = store.schedule_by_id(schedule_id).await? else {
+            return Ok(()); // deleted
+        };
+        if !schedule.is_active || schedule.pending_call_id.as_deref() != Some(call.id.as_str()) {
+            return Ok(());
+        }
+        let Some(user) = store.user_by_id(&call.user_id).await? else {
+            return Ok(());
+        };
+        let cfg = self.config()?;
+        let now = now_ms();
+        let plan = cmb_core::schedule::after_attempt(
+            &cmb_core::schedule::Attempt {
+                status,
+                attempt: u32::try_from(call.attempt).unwrap_or(u32::MAX),
+                retries: u32::try_from(schedule.retries).unwrap_or(0),
+                retry_after_minutes: u32::try_from(schedule.retry_after_minutes).unwrap_or(0),
+                scheduled_at: call.scheduled_time.as_deref(),
+            },
+            &schedule.time_of_day,
+            schedule.days,
+            &schedule.timezone,
+            i64::try_from(now).unwrap_or(i64::MAX),
+        )
+        .map_err(|e| ApiError::internal("schedule", e))?;
+        // An attempt that could not be placed (no credits, say) is noted on the schedule
+        // beside the next one.
+        let note = call
+            .status_reason
+            .as_deref()
+            .filter(|_| status == cmb_core::calls::CallStatus::Failed);
+        let outcome = crate::session::client::book_attempt(
+            &self.env,
+            &cfg,
+            store,
+            &schedule,
+            &user,
+            (plan.at_ms, i64::from(plan.attempt)),
+            note,
+            &iso(now),
+        )
+        .await?;
+        crate::log::info(
+            "schedule_followed",
+            json!({
+                "call_id": run.call_id, "schedule_id": schedule.id, "status": status.as_str(),
+                "retry": plan.attempt > 0,
+                "booked_call_id": outcome.as_ref().ok().map(|row| row.id.clone()),
+                "skipped": outcome.err().map(|e| e.message),
+            }),
+        );
+        Ok(())
     }
 }
 

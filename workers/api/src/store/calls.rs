@@ -27,6 +27,9 @@ pub struct CallRow {
     pub created_at: String,
     /// Who asked for the call: the user, the persona, or a schedule.
     pub requested_by: RequestedBy,
+    /// The schedule this call is an attempt of, and which (0: the occurrence itself).
+    pub schedule_id: Option<String>,
+    pub attempt: i64,
 }
 
 impl CallRow {
@@ -57,6 +60,8 @@ impl CallRow {
             cost_cents: None,
             created_at: String::new(),
             requested_by,
+            schedule_id: None,
+            attempt: 0,
         }
     }
 }
@@ -93,7 +98,7 @@ pub struct Settlement<'a> {
     pub costs: &'a [CostRow],
 }
 
-pub(super) const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at, requested_by";
+pub(super) const CALL_COLUMNS: &str = "id, user_id, persona_id, phone_number, status, status_reason, scheduled_time, started_at, ended_at, duration_seconds, twilio_call_sid, answered_by, reserved_credits, cost_cents, created_at, requested_by, schedule_id, attempt";
 
 /// A call with its owner's email and current reservation, for admins.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -184,8 +189,8 @@ impl Store {
     ) -> ApiResult<Result<bool, WriteConflict>> {
         let lock = self.lock_user_stmt(&call.user_id)?;
         let insert = self.stmt(
-            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, requested_by, created_at, updated_at) \
-             SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?8, ?6, ?6 \
+            "INSERT INTO calls (id, user_id, persona_id, phone_number, status, scheduled_time, reserved_credits, requested_by, schedule_id, attempt, created_at, updated_at) \
+             SELECT ?1, ?2, ?3, ?4, 'scheduled', ?5, 0, ?8, ?9, ?10, ?6, ?6 \
              WHERE (SELECT COUNT(*) FROM calls WHERE user_id = ?2 AND status = 'scheduled') < ?7",
             &[
                 s(&call.id),
@@ -196,6 +201,8 @@ impl Store {
                 ts(now),
                 int(max_pending),
                 s(call.requested_by.as_str()),
+                opt(call.schedule_id.as_deref()),
+                int(call.attempt),
             ],
         )?;
         let count = self.stmt(

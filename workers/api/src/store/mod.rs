@@ -19,6 +19,7 @@ mod limits;
 mod memory;
 mod payments;
 mod personas;
+mod schedules;
 mod users;
 
 pub use audit::*;
@@ -26,6 +27,7 @@ pub use calls::*;
 pub use ledger::*;
 pub use payments::*;
 pub use personas::*;
+pub use schedules::*;
 pub use users::*;
 
 use serde::{Deserialize, Serialize};

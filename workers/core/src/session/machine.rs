@@ -724,6 +724,9 @@ impl Session {
                             self.status, self.charged
                         ),
                     );
+                    out.push(Effect::Settled {
+                        status: self.status,
+                    });
                     if let Some(f) = self.final_.as_ref().filter(|f| f.connected) {
                         let lines = self.record(now).lines;
                         if crate::memory::worth_remembering(&lines) {

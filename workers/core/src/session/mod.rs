@@ -311,6 +311,11 @@ pub enum Effect {
         lines: Vec<TranscriptLine>,
         ended_at_ms: u64,
     },
+    /// The call's final record is written (emitted once, connected or not): what follows
+    /// a call happens now (a schedule's retry or next occurrence).
+    Settled {
+        status: CallStatus,
+    },
     /// The persona asked to call the caller back at `at_ms`: book a scheduled call to the
     /// account's verified number with this call's persona (the usual limits apply), and
     /// answer with [`Event::Callback`].

@@ -1537,6 +1537,36 @@ fn a_settled_conversation_is_remembered_once() {
     assert!(remembers(&fx).is_empty(), "once");
 }
 
+fn settled(effects: &[Effect]) -> Vec<CallStatus> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Settled { status } => Some(*status),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What follows a call (a schedule's next attempt) is told once, when the final record
+/// is written, for answered and unanswered calls alike.
+#[test]
+fn the_shell_is_told_once_when_the_final_record_is_written() {
+    let mut s = live();
+    let fx = s.handle(status(3, "completed"), T0 + 20_000);
+    assert!(settled(&fx).is_empty(), "not before the write is confirmed");
+    let fx = s.handle(Event::Db(DbResult::Settled), T0 + 20_100);
+    assert_eq!(settled(&fx), [CallStatus::Completed]);
+    let fx = s.handle(Event::Db(DbResult::Settled), T0 + 20_200);
+    assert!(settled(&fx).is_empty(), "once");
+
+    let mut s = placed();
+    let fx = s.handle(status(1, "no-answer"), T0 + 30_000);
+    assert!(end_unconnected(&fx).is_some());
+    assert!(settled(&fx).is_empty(), "not before the write is confirmed");
+    let fx = s.handle(Event::Db(DbResult::Settled), T0 + 30_100);
+    assert_eq!(settled(&fx), [CallStatus::NoAnswer]);
+}
+
 /// A call where the caller never spoke, or that never connected, leaves no memory.
 #[test]
 fn silent_and_unconnected_calls_are_not_remembered() {
