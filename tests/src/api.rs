@@ -196,6 +196,21 @@ impl ApiClient {
         .await
     }
 
+    pub async fn patch(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<Reply> {
+        self.raw(
+            reqwest::Method::PATCH,
+            path,
+            token,
+            Some(("application/json", serde_json::to_vec(body)?)),
+        )
+        .await
+    }
+
     /// `POST /admin/users/:id/ban {reason}` as `admin`.
     pub async fn ban(
         &self,

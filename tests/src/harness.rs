@@ -112,6 +112,8 @@ pub fn worker_vars(twilio_base: &str) -> BTreeMap<String, String> {
     set("CORS_ORIGINS", APP_ORIGIN);
     // A call whose callbacks are lost is looked up 3 s after its ring timeout (30 s).
     set("CALL_RECONCILE_MARGIN_SECS", "3");
+    // Test-only: a schedule's retry may come at once (users may not go below 5 minutes).
+    set("SCHEDULE_MIN_RETRY_MINUTES", "0");
     // The api_* stacks have no relay (RELAY_URL is dead): an answered call must not be
     // ended for its missing audio while a test still looks at it.
     set("CALL_RELAY_CONNECT_TIMEOUT_SECS", "600");

@@ -153,7 +153,7 @@ pub async fn book_scheduled(
         // `calls_one_pending_per_schedule`: another booking of this schedule won.
         Err(WriteConflict::Duplicate) if b.schedule.is_some() => {
             return Err(ApiError::conflict(
-                "schedule_busy",
+                SCHEDULE_BUSY,
                 "This schedule is being changed by another request; try again.",
             ))
         }
@@ -176,6 +176,9 @@ pub async fn book_scheduled(
         .await?
         .ok_or_else(|| ApiError::internal("schedule", "the booked call is gone"))
 }
+
+/// The code of a booking that lost to another booking of the same schedule.
+const SCHEDULE_BUSY: &str = "schedule_busy";
 
 /// Books `schedule`'s attempt `(at_ms, attempt)` for `user`, and records on the schedule
 /// the call now pending (with `note`, why the last one was not placed, if it was not),
@@ -227,6 +230,9 @@ pub async fn book_attempt(
             };
             match book_scheduled(env, store, &booking, now).await {
                 Ok(row) => Ok(row),
+                // Another booking of this schedule won the race: the schedule row is its
+                // to write.
+                Err(e) if e.code == SCHEDULE_BUSY => return Ok(Err(e)),
                 Err(e) if e.status < 500 => Err(e),
                 Err(e) => return Err(e),
             }

@@ -1,0 +1,572 @@
+//! Recurring schedules over HTTP against the real Worker under `wrangler dev`, with the
+//! fake Twilio: the routes and their errors, the pending attempt each schedule keeps
+//! booked, and a schedule that dials at its minute and retries a busy line.
+
+// A failed expectation in a test is a test failure: panicking is the point.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use cmb_tests::api::{ApiClient, TestUser};
+use cmb_tests::fakes::twilio::{CallRecord, CalleeScript};
+use cmb_tests::harness;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
+fn client() -> ApiClient {
+    harness::worker().api()
+}
+
+fn unique_number() -> String {
+    let n = uuid::Uuid::new_v4().as_u128() % 10_000_000;
+    format!("+1628{n:07}")
+}
+
+/// A user whose verified number is `number` (the one schedules call).
+async fn user_with(api: &ApiClient, label: &str, number: &str) -> TestUser {
+    let user = api.register_user(label).await.unwrap();
+    api.ensure_verified(&user, number).await.unwrap();
+    user
+}
+
+fn at(v: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(
+        v.as_str().unwrap_or_else(|| panic!("a time: {v}")),
+        &Rfc3339,
+    )
+    .unwrap()
+}
+
+async fn calls(api: &ApiClient, user: &TestUser) -> Vec<Value> {
+    let r = api
+        .get("/api/calls/history?limit=100", Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["calls"].as_array().unwrap().clone()
+}
+
+async fn call(api: &ApiClient, user: &TestUser, id: &str) -> Value {
+    let r = api
+        .get(&format!("/api/calls/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["call"].clone()
+}
+
+async fn schedules(api: &ApiClient, user: &TestUser) -> Vec<Value> {
+    let r = api.get("/api/schedules", Some(&user.token)).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["schedules"].as_array().unwrap().clone()
+}
+
+fn dials_to(number: &str) -> Vec<CallRecord> {
+    harness::worker()
+        .twilio
+        .calls()
+        .into_iter()
+        .filter(|c| c.to == number)
+        .collect()
+}
+
+async fn wait_dials(number: &str, n: usize, timeout: Duration) -> Vec<CallRecord> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let dials = dials_to(number);
+        if dials.len() >= n || Instant::now() > deadline {
+            return dials;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `check` holds for the user's schedule list (what follows an attempt is
+/// booked by the attempt's session, after the call settles).
+async fn wait_schedules(
+    api: &ApiClient,
+    user: &TestUser,
+    timeout: Duration,
+    check: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = schedules(api, user).await;
+        if check(&list) || Instant::now() > deadline {
+            return list;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Create, list, pause, resume with a new time, and delete: each leaves exactly one
+/// pending attempt (an ordinary scheduled call, `requested_by: schedule`) or none.
+#[tokio::test]
+async fn a_schedule_is_created_paused_changed_and_deleted_with_its_pending_call() {
+    let api = client();
+    let number = unique_number();
+    let user = user_with(&api, "sched-crud", &number).await;
+    let before = OffsetDateTime::now_utc();
+
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({
+                "persona_id": "brad",
+                "time_of_day": "07:00",
+                "days": ["fri", "mon", "tue", "wed", "thu"],
+                "timezone": "europe/london",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let s = r.body["schedule"].clone();
+    let id = s["id"].as_str().unwrap().to_owned();
+    assert_eq!(s["persona_id"], "brad");
+    assert_eq!(s["time_of_day"], "07:00");
+    assert_eq!(s["days"], json!(["mon", "tue", "wed", "thu", "fri"]));
+    assert_eq!(
+        s["timezone"], "Europe/London",
+        "stored as the database spells it"
+    );
+    assert_eq!(
+        (s["retries"].clone(), s["retry_after_minutes"].clone()),
+        (json!(1), json!(10))
+    );
+    assert_eq!(s["active"], true);
+    // The next occurrence: a weekday, 07:00 in London (GMT in December, BST in summer),
+    // within the next four days.
+    let next = at(&s["next_call_at"]);
+    assert!(
+        next > before && next < before + time::Duration::days(4),
+        "{next}"
+    );
+    let london_offset = if (4..=9).contains(&(next.month() as u8)) {
+        1
+    } else {
+        0
+    };
+    let local = next.to_offset(UtcOffset::from_hms(london_offset, 0, 0).unwrap());
+    assert_eq!(
+        (local.hour(), local.minute(), local.second()),
+        (7, 0, 0),
+        "{next}"
+    );
+    assert!(
+        local.weekday().number_days_from_monday() < 5,
+        "a weekday: {local}"
+    );
+
+    // Its pending attempt is an ordinary scheduled call.
+    let pending = s["pending_call_id"].as_str().unwrap().to_owned();
+    let c = call(&api, &user, &pending).await;
+    assert_eq!(c["status"], "scheduled");
+    assert_eq!(c["requested_by"], "schedule");
+    assert_eq!(c["schedule_id"], id.as_str());
+    assert_eq!(c["attempt"], 0);
+    assert_eq!(c["phone_number"], number.as_str());
+    assert_eq!(at(&c["scheduled_time"]), next);
+
+    let list = schedules(&api, &user).await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["id"], id.as_str());
+
+    // Pause: the pending call is canceled, nothing is next.
+    let r = api
+        .patch(
+            &format!("/api/schedules/{id}"),
+            Some(&user.token),
+            &json!({ "active": false }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["schedule"]["active"], false);
+    assert_eq!(r.body["schedule"]["next_call_at"], Value::Null);
+    assert_eq!(r.body["schedule"]["pending_call_id"], Value::Null);
+    assert_eq!(call(&api, &user, &pending).await["status"], "canceled");
+
+    // Resume at another time, every day, in New York.
+    let r = api
+        .patch(
+            &format!("/api/schedules/{id}"),
+            Some(&user.token),
+            &json!({ "active": true, "time_of_day": "8:15", "days": ["sat", "sun"], "timezone": "America/New_York", "retries": 0 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = r.body["schedule"].clone();
+    assert_eq!(s["time_of_day"], "08:15");
+    assert_eq!(s["days"], json!(["sat", "sun"]));
+    assert_eq!(s["retries"], 0);
+    assert_eq!(s["retry_after_minutes"], 10, "unchanged");
+    let next = at(&s["next_call_at"]);
+    let ny_offset = if (4..=10).contains(&(next.month() as u8)) {
+        -4
+    } else {
+        -5
+    };
+    let local = next.to_offset(UtcOffset::from_hms(ny_offset, 0, 0).unwrap());
+    assert_eq!((local.hour(), local.minute()), (8, 15), "{next}");
+    assert!(
+        local.weekday().number_days_from_monday() >= 5,
+        "a weekend day: {local}"
+    );
+    let resumed = s["pending_call_id"].as_str().unwrap().to_owned();
+    assert_ne!(resumed, pending);
+    assert_eq!(call(&api, &user, &resumed).await["status"], "scheduled");
+
+    // A change of persona only: the pending call is rebooked with it.
+    let r = api
+        .patch(
+            &format!("/api/schedules/{id}"),
+            Some(&user.token),
+            &json!({ "persona_id": "sarah" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rebooked = r.body["schedule"]["pending_call_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(call(&api, &user, &resumed).await["status"], "canceled");
+    let c = call(&api, &user, &rebooked).await;
+    assert_eq!(
+        (c["persona_id"].clone(), c["status"].clone()),
+        (json!("sarah"), json!("scheduled"))
+    );
+    assert_eq!(at(&r.body["schedule"]["next_call_at"]), next, "same time");
+
+    // Delete: gone from the list, its pending call canceled, and 404 after.
+    let d = api
+        .delete(&format!("/api/schedules/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(d.status, 204, "{}", d.body);
+    assert!(schedules(&api, &user).await.is_empty());
+    assert_eq!(call(&api, &user, &rebooked).await["status"], "canceled");
+    let again = api
+        .delete(&format!("/api/schedules/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!((again.status, again.code()), (404, Some("not_found")));
+    let still_scheduled = calls(&api, &user)
+        .await
+        .into_iter()
+        .filter(|c| c["status"] == "scheduled")
+        .count();
+    assert_eq!(still_scheduled, 0, "nothing left to dial");
+}
+
+/// Every bad field is a 400 naming it, and nothing is created; another user's schedule
+/// is 404 to everyone else.
+#[tokio::test]
+async fn bad_schedules_are_refused_and_others_schedules_are_not_found() {
+    let api = client();
+    let user = user_with(&api, "sched-bad", &unique_number()).await;
+    let good = json!({ "persona_id": "sarah", "time_of_day": "07:00", "timezone": "UTC" });
+    let with = |k: &str, v: Value| {
+        let mut b = good.clone();
+        b[k] = v;
+        b
+    };
+    let cases = [
+        (
+            with("time_of_day", json!("25:00")),
+            "invalid_time_of_day",
+            "time_of_day",
+        ),
+        (
+            with("time_of_day", json!("7am")),
+            "invalid_time_of_day",
+            "time_of_day",
+        ),
+        (
+            with("timezone", json!("Mars/Olympus_Mons")),
+            "invalid_timezone",
+            "timezone",
+        ),
+        (
+            with("timezone", json!("EST+5")),
+            "invalid_timezone",
+            "timezone",
+        ),
+        (with("days", json!([])), "invalid_days", "days"),
+        (
+            with("days", json!(["mon", "funday"])),
+            "invalid_days",
+            "days",
+        ),
+        (with("retries", json!(4)), "invalid_retries", "retries"),
+        (with("retries", json!(-1)), "invalid_retries", "retries"),
+        (
+            with("retry_after_minutes", json!(121)),
+            "invalid_retry_after",
+            "retry_after_minutes",
+        ),
+    ];
+    for (body, code, field) in cases {
+        let r = api
+            .post("/api/schedules", Some(&user.token), &body)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.code()),
+            (400, Some(code)),
+            "{body}: {}",
+            r.body
+        );
+        let named = r.body["error"]["details"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["field"] == field));
+        assert!(named, "the error names {field}: {}", r.body);
+    }
+    // Malformed JSON and unknown fields.
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &with("every", json!("day")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({ "time_of_day": "07:00", "timezone": "UTC" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "persona_id is required: {}", r.body);
+    // An unknown persona.
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &with("persona_id", json!("nobody")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (400, Some("invalid_persona")),
+        "{}",
+        r.body
+    );
+    // No zone given and none on the account.
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({ "persona_id": "sarah", "time_of_day": "07:00" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (400, Some("invalid_timezone")),
+        "{}",
+        r.body
+    );
+    // Without a token.
+    let r = api.post("/api/schedules", None, &good).await.unwrap();
+    assert_eq!(r.status, 401);
+    assert!(
+        schedules(&api, &user).await.is_empty(),
+        "nothing was created"
+    );
+    assert!(calls(&api, &user).await.is_empty(), "nothing was booked");
+
+    // The account's zone is the default.
+    let r = api
+        .patch(
+            "/api/me",
+            Some(&user.token),
+            &json!({ "timezone": "Australia/Sydney" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({ "persona_id": "sarah", "time_of_day": "07:00" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["schedule"]["timezone"], "Australia/Sydney");
+    let id = r.body["schedule"]["id"].as_str().unwrap().to_owned();
+
+    // A bad PATCH changes nothing.
+    let r = api
+        .patch(
+            &format!("/api/schedules/{id}"),
+            Some(&user.token),
+            &json!({ "time_of_day": "07:60", "active": false }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (400, Some("invalid_time_of_day")),
+        "{}",
+        r.body
+    );
+    let list = schedules(&api, &user).await;
+    assert_eq!(
+        (list[0]["time_of_day"].clone(), list[0]["active"].clone()),
+        (json!("07:00"), json!(true))
+    );
+
+    // Someone else's schedule does not exist for them.
+    let other = user_with(&api, "sched-other", &unique_number()).await;
+    for r in [
+        api.patch(
+            &format!("/api/schedules/{id}"),
+            Some(&other.token),
+            &json!({ "active": false }),
+        )
+        .await
+        .unwrap(),
+        api.delete(&format!("/api/schedules/{id}"), Some(&other.token))
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!((r.status, r.code()), (404, Some("not_found")), "{}", r.body);
+    }
+    assert!(schedules(&api, &other).await.is_empty());
+    assert_eq!(schedules(&api, &user).await[0]["active"], true, "untouched");
+
+    // An account without a verified number cannot set one up.
+    let unverified = ApiClient::new(api.base())
+        .register_user("sched-unverified")
+        .await
+        .unwrap();
+    let r = api
+        .post("/api/schedules", Some(&unverified.token), &good)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (403, Some("phone_not_verified")),
+        "{}",
+        r.body
+    );
+    assert!(schedules(&api, &unverified).await.is_empty());
+}
+
+/// A schedule set for the coming minute, in a zone half an hour off UTC, dials at that
+/// minute; the busy line is tried again after its delay (0 here, through the test-only
+/// `SCHEDULE_MIN_RETRY_MINUTES`); then the schedule waits for the next day. Each attempt
+/// is its own call, linked to the schedule.
+#[tokio::test]
+async fn a_schedule_dials_at_its_minute_and_retries_a_busy_line() {
+    let api = client();
+    let number = unique_number();
+    harness::worker()
+        .twilio
+        .set_script(number.clone(), CalleeScript::Busy);
+    let user = user_with(&api, "sched-dial", &number).await;
+
+    // The next whole minute at least 5 s away, as a Kolkata (UTC+05:30, no DST) time.
+    let kolkata = UtcOffset::from_hms(5, 30, 0).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let mut minute = now
+        .replace_second(0)
+        .unwrap()
+        .replace_nanosecond(0)
+        .unwrap()
+        + time::Duration::minutes(1);
+    if minute - now < time::Duration::seconds(5) {
+        minute += time::Duration::minutes(1);
+    }
+    let local = minute.to_offset(kolkata);
+    let time_of_day = format!("{:02}:{:02}", local.hour(), local.minute());
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({
+                "persona_id": "sarah",
+                "time_of_day": time_of_day,
+                "timezone": "Asia/Kolkata",
+                "retries": 1,
+                "retry_after_minutes": 0,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["schedule"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(at(&r.body["schedule"]["next_call_at"]), minute);
+
+    // The occurrence, then its one retry.
+    let dials = wait_dials(&number, 2, Duration::from_secs(100)).await;
+    assert_eq!(dials.len(), 2, "the occurrence and one retry: {dials:?}");
+    let first = dials[0].date_created;
+    assert!(
+        first >= minute - time::Duration::milliseconds(1000)
+            && first <= minute + time::Duration::seconds(5),
+        "dialed at its minute: {first} vs {minute}"
+    );
+
+    // Then tomorrow's occurrence is booked, and no third dial comes today.
+    let list = wait_schedules(&api, &user, Duration::from_secs(30), |l| {
+        l[0]["next_call_at"]
+            .as_str()
+            .is_some_and(|t| at(&json!(t)) > minute)
+    })
+    .await;
+    assert_eq!(
+        at(&list[0]["next_call_at"]),
+        minute + time::Duration::days(1),
+        "{}",
+        list[0]
+    );
+    assert_eq!(list[0]["skipped_reason"], Value::Null);
+    let history = calls(&api, &user).await;
+    let mut attempts: Vec<(i64, String, String)> = history
+        .iter()
+        .filter(|c| c["schedule_id"] == id.as_str())
+        .map(|c| {
+            (
+                c["attempt"].as_i64().unwrap(),
+                c["status"].as_str().unwrap().to_owned(),
+                c["requested_by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    attempts.sort();
+    let schedule = "schedule".to_owned();
+    assert_eq!(
+        attempts,
+        [
+            (0, "busy".to_owned(), schedule.clone()),
+            (0, "scheduled".to_owned(), schedule.clone()),
+            (1, "busy".to_owned(), schedule.clone()),
+        ],
+        "{history:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(dials_to(&number).len(), 2, "given up after one retry");
+
+    // Deleting it cancels tomorrow's.
+    let d = api
+        .delete(&format!("/api/schedules/{id}"), Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(d.status, 204);
+    assert!(calls(&api, &user)
+        .await
+        .iter()
+        .all(|c| c["status"] != "scheduled"));
+}
