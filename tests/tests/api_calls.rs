@@ -202,7 +202,11 @@ async fn triggered_call_progresses_and_settles() {
     let mut events = fake.status_callback_events.clone();
     events.sort();
     assert_eq!(events, ["answered", "completed", "initiated", "ringing"]);
-    assert_eq!(fake.machine_detection.as_deref(), Some("Enable"));
+    assert_eq!(
+        fake.machine_detection.as_deref(),
+        Some("DetectMessageEnd"),
+        "a machine is answered after its beep"
+    );
     assert!(fake.timeout_secs > 0);
     assert!(!fake.twiml_fetches.is_empty(), "Twilio fetched the TwiML");
 }
@@ -239,9 +243,11 @@ async fn busy_and_no_answer_cost_nothing() {
     }
 }
 
-/// An answering machine gets a polite message and the call is billed the base fee only.
+/// An answering machine is answered after its beep with the media stream, as a person
+/// is (the persona leaves its voicemail through the relay: `e2e_call`). This stack has no
+/// relay, so no message is left, and the call says so; it is billed as connected.
 #[tokio::test]
-async fn answering_machine_pays_base_fee_only() {
+async fn answering_machine_gets_the_stream_for_a_voicemail() {
     let api = client();
     let user = api.register_user("machine").await.unwrap();
     let number = unique_number();
@@ -260,14 +266,20 @@ async fn answering_machine_pays_base_fee_only() {
         .to_string();
     let (body, _) = wait_status(&api, &user, &id, &["completed", "failed"]).await;
     assert_eq!(body["call"]["status"], "completed");
-    assert_eq!(body["call"]["cost_cents"], 25);
-    assert_eq!(api.credits(&user).await.unwrap(), 200 - 25);
+    assert_eq!(body["call"]["answered_by"], "machine_end_beep");
+    assert_eq!(
+        body["call"]["status_reason"],
+        "Answered by a machine; no message was left."
+    );
+    let charged = body["call"]["cost_cents"].as_i64().unwrap();
+    assert_eq!(charged, cmb_core::pricing::call_charge_credits(95, true));
+    assert_eq!(api.credits(&user).await.unwrap(), 200 - charged);
     let fake = wait_fake_finished(&number).await;
-    let twiml = &fake.twiml_fetches[0];
-    let xml = format!("{twiml:?}");
+    assert_eq!(fake.machine_detection.as_deref(), Some("DetectMessageEnd"));
+    let xml = format!("{:?}", fake.twiml_fetches[0]);
     assert!(
-        !xml.contains("<Stream"),
-        "no media stream for a machine: {xml}"
+        xml.contains("<Stream"),
+        "the stream connects for a machine: {xml}"
     );
 }
 

@@ -798,3 +798,82 @@ async fn the_persona_books_a_callback_and_hangs_up_after_its_goodbye() {
         .unwrap();
     assert_eq!(cancel.status, 200, "{}", cancel.body);
 }
+
+/// An answering machine (Twilio answers after its beep, `DetectMessageEnd`): the persona
+/// leaves its short voicemail in its own voice through the relay, then hangs up itself;
+/// the call is charged like any connected call, and its history shows
+/// `answered_by: machine_end_beep` and the message left.
+#[tokio::test]
+async fn a_machine_gets_a_voicemail_in_the_personas_voice() {
+    let v = memory_voice();
+    let api = v.api();
+    let user = api.register_user("voicemail").await.unwrap();
+    let number = unique_number();
+    v.twilio.set_script(
+        number.clone(),
+        twilio::CalleeScript::Answer(twilio::Answer {
+            after_rings: 1,
+            answered_by: twilio::AnsweredBy::MachineEndBeep,
+            // A machine records, silent, until the line drops.
+            session: SimScript::new(vec![Step::Pause(45_000), Step::HangUp]),
+            duration_override_secs: None,
+        }),
+    );
+    let id = api.trigger_call(&user, "brad", &number).await.unwrap();
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(40))
+        .await
+        .unwrap();
+    let call = &done["call"];
+    assert_eq!(call["status"], "completed", "{done}");
+    assert_eq!(call["answered_by"], "machine_end_beep", "{done}");
+    assert_eq!(call["status_reason"], "Voicemail left.", "{done}");
+    let secs = u32::try_from(call["duration_seconds"].as_i64().unwrap()).unwrap();
+    assert_eq!(
+        call["cost_cents"].as_i64().unwrap(),
+        cmb_core::pricing::call_charge_credits(secs, true),
+        "charged like a connected call: {done}"
+    );
+    let said: Vec<&str> = done["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert_eq!(t["role"], "assistant", "only the persona spoke: {done}");
+            t["text"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("it's Brad") && said[0].contains("try you again"),
+        "{said:?}"
+    );
+
+    let record = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap();
+    let heard = &record.heard_text;
+    assert!(
+        heard.trim_start().starts_with(harness::VOICE_AI_DISCLOSURE),
+        "the first call to a number discloses the AI, on a voicemail too: {heard}"
+    );
+    assert!(
+        heard.contains("Sorry I missed you") && heard.contains("Talk later"),
+        "the whole voicemail was recorded: {heard}"
+    );
+    assert!(
+        !heard.contains("Ready to crush it"),
+        "the greeting is not left on a machine: {heard}"
+    );
+    assert!(
+        !record
+            .sim_events
+            .iter()
+            .any(|e| matches!(e, cmb_tests::sim::SimEvent::HungUp { .. })),
+        "the persona hung up, not the machine: {:?}",
+        record.sim_events
+    );
+}

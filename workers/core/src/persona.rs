@@ -274,6 +274,17 @@ pub fn opening_line(greeting: &str, disclosure: &str, first_call_to_number: bool
     }
 }
 
+/// What the persona leaves on an answering machine (after the beep), in its own voice:
+/// short, says who called and that it will try again, with the AI disclosure first on the
+/// first call that reaches the number, as for the greeting.
+pub fn voicemail_line(name: &str, disclosure: &str, first_call_to_number: bool) -> String {
+    let line = format!(
+        "Hi, it's {} from Call Me Back. Sorry I missed you! I'll try you again soon. Talk later!",
+        name.trim()
+    );
+    opening_line(&line, disclosure, first_call_to_number)
+}
+
 /// The system prompt for a call with `persona`: the phone-call rules, then the persona's
 /// name and its own prompt.
 pub fn call_system_prompt(persona: &PersonaFields) -> String {

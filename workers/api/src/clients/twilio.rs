@@ -160,7 +160,9 @@ pub async fn create_call(cfg: &WorkerConfig, dial: &Dial<'_>) -> Result<String, 
         ("StatusCallbackEvent", "completed"),
         ("Timeout", timeout.as_str()),
         ("TimeLimit", time_limit.as_str()),
-        ("MachineDetection", "Enable"),
+        // Answering machines are told apart, and the answer waits for the beep, so the
+        // persona's voicemail is recorded whole.
+        ("MachineDetection", "DetectMessageEnd"),
     ];
     let bytes = send(cfg, Method::Post, &calls_url(cfg), Some(&form)).await?;
     let call: CallBody = serde_json::from_slice(&bytes).map_err(|e| TwilioError {

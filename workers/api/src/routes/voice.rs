@@ -20,7 +20,6 @@ use crate::Ctx;
 const STREAM_TOKEN_TTL_SECS: i64 = 120;
 const FALLBACK_SAY: &str =
     "Sorry, we lost the connection to your call. Please try again in a moment. Goodbye.";
-const MACHINE_SAY: &str = "Hi, this is Call Me Back. We will try you again later. Goodbye.";
 
 /// A verified Twilio webhook: its call id and form parameters.
 struct Verified {
@@ -99,11 +98,12 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .as_deref()
         .is_some_and(cmb_core::calls::is_machine)
     {
+        // Twilio waited for the beep (`DetectMessageEnd`): the stream connects as for a
+        // person, and the session has the persona leave its voicemail line.
         crate::log::info(
             "answering_machine",
-            json!({ "request_id": ctx.request_id, "call_id": v.call_id }),
+            json!({ "request_id": ctx.request_id, "call_id": v.call_id, "answered_by": answered_by }),
         );
-        return twiml_response(twiml::say_and_hangup(MACHINE_SAY));
     }
     let nonce = crypto::uuid().map_err(|e| ApiError::internal("nonce", e))?;
     let token = stream_token::mint(

@@ -413,8 +413,9 @@ impl CallSession {
         let first_call = !store
             .number_reached_before(&call.phone_number, &call.id)
             .await?;
-        let greeting =
-            cmb_core::persona::opening_line(&p.greeting, &self.config()?.ai_disclosure, first_call);
+        let disclosure = &self.config()?.ai_disclosure;
+        let greeting = cmb_core::persona::opening_line(&p.greeting, disclosure, first_call);
+        let voicemail = cmb_core::persona::voicemail_line(&p.name, disclosure, first_call);
         Ok(Some(PersonaBrief {
             system_prompt,
             name: p.name,
@@ -427,6 +428,7 @@ impl CallSession {
                 use_speaker_boost: true,
             },
             greeting,
+            voicemail,
             caller_zone: zone,
         }))
     }

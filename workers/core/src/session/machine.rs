@@ -228,6 +228,11 @@ impl Session {
         base + h % (base / 2 + 1)
     }
 
+    /// A machine answered: the persona leaves its voicemail line and hangs up.
+    fn is_voicemail(&self) -> bool {
+        self.answered_by.as_deref().is_some_and(calls::is_machine)
+    }
+
     fn is_talking(&self) -> bool {
         self.conv.hanging_up_ms.is_none() && self.ending_ms.is_none() && self.final_.is_none()
     }
@@ -578,13 +583,11 @@ impl Session {
         if answered_by.is_some() {
             self.answered_by = answered_by;
         }
-        // A machine gets a short message and Twilio hangs up. A person: the relay should
-        // connect soon, whether or not Twilio's callbacks arrive. The status itself moves
-        // with Twilio's `answered` callback (or the relay's `ready`), so a `ringing`
-        // callback racing this fetch is not skipped.
-        if !self.answered_by.as_deref().is_some_and(calls::is_machine) {
-            self.answered_ms.get_or_insert(now);
-        }
+        // The relay should connect soon (a person gets the conversation, a machine the
+        // persona's voicemail), whether or not Twilio's callbacks arrive. The status
+        // itself moves with Twilio's `answered` callback (or the relay's `ready`), so a
+        // `ringing` callback racing this fetch is not skipped.
+        self.answered_ms.get_or_insert(now);
     }
 
     // ---- cancel and end ----
@@ -806,15 +809,18 @@ impl Session {
         if let Some(llm) = self.llm.take() {
             out.push(Effect::CancelLlm { stream: llm.stream });
         }
-        let machine = self.answered_by.as_deref().is_some_and(calls::is_machine);
-        // A machine answered: the call ended politely without a conversation, base fee only.
-        let charge = if machine && connected {
-            pricing::BASE_CALL_CREDITS
-        } else {
-            pricing::call_charge_credits(duration_secs, connected)
-        };
-        let reason =
-            reason.or_else(|| (machine && connected).then(|| "Answered by a machine.".into()));
+        // A machine answered: the persona left its voicemail (charged like any connected
+        // call), or, if the stream never connected, nothing was said.
+        let charge = pricing::call_charge_credits(duration_secs, connected);
+        let reason = reason.or_else(|| {
+            (self.is_voicemail() && connected).then(|| {
+                if self.relay.connected_ms.is_some() {
+                    "Voicemail left.".into()
+                } else {
+                    "Answered by a machine; no message was left.".into()
+                }
+            })
+        });
         self.final_ = Some(Final {
             status,
             duration_secs: if connected { duration_secs } else { 0 },
@@ -1129,6 +1135,11 @@ impl Session {
             return;
         }
         self.relay.open.push(conn);
+        // A machine hears the voicemail line in place of the greeting.
+        let mut persona = persona;
+        if self.is_voicemail() {
+            persona.greeting = persona.voicemail.clone();
+        }
         if self.conv.lines.is_empty() {
             // The greeting is the persona's turn 0.
             self.conv.lines.push(Line {
@@ -1266,6 +1277,11 @@ impl Session {
                 }
                 let from = resume_from.unwrap_or_else(|| self.relay.hello_seq.unwrap_or(0));
                 self.replay(conn, from, out);
+                if self.is_voicemail() {
+                    // The voicemail line is the hello's greeting: once it has been heard,
+                    // the relay hangs up.
+                    self.hang_up("voicemail", None, now, out);
+                }
                 true
             }
             Some(bound) if bound == stream_sid => {
@@ -1307,7 +1323,8 @@ impl Session {
                 self.conv.last_activity_ms = Some(now);
                 self.conv.checked_in = false;
                 let text = text.trim();
-                if text.is_empty() || self.final_.is_some() {
+                // A machine's own greeting is not a turn.
+                if text.is_empty() || self.final_.is_some() || self.is_voicemail() {
                     return;
                 }
                 self.conv.lines.push(Line {

@@ -89,6 +89,9 @@ pub struct PersonaBrief {
     /// The caller's IANA time zone (tool results say times in it).
     #[serde(default)]
     pub caller_zone: Option<String>,
+    /// What the persona says when a machine answers, before hanging up.
+    #[serde(default)]
+    pub voicemail: String,
 }
 
 /// A call was handed to its session (`POST /api/calls/trigger` or `/schedule`).

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::channel::{DoToRelay, Envelope, RelayToDo, VoiceSettings};
+use crate::pricing;
 
 const T0: u64 = 1_800_000_000_000;
 const SID: &str = "CA0000000000000000000000000000000a";
@@ -29,6 +30,7 @@ fn persona() -> PersonaBrief {
         greeting: "Yo!".into(),
         system_prompt: "You are Brad.".into(),
         caller_zone: Some("Europe/London".into()),
+        voicemail: "Hi, it's Brad. I'll try you again soon.".into(),
     }
 }
 
@@ -453,9 +455,83 @@ fn busy_and_no_answer_are_free() {
     }
 }
 
-/// An answering machine pays the base fee only.
+/// A machine answered (after its beep): the persona's voicemail line is the greeting,
+/// the relay hangs up once it has been heard, nothing the machine says is a turn, and the
+/// call is charged like any connected call, its reason saying a message was left.
 #[test]
-fn machine_pays_base_fee() {
+fn a_machine_gets_the_personas_voicemail_then_the_line_drops() {
+    let mut s = placed();
+    s.handle(
+        Event::Answered {
+            answered_by: Some("machine_end_beep".into()),
+        },
+        T0 + 3_000,
+    );
+    s.handle(status(2, "in-progress"), T0 + 3_100);
+    let fx = s.handle(
+        Event::RelayOpened {
+            conn: 0,
+            persona: persona(),
+        },
+        T0 + 4_000,
+    );
+    let hello = sent(&fx);
+    assert!(
+        matches!(hello.first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Hi, it's Brad. I'll try you again soon."),
+        "{hello:?}"
+    );
+    let fx = s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(1, ready(None)),
+        },
+        T0 + 4_000,
+    );
+    assert!(
+        sent(&fx).iter().any(
+            |m| matches!(m, DoToRelay::HangUp { reason, goodbye: None } if reason == "voicemail")
+        ),
+        "{:?}",
+        sent(&fx)
+    );
+    // The machine's own message is transcribed by the relay: no reply to it.
+    let fx = user_says(
+        &mut s,
+        2,
+        "Please leave a message after the tone.",
+        T0 + 5_000,
+    );
+    assert!(
+        !has(&fx, |e| matches!(e, Effect::StartLlm { .. })),
+        "{fx:?}"
+    );
+    let fx = s.handle(
+        status_with(3, "completed", &[("CallDuration", "12")]),
+        T0 + 16_000,
+    );
+    let settled = settlement(&fx).expect("settled");
+    assert_eq!(settled.charge, pricing::call_charge_credits(12, true));
+    assert_eq!(settled.reason.as_deref(), Some("Voicemail left."));
+    let record = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::Db(DbOp::SaveConversation(r)) => Some(r),
+            _ => None,
+        })
+        .expect("the transcript is saved with the settlement");
+    let texts: Vec<_> = record.lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["Hi, it's Brad. I'll try you again soon."]);
+    assert_eq!(
+        s.conv.lines.len(),
+        1,
+        "only the voicemail line: {:?}",
+        s.conv.lines
+    );
+}
+
+/// A machine whose stream never connected heard nothing: the call says so.
+#[test]
+fn a_machine_without_a_stream_is_not_said_to_have_a_message() {
     let mut s = placed();
     s.handle(
         Event::Answered {
@@ -464,10 +540,14 @@ fn machine_pays_base_fee() {
         T0 + 3_000,
     );
     let fx = s.handle(
-        status_with(1, "completed", &[("CallDuration", "12")]),
-        T0 + 15_000,
+        status_with(1, "completed", &[("CallDuration", "4")]),
+        T0 + 8_000,
     );
-    assert_eq!(settlement(&fx).map(|s| s.charge), Some(25));
+    let reason = settlement(&fx).and_then(|s| s.reason.clone());
+    assert_eq!(
+        reason.as_deref(),
+        Some("Answered by a machine; no message was left.")
+    );
 }
 
 // ---- lost callbacks ----
