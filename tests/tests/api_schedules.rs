@@ -477,18 +477,9 @@ async fn a_schedule_dials_at_its_minute_and_retries_a_busy_line() {
         .set_script(number.clone(), CalleeScript::Busy);
     let user = user_with(&api, "sched-dial", &number).await;
 
-    // The next whole minute at least 5 s away, as a Kolkata (UTC+05:30, no DST) time.
+    // The coming minute as a Kolkata (UTC+05:30, no DST) time.
     let kolkata = UtcOffset::from_hms(5, 30, 0).unwrap();
-    let now = OffsetDateTime::now_utc();
-    let mut minute = now
-        .replace_second(0)
-        .unwrap()
-        .replace_nanosecond(0)
-        .unwrap()
-        + time::Duration::minutes(1);
-    if minute - now < time::Duration::seconds(5) {
-        minute += time::Duration::minutes(1);
-    }
+    let (minute, _) = coming_minute();
     let local = minute.to_offset(kolkata);
     let time_of_day = format!("{:02}:{:02}", local.hour(), local.minute());
     let r = api
@@ -571,4 +562,146 @@ async fn a_schedule_dials_at_its_minute_and_retries_a_busy_line() {
         .await
         .iter()
         .all(|c| c["status"] != "scheduled"));
+}
+
+/// The next whole minute at least 5 s away, and that minute as `HH:MM` in UTC.
+fn coming_minute() -> (OffsetDateTime, String) {
+    let now = OffsetDateTime::now_utc();
+    let mut minute = now
+        .replace_second(0)
+        .unwrap()
+        .replace_nanosecond(0)
+        .unwrap()
+        + time::Duration::minutes(1);
+    if minute - now < time::Duration::seconds(5) {
+        minute += time::Duration::minutes(1);
+    }
+    let hh_mm = format!("{:02}:{:02}", minute.hour(), minute.minute());
+    (minute, hh_mm)
+}
+
+/// An occurrence that comes when the account has no credits is not placed: its call fails
+/// free with the reason, the schedule says why (`skipped_reason`) and books the next day.
+#[tokio::test]
+async fn an_occurrence_without_credits_is_skipped_and_says_why() {
+    let api = client();
+    let number = unique_number();
+    harness::worker()
+        .twilio
+        .set_script(number.clone(), CalleeScript::Busy);
+    let user = user_with(&api, "sched-broke", &number).await;
+    let (minute, hh_mm) = coming_minute();
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({ "persona_id": "sarah", "time_of_day": hh_mm, "timezone": "UTC", "retries": 0 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let first = r.body["schedule"]["pending_call_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The credits go before the minute comes.
+    let admin = harness::admin(&api).await;
+    let r = api
+        .post(
+            &format!("/admin/users/{}/credits", user.id),
+            Some(&admin.token),
+            &json!({ "amount": -200, "reason": "schedule test: no credits" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(api.credits(&user).await.unwrap(), 0);
+
+    let list = wait_schedules(&api, &user, Duration::from_secs(100), |l| {
+        l[0]["pending_call_id"].as_str().is_some_and(|p| p != first)
+    })
+    .await;
+    let s = &list[0];
+    assert_eq!(
+        at(&s["next_call_at"]),
+        minute + time::Duration::days(1),
+        "{s}"
+    );
+    let why = s["skipped_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("Not enough credits"), "says why: {s}");
+    let missed = call(&api, &user, &first).await;
+    assert_eq!(missed["status"], "failed", "{missed}");
+    assert_eq!(missed["cost_cents"], 0, "{missed}");
+    assert!(dials_to(&number).is_empty(), "never dialed");
+    let d = api
+        .delete(
+            &format!("/api/schedules/{}", s["id"].as_str().unwrap()),
+            Some(&user.token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.status, 204);
+}
+
+/// A ban cancels the schedule's pending attempt and nothing is booked while the account
+/// is suspended; reinstating it books the next occurrence again.
+#[tokio::test]
+async fn a_suspended_account_skips_its_schedule_until_reinstated() {
+    let api = client();
+    let user = user_with(&api, "sched-banned", &unique_number()).await;
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({ "persona_id": "sarah", "time_of_day": "06:45", "timezone": "Europe/London" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let first = r.body["schedule"]["pending_call_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let next = r.body["schedule"]["next_call_at"].clone();
+    let admin = harness::admin(&api).await;
+    let r = api.ban(&admin, &user.id, "schedule test").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.to_string().contains(&first),
+        "the ban canceled the pending attempt: {}",
+        r.body
+    );
+    // The canceled attempt's session finds the account suspended and books nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = api
+        .post(
+            &format!("/admin/users/{}/unban", user.id),
+            Some(&admin.token),
+            &json!({ "reason": "schedule test over" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let list = wait_schedules(&api, &user, Duration::from_secs(20), |l| {
+        l[0]["pending_call_id"].as_str().is_some_and(|p| p != first)
+    })
+    .await;
+    let s = &list[0];
+    let resumed = s["pending_call_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("resumed: {s}"));
+    assert_ne!(resumed, first);
+    assert_eq!(
+        s["next_call_at"], next,
+        "the same occurrence, booked again: {s}"
+    );
+    assert_eq!(s["skipped_reason"], Value::Null, "{s}");
+    assert_eq!(call(&api, &user, resumed).await["status"], "scheduled");
+    assert_eq!(call(&api, &user, &first).await["status"], "canceled");
+    let scheduled = calls(&api, &user)
+        .await
+        .iter()
+        .filter(|c| c["status"] == "scheduled")
+        .count();
+    assert_eq!(scheduled, 1, "one pending attempt");
 }

@@ -1,7 +1,7 @@
 //! Recurring schedules (`/api/schedules`): "every weekday at 07:00 in my time zone".
 //!
 //! The route validates (`cmb_core::schedule`, `cmb_core::tz`), writes the schedule, and
-//! books its next attempt as an ordinary scheduled call (`session::client::book_attempt`,
+//! books its next attempt as an ordinary scheduled call (`session::client::book_next_occurrence`,
 //! the same booking as `POST /api/calls/schedule`). When an attempt settles, its session
 //! books the retry or the next occurrence.
 
@@ -14,7 +14,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, Session};
 use crate::http::booking::{destination, usable_persona};
 use crate::http::{json, json_body, no_content};
-use crate::session::client::{book_attempt, cancel_pending};
+use crate::session::client::{book_next_occurrence, cancel_pending};
 use crate::store::{ScheduleRow, ScheduleWrite};
 use crate::Ctx;
 
@@ -167,12 +167,23 @@ fn view(row: &ScheduleRow) -> ApiResult<Value> {
     }))
 }
 
-/// The schedule's next occurrence after now, in ms since the epoch.
-fn next_at(ctx: &Ctx, f: &Fields) -> ApiResult<u64> {
-    let now = i64::try_from(ctx.now_ms).unwrap_or(i64::MAX);
-    schedule::next_occurrence(f.time, f.days, &f.timezone, now)
-        .and_then(|ms| u64::try_from(ms).ok())
-        .ok_or_else(|| ApiError::internal("schedule", "no next occurrence"))
+/// Books the schedule's next occurrence from now ([`book_next_occurrence`]).
+async fn book_next(
+    ctx: &Ctx,
+    session: &Session,
+    row: &ScheduleRow,
+    now: &str,
+) -> ApiResult<Result<crate::store::CallRow, ApiError>> {
+    book_next_occurrence(
+        &ctx.env,
+        &ctx.cfg,
+        &ctx.store,
+        row,
+        &session.user,
+        ctx.now_ms,
+        now,
+    )
+    .await
 }
 
 async fn owned(ctx: &Ctx, session: &Session, id: &str) -> ApiResult<ScheduleRow> {
@@ -212,19 +223,7 @@ pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .await?;
     if f.active {
         let row = owned(ctx, &session, &id).await?;
-        let at = next_at(ctx, &f)?;
-        match book_attempt(
-            &ctx.env,
-            &ctx.cfg,
-            &ctx.store,
-            &row,
-            &session.user,
-            (at, 0),
-            None,
-            &now,
-        )
-        .await
-        {
+        match book_next(ctx, &session, &row, &now).await {
             Ok(Ok(_)) => {}
             // The first occurrence cannot be booked (a limit): nothing is kept.
             Ok(Err(refused)) => {
@@ -264,19 +263,8 @@ pub async fn update(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response
     cancel_pending(&ctx.env, &row).await?;
     if f.active {
         let row = owned(ctx, &session, id).await?;
-        let at = next_at(ctx, &f)?;
         // A refusal is kept as the schedule's `skipped_reason`; the change stands.
-        let booked = book_attempt(
-            &ctx.env,
-            &ctx.cfg,
-            &ctx.store,
-            &row,
-            &session.user,
-            (at, 0),
-            None,
-            &now,
-        )
-        .await?;
+        let booked = book_next(ctx, &session, &row, &now).await?;
         if let Err(refused) = booked {
             crate::log::info(
                 "schedule_skipped",

@@ -254,6 +254,37 @@ pub async fn book_attempt(
     Ok(outcome)
 }
 
+/// Books `schedule`'s next occurrence after `now_ms` as its attempt 0 ([`book_attempt`]):
+/// when a schedule is made, changed or resumed, and when its account is reinstated.
+#[allow(clippy::too_many_arguments)]
+pub async fn book_next_occurrence(
+    env: &worker::Env,
+    cfg: &cmb_core::config::WorkerConfig,
+    store: &Store,
+    schedule: &ScheduleRow,
+    user: &UserRow,
+    now_ms: u64,
+    now: &str,
+) -> ApiResult<Result<CallRow, ApiError>> {
+    use cmb_core::schedule::{next_occurrence, Days, TimeOfDay};
+    let stored = |what: &str| {
+        ApiError::internal(
+            "schedule",
+            format!("stored {what} does not parse: {}", schedule.id),
+        )
+    };
+    let time = TimeOfDay::parse(&schedule.time_of_day).map_err(|_| stored("time_of_day"))?;
+    let days = u8::try_from(schedule.days)
+        .ok()
+        .and_then(Days::from_bits)
+        .ok_or_else(|| stored("days"))?;
+    let after = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    let at = next_occurrence(time, days, &schedule.timezone, after)
+        .and_then(|ms| u64::try_from(ms).ok())
+        .ok_or_else(|| stored("timezone"))?;
+    book_attempt(env, cfg, store, schedule, user, (at, 0), None, now).await
+}
+
 /// Cancels the schedule's pending attempt, if it has one still waiting; false when it
 /// could not be (it is already dialling or live: it runs, and the schedule's changes
 /// apply from the next occurrence).

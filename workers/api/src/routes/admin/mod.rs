@@ -182,8 +182,35 @@ pub async fn ban(req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
 /// `POST /admin/users/:id/unban {reason?}`.
 pub async fn unban(req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     set_banned(req, ctx, id, false).await?;
+    resume_schedules(ctx, id).await?;
     let user = target_user(ctx, id).await?;
     json(200, &json!({ "user": user_view(&user) }))
+}
+
+/// A reinstated account's active schedules that were skipped while it was suspended (the
+/// ban canceled their pending attempts) book their next occurrence again.
+async fn resume_schedules(ctx: &Ctx, user_id: &str) -> ApiResult<()> {
+    let Some(user) = ctx.store.user_by_id(user_id).await? else {
+        return Ok(());
+    };
+    let now = ctx.now_iso();
+    for schedule in ctx.store.schedules(user_id).await? {
+        if !schedule.is_active || schedule.pending_call_id.is_some() {
+            continue;
+        }
+        let booked = crate::session::client::book_next_occurrence(
+            &ctx.env, &ctx.cfg, &ctx.store, &schedule, &user, ctx.now_ms, &now,
+        )
+        .await?;
+        crate::log::info(
+            "schedule_resumed",
+            json!({
+                "request_id": ctx.request_id, "schedule_id": schedule.id,
+                "skipped": booked.err().map(|e| e.code),
+            }),
+        );
+    }
+    Ok(())
 }
 
 /// What ban and unban share: an admin, the optional `{reason}` body, an existing target
