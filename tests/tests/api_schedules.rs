@@ -1,6 +1,6 @@
 //! Recurring schedules over HTTP against the real Worker under `wrangler dev`, with the
 //! fake Twilio: the routes and their errors, the pending attempt each schedule keeps
-//! booked, and a schedule that dials at its minute and retries a busy line.
+//! booked, and a schedule that dials at its minute and retries a missed call.
 
 // A failed expectation in a test is a test failure: panicking is the point.
 #![allow(clippy::unwrap_used)]
@@ -465,16 +465,16 @@ async fn bad_schedules_are_refused_and_others_schedules_are_not_found() {
 }
 
 /// A schedule set for the coming minute, in a zone half an hour off UTC, dials at that
-/// minute; the busy line is tried again after its delay (0 here, through the test-only
+/// minute; unanswered, it is tried again after its delay (0 here, through the test-only
 /// `SCHEDULE_MIN_RETRY_MINUTES`); then the schedule waits for the next day. Each attempt
 /// is its own call, linked to the schedule.
 #[tokio::test]
-async fn a_schedule_dials_at_its_minute_and_retries_a_busy_line() {
+async fn a_schedule_dials_at_its_minute_and_retries_a_missed_call() {
     let api = client();
     let number = unique_number();
     harness::worker()
         .twilio
-        .set_script(number.clone(), CalleeScript::Busy);
+        .set_script(number.clone(), CalleeScript::NoAnswer);
     let user = user_with(&api, "sched-dial", &number).await;
 
     // The coming minute as a Kolkata (UTC+05:30, no DST) time.
@@ -500,8 +500,13 @@ async fn a_schedule_dials_at_its_minute_and_retries_a_busy_line() {
     let id = r.body["schedule"]["id"].as_str().unwrap().to_owned();
     assert_eq!(at(&r.body["schedule"]["next_call_at"]), minute);
 
-    // The occurrence, then its one retry.
-    let dials = wait_dials(&number, 2, Duration::from_secs(100)).await;
+    // The occurrence rings out unanswered; its one retry finds the line busy.
+    let dials = wait_dials(&number, 1, Duration::from_secs(100)).await;
+    assert_eq!(dials.len(), 1, "the occurrence dialed");
+    harness::worker()
+        .twilio
+        .set_script(number.clone(), CalleeScript::Busy);
+    let dials = wait_dials(&number, 2, Duration::from_secs(60)).await;
     assert_eq!(dials.len(), 2, "the occurrence and one retry: {dials:?}");
     let first = dials[0].date_created;
     assert!(
@@ -543,7 +548,7 @@ async fn a_schedule_dials_at_its_minute_and_retries_a_busy_line() {
     assert_eq!(
         attempts,
         [
-            (0, "busy".to_owned(), schedule.clone()),
+            (0, "no_answer".to_owned(), schedule.clone()),
             (0, "scheduled".to_owned(), schedule.clone()),
             (1, "busy".to_owned(), schedule.clone()),
         ],
