@@ -710,3 +710,49 @@ async fn a_suspended_account_skips_its_schedule_until_reinstated() {
         .count();
     assert_eq!(scheduled, 1, "one pending attempt");
 }
+
+/// A day that already has the tier's daily calls skips that occurrence, says why, and
+/// books the next one: a full day never stops a schedule.
+#[tokio::test]
+async fn a_full_day_skips_to_the_next_occurrence() {
+    let api = client();
+    let user = user_with(&api, "sched-full-day", &unique_number()).await;
+    // Tomorrow (UTC) gets the free tier's three calls a day.
+    let tomorrow = (OffsetDateTime::now_utc() + time::Duration::days(1)).date();
+    let at_time = |h, m| {
+        tomorrow
+            .with_hms(h, m, 0)
+            .unwrap()
+            .assume_utc()
+            .format(&Rfc3339)
+            .unwrap()
+    };
+    for m in 0..3 {
+        let r = api
+            .post(
+                "/api/calls/schedule",
+                Some(&user.token),
+                &json!({ "persona_id": "sarah", "scheduled_time": at_time(10, m) }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // Every week on tomorrow's weekday at noon: tomorrow's is skipped.
+    let weekday = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        [usize::from(tomorrow.weekday().number_days_from_monday())];
+    let r = api
+        .post(
+            "/api/schedules",
+            Some(&user.token),
+            &json!({ "persona_id": "sarah", "time_of_day": "12:00", "days": [weekday], "timezone": "UTC" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let s = &r.body["schedule"];
+    let week_later = tomorrow.with_hms(12, 0, 0).unwrap().assume_utc() + time::Duration::days(7);
+    assert_eq!(at(&s["next_call_at"]), week_later, "{s}");
+    let why = s["skipped_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("calls a day"), "says why: {s}");
+}

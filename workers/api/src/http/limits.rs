@@ -198,11 +198,14 @@ pub fn daily_limit_error(ctx: &Ctx, user: &UserRow) -> ApiError {
 }
 
 /// The 429 for a scheduled call on a day whose calls are all planned already.
+/// The code of a booking refused because its day already has the tier's daily calls.
+pub const DAY_FULL: &str = "daily_call_limit";
+
 pub fn day_full_error(user: &UserRow, day: &str) -> ApiError {
     let cap = calls_per_day(user.tier);
     ApiError::new(
         429,
-        "daily_call_limit",
+        DAY_FULL,
         format!(
             "Your {} plan has {cap} calls a day, and {day} already has them all.",
             user.tier

@@ -254,8 +254,9 @@ pub async fn book_attempt(
     Ok(outcome)
 }
 
-/// Books `schedule`'s next occurrence after `now_ms` as its attempt 0 ([`book_attempt`]):
-/// when a schedule is made, changed or resumed, and when its account is reinstated.
+/// Books `schedule`'s next occurrence after `now_ms` as its attempt 0
+/// ([`book_following`]): when a schedule is made, changed or resumed, and when its
+/// account is reinstated.
 #[allow(clippy::too_many_arguments)]
 pub async fn book_next_occurrence(
     env: &worker::Env,
@@ -266,6 +267,12 @@ pub async fn book_next_occurrence(
     now_ms: u64,
     now: &str,
 ) -> ApiResult<Result<CallRow, ApiError>> {
+    let at = occurrence_after(schedule, now_ms)?;
+    book_following(env, cfg, store, schedule, user, (at, 0), None, now).await
+}
+
+/// The schedule's first occurrence after `after_ms`.
+fn occurrence_after(schedule: &ScheduleRow, after_ms: u64) -> ApiResult<u64> {
     use cmb_core::schedule::{next_occurrence, Days, TimeOfDay};
     let stored = |what: &str| {
         ApiError::internal(
@@ -278,11 +285,56 @@ pub async fn book_next_occurrence(
         .ok()
         .and_then(Days::from_bits)
         .ok_or_else(|| stored("days"))?;
-    let after = i64::try_from(now_ms).unwrap_or(i64::MAX);
-    let at = next_occurrence(time, days, &schedule.timezone, after)
+    let after = i64::try_from(after_ms).unwrap_or(i64::MAX);
+    next_occurrence(time, days, &schedule.timezone, after)
         .and_then(|ms| u64::try_from(ms).ok())
-        .ok_or_else(|| stored("timezone"))?;
-    book_attempt(env, cfg, store, schedule, user, (at, 0), None, now).await
+        .ok_or_else(|| stored("timezone"))
+}
+
+/// How many occurrences in a row a full day may skip: a week of them.
+const FULL_DAYS_SKIPPED: usize = 7;
+
+/// [`book_attempt`], moving on while the day it would dial already has the tier's daily
+/// calls (the user's own calls that day, or retries that used them): that occurrence (or
+/// retry) is skipped, the reason kept on the schedule, and the next occurrence is tried,
+/// so a busy day never stops a schedule. Any other refusal is final.
+#[allow(clippy::too_many_arguments)]
+pub async fn book_following(
+    env: &worker::Env,
+    cfg: &cmb_core::config::WorkerConfig,
+    store: &Store,
+    schedule: &ScheduleRow,
+    user: &UserRow,
+    (mut at_ms, mut attempt): (u64, i64),
+    note: Option<&str>,
+    now: &str,
+) -> ApiResult<Result<CallRow, ApiError>> {
+    let mut note = note.map(str::to_owned);
+    let mut tries = 0;
+    loop {
+        let outcome = book_attempt(
+            env,
+            cfg,
+            store,
+            schedule,
+            user,
+            (at_ms, attempt),
+            note.as_deref(),
+            now,
+        )
+        .await?;
+        match outcome {
+            Err(full)
+                if full.code == crate::http::limits::DAY_FULL && tries < FULL_DAYS_SKIPPED =>
+            {
+                tries += 1;
+                at_ms = occurrence_after(schedule, at_ms)?;
+                attempt = 0;
+                note = Some(full.message);
+            }
+            other => return Ok(other),
+        }
+    }
 }
 
 /// Cancels the schedule's pending attempt, if it has one still waiting; false when it

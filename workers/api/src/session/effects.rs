@@ -475,7 +475,7 @@ impl CallSession {
             .status_reason
             .as_deref()
             .filter(|_| status == cmb_core::calls::CallStatus::Failed);
-        let outcome = crate::session::client::book_attempt(
+        let outcome = crate::session::client::book_following(
             &self.env,
             &cfg,
             store,
