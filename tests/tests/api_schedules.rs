@@ -47,6 +47,25 @@ async fn calls(api: &ApiClient, user: &TestUser) -> Vec<Value> {
     r.body["calls"].as_array().unwrap().clone()
 }
 
+/// `POST /api/schedules` that must succeed (201).
+async fn create(api: &ApiClient, user: &TestUser, body: &Value) -> cmb_tests::api::Reply {
+    let r = api
+        .post("/api/schedules", Some(&user.token), body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{body}: {}", r.body);
+    r
+}
+
+/// How many of the user's calls are waiting to dial.
+async fn pending_calls(api: &ApiClient, user: &TestUser) -> usize {
+    calls(api, user)
+        .await
+        .iter()
+        .filter(|c| c["status"] == "scheduled")
+        .count()
+}
+
 async fn call(api: &ApiClient, user: &TestUser, id: &str) -> Value {
     let r = api
         .get(&format!("/api/calls/{id}"), Some(&user.token))
@@ -109,20 +128,17 @@ async fn a_schedule_is_created_paused_changed_and_deleted_with_its_pending_call(
     let user = user_with(&api, "sched-crud", &number).await;
     let before = OffsetDateTime::now_utc();
 
-    let r = api
-        .post(
-            "/api/schedules",
-            Some(&user.token),
-            &json!({
-                "persona_id": "brad",
-                "time_of_day": "07:00",
-                "days": ["fri", "mon", "tue", "wed", "thu"],
-                "timezone": "europe/london",
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create(
+        &api,
+        &user,
+        &json!({
+            "persona_id": "brad",
+            "time_of_day": "07:00",
+            "days": ["fri", "mon", "tue", "wed", "thu"],
+            "timezone": "europe/london",
+        }),
+    )
+    .await;
     let s = r.body["schedule"].clone();
     let id = s["id"].as_str().unwrap().to_owned();
     assert_eq!(s["persona_id"], "brad");
@@ -255,11 +271,7 @@ async fn a_schedule_is_created_paused_changed_and_deleted_with_its_pending_call(
         .await
         .unwrap();
     assert_eq!((again.status, again.code()), (404, Some("not_found")));
-    let still_scheduled = calls(&api, &user)
-        .await
-        .into_iter()
-        .filter(|c| c["status"] == "scheduled")
-        .count();
+    let still_scheduled = pending_calls(&api, &user).await;
     assert_eq!(still_scheduled, 0, "nothing left to dial");
 }
 
@@ -394,15 +406,12 @@ async fn bad_schedules_are_refused_and_others_schedules_are_not_found() {
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = api
-        .post(
-            "/api/schedules",
-            Some(&user.token),
-            &json!({ "persona_id": "sarah", "time_of_day": "07:00" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create(
+        &api,
+        &user,
+        &json!({ "persona_id": "sarah", "time_of_day": "07:00" }),
+    )
+    .await;
     assert_eq!(r.body["schedule"]["timezone"], "Australia/Sydney");
     let id = r.body["schedule"]["id"].as_str().unwrap().to_owned();
 
@@ -482,21 +491,18 @@ async fn a_schedule_dials_at_its_minute_and_retries_a_missed_call() {
     let (minute, _) = coming_minute();
     let local = minute.to_offset(kolkata);
     let time_of_day = format!("{:02}:{:02}", local.hour(), local.minute());
-    let r = api
-        .post(
-            "/api/schedules",
-            Some(&user.token),
-            &json!({
-                "persona_id": "sarah",
-                "time_of_day": time_of_day,
-                "timezone": "Asia/Kolkata",
-                "retries": 1,
-                "retry_after_minutes": 0,
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create(
+        &api,
+        &user,
+        &json!({
+            "persona_id": "sarah",
+            "time_of_day": time_of_day,
+            "timezone": "Asia/Kolkata",
+            "retries": 1,
+            "retry_after_minutes": 0,
+        }),
+    )
+    .await;
     let id = r.body["schedule"]["id"].as_str().unwrap().to_owned();
     assert_eq!(at(&r.body["schedule"]["next_call_at"]), minute);
 
@@ -596,15 +602,12 @@ async fn an_occurrence_without_credits_is_skipped_and_says_why() {
         .set_script(number.clone(), CalleeScript::Busy);
     let user = user_with(&api, "sched-broke", &number).await;
     let (minute, hh_mm) = coming_minute();
-    let r = api
-        .post(
-            "/api/schedules",
-            Some(&user.token),
-            &json!({ "persona_id": "sarah", "time_of_day": hh_mm, "timezone": "UTC", "retries": 0 }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create(
+        &api,
+        &user,
+        &json!({ "persona_id": "sarah", "time_of_day": hh_mm, "timezone": "UTC", "retries": 0 }),
+    )
+    .await;
     let first = r.body["schedule"]["pending_call_id"]
         .as_str()
         .unwrap()
@@ -654,15 +657,12 @@ async fn an_occurrence_without_credits_is_skipped_and_says_why() {
 async fn a_suspended_account_skips_its_schedule_until_reinstated() {
     let api = client();
     let user = user_with(&api, "sched-banned", &unique_number()).await;
-    let r = api
-        .post(
-            "/api/schedules",
-            Some(&user.token),
-            &json!({ "persona_id": "sarah", "time_of_day": "06:45", "timezone": "Europe/London" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create(
+        &api,
+        &user,
+        &json!({ "persona_id": "sarah", "time_of_day": "06:45", "timezone": "Europe/London" }),
+    )
+    .await;
     let first = r.body["schedule"]["pending_call_id"]
         .as_str()
         .unwrap()
@@ -703,11 +703,7 @@ async fn a_suspended_account_skips_its_schedule_until_reinstated() {
     assert_eq!(s["skipped_reason"], Value::Null, "{s}");
     assert_eq!(call(&api, &user, resumed).await["status"], "scheduled");
     assert_eq!(call(&api, &user, &first).await["status"], "canceled");
-    let scheduled = calls(&api, &user)
-        .await
-        .iter()
-        .filter(|c| c["status"] == "scheduled")
-        .count();
+    let scheduled = pending_calls(&api, &user).await;
     assert_eq!(scheduled, 1, "one pending attempt");
 }
 
@@ -741,15 +737,7 @@ async fn a_full_day_skips_to_the_next_occurrence() {
     // Every week on tomorrow's weekday at noon: tomorrow's is skipped.
     let weekday = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
         [usize::from(tomorrow.weekday().number_days_from_monday())];
-    let r = api
-        .post(
-            "/api/schedules",
-            Some(&user.token),
-            &json!({ "persona_id": "sarah", "time_of_day": "12:00", "days": [weekday], "timezone": "UTC" }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create(&api, &user, &json!({ "persona_id": "sarah", "time_of_day": "12:00", "days": [weekday], "timezone": "UTC" })).await;
     let s = &r.body["schedule"];
     let week_later = tomorrow.with_hms(12, 0, 0).unwrap().assume_utc() + time::Duration::days(7);
     assert_eq!(at(&s["next_call_at"]), week_later, "{s}");
