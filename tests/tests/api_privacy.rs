@@ -103,21 +103,32 @@ async fn furnish(api: &ApiClient, user: &TestUser, scheduled_in_secs: i64) -> Fu
             reqwest::Method::PATCH,
             "/api/me",
             Some(&user.token),
-            Some(("application/json", br#"{"timezone":"Europe/Dublin"}"#.to_vec())),
+            Some((
+                "application/json",
+                br#"{"timezone":"Europe/Dublin"}"#.to_vec(),
+            )),
         )
         .await
         .unwrap();
     assert_eq!(zone.status, 200, "{}", zone.body);
 
     let created = api
-        .post("/api/personas", Some(&user.token), &custom_persona("Piano teacher"))
+        .post(
+            "/api/personas",
+            Some(&user.token),
+            &custom_persona("Piano teacher"),
+        )
         .await
         .unwrap();
     assert_eq!(created.status, 201, "{}", created.body);
     let persona_id = created.body["persona"]["id"].as_str().unwrap().to_owned();
     for fav in ["brad", persona_id.as_str()] {
         let r = api
-            .post("/api/favorites", Some(&user.token), &json!({ "persona_id": fav }))
+            .post(
+                "/api/favorites",
+                Some(&user.token),
+                &json!({ "persona_id": fav }),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 204, "{}", r.body);
@@ -215,7 +226,10 @@ async fn the_export_holds_the_whole_account_and_no_secret() {
     assert!(e["generated_at"].is_string(), "{e}");
 
     let me = api.get("/api/me", Some(&user.token)).await.unwrap();
-    assert_eq!(e["user"], me.body["user"], "the account as GET /api/me shows it");
+    assert_eq!(
+        e["user"], me.body["user"],
+        "the account as GET /api/me shows it"
+    );
     assert_eq!(e["user"]["timezone"], "Europe/Dublin");
     assert_eq!(e["user"]["phone_number"], f.number.as_str());
 
@@ -226,12 +240,21 @@ async fn the_export_holds_the_whole_account_and_no_secret() {
     }
     for c in calls {
         assert_eq!(c["user_id"], user.id.as_str());
-        assert!(c["transcript"].is_array(), "every call carries its transcript: {c}");
+        assert!(
+            c["transcript"].is_array(),
+            "every call carries its transcript: {c}"
+        );
     }
-    let finished = calls.iter().find(|c| c["id"] == f.finished_call.as_str()).unwrap();
+    let finished = calls
+        .iter()
+        .find(|c| c["id"] == f.finished_call.as_str())
+        .unwrap();
     assert_eq!(finished["status"], "completed");
     assert_eq!(finished["phone_number"], f.number.as_str());
-    let scheduled = calls.iter().find(|c| c["id"] == f.scheduled_call.as_str()).unwrap();
+    let scheduled = calls
+        .iter()
+        .find(|c| c["id"] == f.scheduled_call.as_str())
+        .unwrap();
     assert_eq!(scheduled["status"], "scheduled");
 
     let favorites: Vec<&str> = e["favorites"]
@@ -244,8 +267,15 @@ async fn the_export_holds_the_whole_account_and_no_secret() {
     assert_eq!(ids(&e["personas"]), [f.persona_id.clone()]);
     assert_eq!(e["personas"][0]["name"], "Piano teacher");
     assert_eq!(ids(&e["schedules"]), [f.schedule_id.clone()]);
-    assert_eq!(e["schedules"][0]["pending_call_id"], f.schedule_call.as_str());
-    assert!(ids(&e["purchases"]).contains(&f.purchase_id), "{}", e["purchases"]);
+    assert_eq!(
+        e["schedules"][0]["pending_call_id"],
+        f.schedule_call.as_str()
+    );
+    assert!(
+        ids(&e["purchases"]).contains(&f.purchase_id),
+        "{}",
+        e["purchases"]
+    );
 
     let ledger = e["ledger"].as_array().unwrap();
     let kinds: Vec<&str> = ledger.iter().map(|l| l["kind"].as_str().unwrap()).collect();
@@ -253,8 +283,16 @@ async fn the_export_holds_the_whole_account_and_no_secret() {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
     let sum: i64 = ledger.iter().map(|l| l["amount"].as_i64().unwrap()).sum();
-    assert_eq!(sum, me.body["user"]["credits"].as_i64().unwrap(), "the whole ledger");
-    assert_eq!(e["memories"], json!([]), "no conversation, nothing remembered");
+    assert_eq!(
+        sum,
+        me.body["user"]["credits"].as_i64().unwrap(),
+        "the whole ledger"
+    );
+    assert_eq!(
+        e["memories"],
+        json!([]),
+        "no conversation, nothing remembered"
+    );
 
     for secret in [
         "password",
@@ -293,7 +331,11 @@ async fn an_export_holds_nothing_of_another_account() {
             theirs.schedule_id.as_str(),
             theirs.purchase_id.as_str(),
         ] {
-            assert!(!text.contains(foreign), "{}'s export holds {foreign:?}", me.email);
+            assert!(
+                !text.contains(foreign),
+                "{}'s export holds {foreign:?}",
+                me.email
+            );
         }
     }
 
@@ -330,7 +372,10 @@ async fn erasure_leaves_the_accounts_and_nothing_personal() {
         .unwrap();
     assert_eq!(bad.status, 400, "{}", bad.body);
     assert!(bad.body["error"]["message"].is_string());
-    assert_eq!(api.get("/api/me", Some(&user.token)).await.unwrap().status, 200);
+    assert_eq!(
+        api.get("/api/me", Some(&user.token)).await.unwrap().status,
+        200
+    );
 
     let gone = erase(&api, &user.token).await;
     assert_eq!(gone.status, 204, "{}", gone.body);
@@ -381,7 +426,10 @@ async fn erasure_leaves_the_accounts_and_nothing_personal() {
 
     // The calls: kept for the accounts, without the number; nothing pending.
     let calls = api
-        .get(&format!("/admin/calls?user_id={}&limit=100", user.id), Some(&admin.token))
+        .get(
+            &format!("/admin/calls?user_id={}&limit=100", user.id),
+            Some(&admin.token),
+        )
         .await
         .unwrap();
     assert_eq!(calls.status, 200, "{}", calls.body);
@@ -397,11 +445,17 @@ async fn erasure_leaves_the_accounts_and_nothing_personal() {
         assert_eq!(c["status"], want, "{c}");
     }
     let finished = api
-        .get(&format!("/admin/calls/{}", f.finished_call), Some(&admin.token))
+        .get(
+            &format!("/admin/calls/{}", f.finished_call),
+            Some(&admin.token),
+        )
         .await
         .unwrap();
     assert_eq!(finished.body["transcript"], json!([]));
-    assert!(!finished.body["ledger"].as_array().unwrap().is_empty(), "its charge is kept");
+    assert!(
+        !finished.body["ledger"].as_array().unwrap().is_empty(),
+        "its charge is kept"
+    );
 
     // The custom persona: retired, its words gone, the row kept for the calls.
     let personas = api
@@ -443,14 +497,21 @@ async fn erasure_leaves_the_accounts_and_nothing_personal() {
         token: again.body["token"].as_str().unwrap().to_owned(),
     };
     let fresh = export(&api, &reborn).await;
-    assert_eq!(fresh["calls"], json!([]), "nothing of the old account: {fresh}");
+    assert_eq!(
+        fresh["calls"],
+        json!([]),
+        "nothing of the old account: {fresh}"
+    );
     assert_eq!(fresh["favorites"], json!([]));
     // The number the erased account verified is known only by its digest now, and still
     // brings no second free credits.
     let verified = api.verify_phone(&reborn, &f.number).await.unwrap();
     assert_eq!(verified.status, 200, "{}", verified.body);
     assert_eq!(verified.body["user"]["phone_verified"], true);
-    assert_eq!(verified.body["user"]["credits"], 0, "free credits once per number");
+    assert_eq!(
+        verified.body["user"]["credits"], 0,
+        "free credits once per number"
+    );
 
     // The scheduled call that was due never rings.
     tokio::time::sleep_until((due + Duration::from_secs(6)).into()).await;
@@ -472,7 +533,10 @@ async fn admins_and_live_calls_are_refused() {
     let r = erase(&api, &admin.token).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(r.code(), Some("admin_cannot_erase"));
-    assert_eq!(api.get("/api/me", Some(&admin.token)).await.unwrap().status, 200);
+    assert_eq!(
+        api.get("/api/me", Some(&admin.token)).await.unwrap().status,
+        200
+    );
 
     let user = api.register_user("erase-live").await.unwrap();
     let number = unique_number();
@@ -547,7 +611,10 @@ async fn the_export_holds_transcripts_and_memories_and_the_erasure_removes_them(
         .find(|c| c["id"] == id.as_str())
         .unwrap()
         .clone();
-    assert_eq!(call["transcript"], done["transcript"], "the call's transcript, in order");
+    assert_eq!(
+        call["transcript"], done["transcript"],
+        "the call's transcript, in order"
+    );
     assert!(call["transcript"]
         .as_array()
         .unwrap()

@@ -9,7 +9,9 @@
 use sha2::{Digest as _, Sha256};
 
 use crate::calls::CallStatus;
-use crate::limits::{LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_ACCOUNT_IP, LOGIN_SLOWED_ACCOUNT};
+use crate::limits::{
+    LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_ACCOUNT_IP, LOGIN_SLOWED_ACCOUNT,
+};
 
 /// The file name a client saves the export under.
 pub const EXPORT_FILENAME: &str = "callmeback-export.json";
@@ -131,7 +133,11 @@ mod tests {
             may_erase(false, [CallStatus::Scheduled, CallStatus::Scheduled]),
             Ok(())
         );
-        for live in [CallStatus::Queued, CallStatus::Ringing, CallStatus::InProgress] {
+        for live in [
+            CallStatus::Queued,
+            CallStatus::Ringing,
+            CallStatus::InProgress,
+        ] {
             assert_eq!(
                 may_erase(false, [CallStatus::Scheduled, live]),
                 Err(ErasureRefusal::CallInProgress),
@@ -178,7 +184,10 @@ mod tests {
     #[test]
     fn login_counters_of_an_email() {
         let (exact, prefix) = login_counter_keys("a@example.com");
-        assert_eq!(exact, ["login:email:a@example.com", "login:slow:a@example.com"]);
+        assert_eq!(
+            exact,
+            ["login:email:a@example.com", "login:slow:a@example.com"]
+        );
         assert_eq!(prefix, "login:pair:a@example.com|");
     }
 }

@@ -143,8 +143,7 @@ pub async fn erase(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     }
     let user = &session.user;
     let unfinished = ctx.store.unfinished_call_statuses(&user.id).await?;
-    privacy::may_erase(session.is_admin(), unfinished.iter().map(|(_, s)| *s))
-        .map_err(refused)?;
+    privacy::may_erase(session.is_admin(), unfinished.iter().map(|(_, s)| *s)).map_err(refused)?;
 
     // Nothing may dial an erased account: schedules go first (so a canceled attempt books
     // no next one), then their pending attempts, then any other scheduled call.

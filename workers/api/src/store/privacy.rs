@@ -199,7 +199,10 @@ impl Store {
     }
 
     /// The numbers `user_id` was the first account to verify.
-    pub async fn verified_phones_first_of(&self, user_id: &str) -> ApiResult<Vec<VerifiedPhoneRow>> {
+    pub async fn verified_phones_first_of(
+        &self,
+        user_id: &str,
+    ) -> ApiResult<Vec<VerifiedPhoneRow>> {
         self.all(
             "SELECT phone_number, credited_by, verified_at FROM verified_phones \
              WHERE first_user_id = ?1 ORDER BY verified_at, phone_number",
