@@ -264,9 +264,9 @@ async fn the_export_holds_the_whole_account_and_no_secret() {
         .map(|v| v["persona_id"].as_str().unwrap())
         .collect();
     assert!(favorites.contains(&"brad") && favorites.contains(&f.persona_id.as_str()));
-    assert_eq!(ids(&e["personas"]), [f.persona_id.clone()]);
+    assert_eq!(ids(&e["personas"]), std::slice::from_ref(&f.persona_id));
     assert_eq!(e["personas"][0]["name"], "Piano teacher");
-    assert_eq!(ids(&e["schedules"]), [f.schedule_id.clone()]);
+    assert_eq!(ids(&e["schedules"]), std::slice::from_ref(&f.schedule_id));
     assert_eq!(
         e["schedules"][0]["pending_call_id"],
         f.schedule_call.as_str()
