@@ -5,8 +5,9 @@
 //! paths the user's own cancellations take (each schedule deleted, then its pending
 //! attempt canceled through its call's Durable Object; every other scheduled call
 //! canceled through its own), and only then wipes the data in one transaction
-//! (`store::privacy`). Who may erase is `cmb_core::privacy`. This module never writes SQL
-//! and never touches a call's state but through its Durable Object.
+//! (`store::privacy`); last, each settled call's Durable Object drops what it kept about
+//! the caller. Who may erase is `cmb_core::privacy`. This module never writes SQL and
+//! never touches a call's state but through its Durable Object.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +23,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::auth::authenticate;
 use crate::http::{json, no_content, parse_json, read_body};
 use crate::session::client::cancel_pending;
-use crate::session::{session_op, CancelOutcome, SessionOp};
+use crate::session::{session_op, CancelOutcome, ForgetOutcome, SessionOp};
 use crate::store::{Erasure, ExportData, ExportScheduleRow};
 use crate::Ctx;
 
@@ -146,7 +147,10 @@ pub async fn erase(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     privacy::may_erase(session.is_admin(), unfinished.iter().map(|(_, s)| *s)).map_err(refused)?;
 
     // Nothing may dial an erased account: schedules go first (so a canceled attempt books
-    // no next one), then their pending attempts, then any other scheduled call.
+    // no next one), then their pending attempts, then any other scheduled call. Each is
+    // a whole operation of its own; should one of those calls have started dialling
+    // since the check above, the answer is 409 with them done and the database not yet
+    // erased (a retry once the call is over completes it).
     let now = ctx.now_iso();
     let schedules = ctx.store.schedules(&user.id).await?;
     if !schedules.is_empty() {
@@ -189,9 +193,52 @@ pub async fn erase(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
             return Err(refused(ErasureRefusal::CallInProgress));
         }
     }
+    let (forgotten, kept) = forget_in_sessions(ctx, &user.id).await?;
     crate::log::info(
         "user_erased",
-        json!({ "request_id": ctx.request_id, "user_id": user.id, "phones": phones.len() }),
+        json!({ "request_id": ctx.request_id, "user_id": user.id, "phones": phones.len(),
+                "sessions_forgotten": forgotten, "sessions_not_forgotten": kept }),
     );
     no_content()
+}
+
+/// How many call sessions are asked to forget at once.
+const FORGET_CONCURRENCY: usize = 8;
+
+/// Each call's Durable Object keeps the call's state (the number, the conversation, the
+/// persona's prompt with the caller's notes): once the database is erased, every settled
+/// one drops it. Best effort, after the erasure has happened: a failure is logged per
+/// call, never answered. Returns (forgotten, not forgotten).
+async fn forget_in_sessions(ctx: &Ctx, user_id: &str) -> ApiResult<(usize, usize)> {
+    let ids = ctx.store.call_ids_of(user_id).await?;
+    let (mut forgotten, mut kept) = (0, 0);
+    for chunk in ids.chunks(FORGET_CONCURRENCY) {
+        let outcomes = futures::future::join_all(chunk.iter().map(|id| async move {
+            (
+                id,
+                session_op::<ForgetOutcome>(ctx, id, &SessionOp::Forget).await,
+            )
+        }))
+        .await;
+        for (call_id, outcome) in outcomes {
+            match outcome {
+                Ok(ForgetOutcome { forgotten: true }) => forgotten += 1,
+                Ok(ForgetOutcome { forgotten: false }) => {
+                    kept += 1;
+                    crate::log::warn(
+                        "erase_session_not_settled",
+                        json!({ "request_id": ctx.request_id, "call_id": call_id }),
+                    );
+                }
+                Err(e) => {
+                    kept += 1;
+                    crate::log::error(
+                        "erase_session_failed",
+                        json!({ "request_id": ctx.request_id, "call_id": call_id, "code": e.code, "cause": e.log_detail() }),
+                    );
+                }
+            }
+        }
+    }
+    Ok((forgotten, kept))
 }

@@ -198,6 +198,21 @@ impl Store {
         })
     }
 
+    /// The ids of all the user's calls.
+    pub async fn call_ids_of(&self, user_id: &str) -> ApiResult<Vec<String>> {
+        #[derive(Deserialize)]
+        struct Row {
+            id: String,
+        }
+        let rows: Vec<Row> = self
+            .all(
+                "SELECT id FROM calls WHERE user_id = ?1 ORDER BY created_at, id",
+                &[s(user_id)],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
     /// The numbers `user_id` was the first account to verify.
     pub async fn verified_phones_first_of(
         &self,
