@@ -640,4 +640,23 @@ async fn the_export_holds_transcripts_and_memories_and_the_erasure_removes_them(
     assert_eq!(seen.body["call"]["phone_number"], "");
     assert_eq!(seen.body["call"]["status"], "completed");
     assert!(!seen.body["ledger"].as_array().unwrap().is_empty());
+    // And the call's Durable Object dropped what it kept of the conversation (this stack
+    // runs only this test, so the Worker's log line is in the recent output).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = v.stack.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains("\"user_erased\"") && l.contains(&user.id));
+        if let Some(line) = line {
+            assert!(
+                line.contains("\"sessions_forgotten\":1")
+                    && line.contains("\"sessions_not_forgotten\":0"),
+                "{line}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no user_erased line in {logs}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -1096,7 +1096,10 @@ fn a_settled_session_forgets_the_caller() {
 
     let fx = s.handle(status(3, "completed"), T0 + 20_000);
     assert!(settlement(&fx).is_some());
-    assert!(!s.forget_personal(), "not before the final write is confirmed");
+    assert!(
+        !s.forget_personal(),
+        "not before the final write is confirmed"
+    );
     settle_ok(&mut s, T0 + 20_100);
     let charged = s.charged;
     assert!(s.conv.lines.iter().any(|l| l.text.contains("robin")));
