@@ -193,7 +193,7 @@ pub async fn erase(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
             return Err(refused(ErasureRefusal::CallInProgress));
         }
     }
-    let (forgotten, kept) = forget_in_sessions(ctx, &user.id).await?;
+    let (forgotten, kept) = forget_in_sessions(ctx, &user.id).await;
     crate::log::info(
         "user_erased",
         json!({ "request_id": ctx.request_id, "user_id": user.id, "phones": phones.len(),
@@ -209,8 +209,17 @@ const FORGET_CONCURRENCY: usize = 8;
 /// persona's prompt with the caller's notes): once the database is erased, every settled
 /// one drops it. Best effort, after the erasure has happened: a failure is logged per
 /// call, never answered. Returns (forgotten, not forgotten).
-async fn forget_in_sessions(ctx: &Ctx, user_id: &str) -> ApiResult<(usize, usize)> {
-    let ids = ctx.store.call_ids_of(user_id).await?;
+async fn forget_in_sessions(ctx: &Ctx, user_id: &str) -> (usize, usize) {
+    let ids = match ctx.store.call_ids_of(user_id).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            crate::log::error(
+                "erase_sessions_unlisted",
+                json!({ "request_id": ctx.request_id, "user_id": user_id, "cause": e.log_detail() }),
+            );
+            return (0, 0);
+        }
+    };
     let (mut forgotten, mut kept) = (0, 0);
     for chunk in ids.chunks(FORGET_CONCURRENCY) {
         let outcomes = futures::future::join_all(chunk.iter().map(|id| async move {
@@ -240,5 +249,5 @@ async fn forget_in_sessions(ctx: &Ctx, user_id: &str) -> ApiResult<(usize, usize
             }
         }
     }
-    Ok((forgotten, kept))
+    (forgotten, kept)
 }
