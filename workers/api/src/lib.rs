@@ -25,7 +25,7 @@ use worker::{event, Context, Env, Method, Request, Response};
 pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::{
-    admin, auth, calls, favorites, health, payments, personas, phone, schedules, voice,
+    admin, auth, calls, favorites, health, payments, personas, phone, privacy, schedules, voice,
 };
 pub use crate::session::CallSession;
 
@@ -150,6 +150,8 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::Logout => auth::logout(&req, ctx).await,
         E::Me => auth::me(&req, ctx).await,
         E::MeUpdate => auth::update_me(req, ctx).await,
+        E::MeExport => privacy::export(&req, ctx).await,
+        E::MeErase => privacy::erase(req, ctx).await,
         E::PhoneStart => phone::start(req, ctx).await,
         E::PhoneVerify => phone::verify(req, ctx).await,
 

@@ -18,6 +18,7 @@ pub mod model;
 pub mod password;
 pub mod persona;
 pub mod pricing;
+pub mod privacy;
 pub mod prompt;
 pub mod schedule;
 pub mod secret;

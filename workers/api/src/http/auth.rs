@@ -27,7 +27,7 @@ impl Session {
 }
 
 /// Authenticates the bearer token: signature and expiry, then revocation (KV), then the
-/// user (exists, not banned).
+/// user (exists, not erased, not banned).
 pub async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
     let header = req.headers().get("authorization").ok().flatten();
     let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) else {
@@ -48,7 +48,14 @@ pub async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
     if revoked.is_some() {
         return Err(ApiError::unauthorized("This token has been revoked."));
     }
-    let Some(user) = ctx.store.user_by_id(&claims.sub).await? else {
+    // An erased account keeps its row (the ledger needs it) but no token of it works
+    // again: every one issued before the erasure ends here.
+    let Some(user) = ctx
+        .store
+        .user_by_id(&claims.sub)
+        .await?
+        .filter(|u| u.erased_at.is_none())
+    else {
         return Err(ApiError::unauthorized("This account no longer exists."));
     };
     if user.is_banned {

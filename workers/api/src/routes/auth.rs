@@ -123,8 +123,14 @@ pub async fn login(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
     // An email that cannot be valid cannot have an account; answer exactly as for a wrong
     // password, after the same amount of hashing work.
     let email = validate::email(&body.email).ok();
+    // An erased account is answered like an unknown email (its password hash never
+    // verifies anyway, and its email is a tombstone nobody registered).
     let user = match &email {
-        Some(email) => ctx.store.user_by_email(email).await?,
+        Some(email) => ctx
+            .store
+            .user_by_email(email)
+            .await?
+            .filter(|u| u.erased_at.is_none()),
         None => None,
     };
     // Counted before the password is checked, given back on success (see `limits`).

@@ -10,5 +10,6 @@ pub mod health;
 pub mod payments;
 pub mod personas;
 pub mod phone;
+pub mod privacy;
 pub mod schedules;
 pub mod voice;

@@ -182,7 +182,7 @@ const SCHEDULE_BUSY: &str = "schedule_busy";
 
 /// Books `schedule`'s attempt `(at_ms, attempt)` for `user`, and records on the schedule
 /// the call now pending (with `note`, why the last one was not placed, if it was not),
-/// or why this occurrence was skipped (no verified phone, a suspended account, a persona
+/// or why this occurrence was skipped (no verified phone, an erased or suspended account, a persona
 /// no longer available, or a booking limit). `Ok(Err(_))` is that refusal, in the API's
 /// terms; `Err` a failure of ours.
 #[allow(clippy::too_many_arguments)]
@@ -197,7 +197,9 @@ pub async fn book_attempt(
     now: &str,
 ) -> ApiResult<Result<CallRow, ApiError>> {
     let skip = |why: &str, code: &'static str| ApiError::new(409, code, why.to_owned());
-    let refusal = if user.is_banned {
+    let refusal = if user.erased_at.is_some() {
+        Some(skip("The account was erased.", "account_erased"))
+    } else if user.is_banned {
         Some(skip("The account is suspended.", "account_suspended"))
     } else if !store
         .persona(&schedule.persona_id)

@@ -62,6 +62,15 @@ pub enum SessionOp {
     End {
         reason: String,
     },
+    /// The account was erased: a settled call drops what it kept about the caller
+    /// (`Session::forget_personal`). Answers a [`ForgetOutcome`].
+    Forget,
+}
+
+/// The object's answer to `Forget`: false while the call is not settled yet.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ForgetOutcome {
+    pub forgotten: bool,
 }
 
 /// The object's answer to `StreamEnded`: whether the conversation ended on purpose.
@@ -224,6 +233,22 @@ impl CallSession {
             SessionOp::TwilioStatus { params } => {
                 self.event(Event::TwilioStatus { params }).await?;
                 ok()
+            }
+            SessionOp::Forget => {
+                let forgotten = {
+                    let _guard = self.lock.lock().await;
+                    match self.load().await? {
+                        None => true,
+                        Some(mut s) => {
+                            let forgotten = s.forget_personal();
+                            if forgotten {
+                                self.save(&s).await?;
+                            }
+                            forgotten
+                        }
+                    }
+                };
+                Ok(Response::from_json(&ForgetOutcome { forgotten })?)
             }
         }
     }

@@ -402,7 +402,8 @@ impl Store {
     // ---- conversation record ----
 
     /// Writes the transcript; re-writing a line (e.g. once what was heard is confirmed)
-    /// replaces it, so this is safe to call at every end-of-call signal.
+    /// replaces it, so this is safe to call at every end-of-call signal. Nothing is
+    /// written for a call whose account was erased meanwhile.
     pub async fn save_transcript(&self, call_id: &str, rows: &[TranscriptRow]) -> ApiResult<()> {
         if rows.is_empty() {
             return Ok(());
@@ -410,7 +411,9 @@ impl Store {
         let mut stmts = Vec::with_capacity(rows.len());
         for r in rows {
             stmts.push(self.stmt(
-                "INSERT INTO call_transcripts (call_id, seq, role, text, at, interrupted) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                "INSERT INTO call_transcripts (call_id, seq, role, text, at, interrupted) SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
+                 WHERE NOT EXISTS (SELECT 1 FROM calls c JOIN users u ON u.id = c.user_id \
+                   WHERE c.id = ?1 AND u.erased_at IS NOT NULL) \
                  ON CONFLICT (call_id, seq) DO UPDATE SET text = excluded.text, interrupted = excluded.interrupted",
                 &[s(call_id), int(r.seq), s(r.role.as_str()), s(&r.text), ts(&r.at), flag(r.interrupted != 0)],
             )?);

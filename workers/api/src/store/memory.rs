@@ -33,7 +33,8 @@ impl Store {
     /// Writes the notes made from call `call_id` (ended at `call_at`). Idempotent: a call
     /// already folded in, or one older than the notes' last call, changes nothing. Nor
     /// does a call that ended before the caller last made the persona forget them, even
-    /// when its notes job was already running then (`memory_forgets`).
+    /// when its notes job was already running then (`memory_forgets`), nor any call of
+    /// an erased account.
     pub async fn save_memory(
         &self,
         user_id: &str,
@@ -48,6 +49,7 @@ impl Store {
              SELECT ?1, ?2, ?3, 1, ?4, ?5, ?6 \
              WHERE NOT EXISTS (SELECT 1 FROM memory_forgets \
                WHERE user_id = ?1 AND persona_id = ?2 AND forgotten_at >= ?5) \
+             AND NOT EXISTS (SELECT 1 FROM users WHERE id = ?1 AND erased_at IS NOT NULL) \
              ON CONFLICT (user_id, persona_id) DO UPDATE SET summary = excluded.summary, \
                calls = persona_memories.calls + 1, last_call_id = excluded.last_call_id, \
                last_call_at = excluded.last_call_at, updated_at = excluded.updated_at \

@@ -1,5 +1,6 @@
 //! Data access: the only module that writes SQL, one file per subject (`users`,
-//! `personas`, `ledger`, `calls`, `payments`, `audit`, `limits`, `analytics`, `memory`) over the
+//! `personas`, `ledger`, `calls`, `payments`, `audit`, `limits`, `analytics`, `memory`,
+//! `schedules`, `privacy`) over the
 //! database drivers in `db`. Routes and the Durable Object call these methods and never
 //! see which database answers.
 //!
@@ -19,6 +20,7 @@ mod limits;
 mod memory;
 mod payments;
 mod personas;
+mod privacy;
 mod schedules;
 mod users;
 
@@ -27,6 +29,7 @@ pub use calls::*;
 pub use ledger::*;
 pub use payments::*;
 pub use personas::*;
+pub use privacy::*;
 pub use schedules::*;
 pub use users::*;
 

@@ -4,7 +4,7 @@ use cmb_core::model::PurchaseStatus;
 
 use super::*;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct PurchaseRow {
     pub id: String,
     pub user_id: String,

@@ -25,6 +25,8 @@ pub struct UserRow {
     pub created_at: String,
     /// IANA time zone (`None`: UTC).
     pub timezone: Option<String>,
+    /// When the account was erased (`DELETE /api/me`): it can never sign in again.
+    pub erased_at: Option<String>,
 }
 
 impl UserRow {
@@ -70,7 +72,7 @@ impl UserRow {
 }
 
 pub(super) const USER_COLUMNS: &str =
-    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, last_login_ip, created_at, timezone";
+    "id, email, name, phone_number, password_hash, role, tier, credits, is_banned, phone_verified, last_login_ip, created_at, timezone, erased_at";
 
 /// A user as the admin list shows it (never the password hash), with recorded debt.
 #[derive(Debug, Clone, Deserialize)]
@@ -86,11 +88,13 @@ pub struct AdminUserRow {
     pub is_banned: bool,
     pub debt: i64,
     pub created_at: String,
+    /// When the account was erased (its email is then a tombstone).
+    pub erased_at: Option<String>,
 }
 
 pub(super) const ADMIN_USER_COLUMNS: &str = "u.id, u.email, u.name, u.phone_number, u.role, u.tier, u.credits, u.is_banned, \
      COALESCE((SELECT CAST(SUM(r.credits_due - r.credits_taken) AS BIGINT) FROM payment_refunds r WHERE r.user_id = u.id AND r.purchase_id IS NOT NULL), 0) AS debt, \
-     u.created_at";
+     u.created_at, u.erased_at";
 
 /// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern.
 pub fn like_pattern(q: &str) -> String {
@@ -134,7 +138,8 @@ impl Store {
     /// Per number, the grant is claimed by its ledger id on the number's row first, so two
     /// concurrent verifications cannot both grant (on Postgres the second waits on the row
     /// lock, then finds it claimed); per account, the ledger key `free:user:<id>` is
-    /// unique. Returns whether credits were granted.
+    /// unique. A number known only by its digest (an erased account verified it) was
+    /// verified before too. Returns whether credits were granted.
     pub async fn set_verified_phone(
         &self,
         user_id: &str,
@@ -149,10 +154,14 @@ impl Store {
                 "UPDATE users SET phone_number = ?2, phone_verified = ?3, updated_at = ?4 WHERE id = ?1",
                 &[s(user_id), s(phone), flag(true), ts(now)],
             )?,
+            // A number an erased account verified is kept only as its digest
+            // (`cmb_core::privacy::phone_digest`): it still counts as verified before, so
+            // no row in clear is made for it and the grant below finds nothing to claim.
             self.stmt(
-                "INSERT INTO verified_phones (phone_number, first_user_id, verified_at) VALUES (?1, ?2, ?3) \
+                "INSERT INTO verified_phones (phone_number, first_user_id, verified_at) SELECT ?1, ?2, ?3 \
+                 WHERE NOT EXISTS (SELECT 1 FROM verified_phones WHERE phone_number = ?4) \
                  ON CONFLICT (phone_number) DO NOTHING",
-                &[s(phone), s(user_id), ts(now)],
+                &[s(phone), s(user_id), ts(now), s(&cmb_core::privacy::phone_digest(phone))],
             )?,
             self.stmt(
                 "UPDATE verified_phones SET credited_by = ?3 \

@@ -59,6 +59,10 @@ pub enum Endpoint {
     Logout,
     Me,
     MeUpdate,
+    /// `GET /api/me/export`: everything the account holds, as one JSON document.
+    MeExport,
+    /// `DELETE /api/me`: the account's personal data erased.
+    MeErase,
     PhoneStart,
     PhoneVerify,
     PersonaList,
@@ -132,6 +136,8 @@ pub const ROUTES: &[Route] = &[
     r(Post, "/api/auth/logout", E::Logout, User),
     r(Get, "/api/me", E::Me, User),
     r(Patch, "/api/me", E::MeUpdate, User),
+    r(Delete, "/api/me", E::MeErase, User),
+    r(Get, "/api/me/export", E::MeExport, User),
     r(Post, "/api/me/phone", E::PhoneStart, User),
     r(Post, "/api/me/phone/verify", E::PhoneVerify, User),
     r(Get, "/api/personas", E::PersonaList, User),
@@ -324,6 +330,31 @@ mod tests {
             assert_eq!(find(ROUTES, Some(Get), path), Found::NotFound, "{path}");
         }
         assert_eq!(find(ROUTES, Some(Get), "/api/personas//"), Found::NotFound);
+    }
+
+    /// The account's own data: export is its own resource under `/api/me`, erasure is
+    /// `DELETE` on the account itself, and `/api/me` lists every method it takes.
+    #[test]
+    fn export_and_erasure_routes() {
+        assert_eq!(endpoint(Get, "/api/me/export"), Some((E::MeExport, vec![])));
+        assert_eq!(endpoint(Delete, "/api/me"), Some((E::MeErase, vec![])));
+        assert_eq!(endpoint(Delete, "/api/me/"), Some((E::MeErase, vec![])));
+        assert_eq!(
+            find(ROUTES, Some(Post), "/api/me"),
+            Found::WrongMethod {
+                allow: "GET, PATCH, DELETE, OPTIONS".into()
+            }
+        );
+        assert_eq!(
+            find(ROUTES, Some(Delete), "/api/me/export"),
+            Found::WrongMethod {
+                allow: "GET, OPTIONS".into()
+            }
+        );
+        for e in [E::MeExport, E::MeErase] {
+            let row = ROUTES.iter().find(|r| r.endpoint == e).expect("a row");
+            assert_eq!(row.access, Access::User, "{e:?}");
+        }
     }
 
     #[test]

@@ -130,6 +130,26 @@ impl Session {
         self.settle == SettleStep::Done
     }
 
+    /// Drops what the session keeps about the caller, for an erasure of their account:
+    /// the number, the conversation's words (transcribed, generated, heard, and any
+    /// frame not acknowledged) and the persona's prompt, which carried the caller's
+    /// notes and time zone. Ids, statuses, counters and the final record stay. Only once
+    /// the call is settled (nothing of it is still to be written): false, with nothing
+    /// changed, before.
+    pub fn forget_personal(&mut self) -> bool {
+        if !self.is_settled() {
+            return false;
+        }
+        self.phone_number.clear();
+        self.llm = None;
+        self.conv.persona = None;
+        self.conv.lines.clear();
+        self.conv.outbox.clear();
+        self.conv.tool_round = None;
+        self.conv.callback = None;
+        true
+    }
+
     /// Whether the media stream ended because we hung up (the goodbye was said).
     pub fn hung_up_on_purpose(&self) -> bool {
         self.conv.hanging_up_ms.is_some()

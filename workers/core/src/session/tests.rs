@@ -1164,6 +1164,35 @@ fn settlement_retried() {
     settle_ok(&mut s, T0 + 6_200);
 }
 
+/// An erasure's scrub: refused while the call is not settled; once it is, the number,
+/// the words and the persona's prompt are gone and the accounting stays.
+#[test]
+fn a_settled_session_forgets_the_caller() {
+    let mut s = live();
+    user_says(&mut s, 2, "my name is robin", T0 + 6_000);
+    let before = s.clone();
+    assert!(!s.forget_personal(), "a live call keeps its state");
+    assert_eq!(s, before);
+
+    let fx = s.handle(status(3, "completed"), T0 + 20_000);
+    assert!(settlement(&fx).is_some());
+    assert!(
+        !s.forget_personal(),
+        "not before the final write is confirmed"
+    );
+    settle_ok(&mut s, T0 + 20_100);
+    let charged = s.charged;
+    assert!(s.conv.lines.iter().any(|l| l.text.contains("robin")));
+    assert!(s.forget_personal());
+    assert!(s.phone_number.is_empty());
+    assert!(s.conv.lines.is_empty() && s.conv.outbox.is_empty());
+    assert!(s.conv.persona.is_none() && s.llm.is_none());
+    assert!(s.is_settled());
+    assert_eq!(s.charged, charged);
+    assert_eq!(s.status, CallStatus::Completed);
+    assert!(!format!("{s:?}").contains("robin"));
+}
+
 // ---- the persona's tools ----
 
 /// A reply: `text` streamed, then the end with `tool_calls`.

@@ -49,6 +49,7 @@ fn user_view(u: &AdminUserRow) -> Value {
         "debt": u.debt,
         "is_banned": u.is_banned,
         "created_at": u.created_at,
+        "erased_at": u.erased_at,
     })
 }
 
