@@ -425,6 +425,10 @@ where
     Si: Sink<Message> + Unpin,
     St: Stream<Item = Result<Message, E>> + Unpin,
 {
+    // The TwiML asks for the staged greeting only when a person answered.
+    let staged = (start.custom_parameters.get("greeting").map(String::as_str) == Some("prepared"))
+        .then(|| state.greetings().take(&call_id, state.metrics()))
+        .flatten();
     let Some(url) = control::session_url(&config.worker_url, &call_id) else {
         warn!("WORKER_URL cannot carry the control channel");
         close(tw_tx, CLOSE_NORMAL, "relay misconfigured").await;
@@ -461,6 +465,18 @@ where
         control_tx: control.tx.clone(),
         stt_audio_bytes: 0,
     };
+    if let Some(g) = staged {
+        // Plays now, while the control channel and the providers connect.
+        let event = Event::StagedGreeting {
+            text: g.text,
+            audio: g.audio,
+            billed_chars: g.billed_chars,
+        };
+        let actions = call.machine.handle(event, 0);
+        if let Err(end) = call.perform(actions, tw_tx).await {
+            return end.outcome;
+        }
+    }
     let shutdown: CancellationToken = state.shutdown_token().clone();
     let hello_deadline = call.t0 + HELLO_TIMEOUT;
     let mut buf = BytesMut::new();

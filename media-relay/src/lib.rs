@@ -9,7 +9,8 @@
 //! - behaviour (no I/O, no clock): [`machine`], the per-call state machine;
 //! - sockets: [`call`] (handshake and call loop), [`control`] (DO channel), [`stt`] and
 //!   [`tts`] (provider tasks), [`reconnect`] (the one reconnect loop of those three tasks),
-//!   [`ws`] (connect and backoff);
+//!   [`ws`] (connect and backoff), [`greeting`] (greetings synthesized while the phone
+//!   rings, over ElevenLabs' HTTP API);
 //! - process: [`config`], [`state`] (shared by `server` and `call`, depending on neither),
 //!   [`server`], [`metrics`], [`nonce`].
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod greeting;
 pub mod machine;
 pub mod metrics;
 pub mod nonce;

@@ -55,6 +55,15 @@ pub enum Event {
         max_duration_secs: u32,
         idle_timeout_secs: u32,
     },
+    /// The greeting's audio, synthesized while the phone rang (`greeting.rs`), given at
+    /// Twilio's `start` so it plays before `hello` arrives. It has no alignment, so the
+    /// whole greeting is one clause with one mark at its end. `billed_chars` counts the
+    /// characters synthesized for this call (0 when the audio came from the cache).
+    StagedGreeting {
+        text: String,
+        audio: std::sync::Arc<[u8]>,
+        billed_chars: u64,
+    },
     /// A piece of the persona's reply for `turn`.
     SayDelta { turn: u32, text: String },
     /// The reply for `turn` is complete.
@@ -371,6 +380,8 @@ pub struct CallState {
     last_final_end: Option<Ms>,
     /// SpeechStarted seen in the current user segment: interim text may now barge in.
     barge_armed: bool,
+    /// The greeting came as staged audio: `hello` must not speak it again.
+    greeting_staged: bool,
     utterances: VecDeque<Utterance>,
     next_ctx: u32,
     /// Pre-opened context for the next reply, and when it was last touched.
@@ -411,6 +422,11 @@ impl CallState {
                 now,
                 &mut out,
             ),
+            Event::StagedGreeting {
+                text,
+                audio,
+                billed_chars,
+            } => self.staged_greeting(&text, &audio, billed_chars, now),
             Event::SayDelta { turn, text } => self.say_delta(turn, &text, now, &mut out),
             Event::SayEnd { turn } => self.say_end(turn, now, &mut out),
             Event::HangUp { reason, goodbye } => self.hang_up(reason, goodbye, now, &mut out),
@@ -541,10 +557,42 @@ impl CallState {
         self.last_activity = now;
         self.max_end = (max_secs > 0).then(|| now + u64::from(max_secs) * 1000);
         self.idle_ms = (idle_secs > 0).then(|| u64::from(idle_secs) * 1000);
+        if self.greeting_staged {
+            // Already playing from the staged audio: only the next reply's context is owed.
+            self.open_spare(now, out);
+            return;
+        }
         let ctx = self.take_ctx(now, out);
         let mut u = Utterance::new(Kind::Greeting, ctx, now);
         push_text(&mut u, greeting, now, &mut self.tts_chars, out);
         finish_input(&mut u, now, &mut self.tts_chars, &mut self.out, out);
+        self.utterances.push_back(u);
+    }
+
+    fn staged_greeting(&mut self, text: &str, audio: &[u8], billed_chars: u64, now: Ms) {
+        let text = text.trim();
+        if self.live || self.greeting_staged || audio.is_empty() || nonws_count(text) == 0 {
+            return;
+        }
+        self.greeting_staged = true;
+        let ctx = self.alloc_ctx();
+        let mut u = Utterance::new(Kind::Greeting, ctx, now);
+        u.sent_nonws = nonws_count(text);
+        u.received_nonws = u.sent_nonws;
+        u.clauses.push(Clause {
+            text: text.to_owned(),
+            end_nonws: u.sent_nonws,
+        });
+        u.input_done = true;
+        // No TTS context was ever opened for it, so none is owed a close.
+        u.server_closed = true;
+        u.first_audio_at = Some(now);
+        u.last_audio_at = Some(now);
+        u.start_pos = Some(self.out.enqueued);
+        self.out.push(audio, now);
+        self.tts_chars += billed_chars;
+        let mut none = Vec::new();
+        Self::complete_audio(&mut u, &mut self.out, &mut none);
         self.utterances.push_back(u);
     }
 

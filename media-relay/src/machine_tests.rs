@@ -684,3 +684,94 @@ fn spare_keepalive_stale_audio_and_dtmf() {
         [Action::ToDo(RelayToDo::Dtmf { digit: "5".into() })]
     );
 }
+
+fn staged(text: &str, bytes: usize, billed_chars: u64) -> Event {
+    Event::StagedGreeting {
+        text: text.into(),
+        audio: vec![0x7f; bytes].into(),
+        billed_chars,
+    }
+}
+
+/// A greeting synthesized while the phone rang plays the moment the stream starts, before
+/// `hello`: the first frames go out at once, its one mark sits at its end, and `hello`
+/// then only opens the next reply's context, speaking nothing twice.
+#[test]
+fn staged_greeting_plays_before_hello_and_is_not_spoken_again() {
+    let mut s = CallState::new();
+    // 1.2 s of audio: the pacer sends high water (300 ms) at once.
+    let a = s.handle(staged("Hey, it's Coach. Ready?", 9600, 19), 0);
+    assert_eq!(media_bytes(&a), 2400, "{a:?}");
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Tts(_))),
+        "no TTS for it"
+    );
+    assert!(s.persona_active());
+    assert_eq!(s.tts_chars(), 19, "billed as synthesized for this call");
+
+    let a = s.handle(hello("Hey, it's Coach. Ready?"), 30);
+    assert_eq!(
+        a,
+        [Action::Tts(TtsCommand::Open { ctx: 2 })],
+        "only the spare"
+    );
+
+    let mut sent = 2400;
+    let mut mark_seen = Vec::new();
+    for t in (220..=1400).step_by(200) {
+        let a = s.handle(Event::Tick, t);
+        sent += media_bytes(&a);
+        mark_seen.extend(marks(&a).into_iter().map(str::to_owned));
+    }
+    assert_eq!(sent, 9600);
+    assert_eq!(mark_seen, ["t0.c0.u1"], "one mark, after all of it");
+    let a = s.handle(mark("t0.c0.u1"), 1250);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::Heard {
+            turn: 0,
+            text: "Hey, it's Coach. Ready?".into()
+        }]
+    );
+    assert!(!s.persona_active());
+    // The first reply uses the spare opened at hello.
+    let a = s.handle(
+        Event::SayDelta {
+            turn: 1,
+            text: "Sure. ".into(),
+        },
+        1300,
+    );
+    assert_eq!(texts(&a), [(2, "Sure. ")]);
+}
+
+/// Barge-in during a staged greeting stops it like any speech; no TTS context is closed
+/// (none was opened), and nothing of it counts as heard before its mark. Staged audio that
+/// arrives after `hello` is ignored: the greeting is already on its way through TTS.
+#[test]
+fn staged_greeting_barge_in_and_late_staging() {
+    let mut s = CallState::new();
+    s.handle(staged("Hello there!", 8000, 0), 0);
+    assert_eq!(s.tts_chars(), 0, "from the cache: nothing billed");
+    s.handle(hello("Hello there!"), 10);
+    s.handle(Event::SpeechStarted, 200);
+    let a = s.handle(interim("wait"), 220);
+    assert_eq!(a[0], Action::Clear);
+    assert!(
+        !a.contains(&Action::Tts(TtsCommand::Close { ctx: 1 })),
+        "{a:?}"
+    );
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::Interrupted {
+            turn: 0,
+            heard_text: String::new()
+        }]
+    );
+
+    let mut s = CallState::new();
+    s.handle(hello("Hi!"), 0);
+    let a = s.handle(staged("Hi!", 1600, 3), 5);
+    assert_eq!(media_bytes(&a), 0);
+    assert_eq!(s.tts_chars(), 3, "only the TTS path's characters");
+}

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub reconnects: Family<ProviderLabel, Counter>,
     /// Calls by outcome.
     pub calls: Family<OutcomeLabel, Counter>,
+    /// Greetings synthesized while the phone rang (`synthesized`, `cached`, `failed`),
+    /// and at each stream's start whether one was there (`played`, `not_ready`, `missing`).
+    pub greetings: Family<OutcomeLabel, Counter>,
     /// From the user's end of turn to the first persona audio frame sent.
     pub end_of_turn_to_first_audio: Histogram,
     /// From Deepgram's end-of-speech timestamp to the final transcript arriving.
@@ -65,6 +68,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a greeting outcome (see [`Metrics::greetings`]).
+    pub fn greeting(&self, outcome: &'static str) {
+        self.greetings
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::default();
@@ -76,6 +86,7 @@ impl Metrics {
             late_frames: Counter::default(),
             reconnects: Family::default(),
             calls: Family::default(),
+            greetings: Family::default(),
             end_of_turn_to_first_audio: latency_histogram(),
             stt_final_latency: latency_histogram(),
             tts_first_byte: latency_histogram(),
@@ -116,6 +127,11 @@ impl Metrics {
             m.reconnects.clone(),
         );
         registry.register("relay_calls", "Calls handled, by outcome", m.calls.clone());
+        registry.register(
+            "relay_greetings",
+            "Greetings prepared while ringing, and found (or not) at stream start",
+            m.greetings.clone(),
+        );
         // Histograms in seconds (the encoder appends `_seconds`).
         for (name, help, histogram) in [
             (

@@ -1,5 +1,5 @@
 //! HTTP surface and process lifecycle: `app(state)` (routes `/health`, `/metrics`,
-//! `/twilio`) and `run(listener, config, shutdown)`.
+//! `/twilio`, and the DO's `PUT /internal/calls/{id}/greeting`) and `run(listener, config, shutdown)`.
 //!
 //! Owns the upgrade gate: config present, Twilio signature valid, capacity available. It must not
 //! hold per-call logic; an upgraded socket is handed to `call::serve` and its errors are
@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -35,6 +36,7 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/twilio", get(twilio))
+        .route("/internal/calls/{call_id}/greeting", put(prepare_greeting))
         .with_state(state)
 }
 
@@ -106,6 +108,77 @@ async fn health(State(state): State<AppState>) -> Response {
         "checks": {"config": {"ok": true}, "active_calls": active, "max_calls": config.max_calls},
     });
     (code, Json(body)).into_response()
+}
+
+/// The call's DO, right after Twilio accepted the dial: synthesize the greeting now, so it
+/// plays the moment the callee answers (`greeting.rs`). Authenticated with `RELAY_SECRET`;
+/// 202 once staged (the synthesis itself runs in the background).
+async fn prepare_greeting(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(config) = state.config() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            "The relay's configuration is invalid; see /health.",
+        );
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !cmb_core::password::hashes_equal(
+        presented.as_bytes(),
+        config.relay_secret.expose().as_bytes(),
+    ) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Invalid relay credentials.",
+        );
+    }
+    if !crate::greeting::call_id_ok(&call_id) {
+        return refuse(StatusCode::BAD_REQUEST, "invalid_call_id", "Bad call id.");
+    }
+    let req: crate::greeting::PrepareRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                &format!("Bad greeting request: {e}"),
+            )
+        }
+    };
+    if let Some(problem) = req.problem() {
+        return refuse(StatusCode::BAD_REQUEST, "invalid_body", problem);
+    }
+    let Some(base) = crate::greeting::http_base(&config.elevenlabs_url) else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            "ELEVENLABS_URL has no HTTP form.",
+        );
+    };
+    let tts = crate::greeting::TtsTarget {
+        base,
+        api_key: config.elevenlabs_api_key.clone(),
+    };
+    match state
+        .greetings()
+        .prepare(&call_id, req, tts, state.metrics())
+    {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"status": "accepted"}))).into_response(),
+        Err(crate::greeting::Refused::Full) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "full",
+            "Too many greetings are waiting for their calls.",
+        ),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -225,6 +298,8 @@ mod tests {
             ("WORKER_URL", "http://127.0.0.1:8787"),
             ("DEEPGRAM_API_KEY", "dg"),
             ("ELEVENLABS_API_KEY", "xi"),
+            // Loopback, where nothing listens: no test reaches a real provider.
+            ("ELEVENLABS_URL", "ws://127.0.0.1:9"),
             ("RELAY_MAX_CALLS", "2"),
         ]);
         Config::from_lookup(|k| vars.get(k).map(|v| (*v).to_owned())).expect("valid test config")
@@ -380,5 +455,54 @@ mod tests {
         drop(a);
         assert_eq!(state.active_calls(), 1);
         assert!(state.try_acquire_call(2).is_some());
+    }
+
+    async fn put_greeting(
+        state: AppState,
+        id: &str,
+        auth: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let req = Request::put(format!("/internal/calls/{id}/greeting"))
+            .header("authorization", auth)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .expect("request");
+        let res = app(state).oneshot(req).await.expect("infallible");
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&bytes).expect("json body"))
+    }
+
+    /// The DO's greeting request needs the relay secret and a valid body; a bad one is a
+    /// JSON error and stages nothing.
+    #[tokio::test]
+    async fn greeting_route_checks_secret_and_body() {
+        let state = AppState::new(Ok(good_config()));
+        let good = r#"{"voice_id":"v1","voice_settings":{"stability":0.5,"similarity_boost":0.75,"style":0.0,"speed":1.0,"use_speaker_boost":true},"text":"Hi!"}"#;
+        let secret = "Bearer 0123456789abcdef0123456789abcdef";
+        let (status, body) = put_greeting(state.clone(), "c1", "Bearer wrong", good).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let (status, body) = put_greeting(state.clone(), "c1", secret, r#"{"text":"Hi!"}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "invalid_body");
+        let empty = good.replace(r#""Hi!""#, r#""  ""#);
+        let (status, _) = put_greeting(state.clone(), "c1", secret, &empty).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, body) = put_greeting(state.clone(), "a.b", secret, good).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "invalid_call_id");
+        assert!(
+            state.greetings().take("c1", state.metrics()).is_none(),
+            "nothing staged by refused requests"
+        );
+        // Nothing listens at the test config's ElevenLabs URL; the request is still staged
+        // (the synthesis fails in the background and the call falls back to the socket).
+        let (status, body) = put_greeting(state.clone(), "c1", secret, good).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(body["status"], "accepted");
     }
 }

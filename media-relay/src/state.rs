@@ -1,6 +1,6 @@
 //! Process-wide state shared by the HTTP surface (`server`) and every call (`call`):
-//! configuration, metrics, call slots, the stream-token replay cache and the shutdown
-//! signal. Both depend on this module; it depends on neither.
+//! configuration, metrics, call slots, the stream-token replay cache, the greetings staged
+//! while phones ring, and the shutdown signal. Both depend on this module; it depends on neither.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError};
+use crate::greeting::Greetings;
 use crate::metrics::Metrics;
 use crate::nonce::{NonceCache, NonceRejected};
 
@@ -24,6 +25,7 @@ struct Shared {
     metrics: Metrics,
     active_calls: AtomicUsize,
     nonces: Mutex<NonceCache>,
+    greetings: Arc<Greetings>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -34,12 +36,16 @@ impl AppState {
         let nonce_capacity = config
             .as_ref()
             .map_or(1, |c| c.max_calls.saturating_mul(4).max(1024));
+        let staged_capacity = config
+            .as_ref()
+            .map_or(1, |c| c.max_calls.saturating_mul(2).max(16));
         Self {
             inner: Arc::new(Shared {
                 config: config.map(Arc::new),
                 metrics: Metrics::new(),
                 active_calls: AtomicUsize::new(0),
                 nonces: Mutex::new(NonceCache::new(nonce_capacity)),
+                greetings: Arc::new(Greetings::new(staged_capacity)),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
@@ -49,6 +55,11 @@ impl AppState {
     /// The validated config, or every problem with it.
     pub fn config(&self) -> Result<&Arc<Config>, &ConfigError> {
         self.inner.config.as_ref()
+    }
+
+    /// Greetings synthesized while the phone rings.
+    pub fn greetings(&self) -> &Arc<Greetings> {
+        &self.inner.greetings
     }
 
     /// Metric handles.

@@ -877,3 +877,73 @@ async fn a_machine_gets_a_voicemail_in_the_personas_voice() {
         record.sim_events
     );
 }
+
+/// The greeting is synthesized while the phone rings (ElevenLabs' HTTP endpoint, through
+/// the relay) and plays from the stream's start: never through the TTS socket, heard in
+/// full, in the transcript as heard. A second call with the same greeting (same persona,
+/// voice and text: a first call to another number) comes from the relay's cache.
+#[tokio::test]
+async fn the_greeting_is_synthesized_while_the_phone_rings_and_cached() {
+    let v = voice();
+    let api = v.api();
+    let user = api.register_user("greeting").await.unwrap();
+    let is_sarahs = |text: &str| text.contains("Sarah");
+    for round in 0..2 {
+        let number = unique_number();
+        let script = SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ]);
+        v.twilio
+            .set_script(number.clone(), twilio::CalleeScript::answer(script));
+        let id = api.trigger_call(&user, "sarah", &number).await.unwrap();
+        let done = api
+            .wait_settled(&user, &id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let record = v
+            .twilio
+            .calls()
+            .into_iter()
+            .find(|c| c.to == number)
+            .unwrap();
+        let stream = record.streams.first().expect("a media stream");
+        assert!(
+            stream
+                .custom_parameters
+                .contains(&("greeting".to_owned(), "prepared".to_owned())),
+            "a person's TwiML asks for the staged greeting: {:?}",
+            stream.custom_parameters
+        );
+        let synthesized: Vec<_> = v
+            .elevenlabs
+            .http_syntheses()
+            .into_iter()
+            .filter(|s| is_sarahs(&s.text))
+            .collect();
+        assert_eq!(
+            synthesized.len(),
+            1,
+            "round {round}: synthesized once, then cached: {synthesized:?}"
+        );
+        let greeting = &synthesized[0];
+        assert_eq!(greeting.output_format, "ulaw_8000");
+        assert!(greeting.text.starts_with(harness::VOICE_AI_DISCLOSURE));
+        assert!(
+            !v.elevenlabs
+                .generations()
+                .iter()
+                .any(|g| is_sarahs(&g.text)),
+            "the greeting never went through the TTS socket"
+        );
+        let heard = record.heard_text.trim();
+        assert!(
+            heard.contains(greeting.text.trim()),
+            "round {round}: the whole greeting was heard: {heard:?}"
+        );
+        let first = &done["transcript"][0];
+        assert_eq!(first["role"], "assistant", "{done}");
+        assert_eq!(first["text"], greeting.text.trim(), "{done}");
+        assert_eq!(first["interrupted"], false, "{done}");
+    }
+}

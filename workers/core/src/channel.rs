@@ -344,6 +344,26 @@ impl Default for SttOptions {
     }
 }
 
+/// Where the call's DO asks the relay to synthesize the greeting while the phone rings:
+/// `RELAY_URL`'s origin, its scheme made HTTP(S), then `/internal/calls/{id}/greeting`.
+pub fn greeting_url(relay_url: &str, call_id: &str) -> Option<String> {
+    let mut url = url::Url::parse(relay_url).ok()?;
+    let scheme = match url.scheme() {
+        "wss" => "https",
+        "ws" => "http",
+        _ => return None,
+    };
+    // `ws`/`wss` and `http`/`https` are all "special" schemes, so the swap is allowed.
+    url.set_scheme(scheme).ok()?;
+    url.set_query(None);
+    url.set_fragment(None);
+    url.path_segments_mut()
+        .ok()?
+        .clear()
+        .extend(["internal", "calls", call_id, "greeting"]);
+    Some(url.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,5 +691,24 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code, codes::OUT_OF_RANGE);
         assert_eq!(err.field, "voice_settings.speed");
+    }
+
+    #[test]
+    fn greeting_url_is_the_relays_origin_over_http() {
+        assert_eq!(
+            greeting_url("wss://relay.example.com/twilio", "c-1").as_deref(),
+            Some("https://relay.example.com/internal/calls/c-1/greeting")
+        );
+        assert_eq!(
+            greeting_url("ws://127.0.0.1:4400/media?x=1", "c1").as_deref(),
+            Some("http://127.0.0.1:4400/internal/calls/c1/greeting")
+        );
+        // A call id cannot climb out of its path segment.
+        assert_eq!(
+            greeting_url("wss://r.example/twilio", "../x").as_deref(),
+            Some("https://r.example/internal/calls/..%2Fx/greeting")
+        );
+        assert_eq!(greeting_url("https://r.example/twilio", "c1"), None);
+        assert_eq!(greeting_url("not a url", "c1"), None);
     }
 }

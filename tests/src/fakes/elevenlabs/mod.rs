@@ -1,10 +1,15 @@
-//! Fake ElevenLabs text-to-speech WebSockets (PROTOCOLS.md §5): single-context
-//! `/v1/text-to-speech/{voice_id}/stream-input` and multi-context `…/multi-stream-input`.
+//! Fake ElevenLabs text-to-speech (PROTOCOLS.md §5): the WebSockets, single-context
+//! `/v1/text-to-speech/{voice_id}/stream-input` and multi-context `…/multi-stream-input`,
+//! and the HTTP streaming fallback `POST /v1/text-to-speech/{voice_id}/stream`
+//! ([`HTTP_STREAM_PATH`]).
 //!
 //! Owns the handshake/query checks, a pure [`Conversation`] state machine (client JSON in,
-//! actions out, time passed in) and the socket shell (inactivity, faults, interruption).
+//! actions out, time passed in) and the socket shell (inactivity, faults, interruption);
+//! for HTTP, the request validation (FastAPI-style 422s, `detail.status` 401s) and the
+//! chunked audio body (recorded as [`HttpSynthesis`]).
 //! It must not guess in the client's favour: where the provider's behaviour is
-//! undocumented it fails loudly (error frame + close 1008) and says so in a comment.
+//! undocumented it fails loudly (error frame + close 1008 on a socket, 422 over HTTP)
+//! and says so in a comment.
 //!
 //! Audio is [`crate::audio::encode_text`] of the generated text (40 ms per character,
 //! deterministic), so whoever hears it can decode exactly what was said.
@@ -14,11 +19,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures::{SinkExt as _, StreamExt as _};
@@ -34,6 +40,8 @@ use crate::fakes::{Server, LOOPBACK_ANY};
 pub const SINGLE_PATH: &str = "/v1/text-to-speech/{voice_id}/stream-input";
 /// Route of the multi-context stream.
 pub const MULTI_PATH: &str = "/v1/text-to-speech/{voice_id}/multi-stream-input";
+/// Route of the HTTP streaming fallback (`POST`, JSON body, chunked audio back).
+pub const HTTP_STREAM_PATH: &str = "/v1/text-to-speech/{voice_id}/stream";
 /// Simultaneous contexts allowed per multi-context connection.
 pub const MAX_CONTEXTS: usize = 5;
 /// Close code of every error the service reports on the socket.
@@ -89,9 +97,13 @@ pub struct Config {
     /// Wall-clock length of one second of `inactivity_timeout`: tests shrink it so the
     /// query's seconds still drive the timeout, only faster.
     pub timeout_second: Duration,
-    /// Pause between two audio messages, simulating generation speed (0 = as fast as
-    /// possible). Gives interruption tests audio still in flight to cancel.
+    /// Pause between two audio messages (HTTP: between two body chunks), simulating
+    /// generation speed (0 = as fast as possible). Gives interruption tests audio still in
+    /// flight to cancel.
     pub audio_interval: Duration,
+    /// HTTP streaming only: pause before the first body chunk, simulating the service's
+    /// time to first audio (the latency benchmark sets it; 0 = none).
+    pub http_first_byte: Duration,
     pub fault_seed: u64,
 }
 
@@ -102,6 +114,7 @@ impl Default for Config {
             api_key: "xi-test-key".to_owned(),
             timeout_second: Duration::from_secs(1),
             audio_interval: Duration::ZERO,
+            http_first_byte: Duration::ZERO,
             fault_seed: crate::fakes::faults::DEFAULT_SEED,
         }
     }
@@ -156,11 +169,24 @@ pub struct ConnectionRecord {
     pub closed: Option<Closed>,
 }
 
+/// One accepted `POST …/stream` request (validated, audio about to be streamed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpSynthesis {
+    pub voice_id: String,
+    pub text: String,
+    /// The `output_format` query value (always `ulaw_8000` once accepted).
+    pub output_format: String,
+    /// The body's `model_id`, if it sent one.
+    pub model_id: Option<String>,
+}
+
 #[derive(Default)]
 struct Log {
     connections: Vec<ConnectionRecord>,
     generations: Vec<Generation>,
-    /// Characters whose audio was actually sent.
+    /// Accepted HTTP streaming requests, in arrival order.
+    http_syntheses: Vec<HttpSynthesis>,
+    /// Characters whose audio was actually sent (WebSocket messages and HTTP chunks).
     characters_sent: u64,
 }
 
@@ -197,6 +223,7 @@ pub fn router(state: Arc<ElevenLabsState>) -> Router {
     let app = Router::new()
         .route(SINGLE_PATH, get(single))
         .route(MULTI_PATH, get(multi))
+        .route(HTTP_STREAM_PATH, post(http_stream))
         .with_state(state);
     // HTTP-level errors look like the REST API's: {"detail":{"status","message"}}.
     let error: ErrorResponder = Arc::new(|status: StatusCode| {
@@ -251,9 +278,15 @@ impl Handle {
         self.state.log().characters_sent
     }
 
-    /// Every generation, in order.
+    /// Every WebSocket generation, in order (HTTP requests are in
+    /// [`Handle::http_syntheses`]).
     pub fn generations(&self) -> Vec<Generation> {
         self.state.log().generations.clone()
+    }
+
+    /// Every accepted HTTP streaming request, in arrival order.
+    pub fn http_syntheses(&self) -> Vec<HttpSynthesis> {
+        self.state.log().http_syntheses.clone()
     }
 
     /// Generated texts grouped by context id (all connections).
@@ -1133,6 +1166,366 @@ async fn write_loop(
     WriterEnd::Gone
 }
 
+/// Query parameters of `POST …/stream` (PROTOCOLS.md §5).
+const HTTP_QUERY: &[&str] = &[
+    "output_format",
+    "optimize_streaming_latency",
+    "enable_logging",
+];
+/// Body fields of `POST …/stream`: PROTOCOLS.md's list plus the pronunciation
+/// dictionaries the sockets take too. The SDK knows a few more (request-stitching ids,
+/// `use_pvc_as_ivc`, …); add them here when our client starts sending them.
+const HTTP_FIELDS: &[&str] = &[
+    "text",
+    "model_id",
+    "voice_settings",
+    "language_code",
+    "seed",
+    "previous_text",
+    "next_text",
+    "apply_text_normalization",
+    "pronunciation_dictionary_locators",
+];
+/// What the service streams when the request has no `output_format`.
+const HTTP_DEFAULT_OUTPUT_FORMAT: &str = "mp3_44100_128";
+/// The only format the fake synthesizes.
+const HTTP_OUTPUT_FORMAT: &str = "ulaw_8000";
+/// Content type of the 200 body. `audio/basic` is the registered type of 8 kHz mono μ-law
+/// (RFC 2046). UNCONFIRMED: the header the service sends for `ulaw_8000`; clients should
+/// not rely on it, they asked for the format in the query.
+const HTTP_AUDIO_CONTENT_TYPE: &str = "audio/basic";
+
+/// An HTTP error answer: status and JSON body.
+type HttpError = (StatusCode, Value);
+
+/// The REST API's non-validation error: `{"detail":{"status","message"}}`.
+fn detail_error(status: StatusCode, code: &str, message: &str) -> HttpError {
+    (
+        status,
+        json!({"detail": {"status": code, "message": message}}),
+    )
+}
+
+/// One FastAPI validation problem, pydantic v2 style (`type` names as pydantic's).
+/// UNCONFIRMED: the service's exact `msg` wording; clients should key on status and `loc`.
+fn issue(loc: Value, msg: impl Into<String>, kind: &str) -> Value {
+    json!({"loc": loc, "msg": msg.into(), "type": kind})
+}
+
+/// Validates a `POST …/stream` request: key, query, then body. What it accepts is what
+/// gets recorded and spoken. FastAPI reports every validation problem at once, so the 422
+/// `detail` lists all of them.
+fn validate_http(
+    expected_key: &str,
+    voice_id: &str,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    body: &[u8],
+) -> Result<HttpSynthesis, HttpError> {
+    // UNCONFIRMED: which wins when both the key and the request are bad; the fake checks
+    // the key first, as an auth dependency runs before FastAPI raises validation errors.
+    match headers.get("xi-api-key").map(|v| v.to_str()) {
+        None => {
+            return Err(detail_error(
+                StatusCode::UNAUTHORIZED,
+                "needs_authorization",
+                "Neither authorization header nor xi-api-key received, please provide one.",
+            ))
+        }
+        Some(Ok(key)) if key == expected_key => {}
+        Some(_) => {
+            return Err(detail_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "Invalid API key",
+            ))
+        }
+    }
+    let mut issues = Vec::new();
+    let output_format = validate_http_query(raw_query, &mut issues);
+    let body = validate_http_body(headers, body, &mut issues);
+    match body {
+        Some((text, model_id)) if issues.is_empty() => Ok(HttpSynthesis {
+            voice_id: voice_id.to_owned(),
+            text,
+            output_format,
+            model_id,
+        }),
+        _ => Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "detail": issues }),
+        )),
+    }
+}
+
+/// Checks the query; returns the output format asked for (valid only if no issue).
+fn validate_http_query(raw_query: Option<&str>, issues: &mut Vec<Value>) -> String {
+    let query: Vec<(String, String)> = match serde_urlencoded::from_str(raw_query.unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => {
+            issues.push(issue(
+                json!(["query"]),
+                format!("Malformed query string: {e}"),
+                "value_error",
+            ));
+            Vec::new()
+        }
+    };
+    let get = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    // FastAPI ignores unknown query parameters; the fake refuses them, as on the sockets,
+    // so a misspelled option (which the service would silently ignore) is caught.
+    for (key, _) in &query {
+        if !HTTP_QUERY.contains(&key.as_str()) {
+            issues.push(issue(
+                json!(["query", key]),
+                format!("Unknown query parameter: {key}"),
+                "extra_forbidden",
+            ));
+        }
+    }
+    let output_format = get("output_format").unwrap_or(HTTP_DEFAULT_OUTPUT_FORMAT);
+    // The service would stream any known format (mp3_44100_128 when none is given); the
+    // fake only synthesizes μ-law 8 kHz, the one format a phone line can play, so anything
+    // else is refused loudly rather than answered with audio in the wrong format.
+    if output_format != HTTP_OUTPUT_FORMAT {
+        let msg = if KNOWN_OUTPUT_FORMATS.contains(&output_format) {
+            let asked = if get("output_format").is_some() {
+                output_format.to_owned()
+            } else {
+                format!("the default {output_format}")
+            };
+            format!("fake ElevenLabs only synthesizes {HTTP_OUTPUT_FORMAT}, not {asked}")
+        } else {
+            format!(
+                "Invalid output format: {output_format} (and fake ElevenLabs only synthesizes {HTTP_OUTPUT_FORMAT})"
+            )
+        };
+        issues.push(issue(json!(["query", "output_format"]), msg, "enum"));
+    }
+    // Deprecated upstream but still accepted: an integer 0..=4.
+    if let Some(v) = get("optimize_streaming_latency") {
+        if !matches!(v.parse::<u8>(), Ok(0..=4)) {
+            issues.push(issue(
+                json!(["query", "optimize_streaming_latency"]),
+                format!("Input should be an integer in 0..=4, got {v}"),
+                "int_parsing",
+            ));
+        }
+    }
+    if let Some(v) = get("enable_logging") {
+        if !matches!(v, "true" | "false" | "1" | "0") {
+            issues.push(issue(
+                json!(["query", "enable_logging"]),
+                format!("Input should be a valid boolean, got {v}"),
+                "bool_parsing",
+            ));
+        }
+    }
+    output_format.to_owned()
+}
+
+/// Checks the JSON body; returns `(text, model_id)` if the body itself is usable.
+fn validate_http_body(
+    headers: &HeaderMap,
+    body: &[u8],
+    issues: &mut Vec<Value>,
+) -> Option<(String, Option<String>)> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    // UNCONFIRMED: FastAPI parses a body without Content-Type as JSON anyway; the fake
+    // requires the header the docs show, so a client that forgets it is caught.
+    if !is_json {
+        issues.push(issue(
+            json!(["body"]),
+            "Content-Type must be application/json",
+            "model_attributes_type",
+        ));
+        return None;
+    }
+    let map = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => {
+            issues.push(issue(
+                json!(["body"]),
+                "Input should be a valid dictionary or object to extract fields from",
+                "model_attributes_type",
+            ));
+            return None;
+        }
+        Err(e) => {
+            issues.push(issue(
+                json!(["body", e.column()]),
+                format!("JSON decode error: {e}"),
+                "json_invalid",
+            ));
+            return None;
+        }
+    };
+    let before = issues.len();
+    let mut at = |field: &str, msg: String, kind: &str| {
+        issues.push(issue(json!(["body", field]), msg, kind));
+    };
+    // The service's model ignores unknown fields; the fake refuses them, as on the sockets,
+    // so a misspelled field (silently dropped upstream) is caught.
+    for key in map.keys() {
+        if !HTTP_FIELDS.contains(&key.as_str()) {
+            at(key, format!("Unknown field: {key}"), "extra_forbidden");
+        }
+    }
+    // UNCONFIRMED: the service's answer to an empty text (it may be a 400); the fake
+    // refuses it with a 422 as a too-short string.
+    let text = match map.get("text") {
+        None => {
+            at("text", "Field required".to_owned(), "missing");
+            None
+        }
+        Some(Value::String(t)) if t.is_empty() => {
+            at(
+                "text",
+                "String should have at least 1 character".to_owned(),
+                "string_too_short",
+            );
+            None
+        }
+        Some(Value::String(t)) => Some(t.clone()),
+        Some(_) => {
+            at(
+                "text",
+                "Input should be a valid string".to_owned(),
+                "string_type",
+            );
+            None
+        }
+    };
+    for field in ["model_id", "language_code", "previous_text", "next_text"] {
+        if map
+            .get(field)
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            at(
+                field,
+                "Input should be a valid string".to_owned(),
+                "string_type",
+            );
+        }
+    }
+    if let Some(vs) = map.get("voice_settings").filter(|v| !v.is_null()) {
+        if let Err(msg) = validate_voice_settings(vs) {
+            at("voice_settings", msg, "value_error");
+        }
+    }
+    if let Some(seed) = map.get("seed").filter(|v| !v.is_null()) {
+        if seed.as_u64().is_none_or(|s| s > u64::from(u32::MAX)) {
+            at(
+                "seed",
+                format!("Input should be an integer in 0..=4294967295, got {seed}"),
+                "int_type",
+            );
+        }
+    }
+    if let Some(norm) = map.get("apply_text_normalization") {
+        if !matches!(norm.as_str(), Some("auto" | "on" | "off")) {
+            at(
+                "apply_text_normalization",
+                format!("Input should be 'auto', 'on' or 'off', got {norm}"),
+                "enum",
+            );
+        }
+    }
+    if map
+        .get("pronunciation_dictionary_locators")
+        .is_some_and(|v| !v.is_array() && !v.is_null())
+    {
+        at(
+            "pronunciation_dictionary_locators",
+            "Input should be a valid list".to_owned(),
+            "list_type",
+        );
+    }
+    if issues.len() > before {
+        return None;
+    }
+    let model_id = map
+        .get("model_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    text.map(|t| (t, model_id))
+}
+
+/// `POST …/stream`: validates, records, then streams the text's audio.
+///
+/// Faults apply as to any plain HTTP response (faults.rs counts only WebSockets and SSE as
+/// streams): `latency_ms` and `first_byte_delay_ms` delay the headers, `http_status` and
+/// `refuse_connections` replace the answer; `drop_after_*` do not cut this body.
+async fn http_stream(
+    State(state): State<Arc<ElevenLabsState>>,
+    Path(voice_id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw_query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let synthesis = match validate_http(
+        &state.cfg.api_key,
+        &voice_id,
+        &headers,
+        raw_query.as_deref(),
+        &body,
+    ) {
+        Ok(s) => s,
+        Err((status, body)) => {
+            tracing::info!(%status, %body, "elevenlabs fake: refusing HTTP stream request");
+            return (status, Json(body)).into_response();
+        }
+    };
+    let text = synthesis.text.clone();
+    state.log().http_syntheses.push(synthesis);
+    (
+        [(header::CONTENT_TYPE, HTTP_AUDIO_CONTENT_TYPE)],
+        audio_body(&text, state),
+    )
+        .into_response()
+}
+
+/// The 200 body, sent chunked (no length): the text's audio, one chunk per
+/// [`CHARS_PER_MESSAGE`] characters (480 ms, as the sockets' audio messages). The first
+/// chunk waits [`Config::http_first_byte`] (time to first audio), the next ones
+/// [`Config::audio_interval`] each (generation speed).
+fn audio_body(text: &str, state: Arc<ElevenLabsState>) -> Body {
+    let chars: Vec<char> = text.chars().collect();
+    let pieces: Vec<String> = chars
+        .chunks(CHARS_PER_MESSAGE)
+        .map(|piece| piece.iter().collect())
+        .collect();
+    let start = (pieces.into_iter(), true, state);
+    let chunks = futures::stream::unfold(start, |(mut pieces, first, state)| async move {
+        let piece = pieces.next()?;
+        let wait = if first {
+            state.cfg.http_first_byte
+        } else {
+            state.cfg.audio_interval
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        // Counted when handed to the server, like a socket message once sent.
+        state.log().characters_sent += piece.chars().count() as u64;
+        let chunk = Bytes::from(audio::encode_text(&piece));
+        Some((
+            Ok::<_, std::convert::Infallible>(chunk),
+            (pieces, false, state),
+        ))
+    });
+    Body::from_stream(chunks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1414,5 +1807,251 @@ mod tests {
             q("output_format=ulaw_8000&voice=x").unwrap_err().0,
             "invalid_request"
         );
+    }
+
+    const ULAW: &str = "output_format=ulaw_8000";
+
+    /// A `POST …/stream` request to `fake`, with `xi-api-key` if given.
+    fn stream_request(fake: &Handle, key: Option<&str>, query: &str) -> reqwest::RequestBuilder {
+        let url = format!(
+            "{}/v1/text-to-speech/voice123/stream?{query}",
+            fake.base_url()
+        );
+        let request = reqwest::Client::new().post(url);
+        match key {
+            Some(key) => request.header("xi-api-key", key),
+            None => request,
+        }
+    }
+
+    /// HTTP fallback: 200 with a chunked μ-law body that decodes to the text; recorded.
+    #[tokio::test]
+    async fn http_stream_speaks_the_text() {
+        let f = spawn(Config::default()).await.unwrap();
+        let text = "Hello there, how can I help?";
+        let body = json!({
+            "text": text,
+            "model_id": "eleven_flash_v2_5",
+            "voice_settings": {"stability": 0.5, "similarity_boost": 0.75, "style": 0, "use_speaker_boost": true, "speed": 1.0},
+            "language_code": "en",
+            "seed": 7,
+            "previous_text": null,
+            "next_text": "Bye.",
+            "apply_text_normalization": "auto",
+        });
+        let query = "output_format=ulaw_8000&optimize_streaming_latency=3&enable_logging=false";
+        let r = stream_request(&f, Some(f.api_key()), query)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "audio/basic");
+        assert_eq!(r.headers()[header::TRANSFER_ENCODING], "chunked");
+        let bytes = r.bytes().await.unwrap();
+        assert_eq!(bytes.len(), text.len() * audio::SAMPLES_PER_CHAR);
+        assert_eq!(audio::decode_text(&bytes), text);
+        assert_eq!(
+            f.http_syntheses(),
+            vec![HttpSynthesis {
+                voice_id: "voice123".into(),
+                text: text.into(),
+                output_format: "ulaw_8000".into(),
+                model_id: Some("eleven_flash_v2_5".into()),
+            }]
+        );
+        assert_eq!(f.characters_synthesized(), text.len() as u64);
+        assert!(f.connections().is_empty() && f.generations().is_empty());
+        // model_id is optional.
+        let r = stream_request(&f, Some(f.api_key()), ULAW)
+            .json(&json!({"text": "Hi."}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(audio::decode_text(&r.bytes().await.unwrap()), "Hi.");
+        assert_eq!(f.http_syntheses()[1].model_id, None);
+    }
+
+    /// Nothing arrives before `http_first_byte`; then one chunk per 12 characters, paced.
+    #[tokio::test]
+    async fn http_stream_is_paced_in_chunks() {
+        let cfg = Config {
+            http_first_byte: Duration::from_millis(150),
+            audio_interval: Duration::from_millis(20),
+            ..Config::default()
+        };
+        let f = spawn(cfg).await.unwrap();
+        let text = "One two three, four five six."; // 29 characters: 3 chunks
+        let started = std::time::Instant::now();
+        let r = stream_request(&f, Some(f.api_key()), ULAW)
+            .json(&json!({"text": text}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let mut body = r.bytes_stream();
+        let mut first_at = None;
+        let mut chunks = Vec::new();
+        while let Some(chunk) = body.next().await {
+            first_at.get_or_insert_with(|| started.elapsed());
+            chunks.push(chunk.unwrap());
+        }
+        let first_at = first_at.unwrap();
+        assert!(first_at >= Duration::from_millis(150), "{first_at:?}");
+        assert!(
+            started.elapsed() >= first_at + Duration::from_millis(40),
+            "two paced chunks follow the first"
+        );
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        assert_eq!(audio::decode_text(&chunks.concat()), text);
+    }
+
+    /// A wrong or missing key is a 401 with `detail.status`; nothing is recorded.
+    #[tokio::test]
+    async fn http_stream_auth() {
+        let f = spawn(Config::default()).await.unwrap();
+        for (key, status) in [
+            (Some("wrong"), "invalid_api_key"),
+            (None, "needs_authorization"),
+        ] {
+            let r = stream_request(&f, key, ULAW)
+                .json(&json!({"text": "hi"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["detail"]["status"], status, "{v}");
+            assert!(v["detail"]["message"].is_string(), "{v}");
+        }
+        assert!(f.http_syntheses().is_empty());
+    }
+
+    /// Bad query or body: 422 with FastAPI's `detail` list naming the culprit.
+    #[tokio::test]
+    async fn http_stream_validation() {
+        let f = spawn(Config::default()).await.unwrap();
+        let hi = json!({"text": "hi"});
+        let cases = [
+            ("", hi.clone(), json!(["query", "output_format"])),
+            (
+                "output_format=pcm_16000",
+                hi.clone(),
+                json!(["query", "output_format"]),
+            ),
+            (
+                "output_format=wav",
+                hi.clone(),
+                json!(["query", "output_format"]),
+            ),
+            // model_id goes in the body here, unlike on the sockets.
+            (
+                "output_format=ulaw_8000&model_id=x",
+                hi.clone(),
+                json!(["query", "model_id"]),
+            ),
+            (
+                "output_format=ulaw_8000&optimize_streaming_latency=9",
+                hi.clone(),
+                json!(["query", "optimize_streaming_latency"]),
+            ),
+            (ULAW, json!({}), json!(["body", "text"])),
+            (ULAW, json!({"text": ""}), json!(["body", "text"])),
+            (ULAW, json!({"text": 5}), json!(["body", "text"])),
+            (
+                ULAW,
+                json!({"text": "hi", "voice": "x"}),
+                json!(["body", "voice"]),
+            ),
+            (
+                ULAW,
+                json!({"text": "hi", "voice_settings": {"speed": 2.0}}),
+                json!(["body", "voice_settings"]),
+            ),
+            (
+                ULAW,
+                json!({"text": "hi", "seed": -1}),
+                json!(["body", "seed"]),
+            ),
+            (
+                ULAW,
+                json!({"text": "hi", "apply_text_normalization": "maybe"}),
+                json!(["body", "apply_text_normalization"]),
+            ),
+            (ULAW, json!(["hi"]), json!(["body"])),
+        ];
+        for (query, body, loc) in cases {
+            let r = stream_request(&f, Some(f.api_key()), query)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{query} {body}"
+            );
+            let v: Value = r.json().await.unwrap();
+            let detail = v["detail"].as_array().unwrap();
+            let hit = detail.iter().find(|d| d["loc"] == loc);
+            let hit = hit.unwrap_or_else(|| panic!("{query} {body}: no {loc} in {v}"));
+            assert!(hit["msg"].is_string() && hit["type"].is_string(), "{v}");
+        }
+        // The fake only speaks μ-law, and says so, including for the mp3 default.
+        for query in ["", "output_format=pcm_16000"] {
+            let r = stream_request(&f, Some(f.api_key()), query)
+                .json(&hi)
+                .send()
+                .await
+                .unwrap();
+            let v: Value = r.json().await.unwrap();
+            let msg = v["detail"][0]["msg"].as_str().unwrap();
+            assert!(msg.contains("only synthesizes ulaw_8000"), "{msg}");
+        }
+        // Every problem is listed at once.
+        let r = stream_request(&f, Some(f.api_key()), "output_format=pcm_16000")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["detail"].as_array().unwrap().len(), 2, "{v}");
+        // Not JSON, or not said to be JSON.
+        let r = stream_request(&f, Some(f.api_key()), ULAW)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["detail"][0]["type"], "json_invalid", "{v}");
+        let r = stream_request(&f, Some(f.api_key()), ULAW)
+            .body(r#"{"text":"hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(f.http_syntheses().is_empty());
+        assert_eq!(f.characters_synthesized(), 0);
+    }
+
+    /// The route sits behind the fault wrapper like the sockets.
+    #[tokio::test]
+    async fn http_stream_faults() {
+        let f = spawn(Config::default()).await.unwrap();
+        f.faults().set(crate::fakes::faults::Faults {
+            http_status: Some(503),
+            ..Default::default()
+        });
+        let r = stream_request(&f, Some(f.api_key()), ULAW)
+            .json(&json!({"text": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["detail"]["status"], "fault_injected");
+        assert!(f.http_syntheses().is_empty());
     }
 }

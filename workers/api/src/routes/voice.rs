@@ -94,10 +94,10 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
         },
     )
     .await?;
-    if answered_by
+    let machine = answered_by
         .as_deref()
-        .is_some_and(cmb_core::calls::is_machine)
-    {
+        .is_some_and(cmb_core::calls::is_machine);
+    if machine {
         // Twilio waited for the beep (`DetectMessageEnd`): the stream connects as for a
         // person, and the session has the persona leave its voicemail line.
         crate::log::info(
@@ -121,6 +121,9 @@ pub async fn twiml(req: Request, ctx: &Ctx) -> ApiResult<Response> {
         &[
             ("callId", v.call_id.as_str()),
             ("streamToken", token.as_str()),
+            // A person hears the greeting the relay synthesized while the phone rang; a
+            // machine gets the voicemail line from `hello` instead.
+            ("greeting", if machine { "none" } else { "prepared" }),
         ],
         &action,
     );

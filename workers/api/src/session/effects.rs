@@ -122,6 +122,37 @@ impl CallSession {
                     outcome,
                 }))
             }
+            Effect::Prepare => {
+                // A persona that cannot be read now is read again when the relay connects.
+                match self.persona_for(&run.call_id).await {
+                    Ok(Some(persona)) => Ok(Some(Event::Prepared { persona })),
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        crate::log::warn(
+                            "prepare_failed",
+                            json!({ "call_id": run.call_id, "error": e.log_detail() }),
+                        );
+                        Ok(None)
+                    }
+                }
+            }
+            Effect::StageGreeting {
+                voice_id,
+                voice_settings,
+                text,
+            } => {
+                let cfg = self.config()?;
+                let job = super::greeting::stage(
+                    cfg,
+                    run.call_id.clone(),
+                    voice_id,
+                    voice_settings,
+                    text,
+                );
+                // In the background: the dial goes on; the relay answers at once anyway.
+                self.state.wait_until(job);
+                Ok(None)
+            }
             Effect::Settled { status } => {
                 // What follows a schedule's attempt; a failure is logged, never the call's.
                 let follow = match self.open_store(run).await {

@@ -10,6 +10,7 @@
 
 pub mod client;
 mod effects;
+mod greeting;
 mod memory;
 
 use cmb_core::calls::CallStatus;
@@ -385,11 +386,12 @@ impl CallSession {
                 "This call has already ended.",
             ));
         }
-        let Some(persona) = self.persona_for(&session.call_id).await? else {
-            return Err(ApiError::conflict(
-                "persona_missing",
-                "The call's persona is gone.",
-            ));
+        // Read while the phone rang (`Effect::Prepare`), or now if that has not finished.
+        let persona = match session.conv.persona.clone() {
+            Some(p) => p,
+            None => self.persona_for(&session.call_id).await?.ok_or_else(|| {
+                ApiError::conflict("persona_missing", "The call's persona is gone.")
+            })?,
         };
         let pair = WebSocketPair::new()?;
         let (effects, session) = {

@@ -116,6 +116,7 @@ impl Session {
                 tool_call_id,
                 outcome,
             } => self.on_callback(&tool_call_id, outcome, now, &mut out),
+            Event::Prepared { persona } => self.on_prepared(persona, &mut out),
             Event::Alarm => {
                 self.alarm_ms = None; // the platform cleared it by firing
                 self.on_alarm(now, &mut out);
@@ -433,6 +434,26 @@ impl Session {
             started_at_ms: None,
             answered_by: None,
         }));
+        if self.conv.persona.is_none() {
+            out.push(Effect::Prepare);
+        }
+    }
+
+    /// The persona, read while the phone rings: kept for the relay's `hello`, and the
+    /// greeting staged at the relay unless the stream is already up (the relay connected
+    /// first and has its hello) or the call is over.
+    fn on_prepared(&mut self, persona: PersonaBrief, out: &mut Vec<Effect>) {
+        if self.final_.is_some() || self.conv.persona.is_some() {
+            return;
+        }
+        if self.relay.hello_seq.is_none() && !persona.greeting.trim().is_empty() {
+            out.push(Effect::StageGreeting {
+                voice_id: persona.voice_id.clone(),
+                voice_settings: persona.voice_settings.clone(),
+                text: persona.greeting.clone(),
+            });
+        }
+        self.conv.persona = Some(persona);
     }
 
     fn on_lookup(
@@ -1155,40 +1176,41 @@ impl Session {
             return;
         }
         self.relay.open.push(conn);
-        // A machine hears the voicemail line in place of the greeting.
-        let mut persona = persona;
-        if self.is_voicemail() {
-            persona.greeting = persona.voicemail.clone();
+        if self.conv.persona.is_none() {
+            self.conv.persona = Some(persona);
         }
+        let Some(p) = self.conv.persona.clone() else {
+            return;
+        };
+        // A machine hears the voicemail line in place of the greeting.
+        let greeting = if self.is_voicemail() {
+            p.voicemail.clone()
+        } else {
+            p.greeting.clone()
+        };
         if self.conv.lines.is_empty() {
             // The greeting is the persona's turn 0.
             self.conv.lines.push(Line {
                 speaker: Speaker::Assistant,
                 turn: Some(0),
-                text: persona.greeting.clone(),
+                text: greeting.clone(),
                 heard: None,
                 interrupted: false,
                 at_ms: now,
             });
             self.conv.next_turn = 1;
         }
-        if self.conv.persona.is_none() {
-            self.conv.persona = Some(persona);
-        }
         if self.relay.stream_sid.is_some() {
             return; // a resume: wait for its `ready` to say what it has
         }
         if self.relay.hello_seq.is_none() {
-            let Some(p) = self.conv.persona.clone() else {
-                return;
-            };
             let hello = DoToRelay::Hello {
                 call_id: self.call_id.clone(),
                 persona_name: p.name,
                 voice_id: p.voice_id,
                 voice_settings: p.voice_settings,
                 stt: SttOptions::default(),
-                greeting: p.greeting,
+                greeting,
                 max_duration_secs: self.limits.max_call_secs + RELAY_BACKSTOP_SECS,
                 idle_timeout_secs: 2 * self.limits.idle_timeout_secs + RELAY_BACKSTOP_SECS,
             };

@@ -152,6 +152,10 @@ pub enum Event {
         tool_call_id: String,
         outcome: Result<u64, String>,
     },
+    /// The persona read while the phone rang ([`Effect::Prepare`]).
+    Prepared {
+        persona: PersonaBrief,
+    },
     /// The object's alarm fired.
     Alarm,
 }
@@ -325,6 +329,18 @@ pub enum Effect {
     ScheduleCallback {
         tool_call_id: String,
         at_ms: u64,
+    },
+    /// Twilio accepted the dial: read the persona now, while the phone rings, and answer
+    /// with [`Event::Prepared`] (so the relay's `hello` needs no reads when it connects).
+    Prepare,
+    /// Have the relay synthesize the greeting while the phone rings
+    /// (`PUT {relay}/internal/calls/{id}/greeting`), so it plays the moment a person
+    /// answers. Best effort, in the background: without it the greeting goes through the
+    /// relay's TTS socket as before.
+    StageGreeting {
+        voice_id: String,
+        voice_settings: VoiceSettings,
+        text: String,
     },
     /// Set the alarm to this time (ms since the epoch), or delete it.
     SetAlarm(Option<u64>),
