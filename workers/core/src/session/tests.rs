@@ -530,6 +530,97 @@ fn a_machine_gets_the_personas_voicemail_then_the_line_drops() {
 }
 
 /// A machine whose stream never connected heard nothing: the call says so.
+/// Twilio accepted the dial: the persona is read while the phone rings, and the greeting
+/// staged at the relay; the relay's `hello` then uses that persona (the shell's read at
+/// connect time is not needed). A second `Prepared` changes nothing.
+#[test]
+fn the_greeting_is_prepared_while_the_phone_rings() {
+    let mut s = dialled();
+    let fx = s.handle(
+        Event::Twilio(TwilioResult::Created { sid: SID.into() }),
+        T0 + 200,
+    );
+    assert!(has(&fx, |e| matches!(e, Effect::Prepare)), "{fx:?}");
+    let mut prepared = persona();
+    prepared.greeting = "Hey, it's Brad!".into();
+    let fx = s.handle(
+        Event::Prepared {
+            persona: prepared.clone(),
+        },
+        T0 + 250,
+    );
+    assert_eq!(
+        fx.iter()
+            .filter(|e| matches!(e, Effect::StageGreeting { .. }))
+            .collect::<Vec<_>>(),
+        [&Effect::StageGreeting {
+            voice_id: "v1".into(),
+            voice_settings: VoiceSettings::default(),
+            text: "Hey, it's Brad!".into(),
+        }]
+    );
+    let fx = s.handle(Event::Prepared { persona: persona() }, T0 + 260);
+    assert!(!has(&fx, |e| matches!(e, Effect::StageGreeting { .. })));
+    s.handle(status(2, "in-progress"), T0 + 3_000);
+    // The shell passes what it has; the prepared persona wins.
+    let fx = s.handle(
+        Event::RelayOpened {
+            conn: 0,
+            persona: persona(),
+        },
+        T0 + 3_100,
+    );
+    assert!(
+        matches!(sent(&fx).first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Hey, it's Brad!"),
+        "{:?}",
+        sent(&fx)
+    );
+    assert_eq!(s.conv.lines[0].text, "Hey, it's Brad!");
+}
+
+/// A machine answering a prepared call gets the voicemail line in `hello` (the staged
+/// greeting is for a person: the TwiML does not ask for it), and a `Prepared` arriving
+/// after the relay connected stages nothing.
+#[test]
+fn a_prepared_call_answered_by_a_machine_gets_the_voicemail() {
+    let mut s = placed();
+    s.handle(Event::Prepared { persona: persona() }, T0 + 250);
+    s.handle(
+        Event::Answered {
+            answered_by: Some("machine_end_beep".into()),
+        },
+        T0 + 3_000,
+    );
+    let fx = s.handle(
+        Event::RelayOpened {
+            conn: 0,
+            persona: persona(),
+        },
+        T0 + 4_000,
+    );
+    assert!(
+        matches!(sent(&fx).first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Hi, it's Brad. I'll try you again soon."),
+        "{:?}",
+        sent(&fx)
+    );
+
+    let mut late = placed();
+    late.handle(status(2, "in-progress"), T0 + 1_000);
+    late.handle(
+        Event::RelayOpened {
+            conn: 0,
+            persona: persona(),
+        },
+        T0 + 1_100,
+    );
+    let fx = late.handle(Event::Prepared { persona: persona() }, T0 + 1_200);
+    assert!(
+        fx.iter()
+            .all(|e| !matches!(e, Effect::StageGreeting { .. })),
+        "{fx:?}"
+    );
+}
+
 #[test]
 fn a_machine_without_a_stream_is_not_said_to_have_a_message() {
     let mut s = placed();
