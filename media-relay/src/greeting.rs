@@ -159,7 +159,8 @@ pub struct Greetings {
     staged: Mutex<HashMap<String, Staged>>,
     cache: Mutex<Cache>,
     max_staged: usize,
-    http: reqwest::Client,
+    /// None only if the TLS backend could not start: then nothing is staged (logged).
+    http: Option<reqwest::Client>,
 }
 
 impl Greetings {
@@ -172,7 +173,10 @@ impl Greetings {
             http: reqwest::Client::builder()
                 .timeout(SYNTH_TIMEOUT)
                 .build()
-                .unwrap_or_default(),
+                .map_err(
+                    |e| tracing::error!(error = %e, "no HTTP client: greetings will not be staged"),
+                )
+                .ok(),
         }
     }
 
@@ -195,6 +199,10 @@ impl Greetings {
     ) -> Result<(), Refused> {
         let key = req.cache_key();
         let cached = self.cache().get(&key);
+        let Some(http) = self.http.clone() else {
+            metrics.greeting("failed");
+            return Ok(());
+        };
         {
             let mut staged = self.staged();
             staged.retain(|_, s| s.since.elapsed() < STAGED_TTL);
@@ -229,7 +237,7 @@ impl Greetings {
         let counter = metrics.greetings.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let outcome = match synthesize(&this.http, &tts, &req).await {
+            let outcome = match synthesize(&http, &tts, &req).await {
                 Ok(audio) => {
                     let audio: Arc<[u8]> = audio.into();
                     this.cache().put(key, audio.clone());

@@ -894,8 +894,18 @@ async fn the_greeting_is_synthesized_while_the_phone_rings_and_cached() {
             Step::WaitForPersonaToFinish { silence_ms: 700 },
             Step::HangUp,
         ]);
-        v.twilio
-            .set_script(number.clone(), twilio::CalleeScript::answer(script));
+        // A phone rings for seconds. The session reads the persona before staging, and on
+        // Postgres with the whole suite running those reads once took over 5 s (then the
+        // greeting rightly went through the socket): ten 1 s rings leave ample time.
+        v.twilio.set_script(
+            number.clone(),
+            twilio::CalleeScript::Answer(twilio::Answer {
+                after_rings: 10,
+                answered_by: twilio::AnsweredBy::Human,
+                session: script,
+                duration_override_secs: None,
+            }),
+        );
         let id = api.trigger_call(&user, "sarah", &number).await.unwrap();
         let done = api
             .wait_settled(&user, &id, Duration::from_secs(60))
@@ -934,7 +944,7 @@ async fn the_greeting_is_synthesized_while_the_phone_rings_and_cached() {
                 .generations()
                 .iter()
                 .any(|g| is_sarahs(&g.text)),
-            "the greeting never went through the TTS socket"
+            "round {round}: the greeting never went through the TTS socket"
         );
         let heard = record.heard_text.trim();
         assert!(
