@@ -441,12 +441,16 @@ impl Session {
 
     /// The persona, read while the phone rings: kept for the relay's `hello`, and the
     /// greeting staged at the relay unless the stream is already up (the relay connected
-    /// first and has its hello) or the call is over.
+    /// first and has its hello), a machine answered, or the call is over.
     fn on_prepared(&mut self, persona: PersonaBrief, out: &mut Vec<Effect>) {
         if self.final_.is_some() || self.conv.persona.is_some() {
             return;
         }
-        if self.relay.hello_seq.is_none() && !persona.greeting.trim().is_empty() {
+        // A machine that already answered gets the voicemail line from `hello` instead.
+        if self.relay.hello_seq.is_none()
+            && !self.is_voicemail()
+            && !persona.greeting.trim().is_empty()
+        {
             out.push(Effect::StageGreeting {
                 voice_id: persona.voice_id.clone(),
                 voice_settings: persona.voice_settings.clone(),

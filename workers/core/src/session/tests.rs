@@ -619,6 +619,21 @@ fn a_prepared_call_answered_by_a_machine_gets_the_voicemail() {
             .all(|e| !matches!(e, Effect::StageGreeting { .. })),
         "{fx:?}"
     );
+
+    // A machine answered before the persona was read: nothing is staged for it.
+    let mut machine = placed();
+    machine.handle(
+        Event::Answered {
+            answered_by: Some("machine_end_beep".into()),
+        },
+        T0 + 1_000,
+    );
+    let fx = machine.handle(Event::Prepared { persona: persona() }, T0 + 1_200);
+    assert!(
+        fx.iter()
+            .all(|e| !matches!(e, Effect::StageGreeting { .. })),
+        "{fx:?}"
+    );
 }
 
 #[test]
