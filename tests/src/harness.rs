@@ -234,6 +234,23 @@ pub const DG_KEY: &str = "dg-e2e-key";
 pub const XI_KEY: &str = "xi-e2e-key";
 pub const LLM_KEY: &str = "csk-e2e-key";
 
+/// How slowly the voice stack's fakes answer; all zero (as fast as loopback) by default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProviderDelays {
+    /// Twilio media stream, each way ([`fakes::twilio::Config::media_one_way_delay`]).
+    pub twilio_media_one_way: Duration,
+    /// Deepgram endpointing instead of the relay's query value
+    /// ([`fakes::deepgram::Config::endpointing_override_ms`]); `None`: the relay's.
+    pub deepgram_endpointing_ms: Option<u64>,
+    /// LLM time to first token and tokens per second ([`fakes::cerebras::Config`]).
+    pub llm_first_token: Duration,
+    pub llm_tokens_per_sec: Option<f64>,
+    /// ElevenLabs WebSocket connect, and time to first audio of each generation (also
+    /// the HTTP stream's first byte) ([`fakes::elevenlabs::Config`]).
+    pub tts_connect: Duration,
+    pub tts_first_audio: Duration,
+}
+
 /// The whole voice path: Worker and relay processes, and in-process fakes for Twilio
 /// (with the phone simulator), Deepgram, ElevenLabs and Cerebras.
 pub struct VoiceStack {
@@ -260,23 +277,45 @@ impl VoiceStack {
         replies: Vec<String>,
         extra_worker_vars: BTreeMap<String, String>,
     ) -> VoiceStack {
-        Self::start_full(replies, extra_worker_vars, false)
+        Self::start_full(
+            replies,
+            extra_worker_vars,
+            false,
+            &ProviderDelays::default(),
+        )
+    }
+
+    /// Like [`VoiceStack::start_with`], with the fakes answering as slowly as `delays`
+    /// says (the latency benchmark).
+    pub fn start_with_delays(
+        replies: Vec<String>,
+        extra_worker_vars: BTreeMap<String, String>,
+        delays: &ProviderDelays,
+    ) -> VoiceStack {
+        Self::start_full(replies, extra_worker_vars, false, delays)
     }
 
     /// The `cargo xtask dev` demo's providers: the fake LLM acts (`cerebras::acting`),
     /// and callees play the demo's first call, then its callback.
     pub fn start_demo() -> VoiceStack {
-        Self::start_full(Vec::new(), BTreeMap::new(), true)
+        Self::start_full(
+            Vec::new(),
+            BTreeMap::new(),
+            true,
+            &ProviderDelays::default(),
+        )
     }
 
     fn start_full(
         replies: Vec<String>,
         extra_worker_vars: BTreeMap<String, String>,
         demo: bool,
+        delays: &ProviderDelays,
     ) -> VoiceStack {
         use fakes::{cerebras, deepgram, elevenlabs, twilio};
         let mut tcfg = twilio::Config::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
         tcfg.ring = std::time::Duration::from_millis(200);
+        tcfg.media_one_way_delay = delays.twilio_media_one_way;
         if demo {
             tcfg.default_script =
                 twilio::CalleeScript::answer(crate::sim::SimScript::demo_first_call());
@@ -287,11 +326,15 @@ impl VoiceStack {
         let twilio = on_fakes_runtime(twilio::spawn(tcfg)).expect("fake Twilio");
         let deepgram = on_fakes_runtime(deepgram::spawn(deepgram::Config {
             api_key: DG_KEY.into(),
+            endpointing_override_ms: delays.deepgram_endpointing_ms,
             ..Default::default()
         }))
         .expect("fake Deepgram");
         let elevenlabs = on_fakes_runtime(elevenlabs::spawn(elevenlabs::Config {
             api_key: XI_KEY.into(),
+            connect_delay: delays.tts_connect,
+            first_audio_delay: delays.tts_first_audio,
+            http_first_byte: delays.tts_first_audio,
             ..Default::default()
         }))
         .expect("fake ElevenLabs");
@@ -299,6 +342,8 @@ impl VoiceStack {
             api_key: LLM_KEY.into(),
             script: replies,
             acts: demo,
+            first_token_delay: delays.llm_first_token,
+            tokens_per_sec: delays.llm_tokens_per_sec,
             ..Default::default()
         }))
         .expect("fake Cerebras");

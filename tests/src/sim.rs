@@ -280,9 +280,22 @@ pub enum HangUpReason {
 /// Things the callee did, with their media time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SimEvent {
-    StartedSpeaking { at_ms: u64, text: String },
-    Pressed { at_ms: u64, digit: char },
-    HungUp { at_ms: u64, reason: HangUpReason },
+    StartedSpeaking {
+        at_ms: u64,
+        text: String,
+    },
+    /// The utterance's last audio went out in the frame that starts at `at_ms`.
+    StoppedSpeaking {
+        at_ms: u64,
+    },
+    Pressed {
+        at_ms: u64,
+        digit: char,
+    },
+    HungUp {
+        at_ms: u64,
+        reason: HangUpReason,
+    },
 }
 
 /// What the callee produces during one frame.
@@ -559,6 +572,8 @@ impl Simulator {
                 frame.audio[..end - pos].copy_from_slice(&audio[pos..end]);
                 pos = end;
                 if pos >= audio.len() {
+                    self.events
+                        .push(SimEvent::StoppedSpeaking { at_ms: now_ms });
                     Progress::DoneThisFrame
                 } else {
                     Progress::Continue(Active::Speaking { audio, pos })

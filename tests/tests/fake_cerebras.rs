@@ -302,3 +302,45 @@ async fn chunk_interval_paces_stream() {
     let content_chunks = (chunks.len() - 2) as u32;
     assert!(t0.elapsed() >= Duration::from_millis(20) * content_chunks);
 }
+
+/// first_token_delay holds the first content chunk (not the role chunk); tokens_per_sec
+/// then spreads the content chunks over (n - 1) / rate.
+#[tokio::test]
+async fn first_token_delay_and_token_rate() {
+    let f = fake(Config {
+        first_token_delay: Duration::from_millis(150),
+        tokens_per_sec: Some(50.0),
+        script: vec!["one two three four five six seven eight nine ten eleven".into()],
+        ..Config::default()
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    let resp = post(&f, f.api_key(), &chat_body("go", true)).await;
+    let mut events = resp.bytes_stream().eventsource();
+    let mut first_content = None;
+    let mut last_content = None;
+    let mut words = 0u32;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        if event.data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&event.data).unwrap();
+        let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if !content.is_empty() {
+            words += 1;
+            first_content.get_or_insert_with(|| t0.elapsed());
+            last_content = Some(t0.elapsed());
+        }
+    }
+    assert_eq!(words, 11);
+    let first = first_content.unwrap();
+    let last = last_content.unwrap();
+    assert!(first >= Duration::from_millis(150), "{first:?}");
+    // 10 gaps of 20 ms after the first.
+    assert!(
+        last - first >= Duration::from_millis(195),
+        "{:?}",
+        last - first
+    );
+}

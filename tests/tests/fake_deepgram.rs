@@ -221,6 +221,42 @@ async fn full_turn_with_production_query() {
     );
 }
 
+/// `endpointing_override_ms` replaces the query's endpointing: with 600 ms instead of
+/// the query's 300, 400 ms of silence does not end the utterance; 700 ms does.
+#[tokio::test]
+async fn endpointing_override_replaces_the_query() {
+    let f = fake(Config {
+        endpointing_override_ms: Some(600),
+        ..Config::default()
+    })
+    .await;
+    let mut ws = connect(&f, PROD_QUERY).await;
+    send_audio(
+        &mut ws,
+        &[audio::encode_text("hello there"), audio::silence(400)].concat(),
+    )
+    .await;
+    let mut early = Vec::new();
+    while let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_millis(300), ws.next()).await
+    {
+        early.push(serde_json::from_str::<Value>(t.as_str()).unwrap());
+    }
+    assert!(
+        early.iter().all(|m| m["is_final"] != true),
+        "final after 400 ms of silence: {early:?}"
+    );
+    send_audio(&mut ws, &audio::silence(300)).await;
+    let msgs = read_until(&mut ws, |m| m["is_final"] == true).await;
+    let last = msgs.last().unwrap();
+    assert_eq!(last["speech_final"], true);
+    assert_eq!(
+        last["channel"]["alternatives"][0]["transcript"],
+        "hello there"
+    );
+    assert_eq!(f.connections()[0].param("endpointing"), Some("300"));
+}
+
 /// Non-tone speech is transcribed from the script, in order.
 #[tokio::test]
 async fn scripted_transcripts_for_plain_audio() {

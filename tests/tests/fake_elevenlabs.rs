@@ -388,3 +388,42 @@ async fn keep_alive_holds_the_socket() {
     let msgs = read_until(&mut ws, |m| m["audio"].is_string()).await;
     assert_eq!(heard(&msgs), "still here ");
 }
+
+/// `connect_delay` holds the upgrade; `first_audio_delay` holds each generation's first
+/// audio message (counted from the flush), not the ones after it, and applies again to
+/// the next generation.
+#[tokio::test]
+async fn connect_and_first_audio_delays() {
+    let f = fake(Config {
+        connect_delay: Duration::from_millis(150),
+        first_audio_delay: Duration::from_millis(120),
+        ..Config::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut ws = connect(&f, "multi-stream-input", QUERY, Some(f.api_key())).await;
+    let connected = started.elapsed();
+    assert!(connected >= Duration::from_millis(150), "{connected:?}");
+    send(&mut ws, json!({"text": " ", "context_id": "t1"})).await;
+    for turn in ["First answer, long enough for two messages. ", "Second. "] {
+        let flushed = std::time::Instant::now();
+        send(
+            &mut ws,
+            json!({"text": turn, "context_id": "t1", "flush": true}),
+        )
+        .await;
+        let first = read_until(&mut ws, |m| m["audio"].is_string()).await;
+        let waited = flushed.elapsed();
+        assert!(waited >= Duration::from_millis(120), "{turn}: {waited:?}");
+        let rest = read_until(&mut ws, |m| m["isFinal"] == true).await;
+        let all: Vec<Value> = first.into_iter().chain(rest).collect();
+        assert_eq!(heard(&all), turn);
+        // The later messages of a generation are not held again (the first turn has four:
+        // held each, they would take 360 ms more).
+        assert!(
+            flushed.elapsed() < waited + Duration::from_millis(300),
+            "{turn}: {:?}",
+            flushed.elapsed()
+        );
+    }
+}

@@ -805,6 +805,68 @@ async fn stream_latency_and_jitter_keep_cadence_and_order() {
     fake.wait_finished(&sid, WAIT).await.unwrap();
 }
 
+/// `media_one_way_delay` delays both directions as a delay line (the server's messages
+/// keep their spacing), and the stream's timing records when `start` left, when the
+/// callee's utterance began and ended, and when the first media and the clear arrived.
+#[tokio::test]
+async fn media_one_way_delay_and_stream_timing() {
+    init_tracing();
+    let delay = Duration::from_millis(300);
+    let mut cfg = Config::new(ACCOUNT, TOKEN);
+    cfg.ring = Duration::from_millis(50);
+    cfg.frame_interval = Duration::from_millis(5);
+    cfg.media_one_way_delay = delay;
+    let mut script = SimScript::new(vec![Step::Say(Utterance::text("hi")), Step::Pause(60_000)]);
+    script.give_up_after_ms = 60_000;
+    cfg.default_script = CalleeScript::answer(script);
+    let fake = twilio::spawn(cfg).await.unwrap();
+    let app = WebhookApp::spawn(TOKEN).await.unwrap();
+    app.set_twiml(app.connect_twiml(&[], ""));
+    let sid = create(&fake, &app, TO, &[]).await;
+    let mut bot = app.accept_stream(WAIT).await.unwrap();
+    let accepted = std::time::Instant::now();
+    bot.recv_event("start", WAIT).await.unwrap();
+    assert!(accepted.elapsed() >= delay, "{:?}", accepted.elapsed());
+    // "hi" is 4 frames, 20 ms of wall time here: over well before this.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bot.send_media(&audio::encode_text("ab"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bot.send_clear();
+    let record = fake
+        .wait_for(&sid, WAIT, |c| {
+            c.streams
+                .first()
+                .is_some_and(|s| !s.timing.clears.is_empty())
+        })
+        .await
+        .unwrap();
+    let t = &record.streams[0].timing;
+    let start = t.start_sent.unwrap();
+    let first_media = t.first_media.unwrap();
+    // Out to the bot, 200 ms there, back: two one-way delays at least.
+    assert!(
+        first_media >= start + 2 * delay + Duration::from_millis(200),
+        "{:?}",
+        first_media - start
+    );
+    let [said] = &t.utterances[..] else {
+        panic!("{:?}", t.utterances)
+    };
+    assert_eq!(said.text, "hi");
+    let ended = said.ended.unwrap();
+    assert!(said.started >= start && ended > said.started, "{said:?}");
+    assert_eq!(said.first_media_after, Some(first_media));
+    // The clear left the bot 100 ms after the media and keeps that spacing; handled one
+    // delay after the other (a sleep per message) it would come 300 ms after.
+    let gap = t.clears[0] - first_media;
+    assert!(
+        gap >= Duration::from_millis(90) && gap < Duration::from_millis(250),
+        "{gap:?}"
+    );
+    assert!(fake.hangup(&sid));
+    fake.wait_finished(&sid, WAIT).await.unwrap();
+}
+
 /// The `fakes` binary announces each fake and `fakes ready`, serves with the credentials
 /// from the environment, and exits cleanly on SIGTERM.
 #[tokio::test]

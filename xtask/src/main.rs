@@ -5,7 +5,8 @@
 //! - `dev`: the whole local stack (Worker, relay, fakes) until Ctrl-C.
 //! - `test`: everything CI checks, in order, failing on the first problem.
 //! - `admin grant|revoke EMAIL`: give or take an account's admin role (the only way).
-//! - `bench relay`: the media relay under load (figures in docs/PERFORMANCE.md).
+//! - `bench relay`: the media relay under load; `bench latency`: call latency with
+//!   realistic providers, techniques off and on (figures in docs/PERFORMANCE.md).
 //!
 //! Argument parsing and dispatch only; each command lives in `cmd/`.
 
@@ -46,7 +47,8 @@ enum Command {
     Test(cmd::test::TestArgs),
     /// Grant or revoke an account's admin role (`admin grant EMAIL [--remote | --database-url URL]`).
     Admin(cmd::admin::AdminArgs),
-    /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S] [-- RELAY_BENCH_ARGS]`).
+    /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S] [-- RELAY_BENCH_ARGS]`,
+    /// `cargo xtask bench latency [--calls N] [--release-worker] [-- LATENCY_BENCH_ARGS]`).
     Bench(cmd::bench::BenchArgs),
 }
 

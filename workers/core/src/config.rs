@@ -223,6 +223,19 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         }
     }
 
+    /// `true` or `false` (any case), or `default` when unset.
+    fn boolean(&mut self, name: &'static str, default: bool) -> bool {
+        match self.optional(name) {
+            None => default,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(_) => {
+                self.problem(name, "must be true or false");
+                default
+            }
+        }
+    }
+
     /// Comma-separated list, entries trimmed, blanks dropped.
     fn list(&self, name: &str) -> Vec<String> {
         self.optional(name)
@@ -366,6 +379,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         llm_total_ms: r.positive("LLM_TOTAL_TIMEOUT_MS", defaults.llm_total_ms),
         settle_wait_secs: r.positive("CALL_SETTLE_WAIT_SECS", defaults.settle_wait_secs),
         hang_up_grace_secs: r.positive("CALL_HANG_UP_GRACE_SECS", defaults.hang_up_grace_secs),
+        prepare_greeting: r.boolean("CALL_PREPARE_GREETING", defaults.prepare_greeting),
     };
     let twilio_timeout_ms = r.positive("TWILIO_TIMEOUT_MS", 10_000);
     let schedule_min_retry_minutes = match r.optional("SCHEDULE_MIN_RETRY_MINUTES") {
@@ -511,6 +525,21 @@ mod tests {
         assert_eq!(c.twilio_verify_api_base, "https://verify.twilio.com");
         assert_eq!(c.allowed_countries, ["US", "CA", "GB", "IE", "AU", "NZ"]);
         assert_eq!(c.ai_disclosure, DEFAULT_AI_DISCLOSURE);
+        assert!(c.call_limits.prepare_greeting);
+    }
+
+    /// `CALL_PREPARE_GREETING` is `true` or `false` in any case; anything else is named.
+    #[test]
+    fn prepare_greeting_switch() {
+        let mut v = good();
+        v.insert("CALL_PREPARE_GREETING", "false".into());
+        assert!(!parse(&v).unwrap().call_limits.prepare_greeting);
+        v.insert("CALL_PREPARE_GREETING", " TRUE ".into());
+        assert!(parse(&v).unwrap().call_limits.prepare_greeting);
+        for bad in ["yes", "0", "off"] {
+            v.insert("CALL_PREPARE_GREETING", bad.into());
+            assert_eq!(names(&parse(&v).unwrap_err()), ["CALL_PREPARE_GREETING"]);
+        }
     }
 
     /// The disclosure can be reworded, not removed (an empty value is the default) and

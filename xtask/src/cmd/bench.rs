@@ -1,13 +1,18 @@
 //! `cargo xtask bench relay`: builds the relay and the load generator in release mode
 //! and runs `relay_bench` (N simulated calls against the relay and in-process fakes,
-//! measured from /proc and the relay's own metrics). A benchmark, not a test: it prints
-//! figures and never fails on a slow machine.
+//! measured from /proc and the relay's own metrics).
+//!
+//! `cargo xtask bench latency`: builds the Worker, the relay and `latency_bench`, and runs
+//! whole calls through the Worker under wrangler dev and the relay against fakes with
+//! realistic provider delays, each latency technique off and on.
+//!
+//! Benchmarks, not tests: they print figures and never fail on a slow machine.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use xtask::repo::Repo;
 
-use super::{cargo, run_checked};
+use super::{build, cargo, run_checked, setup};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -34,15 +39,69 @@ enum BenchTarget {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
+    /// Call latency (answer → greeting, end of speech → reply, barge-in → clear) through
+    /// the Worker under wrangler dev and the relay, with realistic provider delays, each
+    /// latency technique off and on.
+    Latency {
+        /// Calls per setting of each technique.
+        #[arg(long, default_value_t = 10)]
+        calls: usize,
+        /// Build the Worker with wasm-opt (`build-worker --release`) instead of the dev
+        /// build the tests use.
+        #[arg(long)]
+        release_worker: bool,
+        /// Passed to latency_bench as they are, e.g. `--llm-first-token-ms 400
+        /// --endpointing-ms 500`. `latency_bench --help` lists them.
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 pub fn run(repo: &Repo, args: &BenchArgs) -> Result<()> {
-    let BenchTarget::Relay {
-        calls,
-        duration,
-        ramp,
-        bench_args,
-    } = &args.target;
+    match &args.target {
+        BenchTarget::Relay {
+            calls,
+            duration,
+            ramp,
+            bench_args,
+        } => relay(repo, *calls, *duration, *ramp, bench_args),
+        BenchTarget::Latency {
+            calls,
+            release_worker,
+            bench_args,
+        } => latency(repo, *calls, *release_worker, bench_args),
+    }
+}
+
+/// Release builds of the relay (what production runs) and of the bench with its
+/// in-process fakes (so the fakes' own work stays small next to the delays they inject);
+/// the same packages as `bench relay` builds, so the two share their build. The Worker is
+/// the dev build the tests use unless `release_worker`: it runs under wrangler dev either
+/// way, which is a dev server, so its figures are the DO's logic, not Cloudflare's speed.
+fn latency(repo: &Repo, calls: usize, release_worker: bool, bench_args: &[String]) -> Result<()> {
+    setup::run(repo)?;
+    build::build_worker(repo, release_worker)?;
+    let mut build = cargo();
+    build.current_dir(repo.root()).args([
+        "build",
+        "--release",
+        "-p",
+        "media-relay",
+        "--bin",
+        "media-relay",
+        "-p",
+        "cmb-tests",
+        "--bin",
+        "latency_bench",
+    ]);
+    run_checked(&mut build, "cargo build --release (relay, latency_bench)")?;
+    // The stack launcher finds media-relay next to the running bench (target/release).
+    let mut bench = std::process::Command::new(repo.root().join("target/release/latency_bench"));
+    bench.args(["--calls", &calls.to_string()]).args(bench_args);
+    run_checked(&mut bench, "latency_bench")
+}
+
+fn relay(repo: &Repo, calls: usize, duration: u64, ramp: u64, bench_args: &[String]) -> Result<()> {
     let external = bench_args.iter().any(|a| a.starts_with("--relay-url"));
     // Both, always: building one alone would resolve different dependency features and
     // rebuild half the tree each time the other is built.

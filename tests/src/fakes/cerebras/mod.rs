@@ -75,6 +75,16 @@ pub struct Config {
     pub script: Vec<String>,
     /// Pause between two content chunks of a stream (generation speed; 0 = instant).
     pub chunk_interval: Duration,
+    /// Streams only: time to first token, waited before the first event after the role
+    /// chunk (its first content chunk, or its first tool call) (the latency benchmark sets
+    /// it; 0 = none).
+    pub first_token_delay: Duration,
+    /// Streams only: generation speed in tokens per second, pacing the content chunks
+    /// from the first one (chunk `i` is due `i / tokens_per_sec` after it; `None` = as
+    /// fast as possible). A token here is one content chunk: one word with its leading
+    /// whitespace ([`reply_pieces`]), which is also what `usage.completion_tokens` counts.
+    /// Adds to `chunk_interval` when both are set.
+    pub tokens_per_sec: Option<f64>,
     pub fault_seed: u64,
     /// Without a scripted reply, answer with [`acting`]'s rules (book a callback when
     /// asked, hang up on "bye", greet a known caller with the notes) instead of the echo.
@@ -90,6 +100,8 @@ impl Default for Config {
             models: vec!["gpt-oss-120b".to_owned(), "qwen-3.8-27b".to_owned()],
             script: Vec::new(),
             chunk_interval: Duration::ZERO,
+            first_token_delay: Duration::ZERO,
+            tokens_per_sec: None,
             fault_seed: crate::fakes::faults::DEFAULT_SEED,
             acts: false,
         }
@@ -738,7 +750,32 @@ async fn chat(
         _ => None,
     };
     let events = stream_events(&meta, &pieces, &calls, finish_reason, mid_stream);
-    sse_response(events, state.faults.connection(), state.cfg.chunk_interval)
+    let pacing = Pacing {
+        chunk_interval: state.cfg.chunk_interval,
+        first_token_delay: state.cfg.first_token_delay,
+        tokens_per_sec: state.cfg.tokens_per_sec,
+    };
+    sse_response(events, state.faults.connection(), pacing)
+}
+
+/// How a stream's events are spread in time ([`Config`]'s pacing fields).
+#[derive(Clone, Copy, Debug, Default)]
+struct Pacing {
+    chunk_interval: Duration,
+    first_token_delay: Duration,
+    tokens_per_sec: Option<f64>,
+}
+
+impl Pacing {
+    /// When the `index`-th content chunk is due, given when the first was sent.
+    fn content_due(&self, first: tokio::time::Instant, index: u32) -> tokio::time::Instant {
+        match self.tokens_per_sec {
+            Some(tps) if tps > 0.0 && tps.is_finite() => {
+                first + Duration::from_secs_f64(f64::from(index) / tps)
+            }
+            _ => first,
+        }
+    }
 }
 
 struct Meta {
@@ -875,18 +912,35 @@ fn mid_stream_error(status: u16) -> Value {
 /// Serves the events as `text/event-stream`, applying per-event faults. A drop fault
 /// aborts the body with an error, so the client sees the connection cut mid-response
 /// (no terminating chunk), like a network failure.
-fn sse_response(events: Vec<Event>, mut faults: ConnectionFaults, interval: Duration) -> Response {
+fn sse_response(events: Vec<Event>, mut faults: ConnectionFaults, pacing: Pacing) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let mut drop_timer = faults.drop_timer();
+    let interval = pacing.chunk_interval;
     tokio::spawn(async move {
         let produce = async {
-            for event in events {
+            // When the first content chunk went out, and how many have.
+            let mut first_content: Option<tokio::time::Instant> = None;
+            let mut content_sent = 0u32;
+            for (i, event) in events.into_iter().enumerate() {
                 let (text, paced) = match event {
                     Event::Data { json, content } => (format!("data: {json}\n\n"), content),
                     Event::Done => ("data: [DONE]\n\n".to_owned(), false),
                 };
+                // Event 0 is the role chunk; the model's first token follows it.
+                if i == 1 && !pacing.first_token_delay.is_zero() {
+                    tokio::time::sleep(pacing.first_token_delay).await;
+                }
+                if paced {
+                    if let Some(first) = first_content {
+                        tokio::time::sleep_until(pacing.content_due(first, content_sent)).await;
+                    }
+                }
                 if paced && !interval.is_zero() {
                     tokio::time::sleep(interval).await;
+                }
+                if paced {
+                    first_content.get_or_insert_with(tokio::time::Instant::now);
+                    content_sent += 1;
                 }
                 if !faults.before_send().await {
                     return false;
@@ -1011,6 +1065,27 @@ mod tests {
             plain.echo_reply(),
             "Alright! You said: yo. Let's keep going."
         );
+    }
+
+    /// With a token rate, chunk `i` is due `i / rate` after the first; without one (or a
+    /// nonsensical rate) at once.
+    #[test]
+    fn token_rate_schedule() {
+        let t = tokio::time::Instant::now();
+        let paced = Pacing {
+            tokens_per_sec: Some(400.0),
+            ..Pacing::default()
+        };
+        assert_eq!(paced.content_due(t, 0), t);
+        assert_eq!(paced.content_due(t, 4), t + Duration::from_millis(10));
+        assert_eq!(paced.content_due(t, 400), t + Duration::from_secs(1));
+        for rate in [None, Some(0.0), Some(-1.0), Some(f64::NAN)] {
+            let p = Pacing {
+                tokens_per_sec: rate,
+                ..Pacing::default()
+            };
+            assert_eq!(p.content_due(t, 10), t, "{rate:?}");
+        }
     }
 
     /// Pieces are words with their leading space; joined they give the reply back.

@@ -112,6 +112,10 @@ pub struct Config {
     pub fault_seed: u64,
     /// Called with every audio frame as it arrives (benchmarks timestamp frames here).
     pub audio_tap: Option<AudioTap>,
+    /// Endpointing used whatever the query asks (`None`: the query's, as the service
+    /// does). Not a provider behaviour: a knob for the latency benchmark, whose client's
+    /// `endpointing` is fixed by the Worker (300 ms) and which wants to try others.
+    pub endpointing_override_ms: Option<u64>,
 }
 
 /// The callback type of an [`AudioTap`].
@@ -138,6 +142,7 @@ impl Default for Config {
             interim_every_ms: 400,
             fault_seed: crate::fakes::faults::DEFAULT_SEED,
             audio_tap: None,
+            endpointing_override_ms: None,
         }
     }
 }
@@ -491,7 +496,12 @@ async fn listen(
             }
         };
     let options = match ListenOptions::from_query(&query) {
-        Ok(o) => o,
+        Ok(mut o) => {
+            if let Some(ms) = state.cfg.endpointing_override_ms {
+                o.endpointing_ms = Some(ms);
+            }
+            o
+        }
         Err(message) => {
             tracing::info!(%message, "deepgram fake: rejecting handshake");
             return handshake_error(StatusCode::BAD_REQUEST, "Bad Request", &message);

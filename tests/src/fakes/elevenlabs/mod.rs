@@ -104,6 +104,14 @@ pub struct Config {
     /// HTTP streaming only: pause before the first body chunk, simulating the service's
     /// time to first audio (the latency benchmark sets it; 0 = none).
     pub http_first_byte: Duration,
+    /// WebSockets only: pause before the upgrade is answered, simulating the connect
+    /// (TCP, TLS, handshake) to the service (the latency benchmark sets it; 0 = none).
+    pub connect_delay: Duration,
+    /// WebSockets only: time to first audio of each generation, counted from the text
+    /// that triggered it (flush or chunk threshold) to its first audio message (the
+    /// latency benchmark sets it; 0 = none). Messages already queued behind it wait too,
+    /// as audio of one socket is sent in order.
+    pub first_audio_delay: Duration,
     pub fault_seed: u64,
 }
 
@@ -115,6 +123,8 @@ impl Default for Config {
             timeout_second: Duration::from_secs(1),
             audio_interval: Duration::ZERO,
             http_first_byte: Duration::ZERO,
+            connect_delay: Duration::ZERO,
+            first_audio_delay: Duration::ZERO,
             fault_seed: crate::fakes::faults::DEFAULT_SEED,
         }
     }
@@ -403,6 +413,7 @@ async fn single(
     query: RawQuery,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    connect_delay(&state).await;
     accept(Mode::Single, state, path, headers, query, upgrade)
 }
 
@@ -413,7 +424,15 @@ async fn multi(
     query: RawQuery,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    connect_delay(&state).await;
     accept(Mode::Multi, state, path, headers, query, upgrade)
+}
+
+/// [`Config::connect_delay`], before the upgrade is answered.
+async fn connect_delay(state: &ElevenLabsState) {
+    if !state.cfg.connect_delay.is_zero() {
+        tokio::time::sleep(state.cfg.connect_delay).await;
+    }
 }
 
 fn accept(
@@ -927,6 +946,12 @@ enum Outbound {
         chars: usize,
         message: Value,
     },
+    /// A generation of `context` was triggered at this time: its first audio message
+    /// waits [`Config::first_audio_delay`] from then.
+    GenerationStarted {
+        context: String,
+        at: Instant,
+    },
     Close(u16, String),
 }
 
@@ -1072,6 +1097,10 @@ fn apply(
             });
         }
         Action::Generated { context, text } => {
+            let _ = tx.send(Outbound::GenerationStarted {
+                context: context.clone(),
+                at: Instant::now(),
+            });
             state.log().generations.push(Generation {
                 connection: index,
                 context,
@@ -1108,6 +1137,9 @@ async fn write_loop(
     epochs: OpenEpochs,
 ) -> WriterEnd {
     let interval = state.cfg.audio_interval;
+    let first_audio_delay = state.cfg.first_audio_delay;
+    // Contexts whose next audio message is a generation's first, and when it is due.
+    let mut first_audio_due: HashMap<String, Instant> = HashMap::new();
     let is_open = |context: &str, epoch: u64| {
         epochs
             .lock()
@@ -1124,6 +1156,12 @@ async fn write_loop(
                 chars,
                 message,
             } => (message, Some((context, epoch)), chars),
+            Outbound::GenerationStarted { context, at } => {
+                if !first_audio_delay.is_zero() {
+                    first_audio_due.insert(context, at + first_audio_delay);
+                }
+                continue;
+            }
             Outbound::Close(code, reason) => {
                 let frame = CloseFrame {
                     code,
@@ -1142,7 +1180,13 @@ async fn write_loop(
         if !live() {
             continue;
         }
-        if chars > 0 && !interval.is_zero() {
+        let first_due = match &context {
+            Some((c, _)) if chars > 0 => first_audio_due.remove(c),
+            _ => None,
+        };
+        if let Some(due) = first_due {
+            tokio::time::sleep_until(due).await;
+        } else if chars > 0 && !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
         if !faults.before_send().await {

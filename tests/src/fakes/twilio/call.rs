@@ -315,6 +315,19 @@ impl Session<'_> {
         }
     }
 
+    /// One frame of the callee, and the events it produced.
+    pub(super) fn sim_tick_events(
+        &self,
+        now_ms: u64,
+        heard: &[u8],
+    ) -> (crate::sim::SimFrame, Vec<crate::sim::SimEvent>) {
+        let mut sim = self.sim.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = sim.events().len();
+        let frame = sim.tick(now_ms, heard);
+        let events = sim.events().get(before..).unwrap_or_default().to_vec();
+        (frame, events)
+    }
+
     /// One frame of the callee.
     pub(super) fn sim_tick(&self, now_ms: u64, heard: &[u8]) -> crate::sim::SimFrame {
         self.sim

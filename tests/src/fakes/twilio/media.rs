@@ -21,6 +21,9 @@
 //!   not wait for one).
 //! - Fault latency and jitter delay each message without slowing the 20 ms cadence (a
 //!   pipeline delay, in order); `drop_after_*` cut the TCP connection with no close frame.
+//! - `Config::media_one_way_delay` is a delay line both ways: outbound it adds to the
+//!   fault latency; inbound a reader task stamps each message on arrival and the stream
+//!   handles it that long later, so the spacing of the server's messages is kept.
 
 use std::collections::VecDeque;
 
@@ -37,7 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::call::{next_command, Session, VerbEnd};
 use super::twiml::StreamNoun;
-use super::{new_sid, ClearRecord, MarkEcho, StreamEnd, StreamRecord};
+use super::{new_sid, ClearRecord, MarkEcho, StreamEnd, StreamRecord, UtteranceTiming};
 use crate::fakes::faults::FaultSwitch;
 use crate::sim::FRAME_BYTES;
 
@@ -390,11 +393,14 @@ impl ActiveStream {
         ws: Ws,
         noun: &StreamNoun,
     ) -> (StreamEnd, VerbEnd) {
-        let (sink, mut source) = ws.split();
+        let (sink, source) = ws.split();
+        let one_way = session.shared.cfg.media_one_way_delay;
+        // Dropped with this function, so a dropped stream really closes the socket.
+        let (mut source, _reader) = delay_line(source, one_way);
         let (out, out_rx) = mpsc::unbounded_channel();
         let faults = session.shared.faults.clone();
         let mut drop_timer = faults.connection().drop_timer();
-        let mut writer = tokio::spawn(write_loop(sink, out_rx, faults));
+        let mut writer = tokio::spawn(write_loop(sink, out_rx, faults, one_way));
         let mut playout = Playout::new();
 
         let custom: serde_json::Map<String, Value> = noun
@@ -421,6 +427,10 @@ impl ActiveStream {
             },
         });
         self.send(session, &out, start);
+        let start_sent = Instant::now();
+        session.shared.update_call(&session.sid, |c| {
+            c.streams[self.index].timing.start_sent = Some(start_sent);
+        });
 
         loop {
             tokio::select! {
@@ -451,7 +461,7 @@ impl ActiveStream {
                     for name in marks {
                         self.echo_mark(session, &out, name, false);
                     }
-                    let frame = session.sim_tick(now, &played);
+                    let (frame, events) = session.sim_tick_events(now, &played);
                     self.chunk += 1;
                     let media = json!({
                         "event": "media",
@@ -465,11 +475,30 @@ impl ActiveStream {
                         },
                     });
                     self.send(session, &out, media);
+                    let sent_at = Instant::now();
                     let played_len = played.len() as u64;
                     session.shared.update_call(&session.sid, |c| {
                         let s = &mut c.streams[self.index];
                         s.media_frames_sent += 1;
                         s.bytes_played += played_len;
+                        for event in events {
+                            match event {
+                                crate::sim::SimEvent::StartedSpeaking { text, .. } => {
+                                    s.timing.utterances.push(UtteranceTiming {
+                                        text,
+                                        started: sent_at,
+                                        ended: None,
+                                        first_media_after: None,
+                                    });
+                                }
+                                crate::sim::SimEvent::StoppedSpeaking { .. } => {
+                                    if let Some(u) = s.timing.utterances.last_mut() {
+                                        u.ended = Some(sent_at);
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
                     });
                     if let Some(digit) = frame.dtmf {
                         let dtmf = json!({
@@ -607,6 +636,7 @@ impl ActiveStream {
                     return;
                 };
                 let len = audio.len() as u64;
+                let arrived = Instant::now();
                 if playout.buffered_bytes() + audio.len() > MAX_BUFFERED_BYTES {
                     self.warn_once(
                         session,
@@ -620,6 +650,12 @@ impl ActiveStream {
                     let s = &mut c.streams[self.index];
                     s.media_received += 1;
                     s.bytes_received += len;
+                    s.timing.first_media.get_or_insert(arrived);
+                    if let Some(u) = s.timing.utterances.last_mut() {
+                        if u.ended.is_some() && u.first_media_after.is_none() {
+                            u.first_media_after = Some(arrived);
+                        }
+                    }
                 });
             }
             "mark" => {
@@ -638,7 +674,9 @@ impl ActiveStream {
             _ => {
                 let (dropped, marks) = playout.clear();
                 let at_ms = self.chunk * crate::sim::FRAME_MS;
+                let arrived = Instant::now();
                 session.shared.update_call(&session.sid, |c| {
+                    c.streams[self.index].timing.clears.push(arrived);
                     c.streams[self.index].clears.push(ClearRecord {
                         at_ms,
                         dropped_bytes: dropped as u64,
@@ -653,12 +691,55 @@ impl ActiveStream {
     }
 }
 
-/// Sends queued messages in order, each delayed by the fault latency from when it was
-/// queued; stops on `Close`, on a send error, or when the message budget is spent.
+/// What the stream reads from the server.
+type Incoming = Result<Message, tokio_tungstenite::tungstenite::Error>;
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The server's messages, each handed over `delay` after it arrived (the source itself
+/// when `delay` is zero). A reader task stamps arrivals, so the wait never holds up the
+/// reading of the next message and the spacing is kept.
+fn delay_line(
+    mut source: futures::stream::SplitStream<Ws>,
+    delay: std::time::Duration,
+) -> (
+    futures::stream::BoxStream<'static, Incoming>,
+    Option<AbortOnDrop>,
+) {
+    if delay.is_zero() {
+        return (source.boxed(), None);
+    }
+    let (tx, rx) = mpsc::unbounded_channel::<(Incoming, Instant)>();
+    let reader = tokio::spawn(async move {
+        while let Some(item) = source.next().await {
+            if tx.send((item, Instant::now())).is_err() {
+                return;
+            }
+        }
+    });
+    let delayed = futures::stream::unfold(rx, move |mut rx| async move {
+        let (item, arrived) = rx.recv().await?;
+        tokio::time::sleep_until(arrived + delay).await;
+        Some((item, rx))
+    });
+    (delayed.boxed(), Some(AbortOnDrop(reader)))
+}
+
+/// Sends queued messages in order, each delayed by the fault latency plus `one_way` from
+/// when it was queued; stops on `Close`, on a send error, or when the message budget is
+/// spent.
 async fn write_loop(
     mut sink: futures::stream::SplitSink<Ws, Message>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     faults: FaultSwitch,
+    one_way: std::time::Duration,
 ) -> WriterEnd {
     let mut sent = 0u64;
     let mut last_due = Instant::now();
@@ -670,7 +751,7 @@ async fn write_loop(
                     // Returning drops this half; the reader half goes with the stream.
                     return WriterEnd::Dropped;
                 }
-                let mut delay = faults.next_delay();
+                let mut delay = faults.next_delay() + one_way;
                 if sent == 0 {
                     delay += std::time::Duration::from_millis(settings.first_byte_delay_ms);
                 }

@@ -64,6 +64,11 @@ pub struct Config {
     pub fault_seed: u64,
     /// The Verify Service SID (`VA…`) the Verify API accepts.
     pub verify_service_sid: String,
+    /// Network delay of the media stream, each way: every message to the server leaves
+    /// this long after it was queued, and every message from it is handled this long
+    /// after it arrived. A delay line: messages keep their spacing (the 20 ms cadence is
+    /// untouched). Added to the fault latency. 0 = none (the latency benchmark sets it).
+    pub media_one_way_delay: Duration,
 }
 
 /// The Verify Service SID the test stacks configure (`TWILIO_VERIFY_SERVICE_SID`).
@@ -84,6 +89,7 @@ impl Config {
             webhook_timeout: Duration::from_secs(15),
             fault_seed: faults::DEFAULT_SEED,
             verify_service_sid: VERIFY_SERVICE_SID.to_owned(),
+            media_one_way_delay: Duration::ZERO,
         }
     }
 }
@@ -300,6 +306,36 @@ pub struct StreamRecord {
     /// full), each at most once, as Twilio does.
     pub warnings: Vec<u32>,
     pub end: Option<StreamEnd>,
+    /// When things happened on the stream, for latency measurements.
+    pub timing: StreamTiming,
+}
+
+/// Wall-clock moments of one stream (for `latency_bench`). "Sent" is when the fake
+/// queued a message, before [`Config::media_one_way_delay`]; "arrived" is when a message
+/// from the server reached the fake, after it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamTiming {
+    /// `start` sent: the callee is on the line.
+    pub start_sent: Option<tokio::time::Instant>,
+    /// The first outbound `media` arrived.
+    pub first_media: Option<tokio::time::Instant>,
+    /// The callee's utterances, in order.
+    pub utterances: Vec<UtteranceTiming>,
+    /// Each `clear` arrived.
+    pub clears: Vec<tokio::time::Instant>,
+}
+
+/// One utterance of the callee on the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UtteranceTiming {
+    /// The transcript label ([`crate::sim::Utterance::render`]).
+    pub text: String,
+    /// Its first frame was sent.
+    pub started: tokio::time::Instant,
+    /// Its last frame was sent.
+    pub ended: Option<tokio::time::Instant>,
+    /// The first outbound `media` that arrived after `ended`.
+    pub first_media_after: Option<tokio::time::Instant>,
 }
 
 /// Everything the fake knows about one call. A snapshot: read a fresh one to see progress.

@@ -434,7 +434,7 @@ impl Session {
             started_at_ms: None,
             answered_by: None,
         }));
-        if self.conv.persona.is_none() {
+        if self.limits.prepare_greeting && self.conv.persona.is_none() {
             out.push(Effect::Prepare);
         }
     }

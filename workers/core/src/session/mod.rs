@@ -55,6 +55,16 @@ pub struct Limits {
     /// After a goodbye, how long the relay has to confirm the hang-up before Twilio is
     /// asked to end the call.
     pub hang_up_grace_secs: u32,
+    /// Read the persona and stage the greeting at the relay while the phone rings
+    /// (`CALL_PREPARE_GREETING`). Off, both wait for the relay's connect: for deployments
+    /// whose relays sit behind one URL, where the staged greeting would land on another
+    /// relay and be wasted. Sessions stored before the setting existed load as on.
+    #[serde(default = "default_true")]
+    pub prepare_greeting: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for Limits {
@@ -73,6 +83,7 @@ impl Default for Limits {
             // Longer than the relay's own bound on a goodbye (30 s), so our backstop only
             // acts when the relay could not.
             hang_up_grace_secs: 40,
+            prepare_greeting: true,
         }
     }
 }

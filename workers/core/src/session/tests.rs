@@ -578,6 +578,49 @@ fn the_greeting_is_prepared_while_the_phone_rings() {
     assert_eq!(s.conv.lines[0].text, "Hey, it's Brad!");
 }
 
+/// With `CALL_PREPARE_GREETING=false` nothing is read or staged while the phone rings:
+/// the persona comes with the relay's connect, as before the technique, and the greeting
+/// goes out in `hello`.
+#[test]
+fn with_prepare_greeting_off_nothing_is_prepared() {
+    let mut st = start(None);
+    st.limits.prepare_greeting = false;
+    let (mut s, _) = Session::start(st, T0);
+    s.handle(Event::Alarm, T0);
+    let fx = s.handle(
+        Event::Twilio(TwilioResult::Created { sid: SID.into() }),
+        T0 + 200,
+    );
+    assert!(!has(&fx, |e| matches!(e, Effect::Prepare)), "{fx:?}");
+    assert!(
+        has(&fx, |e| matches!(e, Effect::Db(DbOp::Progress { .. }))),
+        "{fx:?}"
+    );
+    s.handle(status(1, "ringing"), T0 + 1_000);
+    s.handle(status(2, "in-progress"), T0 + 3_000);
+    let fx = s.handle(
+        Event::RelayOpened {
+            conn: 0,
+            persona: persona(),
+        },
+        T0 + 3_100,
+    );
+    assert!(
+        matches!(sent(&fx).first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Yo!"),
+        "{:?}",
+        sent(&fx)
+    );
+}
+
+/// Sessions stored before `prepare_greeting` existed load with it on.
+#[test]
+fn stored_limits_without_prepare_greeting_load_as_on() {
+    let mut json = serde_json::to_value(Limits::default()).unwrap();
+    json.as_object_mut().unwrap().remove("prepare_greeting");
+    let limits: Limits = serde_json::from_value(json).unwrap();
+    assert!(limits.prepare_greeting);
+}
+
 /// A machine answering a prepared call gets the voicemail line in `hello` (the staged
 /// greeting is for a person: the TwiML does not ask for it), and a `Prepared` arriving
 /// after the relay connected stages nothing.

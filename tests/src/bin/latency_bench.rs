@@ -1,0 +1,507 @@
+//! `latency-bench`: whole calls through the real Worker (under `wrangler dev`: the real
+//! CallSession Durable Object) and the real media relay, against the fakes answering with
+//! realistic, configurable delays, each latency technique switched off and on in the same
+//! run (run it with `cargo xtask bench latency`).
+//!
+//! Two voice stacks are started side by side, one per setting of the technique, and the
+//! calls alternate between them one at a time (off, on, on, off, …), so the machine's
+//! noise falls on both alike and no call competes with another. Every call: the phone
+//! rings, the callee answers and waits for the greeting to end, says something, waits
+//! for the reply, says something else and interrupts the reply 600 ms into it, waits for
+//! the answer to that and hangs up.
+//!
+//! Measured on the fake Twilio's side (`StreamRecord::timing`), so each figure includes
+//! the injected one-way media delay both ways:
+//! 1. answer (`start` sent) → first greeting audio frame received;
+//! 2. end of the caller's speech (last speech frame sent) → first reply audio frame
+//!    received (both clean turns of every call);
+//! 3. the interrupting speech's onset → `clear` received;
+//! 4. extra LLM tokens spent on speculation (no speculation exists yet: reported as such).
+//!
+//! A benchmark, not a test: it prints what it measured and never fails on slowness. Every
+//! wait is bounded; a call that fails is counted and its reason printed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+use cmb_tests::api::{fresh_number, ApiClient};
+use cmb_tests::fakes::twilio::{self, AnsweredBy, CalleeScript, StreamRecord};
+use cmb_tests::harness::{ProviderDelays, VoiceStack};
+use cmb_tests::loadgen::percentile;
+use cmb_tests::sim::{SimScript, Step, Utterance};
+
+/// The Worker's `endpointing` in the relay's Deepgram query (`SttOptions` default).
+fn relay_endpointing_ms() -> u64 {
+    u64::from(cmb_core::channel::SttOptions::default().endpointing_ms)
+}
+
+/// One ring of the voice stack's fake Twilio (`harness`): rings are counted in these.
+const RING_MS: u64 = 200;
+/// The persona every call uses (a catalog persona).
+const PERSONA: &str = "brad";
+
+#[derive(Parser, Debug)]
+#[command(about = "Call latency through the real Worker and relay, techniques off and on")]
+struct Args {
+    /// Calls per setting (each technique off, and on).
+    #[arg(long, default_value_t = 10)]
+    calls: usize,
+    /// Deepgram endpointing, ms of silence before the end of an utterance. At the relay's
+    /// own value (300) the fake honours the relay's query; otherwise it overrides it.
+    #[arg(long, default_value_t = 300)]
+    endpointing_ms: u64,
+    /// LLM time to first token, ms.
+    #[arg(long, default_value_t = 250)]
+    llm_first_token_ms: u64,
+    /// LLM generation speed after the first token, tokens (words) per second; 0 = unpaced.
+    #[arg(long, default_value_t = 400.0)]
+    llm_tokens_per_sec: f64,
+    /// ElevenLabs WebSocket connect, ms.
+    #[arg(long, default_value_t = 150)]
+    tts_connect_ms: u64,
+    /// ElevenLabs time to first audio of each generation (and the HTTP stream's first
+    /// byte), ms.
+    #[arg(long, default_value_t = 120)]
+    tts_first_audio_ms: u64,
+    /// Twilio media stream delay, each way, ms.
+    #[arg(long, default_value_t = 20)]
+    twilio_one_way_ms: u64,
+    /// How long the phone rings before the callee answers, ms (rounded up to whole
+    /// 200 ms rings of the fake).
+    #[arg(long, default_value_t = 3000)]
+    ring_ms: u64,
+    /// Bound on one call, from the trigger to the fake Twilio's end of the call.
+    #[arg(long, default_value_t = 120)]
+    call_timeout_secs: u64,
+}
+
+impl Args {
+    fn delays(&self) -> ProviderDelays {
+        ProviderDelays {
+            twilio_media_one_way: Duration::from_millis(self.twilio_one_way_ms),
+            deepgram_endpointing_ms: (self.endpointing_ms != relay_endpointing_ms())
+                .then_some(self.endpointing_ms),
+            llm_first_token: Duration::from_millis(self.llm_first_token_ms),
+            llm_tokens_per_sec: (self.llm_tokens_per_sec > 0.0).then_some(self.llm_tokens_per_sec),
+            tts_connect: Duration::from_millis(self.tts_connect_ms),
+            tts_first_audio: Duration::from_millis(self.tts_first_audio_ms),
+        }
+    }
+
+    fn rings(&self) -> u32 {
+        u32::try_from(self.ring_ms.div_ceil(RING_MS).max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// What the callee does on every call.
+fn callee_script() -> SimScript {
+    SimScript::new(vec![
+        Step::WaitForPersonaToFinish { silence_ms: 800 },
+        Step::Say(Utterance::text("what should I train today")),
+        Step::WaitForPersonaToFinish { silence_ms: 800 },
+        Step::Say(Utterance::text(
+            "give me a full workout for the whole week with every exercise and every set please",
+        )),
+        Step::InterruptAfterMs(600),
+        Step::Say(Utterance::text("wait a second")),
+        Step::WaitForPersonaToFinish { silence_ms: 800 },
+        Step::HangUp,
+    ])
+}
+
+/// The figures of one call, in ms; `None` where the call did not get that far.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct CallFigures {
+    greeting_ms: Option<f64>,
+    /// One per clean turn (the first two utterances).
+    reply_ms: Vec<f64>,
+    barge_in_ms: Option<f64>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Reads the figures off a stream's timing. Pure, so it is unit-tested.
+fn figures(stream: &StreamRecord) -> CallFigures {
+    let t = &stream.timing;
+    let greeting_ms = match (t.start_sent, t.first_media) {
+        (Some(start), Some(first)) => Some(ms(first.saturating_duration_since(start))),
+        _ => None,
+    };
+    let reply_ms = t
+        .utterances
+        .iter()
+        .take(2)
+        .filter_map(|u| Some(ms(u.first_media_after?.saturating_duration_since(u.ended?))))
+        .collect();
+    let barge_in_ms = t.utterances.get(2).and_then(|u| {
+        let clear = t.clears.iter().find(|c| **c >= u.started)?;
+        Some(ms(clear.saturating_duration_since(u.started)))
+    });
+    CallFigures {
+        greeting_ms,
+        reply_ms,
+        barge_in_ms,
+    }
+}
+
+/// One voice stack and what the run measured on it.
+struct Side {
+    label: &'static str,
+    stack: VoiceStack,
+    /// Registers users without verifying a number (the call's number is verified by
+    /// `api`, so each user verifies exactly one: the verification limits stay far off).
+    plain: ApiClient,
+    api: ApiClient,
+    calls: Vec<CallFigures>,
+    failures: Vec<String>,
+}
+
+impl Side {
+    fn start(label: &'static str, prepare: bool, delays: &ProviderDelays) -> Result<Side> {
+        let vars = BTreeMap::from([("CALL_PREPARE_GREETING".to_owned(), prepare.to_string())]);
+        eprintln!("latency-bench: starting the stack with the technique {label} …");
+        // VoiceStack panics when a service does not come up; report it as an error.
+        let delays = delays.clone();
+        let stack =
+            std::thread::spawn(move || VoiceStack::start_with_delays(Vec::new(), vars, &delays))
+                .join()
+                .map_err(|_| {
+                    anyhow::anyhow!("the stack ({label}) did not start; see the messages above")
+                })?;
+        let plain = ApiClient::new(stack.stack.worker_url());
+        let api = stack.api();
+        Ok(Side {
+            label,
+            stack,
+            plain,
+            api,
+            calls: Vec::new(),
+            failures: Vec::new(),
+        })
+    }
+
+    async fn call(&mut self, n: usize, rings: u32, timeout: Duration) {
+        match self.try_call(rings, timeout).await {
+            Ok(f) => {
+                eprintln!(
+                    "latency-bench: {} call {n}: greeting {} ms, replies {:?} ms, barge-in {} ms",
+                    self.label,
+                    fmt_opt(f.greeting_ms),
+                    f.reply_ms.iter().map(|v| v.round()).collect::<Vec<_>>(),
+                    fmt_opt(f.barge_in_ms)
+                );
+                self.calls.push(f);
+            }
+            Err(e) => {
+                eprintln!("latency-bench: {} call {n} FAILED: {e:#}", self.label);
+                self.failures.push(format!("call {n}: {e:#}"));
+            }
+        }
+    }
+
+    async fn try_call(&mut self, rings: u32, timeout: Duration) -> Result<CallFigures> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let user = self.plain.register_user("latency").await?;
+        let number = fresh_number();
+        self.stack.twilio.set_script(
+            number.clone(),
+            CalleeScript::Answer(twilio::Answer {
+                after_rings: rings,
+                answered_by: AnsweredBy::Human,
+                session: callee_script(),
+                duration_override_secs: None,
+            }),
+        );
+        self.api.trigger_call(&user, PERSONA, &number).await?;
+        let sid = loop {
+            if let Some(c) = self
+                .stack
+                .twilio
+                .calls()
+                .into_iter()
+                .find(|c| c.to == number)
+            {
+                break c.sid;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("the Worker never dialled {number}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let record = match self.stack.twilio.wait_finished(&sid, left).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Do not leave it running into the next call.
+                self.stack.twilio.hangup(&sid);
+                bail!("call {sid} did not end within {timeout:?}");
+            }
+        };
+        let stream = record
+            .streams
+            .first()
+            .with_context(|| format!("call {sid} ({:?}) had no media stream", record.status))?;
+        let f = figures(stream);
+        let mut missing = Vec::new();
+        if f.greeting_ms.is_none() {
+            missing.push("greeting audio");
+        }
+        if f.reply_ms.len() < 2 {
+            missing.push("a reply");
+        }
+        if f.barge_in_ms.is_none() {
+            missing.push("a clear after the interruption");
+        }
+        if !missing.is_empty() {
+            // Its figures still count where it has them; the call is reported as failed.
+            self.calls.push(f);
+            bail!(
+                "call {sid}: no {} (heard: {:?})",
+                missing.join(", no "),
+                record.heard_text
+            );
+        }
+        Ok(f)
+    }
+
+    /// The relay's greeting outcomes (`relay_greetings_total{outcome=…}`), from /metrics.
+    async fn greeting_outcomes(&self) -> String {
+        let Some(base) = self.stack.stack.relay_url() else {
+            return "no relay".into();
+        };
+        let text = match reqwest::get(format!("{base}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => return format!("metrics unavailable: {e}"),
+        };
+        let outcomes: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("relay_greetings_total{outcome=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .map(|(outcome, n)| format!("{outcome} {n}"))
+            .collect();
+        if outcomes.is_empty() {
+            "none counted".into()
+        } else {
+            outcomes.join(", ")
+        }
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+}
+
+/// `p50 / p95 (n)` of `values`, or `-` when there are none.
+fn cell(values: &[f64]) -> String {
+    match (percentile(values, 0.5), percentile(values, 0.95)) {
+        (Some(p50), Some(p95)) => format!("{p50:.0} / {p95:.0} (n={})", values.len()),
+        _ => "- (n=0)".into(),
+    }
+}
+
+/// `on − off` of the medians, or `-`.
+fn delta(off: &[f64], on: &[f64]) -> String {
+    match (percentile(off, 0.5), percentile(on, 0.5)) {
+        (Some(off), Some(on)) => format!("{:+.0}", on - off),
+        _ => "-".into(),
+    }
+}
+
+fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
+    let greeting =
+        |s: &Side| -> Vec<f64> { s.calls.iter().filter_map(|c| c.greeting_ms).collect() };
+    let reply =
+        |s: &Side| -> Vec<f64> { s.calls.iter().flat_map(|c| c.reply_ms.clone()).collect() };
+    let barge = |s: &Side| -> Vec<f64> { s.calls.iter().filter_map(|c| c.barge_in_ms).collect() };
+    let endpointing = if args.endpointing_ms == relay_endpointing_ms() {
+        format!("{} ms (the relay's own query value)", args.endpointing_ms)
+    } else {
+        format!(
+            "{} ms (fake override; the relay asks for {})",
+            args.endpointing_ms,
+            relay_endpointing_ms()
+        )
+    };
+    let tps = if args.llm_tokens_per_sec > 0.0 {
+        format!(
+            "{} tokens/s (a token: one streamed word)",
+            args.llm_tokens_per_sec
+        )
+    } else {
+        "unpaced".into()
+    };
+    println!();
+    println!("latency-bench: whole calls through the Worker under wrangler dev (CallSession DO) and the media relay");
+    println!("injected provider delays:");
+    println!("  Deepgram endpointing          {endpointing}");
+    println!(
+        "  LLM first token               {} ms, then {tps}",
+        args.llm_first_token_ms
+    );
+    println!("  ElevenLabs WebSocket connect  {} ms", args.tts_connect_ms);
+    println!(
+        "  ElevenLabs first audio        {} ms per generation (HTTP stream: first byte)",
+        args.tts_first_audio_ms
+    );
+    println!(
+        "  Twilio media                  {} ms each way",
+        args.twilio_one_way_ms
+    );
+    println!(
+        "  phone rings                   {} ms before the answer",
+        u64::from(args.rings()) * RING_MS
+    );
+    println!(
+        "calls per setting: {} (failed: off {}, on {}; a failed call's figures count where it has them)",
+        args.calls,
+        off.failures.len(),
+        on.failures.len()
+    );
+    println!();
+    println!("technique: greeting staged while the phone rings (CALL_PREPARE_GREETING)");
+    println!(
+        "  {:<52} {:>22} {:>22} {:>10}",
+        "figure, ms (p50 / p95)", "off", "on", "Δ p50"
+    );
+    let row = |name: &str, off: Vec<f64>, on: Vec<f64>| {
+        println!(
+            "  {:<52} {:>22} {:>22} {:>10}",
+            name,
+            cell(&off),
+            cell(&on),
+            delta(&off, &on)
+        );
+    };
+    row(
+        "1. answer → first greeting audio",
+        greeting(off),
+        greeting(on),
+    );
+    row(
+        "2. end of caller speech → first reply audio",
+        reply(off),
+        reply(on),
+    );
+    row("3. barge-in onset → clear", barge(off), barge(on));
+    println!(
+        "  {:<52} {:>22} {:>22} {:>10}",
+        "4. extra LLM tokens spent on speculation", "0", "0", "-"
+    );
+    println!(
+        "  relay greeting outcomes: off: {}; on: {}",
+        outcomes[0], outcomes[1]
+    );
+    println!();
+    println!("technique: speculative reply (figures 2 and 4)      not implemented");
+    println!("technique: faster barge-in (figure 3)               not implemented");
+    println!("  figure 4 is 0 because no technique speculates yet: technique not implemented");
+    for side in [off, on] {
+        for f in &side.failures {
+            println!("failed ({}): {f}", side.label);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let delays = args.delays();
+    let off = Side::start("off", false, &delays)?;
+    let on = Side::start("on", true, &delays)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut sides = [off, on];
+    let rings = args.rings();
+    let timeout = Duration::from_secs(args.call_timeout_secs);
+    rt.block_on(async {
+        for n in 1..=args.calls {
+            // Alternate which setting goes first, so neither always follows the other.
+            let order = if n % 2 == 1 { [0, 1] } else { [1, 0] };
+            for i in order {
+                sides[i].call(n, rings, timeout).await;
+            }
+        }
+    });
+    let outcomes = rt.block_on(async {
+        [
+            sides[0].greeting_outcomes().await,
+            sides[1].greeting_outcomes().await,
+        ]
+    });
+    print_report(&args, &sides[0], &sides[1], [&outcomes[0], &outcomes[1]]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cmb_tests::fakes::twilio::{StreamTiming, UtteranceTiming};
+    use tokio::time::Instant;
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    /// Figures come from the right moments: the greeting from `start`, replies from the
+    /// end of the first two utterances, the barge-in from the third's onset to the first
+    /// clear after it (an earlier clear does not count).
+    #[test]
+    fn figures_from_timing() {
+        let t0 = Instant::now();
+        let utterance = |started, ended, first: Option<u64>| UtteranceTiming {
+            text: String::new(),
+            started: at(t0, started),
+            ended: Some(at(t0, ended)),
+            first_media_after: first.map(|ms| at(t0, ms)),
+        };
+        let stream = StreamRecord {
+            timing: StreamTiming {
+                start_sent: Some(t0),
+                first_media: Some(at(t0, 180)),
+                utterances: vec![
+                    utterance(3_000, 4_000, Some(4_900)),
+                    utterance(8_000, 9_000, Some(9_800)),
+                    utterance(10_500, 11_000, None),
+                ],
+                clears: vec![at(t0, 5_000), at(t0, 10_900)],
+            },
+            ..StreamRecord::default()
+        };
+        let f = figures(&stream);
+        assert_eq!(f.greeting_ms, Some(180.0));
+        assert_eq!(f.reply_ms, vec![900.0, 800.0]);
+        assert_eq!(f.barge_in_ms, Some(400.0));
+    }
+
+    /// A call that got nowhere has no figures, and says so instead of inventing any.
+    #[test]
+    fn missing_moments_give_no_figures() {
+        let f = figures(&StreamRecord::default());
+        assert_eq!(f, CallFigures::default());
+        assert_eq!(cell(&[]), "- (n=0)");
+        assert_eq!(delta(&[], &[1.0]), "-");
+        assert_eq!(delta(&[100.0], &[40.0]), "-60");
+    }
+
+    /// Defaults are the brief's delays; the relay's own endpointing is not overridden.
+    #[test]
+    fn default_delays() {
+        let args = Args::parse_from(["latency-bench"]);
+        let d = args.delays();
+        assert_eq!(d.deepgram_endpointing_ms, None);
+        assert_eq!(d.llm_first_token, Duration::from_millis(250));
+        assert_eq!(d.llm_tokens_per_sec, Some(400.0));
+        assert_eq!(d.tts_connect, Duration::from_millis(150));
+        assert_eq!(d.tts_first_audio, Duration::from_millis(120));
+        assert_eq!(d.twilio_media_one_way, Duration::from_millis(20));
+        assert_eq!(args.rings(), 15);
+        let args = Args::parse_from(["latency-bench", "--endpointing-ms", "500", "--ring-ms", "1"]);
+        assert_eq!(args.delays().deepgram_endpointing_ms, Some(500));
+        assert_eq!(args.rings(), 1);
+    }
+}
