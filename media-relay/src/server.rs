@@ -306,10 +306,11 @@ mod tests {
     }
 
     async fn get_json(app: Router, uri: &str) -> (StatusCode, serde_json::Value) {
-        let res = app
-            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
-            .await
-            .expect("infallible");
+        send_json(app, Request::get(uri).body(Body::empty()).expect("request")).await
+    }
+
+    async fn send_json(app: Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let res = app.oneshot(req).await.expect("infallible");
         let status = res.status();
         let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
             .await
@@ -468,12 +469,7 @@ mod tests {
             .header("content-type", "application/json")
             .body(Body::from(body.to_owned()))
             .expect("request");
-        let res = app(state).oneshot(req).await.expect("infallible");
-        let status = res.status();
-        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
-            .await
-            .expect("body");
-        (status, serde_json::from_slice(&bytes).expect("json body"))
+        send_json(app(state), req).await
     }
 
     /// The DO's greeting request needs the relay secret and a valid body; a bad one is a

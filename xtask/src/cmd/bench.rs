@@ -81,20 +81,7 @@ pub fn run(repo: &Repo, args: &BenchArgs) -> Result<()> {
 fn latency(repo: &Repo, calls: usize, release_worker: bool, bench_args: &[String]) -> Result<()> {
     setup::run(repo)?;
     build::build_worker(repo, release_worker)?;
-    let mut build = cargo();
-    build.current_dir(repo.root()).args([
-        "build",
-        "--release",
-        "-p",
-        "media-relay",
-        "--bin",
-        "media-relay",
-        "-p",
-        "cmb-tests",
-        "--bin",
-        "latency_bench",
-    ]);
-    run_checked(&mut build, "cargo build --release (relay, latency_bench)")?;
+    build_release(repo)?;
     // The stack launcher finds media-relay next to the running bench (target/release).
     let mut bench = std::process::Command::new(repo.root().join("target/release/latency_bench"));
     bench.args(["--calls", &calls.to_string()]).args(bench_args);
@@ -103,22 +90,7 @@ fn latency(repo: &Repo, calls: usize, release_worker: bool, bench_args: &[String
 
 fn relay(repo: &Repo, calls: usize, duration: u64, ramp: u64, bench_args: &[String]) -> Result<()> {
     let external = bench_args.iter().any(|a| a.starts_with("--relay-url"));
-    // Both, always: building one alone would resolve different dependency features and
-    // rebuild half the tree each time the other is built.
-    let mut build = cargo();
-    build.current_dir(repo.root()).args([
-        "build",
-        "--release",
-        "-p",
-        "media-relay",
-        "--bin",
-        "media-relay",
-        "-p",
-        "cmb-tests",
-        "--bin",
-        "relay_bench",
-    ]);
-    run_checked(&mut build, "cargo build --release (relay, relay_bench)")?;
+    build_release(repo)?;
     let bins = repo.root().join("target/release");
     let mut bench = std::process::Command::new(bins.join("relay_bench"));
     bench.args([
@@ -134,4 +106,29 @@ fn relay(repo: &Repo, calls: usize, duration: u64, ramp: u64, bench_args: &[Stri
         bench.arg("--relay-bin").arg(bins.join("media-relay"));
     }
     run_checked(&mut bench, "relay_bench")
+}
+
+/// The relay and both benchmarks in release mode, always together: building one alone
+/// would resolve different dependency features and rebuild half the tree each time
+/// another is built.
+fn build_release(repo: &Repo) -> Result<()> {
+    let mut build = cargo();
+    build.current_dir(repo.root()).args([
+        "build",
+        "--release",
+        "-p",
+        "media-relay",
+        "--bin",
+        "media-relay",
+        "-p",
+        "cmb-tests",
+        "--bin",
+        "relay_bench",
+        "--bin",
+        "latency_bench",
+    ]);
+    run_checked(
+        &mut build,
+        "cargo build --release (relay, relay_bench, latency_bench)",
+    )
 }
