@@ -51,6 +51,15 @@ pub async fn run(
     let state = AppState::new(config);
     state.log_config_problems();
     let token = state.shutdown_token().clone();
+    // Audio goes out as small paced writes (a burst is written in 1 KiB pieces): with
+    // Nagle, each piece after the first would wait for Twilio's ACK of the one before,
+    // up to a delayed-ACK timeout (40 ms on Linux). The provider sockets the relay opens
+    // disable it too (`ws::connect`).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY on a Twilio socket");
+        }
+    });
     let serve = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutdown requested: refusing new calls, closing active ones");

@@ -48,6 +48,11 @@ impl Server {
             .with_context(|| format!("fake {name}: binding {addr}"))?;
         let addr = listener.local_addr().context("reading bound address")?;
         let (tx, rx) = oneshot::channel::<()>();
+        // Providers stream small messages as they come (TCP_NODELAY), as the relay does:
+        // with Nagle, a second message would wait for the first one's delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
