@@ -389,7 +389,9 @@ async fn marks_and_clear() {
     assert_eq!(stream.clears.len(), 1);
     assert_eq!(stream.clears[0].marks_returned, ["b"]);
     let dropped = stream.clears[0].dropped_bytes;
-    assert!(dropped > 0 && dropped < 40_000, "{dropped}");
+    // The clear follows mark a's echo at once: with TCP_NODELAY it can arrive before the
+    // first silence frame plays, so all of the silence may be dropped.
+    assert!(dropped > 0 && dropped <= 40_000, "{dropped}");
     assert_eq!(stream.bytes_received, 640 + 40_000);
     assert_eq!(stream.bytes_played + dropped, stream.bytes_received);
     // The callee heard "ab" and then silence.
