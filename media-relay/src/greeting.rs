@@ -301,8 +301,10 @@ pub fn http_base(ws: &Url) -> Option<Url> {
         "wss" | "https" => "https",
         _ => return None,
     };
-    let rest = ws.as_str().split_once(':')?.1;
-    Url::parse(&format!("{scheme}:{rest}")).ok()
+    // All four are "special" schemes, so `set_scheme` may swap between them.
+    let mut url = ws.clone();
+    url.set_scheme(scheme).ok()?;
+    Some(url)
 }
 
 /// `POST {base}/v1/text-to-speech/{voice_id}/stream?output_format=ulaw_8000`, read whole.

@@ -136,6 +136,17 @@ fn alarm(effects: &[Effect]) -> Option<Option<u64>> {
     })
 }
 
+/// The shell accepted relay socket 0 at `at`, with the test persona read at connect.
+fn open_relay(s: &mut Session, at: u64) -> Vec<Effect> {
+    s.handle(
+        Event::RelayOpened {
+            conn: 0,
+            persona: persona(),
+        },
+        at,
+    )
+}
+
 /// A call dialled and placed at Twilio (sid known), at T0.
 fn placed() -> Session {
     let mut s = dialled();
@@ -152,13 +163,7 @@ fn live() -> Session {
     s.handle(status(0, "initiated"), T0 + 300);
     s.handle(status(1, "ringing"), T0 + 1_000);
     s.handle(status(2, "in-progress"), T0 + 4_000);
-    let fx = s.handle(
-        Event::RelayOpened {
-            conn: 0,
-            persona: persona(),
-        },
-        T0 + 5_000,
-    );
+    let fx = open_relay(&mut s, T0 + 5_000);
     assert!(matches!(sent(&fx).first(), Some(DoToRelay::Hello { .. })));
     s.handle(
         Event::RelayFrame {
@@ -468,13 +473,7 @@ fn a_machine_gets_the_personas_voicemail_then_the_line_drops() {
         T0 + 3_000,
     );
     s.handle(status(2, "in-progress"), T0 + 3_100);
-    let fx = s.handle(
-        Event::RelayOpened {
-            conn: 0,
-            persona: persona(),
-        },
-        T0 + 4_000,
-    );
+    let fx = open_relay(&mut s, T0 + 4_000);
     let hello = sent(&fx);
     assert!(
         matches!(hello.first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Hi, it's Brad. I'll try you again soon."),
@@ -563,13 +562,7 @@ fn the_greeting_is_prepared_while_the_phone_rings() {
     assert!(!has(&fx, |e| matches!(e, Effect::StageGreeting { .. })));
     s.handle(status(2, "in-progress"), T0 + 3_000);
     // The shell passes what it has; the prepared persona wins.
-    let fx = s.handle(
-        Event::RelayOpened {
-            conn: 0,
-            persona: persona(),
-        },
-        T0 + 3_100,
-    );
+    let fx = open_relay(&mut s, T0 + 3_100);
     assert!(
         matches!(sent(&fx).first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Hey, it's Brad!"),
         "{:?}",
@@ -598,13 +591,7 @@ fn with_prepare_greeting_off_nothing_is_prepared() {
     );
     s.handle(status(1, "ringing"), T0 + 1_000);
     s.handle(status(2, "in-progress"), T0 + 3_000);
-    let fx = s.handle(
-        Event::RelayOpened {
-            conn: 0,
-            persona: persona(),
-        },
-        T0 + 3_100,
-    );
+    let fx = open_relay(&mut s, T0 + 3_100);
     assert!(
         matches!(sent(&fx).first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Yo!"),
         "{:?}",
@@ -634,13 +621,7 @@ fn a_prepared_call_answered_by_a_machine_gets_the_voicemail() {
         },
         T0 + 3_000,
     );
-    let fx = s.handle(
-        Event::RelayOpened {
-            conn: 0,
-            persona: persona(),
-        },
-        T0 + 4_000,
-    );
+    let fx = open_relay(&mut s, T0 + 4_000);
     assert!(
         matches!(sent(&fx).first(), Some(DoToRelay::Hello { greeting, .. }) if greeting == "Hi, it's Brad. I'll try you again soon."),
         "{:?}",
@@ -649,13 +630,7 @@ fn a_prepared_call_answered_by_a_machine_gets_the_voicemail() {
 
     let mut late = placed();
     late.handle(status(2, "in-progress"), T0 + 1_000);
-    late.handle(
-        Event::RelayOpened {
-            conn: 0,
-            persona: persona(),
-        },
-        T0 + 1_100,
-    );
+    open_relay(&mut late, T0 + 1_100);
     let fx = late.handle(Event::Prepared { persona: persona() }, T0 + 1_200);
     assert!(
         fx.iter()
