@@ -27,9 +27,10 @@ use crate::control::{self, ControlEvent, ControlParams};
 use crate::machine::{Action, CallState, Event, Ms, Observation};
 use crate::metrics::{Metrics, ProviderLabel};
 use crate::state::{AppState, CallSlot};
-use crate::stt::{self, AudioFrame, SttOut, SttProbes};
+use crate::stt::{self, AudioFrame, SttIn, SttOut, SttProbes};
 use crate::tts::{self, TtsLink, TtsOut};
 use crate::twilio::{self, StartInfo, TwilioEvent};
+use crate::vad::Vad;
 use crate::{deepgram, elevenlabs};
 
 /// Twilio sends `connected` then `start` right away; anything slower is not Twilio.
@@ -218,7 +219,10 @@ struct Call<'a> {
     t0: Instant,
     machine: CallState,
     outbound: twilio::Outbound,
-    audio_rx: Option<mpsc::Receiver<AudioFrame>>,
+    /// Caller audio (and `Finalize`) for the Deepgram task; its receiver until `hello`.
+    audio_tx: mpsc::Sender<SttIn>,
+    audio_rx: Option<mpsc::Receiver<SttIn>>,
+    vad: Vad,
     stt_rx: Option<mpsc::Receiver<SttOut>>,
     stt_task: Option<tokio::task::JoinHandle<()>>,
     tts: Option<TtsLink>,
@@ -252,6 +256,7 @@ impl Call<'_> {
                 greeting,
                 max_duration_secs,
                 idle_timeout_secs,
+                speculate,
                 ..
             } => {
                 if self.tts.is_none() {
@@ -284,6 +289,7 @@ impl Call<'_> {
                     greeting,
                     max_duration_secs,
                     idle_timeout_secs,
+                    speculate_endpointing_ms: speculate.then_some(stt.endpointing_ms),
                 }
             }
             DoToRelay::SayDelta { turn, text } => Event::SayDelta { turn, text },
@@ -295,12 +301,7 @@ impl Call<'_> {
     }
 
     /// Handles one Twilio frame: audio goes straight to Deepgram, the rest to the machine.
-    fn on_twilio(
-        &mut self,
-        text: &str,
-        audio_tx: &mpsc::Sender<AudioFrame>,
-        buf: &mut BytesMut,
-    ) -> Result<Option<Event>, End> {
+    fn on_twilio(&mut self, text: &str, buf: &mut BytesMut) -> Result<Option<Event>, End> {
         // Forwarding time runs from here: parsing and decoding are part of it.
         let read_at = Instant::now();
         let event = match twilio::parse(text) {
@@ -314,18 +315,20 @@ impl Call<'_> {
         Ok(match event {
             TwilioEvent::Media { payload, .. } => {
                 self.metrics().frames_in.inc();
-                if let Some(data) = twilio::decode_payload(&payload, buf) {
-                    self.stt_audio_bytes += data.len() as u64;
-                    let frame = AudioFrame { read_at, data };
-                    if audio_tx.try_send(frame).is_err() {
-                        // Deepgram's task buffers 5 s itself; a full queue means it is stuck.
-                        warn!(
-                            provider = "deepgram",
-                            "audio queue full; dropping a caller frame"
-                        );
-                    }
+                let Some(data) = twilio::decode_payload(&payload, buf) else {
+                    return Ok(None);
+                };
+                self.stt_audio_bytes += data.len() as u64;
+                let voice = self.vad.push(&data);
+                let frame = AudioFrame { read_at, data };
+                if self.audio_tx.try_send(SttIn::Audio(frame)).is_err() {
+                    // Deepgram's task buffers 5 s itself; a full queue means it is stuck.
+                    warn!(
+                        provider = "deepgram",
+                        "audio queue full; dropping a caller frame"
+                    );
                 }
-                None
+                voice.map(|voiced| Event::CallerVoice { voiced })
             }
             TwilioEvent::Mark { name } => Some(Event::Mark { name }),
             TwilioEvent::Dtmf { digit } => Some(Event::Dtmf { digit }),
@@ -352,6 +355,15 @@ impl Call<'_> {
                 }
                 Action::Mark(name) => self.outbound.mark(&name),
                 Action::Clear => self.outbound.clear(),
+                Action::SttFinalize => {
+                    if self.audio_tx.try_send(SttIn::Finalize).is_err() {
+                        warn!(
+                            provider = "deepgram",
+                            "audio queue full; dropping a Finalize"
+                        );
+                    }
+                    continue;
+                }
                 Action::ToDo(msg) => {
                     if self.control_tx.try_send(msg).is_err() {
                         warn!(
@@ -458,7 +470,9 @@ where
         t0: Instant::now(),
         machine: CallState::new(),
         outbound: twilio::Outbound::new(&start.stream_sid),
+        audio_tx,
         audio_rx: Some(audio_rx),
+        vad: Vad::default(),
         stt_rx: None,
         stt_task: None,
         tts: None,
@@ -533,7 +547,7 @@ where
                 }
             }
             msg = tw_rx.next() => match msg {
-                Some(Ok(Message::Text(text))) => call.on_twilio(text.as_str(), &audio_tx, &mut buf),
+                Some(Ok(Message::Text(text))) => call.on_twilio(text.as_str(), &mut buf),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Err(End::caller_gone()),
                 Some(Ok(_)) => Ok(None),
             },
@@ -589,7 +603,7 @@ where
     // Dropping every sender lets each task flush and close its socket.
     drop(call.control_tx);
     drop(control.tx);
-    drop(audio_tx);
+    drop(call.audio_tx);
     let tts_task = call.tts.map(|t| {
         drop(t.tx);
         t.task

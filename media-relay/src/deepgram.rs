@@ -11,6 +11,8 @@ use url::Url;
 
 /// Keeps the socket open while no audio flows (Deepgram closes after 10 s of nothing).
 pub const KEEP_ALIVE: &str = r#"{"type":"KeepAlive"}"#;
+/// Asks Deepgram to finalize the audio it has now; the result carries `from_finalize`.
+pub const FINALIZE: &str = r#"{"type":"Finalize"}"#;
 /// Asks Deepgram to flush, send the last results and close normally.
 pub const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
 

@@ -29,6 +29,7 @@ pub mod state;
 pub mod stt;
 pub mod tts;
 pub mod twilio;
+pub mod vad;
 pub mod ws;
 
 pub use config::{Config, ConfigError, ConfigProblem};

@@ -43,6 +43,12 @@ const TTS_NO_AUDIO_MS: Ms = 5_000;
 const SPARE_KEEPALIVE_MS: Ms = 60_000;
 /// After `hang_up`, the longest the relay waits for queued speech and the goodbye.
 const HANGUP_GRACE_MS: Ms = 30_000;
+/// With speculation on: after this long of caller silence following words, the relay asks
+/// Deepgram to `Finalize`, so the pause's transcript arrives now rather than at the end
+/// of endpointing, and a speculative reply can start on it.
+const FINALIZE_AFTER_QUIET_MS: Ms = 80;
+/// Speculations per user turn at most (each pause that yields new words is one).
+const MAX_SPECULATIONS_PER_TURN: u32 = 3;
 /// Characters that end a clause when followed by whitespace.
 const CLAUSE_ENDS: &[char] = &['.', '!', '?', ',', ';', ':'];
 
@@ -54,7 +60,12 @@ pub enum Event {
         greeting: String,
         max_duration_secs: u32,
         idle_timeout_secs: u32,
+        /// `Some(endpointing)` when the DO speculates: the relay then ends a turn itself
+        /// once the caller has been quiet this long after a final transcript.
+        speculate_endpointing_ms: Option<u32>,
     },
+    /// The caller's audio turned voiced (`true`) or quiet (`vad.rs`, per frame).
+    CallerVoice { voiced: bool },
     /// The greeting's audio, synthesized while the phone rang (`greeting.rs`), given at
     /// Twilio's `start` so it plays before `hello` arrives. It has no alignment, so the
     /// whole greeting is one clause with one mark at its end. `billed_chars` counts the
@@ -164,6 +175,8 @@ pub enum Action {
     Mark(String),
     /// Tell Twilio to drop its buffered audio.
     Clear,
+    /// Ask Deepgram to finalize what it has heard (`{"type":"Finalize"}`).
+    SttFinalize,
     /// Close the Twilio stream (which ends the call), then report `ended{reason}`.
     Hangup { reason: String },
     /// Record a measurement.
@@ -369,6 +382,22 @@ impl OutQueue {
     }
 }
 
+/// The caller's pauses, for speculation: the relay's own view of silence (VAD) against
+/// Deepgram's words.
+#[derive(Debug, Default)]
+struct Pause {
+    /// Since when the caller has been quiet; `None` while voiced.
+    quiet_since: Option<Ms>,
+    /// Words (interim or final) heard since the last end of turn.
+    words: bool,
+    /// `Finalize` was sent in this pause.
+    finalized: bool,
+    /// The text last sent as `speculate`, while it stands.
+    speculated: Option<String>,
+    /// Speculations in this turn.
+    count: u32,
+}
+
 /// The call's state. See the module docs.
 #[derive(Debug, Default)]
 pub struct CallState {
@@ -382,6 +411,9 @@ pub struct CallState {
     barge_armed: bool,
     /// The greeting came as staged audio: `hello` must not speak it again.
     greeting_staged: bool,
+    /// Endpointing, when the DO speculates (see `Event::Hello`).
+    speculate_endpointing: Option<Ms>,
+    pause: Pause,
     utterances: VecDeque<Utterance>,
     next_ctx: u32,
     /// Pre-opened context for the next reply, and when it was last touched.
@@ -415,13 +447,20 @@ impl CallState {
                 greeting,
                 max_duration_secs,
                 idle_timeout_secs,
-            } => self.hello(
-                &greeting,
-                max_duration_secs,
-                idle_timeout_secs,
-                now,
-                &mut out,
-            ),
+                speculate_endpointing_ms,
+            } => {
+                if !self.live {
+                    self.speculate_endpointing = speculate_endpointing_ms.map(Ms::from);
+                }
+                self.hello(
+                    &greeting,
+                    max_duration_secs,
+                    idle_timeout_secs,
+                    now,
+                    &mut out,
+                );
+            }
+            Event::CallerVoice { voiced } => self.caller_voice(voiced, now, &mut out),
             Event::StagedGreeting {
                 text,
                 audio,
@@ -455,6 +494,7 @@ impl CallState {
             Event::Dtmf { digit } => out.push(Action::ToDo(RelayToDo::Dtmf { digit })),
             Event::Tick => {}
         }
+        self.pause_timers(now, &mut out);
         self.pump(now, &mut out);
         out
     }
@@ -485,6 +525,16 @@ impl CallState {
         }
         if let Some((_, deadline)) = &self.hangup {
             at(*deadline);
+        }
+        if let (Some(endpointing), Some(quiet)) =
+            (self.speculate_endpointing, self.pause.quiet_since)
+        {
+            if self.pause.words && !self.pause.finalized {
+                at(quiet + FINALIZE_AFTER_QUIET_MS);
+            }
+            if !self.finals.is_empty() {
+                at(quiet + endpointing);
+            }
         }
         wake
     }
@@ -669,6 +719,7 @@ impl CallState {
         let text = text.trim();
         if !text.is_empty() {
             self.last_activity = now;
+            self.pause.words = true;
             // Barge-in needs words, not just sound: VAD alone fires on coughs and line
             // noise. Interim words count once VAD saw speech start; a final transcript is
             // evidence enough on its own.
@@ -681,6 +732,9 @@ impl CallState {
                 }
                 self.finals.push_str(text);
                 self.last_final_end = audio_end_ms;
+                if !speech_final {
+                    self.speculate(now, out);
+                }
             }
         }
         if speech_final {
@@ -693,6 +747,11 @@ impl CallState {
         if self.finals.is_empty() {
             return;
         }
+        // The DO holds the speculation against this turn's text; the next turn starts
+        // afresh (a pause still under way stays finalized).
+        self.pause.words = false;
+        self.pause.speculated = None;
+        self.pause.count = 0;
         let text = std::mem::take(&mut self.finals);
         self.last_final_end = None;
         let stt_final_ms = audio_end.map_or(0, |end| now.saturating_sub(end));
@@ -704,6 +763,62 @@ impl CallState {
         }));
         self.last_eot = Some(now);
         self.awaiting_first_token = Some(now);
+    }
+
+    fn caller_voice(&mut self, voiced: bool, now: Ms, out: &mut Vec<Action>) {
+        if !voiced {
+            self.pause.quiet_since.get_or_insert(now);
+            return;
+        }
+        self.pause.quiet_since = None;
+        self.pause.finalized = false;
+        if self.pause.speculated.take().is_some() {
+            // The turn goes on: the reply begun on the pause answers words not yet said.
+            out.push(Action::ToDo(RelayToDo::DropSpeculation));
+        }
+    }
+
+    /// With speculation on, during a pause: a final transcript is offered to the DO as a
+    /// speculation (when it is news), and a pause that has lasted the endpointing time
+    /// ends the turn.
+    fn speculate(&mut self, now: Ms, out: &mut Vec<Action>) {
+        let (Some(endpointing), Some(quiet)) = (self.speculate_endpointing, self.pause.quiet_since)
+        else {
+            return;
+        };
+        if now >= quiet + endpointing {
+            return self.end_of_turn(self.last_final_end, now, out);
+        }
+        let news = self.pause.speculated.as_deref() != Some(self.finals.as_str());
+        if news
+            && self.live
+            && self.hangup.is_none()
+            && self.pause.count < MAX_SPECULATIONS_PER_TURN
+        {
+            self.pause.count += 1;
+            self.pause.speculated = Some(self.finals.clone());
+            out.push(Action::ToDo(RelayToDo::Speculate {
+                text: self.finals.clone(),
+            }));
+        }
+    }
+
+    /// The relay's own pause timing (speculation on): `Finalize` a little into a pause
+    /// that follows words, and end the turn once the pause has lasted the endpointing time
+    /// with a final transcript in hand (Deepgram's `speech_final` never comes for audio
+    /// that was finalized early).
+    fn pause_timers(&mut self, now: Ms, out: &mut Vec<Action>) {
+        let (Some(endpointing), Some(quiet)) = (self.speculate_endpointing, self.pause.quiet_since)
+        else {
+            return;
+        };
+        if self.pause.words && !self.pause.finalized && now >= quiet + FINALIZE_AFTER_QUIET_MS {
+            self.pause.finalized = true;
+            out.push(Action::SttFinalize);
+        }
+        if !self.finals.is_empty() && now >= quiet + endpointing {
+            self.end_of_turn(self.last_final_end, now, out);
+        }
     }
 
     /// The caller talks over the persona: stop it everywhere and report what was heard.

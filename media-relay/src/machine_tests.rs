@@ -7,6 +7,7 @@ fn hello(greeting: &str) -> Event {
         greeting: greeting.into(),
         max_duration_secs: 0,
         idle_timeout_secs: 0,
+        speculate_endpointing_ms: None,
     }
 }
 
@@ -517,6 +518,7 @@ fn idle_and_max_duration() {
             greeting: String::new(),
             max_duration_secs: 60,
             idle_timeout_secs: 10,
+            speculate_endpointing_ms: None,
         },
         0,
     );
@@ -536,6 +538,7 @@ fn idle_and_max_duration() {
             greeting: String::new(),
             max_duration_secs: 30,
             idle_timeout_secs: 0,
+            speculate_endpointing_ms: None,
         },
         0,
     );
@@ -774,4 +777,176 @@ fn staged_greeting_barge_in_and_late_staging() {
     let a = s.handle(staged("Hi!", 1600, 3), 5);
     assert_eq!(media_bytes(&a), 0);
     assert_eq!(s.tts_chars(), 3, "only the TTS path's characters");
+}
+
+/// A call like `idle_call` whose DO speculates, with 300 ms endpointing.
+fn speculating_call() -> CallState {
+    let mut s = CallState::new();
+    s.handle(
+        Event::Hello {
+            greeting: String::new(),
+            max_duration_secs: 0,
+            idle_timeout_secs: 0,
+            speculate_endpointing_ms: Some(300),
+        },
+        0,
+    );
+    s
+}
+
+fn final_words(text: &str, audio_end_ms: Ms) -> Event {
+    Event::Transcript {
+        text: text.into(),
+        is_final: true,
+        speech_final: false,
+        audio_end_ms: Some(audio_end_ms),
+    }
+}
+
+fn voice(voiced: bool) -> Event {
+    Event::CallerVoice { voiced }
+}
+
+/// With speculation on: 80 ms into a pause after words the relay asks Deepgram to
+/// finalize; the final is offered to the DO as a speculation at once, and the turn ends
+/// when the pause has lasted the endpointing time, with the same text.
+#[test]
+fn a_pause_is_finalized_early_offered_as_speculation_and_ends_the_turn() {
+    let mut s = speculating_call();
+    s.handle(voice(true), 1000);
+    s.handle(Event::SpeechStarted, 1010);
+    assert!(s.handle(interim("what should"), 1400).is_empty());
+    // Quiet from 1600: nothing is due before 1680.
+    assert!(s.handle(voice(false), 1600).is_empty());
+    assert_eq!(s.next_wake(), Some(1680));
+    assert!(s.handle(Event::Tick, 1679).is_empty());
+    assert_eq!(s.handle(Event::Tick, 1680), [Action::SttFinalize]);
+    // Once per pause.
+    assert!(s.handle(Event::Tick, 1700).is_empty());
+    let a = s.handle(final_words("what should I train", 1600), 1690);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::Speculate {
+            text: "what should I train".into()
+        }]
+    );
+    assert_eq!(s.next_wake(), Some(1900));
+    let a = s.handle(Event::Tick, 1900);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::UserTurn {
+            text: "what should I train".into(),
+            stt_final_ms: 300,
+            end_of_turn_at_ms: 1900
+        }]
+    );
+    // Deepgram's own endpointing later has nothing left to send.
+    let late = Event::Transcript {
+        text: String::new(),
+        is_final: true,
+        speech_final: true,
+        audio_end_ms: Some(1600),
+    };
+    assert!(to_do(&s.handle(late, 1950)).is_empty());
+    // Only the spare context's keep-alive is due.
+    assert_eq!(s.next_wake(), Some(60_000));
+}
+
+/// The caller speaks again before the pause ends the turn: the speculation is dropped,
+/// the next pause offers the whole turn so far, and the turn carries all of it.
+#[test]
+fn speaking_again_drops_the_speculation() {
+    let mut s = speculating_call();
+    s.handle(voice(true), 1000);
+    s.handle(interim("so"), 1200);
+    s.handle(voice(false), 1300);
+    assert_eq!(s.handle(Event::Tick, 1380), [Action::SttFinalize]);
+    s.handle(final_words("so", 1300), 1390);
+    assert_eq!(
+        to_do(&s.handle(voice(true), 1450)),
+        [&RelayToDo::DropSpeculation]
+    );
+    // No pause, no timers; speaking is not dropped twice.
+    // Only the spare context's keep-alive is due.
+    assert_eq!(s.next_wake(), Some(60_000));
+    s.handle(voice(false), 1460);
+    assert!(to_do(&s.handle(voice(true), 1480)).is_empty());
+    s.handle(interim("legs today"), 1800);
+    s.handle(voice(false), 2000);
+    assert_eq!(s.handle(Event::Tick, 2080), [Action::SttFinalize]);
+    let a = s.handle(final_words("legs today", 2000), 2090);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::Speculate {
+            text: "so legs today".into()
+        }]
+    );
+    let a = s.handle(Event::Tick, 2300);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::UserTurn {
+            text: "so legs today".into(),
+            stt_final_ms: 300,
+            end_of_turn_at_ms: 2300
+        }]
+    );
+}
+
+/// A pause with no words (a cough, a breath) asks nothing of Deepgram; a final that comes
+/// after the pause has lasted the endpointing time ends the turn at once, without a
+/// speculation; and speculations per turn are bounded.
+#[test]
+fn wordless_pauses_late_finals_and_the_speculation_bound() {
+    let mut s = speculating_call();
+    s.handle(voice(true), 1000);
+    s.handle(voice(false), 1200);
+    // Only the spare context's keep-alive is due.
+    assert_eq!(s.next_wake(), Some(60_000));
+    assert!(s.handle(Event::Tick, 1500).is_empty());
+
+    s.handle(voice(true), 2000);
+    s.handle(interim("hi"), 2300);
+    s.handle(voice(false), 2400);
+    assert_eq!(s.handle(Event::Tick, 2480), [Action::SttFinalize]);
+    // Deepgram was slow: the pause already lasted 300 ms.
+    let a = s.handle(final_words("hi", 2400), 2750);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::UserTurn {
+            text: "hi".into(),
+            stt_final_ms: 350,
+            end_of_turn_at_ms: 2750
+        }]
+    );
+
+    let mut offered = 0;
+    for i in 0..6u64 {
+        let t = 4000 + i * 400;
+        s.handle(voice(true), t);
+        s.handle(interim("word"), t + 50);
+        s.handle(voice(false), t + 100);
+        s.handle(Event::Tick, t + 180);
+        let a = s.handle(final_words("word", t + 100), t + 190);
+        offered += to_do(&a)
+            .iter()
+            .filter(|m| matches!(m, RelayToDo::Speculate { .. }))
+            .count();
+    }
+    assert_eq!(offered, 3);
+}
+
+/// Without speculation (a DO that does not ask for it), pauses change nothing: no
+/// `Finalize`, no speculation, and only Deepgram's endpointing ends the turn.
+#[test]
+fn without_speculation_pauses_are_deepgrams_to_judge() {
+    let mut s = idle_call();
+    s.handle(voice(true), 1000);
+    s.handle(interim("what"), 1200);
+    s.handle(voice(false), 1300);
+    // Only the spare context's keep-alive is due.
+    assert_eq!(s.next_wake(), Some(60_000));
+    assert!(s.handle(Event::Tick, 1400).is_empty());
+    assert!(to_do(&s.handle(final_words("what now", 1300), 1420)).is_empty());
+    assert!(to_do(&s.handle(Event::Tick, 2000)).is_empty());
+    assert!(to_do(&s.handle(voice(true), 2100)).is_empty());
 }

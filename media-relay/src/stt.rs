@@ -45,6 +45,24 @@ pub struct AudioFrame {
     pub data: Bytes,
 }
 
+/// What the call loop sends the task, in order.
+#[derive(Debug, Clone)]
+pub enum SttIn {
+    Audio(AudioFrame),
+    /// Ask Deepgram to finalize what it has (after the audio sent before it).
+    Finalize,
+}
+
+impl Ring {
+    /// Keeps audio; a `Finalize` while disconnected is dropped (the replayed audio is
+    /// endpointed by Deepgram as usual).
+    fn keep(&mut self, m: SttIn) {
+        if let SttIn::Audio(f) = m {
+            self.push(f);
+        }
+    }
+}
+
 /// What the task needs besides its sockets: where stream time starts, and its metrics.
 #[derive(Debug, Clone)]
 pub struct SttProbes {
@@ -73,7 +91,7 @@ pub enum SttOut {
 pub fn spawn(
     url: Url,
     key: Secret,
-    audio: mpsc::Receiver<AudioFrame>,
+    audio: mpsc::Receiver<SttIn>,
     probes: SttProbes,
 ) -> (mpsc::Receiver<SttOut>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(32);
@@ -100,7 +118,7 @@ impl Ring {
 fn run(
     url: Url,
     key: Secret,
-    audio: mpsc::Receiver<AudioFrame>,
+    audio: mpsc::Receiver<SttIn>,
     tx: mpsc::Sender<SttOut>,
     probes: SttProbes,
 ) -> impl Future<Output = ()> {
@@ -131,7 +149,7 @@ fn run(
 struct Deepgram {
     url: Url,
     header: [(HeaderName, HeaderValue); 1],
-    audio: mpsc::Receiver<AudioFrame>,
+    audio: mpsc::Receiver<SttIn>,
     ring: Ring,
     tx: mpsc::Sender<SttOut>,
     probes: SttProbes,
@@ -145,12 +163,12 @@ impl reconnect::Link for Deepgram {
     async fn connect(&mut self, _: bool) -> Option<Result<Self::Socket, ConnectError>> {
         let connecting = ws::connect(&self.url, &self.header, MAX_MESSAGE);
         let ring = &mut self.ring;
-        reconnect::meanwhile(connecting, &mut self.audio, |f| ring.push(f)).await
+        reconnect::meanwhile(connecting, &mut self.audio, |m| ring.keep(m)).await
     }
 
     async fn wait(&mut self, delay: Duration) -> bool {
         let ring = &mut self.ring;
-        reconnect::meanwhile(tokio::time::sleep(delay), &mut self.audio, |f| ring.push(f))
+        reconnect::meanwhile(tokio::time::sleep(delay), &mut self.audio, |m| ring.keep(m))
             .await
             .is_some()
     }
@@ -185,7 +203,7 @@ impl reconnect::Link for Deepgram {
 async fn session(
     socket: &mut ClientSocket,
     ring: &mut Ring,
-    audio: &mut mpsc::Receiver<AudioFrame>,
+    audio: &mut mpsc::Receiver<SttIn>,
     tx: &mpsc::Sender<SttOut>,
     probes: &SttProbes,
 ) -> Ended {
@@ -230,16 +248,34 @@ async fn session(
                     }
                 }
             }
-            f = audio.recv() => {
-                let Some(f) = f else { return Ended::Over };
+            m = audio.recv() => {
+                let f = match m {
+                    Some(SttIn::Audio(f)) => f,
+                    Some(SttIn::Finalize) => {
+                        if socket.send(Message::text(deepgram::FINALIZE)).await.is_err() {
+                            return Ended::Dropped;
+                        }
+                        last_sent = Instant::now();
+                        continue;
+                    }
+                    None => return Ended::Over,
+                };
                 epoch.get_or_insert_with(|| probes.stream_ms(f.read_at));
                 // Frames that queued up meanwhile go out in the same write: no frame
                 // waits for another, but a busy relay makes one syscall, not several.
                 batch.clear();
                 batch.push(f);
+                let mut finalize = false;
                 while batch.len() < MAX_BATCH {
-                    let Ok(more) = audio.try_recv() else { break };
-                    batch.push(more);
+                    match audio.try_recv() {
+                        Ok(SttIn::Audio(more)) => batch.push(more),
+                        // After this batch, which it followed.
+                        Ok(SttIn::Finalize) => {
+                            finalize = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
                 let mut written = true;
                 for f in &batch {
@@ -248,6 +284,9 @@ async fn session(
                         written = false;
                         break;
                     }
+                }
+                if finalize && written {
+                    written = socket.feed(Message::text(deepgram::FINALIZE)).await.is_ok();
                 }
                 if !written || socket.flush().await.is_err() {
                     // The connection died under these frames: replay them on the next.

@@ -119,6 +119,7 @@ async fn run_session(peer: ControlPeer, call_id: String, mut socket: WebSocket) 
         greeting: "Hi.".into(),
         max_duration_secs: 3600,
         idle_timeout_secs: 3600,
+        speculate: false,
     });
     if socket.send(AxMessage::Text(hello.into())).await.is_err() {
         return;

@@ -129,6 +129,11 @@ pub enum DoToRelay {
         max_duration_secs: u32,
         /// Hang up after this long with neither side speaking.
         idle_timeout_secs: u32,
+        /// Speculative replies: the relay ends turns on its own silence timing (asking
+        /// Deepgram to `Finalize` early) and sends `speculate` when the caller pauses.
+        /// Absent (false) from a DO that does not speculate.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        speculate: bool,
     },
     /// A piece of the persona's reply for `turn`, streamed as the LLM produces it.
     SayDelta {
@@ -192,6 +197,14 @@ pub enum RelayToDo {
         /// measures response latency from here.
         end_of_turn_at_ms: u64,
     },
+    /// The caller paused and `text` is their turn's final transcript so far: a reply may
+    /// start, but nothing of it is spoken unless a `user_turn` with the same text follows
+    /// (only with `hello.speculate`).
+    Speculate {
+        text: String,
+    },
+    /// The caller spoke again after a `speculate`: that speculation is void.
+    DropSpeculation,
     /// The persona's reply for `turn` was played in full (confirmed by Twilio marks).
     Heard {
         turn: u32,
@@ -232,6 +245,8 @@ impl ChannelMessage for RelayToDo {
     const TYPES: &'static [&'static str] = &[
         "ready",
         "user_turn",
+        "speculate",
+        "drop_speculation",
         "heard",
         "interrupted",
         "dtmf",
@@ -245,6 +260,8 @@ impl ChannelMessage for RelayToDo {
         match self {
             RelayToDo::Ready { .. } => "ready",
             RelayToDo::UserTurn { .. } => "user_turn",
+            RelayToDo::Speculate { .. } => "speculate",
+            RelayToDo::DropSpeculation => "drop_speculation",
             RelayToDo::Heard { .. } => "heard",
             RelayToDo::Interrupted { .. } => "interrupted",
             RelayToDo::Dtmf { .. } => "dtmf",
@@ -392,6 +409,7 @@ mod tests {
                 greeting: "Hey!".into(),
                 max_duration_secs: 600,
                 idle_timeout_secs: 30,
+                speculate: false,
             },
             concat!(
                 r#"{"v":1,"seq":1,"type":"hello","call_id":"c1","persona_name":"Coach","#,
@@ -515,6 +533,18 @@ mod tests {
             r#"{"v":1,"seq":9,"type":"ended","reason":"caller_hung_up"}"#,
         );
         golden(10, RelayToDo::Pong, r#"{"v":1,"seq":10,"type":"pong"}"#);
+        golden(
+            11,
+            RelayToDo::Speculate {
+                text: "what should I".into(),
+            },
+            r#"{"v":1,"seq":11,"type":"speculate","text":"what should I"}"#,
+        );
+        golden(
+            12,
+            RelayToDo::DropSpeculation,
+            r#"{"v":1,"seq":12,"type":"drop_speculation"}"#,
+        );
     }
 
     /// `TYPES` and `type_name` agree with what serde actually writes, for every variant.
@@ -539,6 +569,7 @@ mod tests {
                 greeting: String::new(),
                 max_duration_secs: 0,
                 idle_timeout_secs: 0,
+                speculate: true,
             },
             DoToRelay::SayDelta {
                 turn: 0,
@@ -563,6 +594,10 @@ mod tests {
                 stt_final_ms: 0,
                 end_of_turn_at_ms: 0,
             },
+            RelayToDo::Speculate {
+                text: String::new(),
+            },
+            RelayToDo::DropSpeculation,
             RelayToDo::Heard {
                 turn: 0,
                 text: String::new(),

@@ -380,6 +380,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         settle_wait_secs: r.positive("CALL_SETTLE_WAIT_SECS", defaults.settle_wait_secs),
         hang_up_grace_secs: r.positive("CALL_HANG_UP_GRACE_SECS", defaults.hang_up_grace_secs),
         prepare_greeting: r.boolean("CALL_PREPARE_GREETING", defaults.prepare_greeting),
+        speculate: r.boolean("CALL_SPECULATE", defaults.speculate),
     };
     let twilio_timeout_ms = r.positive("TWILIO_TIMEOUT_MS", 10_000);
     let schedule_min_retry_minutes = match r.optional("SCHEDULE_MIN_RETRY_MINUTES") {
@@ -526,6 +527,7 @@ mod tests {
         assert_eq!(c.allowed_countries, ["US", "CA", "GB", "IE", "AU", "NZ"]);
         assert_eq!(c.ai_disclosure, DEFAULT_AI_DISCLOSURE);
         assert!(c.call_limits.prepare_greeting);
+        assert!(c.call_limits.speculate);
     }
 
     /// `CALL_PREPARE_GREETING` is `true` or `false` in any case; anything else is named.
@@ -540,6 +542,16 @@ mod tests {
             v.insert("CALL_PREPARE_GREETING", bad.into());
             assert_eq!(names(&parse(&v).unwrap_err()), ["CALL_PREPARE_GREETING"]);
         }
+    }
+
+    /// `CALL_SPECULATE` switches speculative replies; a bad value is named.
+    #[test]
+    fn speculate_switch() {
+        let mut v = good();
+        v.insert("CALL_SPECULATE", "false".into());
+        assert!(!parse(&v).unwrap().call_limits.speculate);
+        v.insert("CALL_SPECULATE", "maybe".into());
+        assert_eq!(names(&parse(&v).unwrap_err()), ["CALL_SPECULATE"]);
     }
 
     /// The disclosure can be reworded, not removed (an empty value is the default) and

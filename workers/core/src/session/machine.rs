@@ -29,6 +29,9 @@ const RELAY_BACKSTOP_SECS: u32 = 30;
 const TIME_LIMIT_MARGIN_SECS: u32 = 60;
 /// DO → relay frames kept for a resume (oldest dropped beyond).
 const OUTBOX_MAX: usize = 256;
+/// A call stops speculating once discarded speculations have cost this many tokens
+/// (prompt + completion): a bound on what speculation can add to a call's LLM bill.
+const SPECULATION_WASTE_CAP_TOKENS: u64 = 20_000;
 /// Prompt budget for the conversation history.
 const PROMPT_BUDGET_TOKENS: usize = 3_000;
 
@@ -72,6 +75,7 @@ impl Session {
             relay: RelayLink::default(),
             conv: Conversation::default(),
             llm: None,
+            spec: None,
             twilio_end_requested: false,
             ending_ms: None,
             final_: None,
@@ -143,6 +147,7 @@ impl Session {
         }
         self.phone_number.clear();
         self.llm = None;
+        self.spec = None;
         self.conv.persona = None;
         self.conv.lines.clear();
         self.conv.outbox.clear();
@@ -854,6 +859,18 @@ impl Session {
         if let Some(llm) = self.llm.take() {
             out.push(Effect::CancelLlm { stream: llm.stream });
         }
+        self.drop_speculation(out);
+        let spec = self.conv.speculation;
+        if spec.started > 0 {
+            Self::log(
+                out,
+                LogLevel::Info,
+                format!(
+                    "speculation started={} used={} wasted_tokens={}",
+                    spec.started, spec.used, spec.wasted_tokens
+                ),
+            );
+        }
         // A machine answered: the persona left its voicemail (charged like any connected
         // call), or, if the stream never connected, nothing was said.
         let charge = pricing::call_charge_credits(duration_secs, connected);
@@ -1217,6 +1234,7 @@ impl Session {
                 greeting,
                 max_duration_secs: self.limits.max_call_secs + RELAY_BACKSTOP_SECS,
                 idle_timeout_secs: 2 * self.limits.idle_timeout_secs + RELAY_BACKSTOP_SECS,
+                speculate: self.limits.speculate,
             };
             self.send(hello, out);
             self.relay.hello_seq = Some(self.conv.out_seq);
@@ -1371,6 +1389,7 @@ impl Session {
                 let text = text.trim();
                 // A machine's own greeting is not a turn.
                 if text.is_empty() || self.final_.is_some() || self.is_voicemail() {
+                    self.drop_speculation(out);
                     return;
                 }
                 self.conv.lines.push(Line {
@@ -1381,10 +1400,12 @@ impl Session {
                     interrupted: false,
                     at_ms: now,
                 });
-                if self.is_talking() {
+                if self.is_talking() && !self.promote_speculation(text, now, out) {
                     self.start_reply(now, out);
                 }
             }
+            RelayToDo::Speculate { text } => self.speculate(text.trim(), now, out),
+            RelayToDo::DropSpeculation => self.drop_speculation(out),
             RelayToDo::Heard { turn, text } => {
                 if let Some(line) = self.conv.lines.iter_mut().find(|l| l.turn == Some(turn)) {
                     line.heard = Some(text);
@@ -1436,6 +1457,7 @@ impl Session {
                 if let Some(llm) = self.llm.take() {
                     out.push(Effect::CancelLlm { stream: llm.stream });
                 }
+                self.drop_speculation(out);
                 self.ending_ms.get_or_insert(now);
                 out.push(Effect::Db(DbOp::SaveConversation(Box::new(
                     self.record(now),
@@ -1493,6 +1515,7 @@ impl Session {
             out.push(Effect::CancelLlm { stream: llm.stream });
             self.close_turn(llm, now, out);
         }
+        self.drop_speculation(out);
         if let Some(goodbye) = goodbye {
             let turn = self.conv.next_turn;
             self.conv.next_turn += 1;
@@ -1592,24 +1615,9 @@ impl Session {
             out.push(Effect::CancelLlm { stream: old.stream });
             self.close_turn(old, now, out);
         }
-        let Some(persona) = &self.conv.persona else {
+        let Some(mut messages) = self.prompt(self.history()) else {
             return;
         };
-        let history: Vec<(Speaker, String)> = self
-            .conv
-            .lines
-            .iter()
-            .map(|l| (l.speaker, l.heard.clone().unwrap_or_else(|| l.text.clone())))
-            .collect();
-        let system = match &self.conv.callback {
-            Some(cb) => format!(
-                "{}\n\n{}",
-                persona.system_prompt,
-                cb.prompt_note(persona.caller_zone.as_deref())
-            ),
-            None => persona.system_prompt.clone(),
-        };
-        let mut messages = prompt::build_messages(&system, None, &history, PROMPT_BUDGET_TOKENS);
         // The reply that answers tool results cannot book again: rounds never chain.
         let answering = round.is_some();
         if let Some(round) = round {
@@ -1639,6 +1647,7 @@ impl Session {
             text: String::new(),
             first_token_ms: None,
             answering,
+            lead_ms: 0,
         });
         out.push(Effect::StartLlm {
             stream,
@@ -1651,6 +1660,198 @@ impl Session {
             first_token_ms: self.limits.llm_first_token_ms,
             total_ms: self.limits.llm_total_ms,
         });
+    }
+
+    /// The conversation as the LLM is shown it: what the caller heard of each line.
+    fn history(&self) -> Vec<(Speaker, String)> {
+        self.conv
+            .lines
+            .iter()
+            .map(|l| (l.speaker, l.heard.clone().unwrap_or_else(|| l.text.clone())))
+            .collect()
+    }
+
+    /// The prompt for a reply to `history` (none without a persona).
+    fn prompt(&self, history: Vec<(Speaker, String)>) -> Option<Vec<prompt::ChatMessage>> {
+        let persona = self.conv.persona.as_ref()?;
+        let system = match &self.conv.callback {
+            Some(cb) => format!(
+                "{}\n\n{}",
+                persona.system_prompt,
+                cb.prompt_note(persona.caller_zone.as_deref())
+            ),
+            None => persona.system_prompt.clone(),
+        };
+        Some(prompt::build_messages(
+            &system,
+            None,
+            &history,
+            PROMPT_BUDGET_TOKENS,
+        ))
+    }
+
+    /// The caller paused on `text`: start the reply to it now, held unspoken until the
+    /// turn is confirmed. Only between replies (nothing streaming, no tool round waiting),
+    /// and only while discarded speculations have cost less than the call's cap.
+    fn speculate(&mut self, text: &str, now: u64, out: &mut Vec<Effect>) {
+        self.drop_speculation(out);
+        let idle = self.llm.is_none() && self.conv.tool_round.is_none();
+        let allowed = self.limits.speculate
+            && self.is_talking()
+            && !self.is_voicemail()
+            && self.conv.speculation.wasted_tokens < SPECULATION_WASTE_CAP_TOKENS;
+        if text.is_empty() || !idle || !allowed {
+            return;
+        }
+        let mut history = self.history();
+        history.push((Speaker::User, text.to_owned()));
+        let fingerprint = history_fingerprint(&history);
+        let Some(messages) = self.prompt(history) else {
+            return;
+        };
+        let prompt_estimate = messages
+            .iter()
+            .map(|m| prompt::estimate_tokens(&m.content) as u64)
+            .sum();
+        let stream = self.conv.next_stream;
+        self.conv.next_stream += 1;
+        self.conv.speculation.started += 1;
+        self.spec = Some(Speculation {
+            stream,
+            text: text.to_owned(),
+            started_ms: now,
+            history: fingerprint,
+            prompt_estimate,
+            reply: String::new(),
+            first_token_ms: None,
+            done: None,
+        });
+        out.push(Effect::StartLlm {
+            stream,
+            messages,
+            tools: tools::Offer::All,
+            first_token_ms: self.limits.llm_first_token_ms,
+            total_ms: self.limits.llm_total_ms,
+        });
+    }
+
+    /// A speculation that will not be used: its stream is cancelled and what it cost is
+    /// counted (into the call's LLM totals, which the cost breakdown bills).
+    fn drop_speculation(&mut self, out: &mut Vec<Effect>) {
+        let Some(spec) = self.spec.take() else {
+            return;
+        };
+        let (prompt_tokens, completion_tokens) = match &spec.done {
+            Some(d) => (d.prompt_tokens, d.completion_tokens),
+            None => {
+                out.push(Effect::CancelLlm {
+                    stream: spec.stream,
+                });
+                (
+                    spec.prompt_estimate,
+                    prompt::estimate_tokens(&spec.reply) as u64,
+                )
+            }
+        };
+        self.conv.llm_prompt_tokens += prompt_tokens;
+        self.conv.llm_completion_tokens += completion_tokens;
+        self.conv.speculation.wasted_tokens += prompt_tokens + completion_tokens;
+    }
+
+    /// The caller's turn (already in the transcript) is confirmed: if the speculation
+    /// answered exactly this conversation, it becomes the turn's reply, and what it has
+    /// produced so far is spoken at once. False when there was none to use (it is
+    /// discarded if it answered something else).
+    fn promote_speculation(&mut self, text: &str, now: u64, out: &mut Vec<Effect>) -> bool {
+        let usable = self.spec.as_ref().is_some_and(|s| {
+            s.text == text
+                && self.llm.is_none()
+                && self.conv.tool_round.is_none()
+                && s.history == history_fingerprint(&self.history())
+        });
+        if !usable {
+            self.drop_speculation(out);
+            return false;
+        }
+        let Some(spec) = self.spec.take() else {
+            return false;
+        };
+        self.conv.speculation.used += 1;
+        let turn = self.conv.next_turn;
+        self.conv.next_turn += 1;
+        let stream = spec.stream;
+        self.llm = Some(LlmTurn {
+            stream,
+            turn,
+            started_ms: spec.started_ms,
+            text: String::new(),
+            first_token_ms: None,
+            answering: false,
+            lead_ms: u32::try_from(now.saturating_sub(spec.started_ms)).unwrap_or(u32::MAX),
+        });
+        if let Some(since_start_ms) = spec.first_token_ms {
+            let text = spec.reply;
+            self.on_llm(
+                LlmEvent::Delta {
+                    stream,
+                    text,
+                    since_start_ms,
+                },
+                now,
+                out,
+            );
+        }
+        if let Some(d) = spec.done {
+            self.on_llm(
+                LlmEvent::Done {
+                    stream,
+                    prompt_tokens: d.prompt_tokens,
+                    completion_tokens: d.completion_tokens,
+                    tool_calls: d.tool_calls,
+                },
+                now,
+                out,
+            );
+        }
+        true
+    }
+
+    /// A speculative stream's event: held, never sent to the relay.
+    fn on_speculation_llm(&mut self, e: LlmEvent, out: &mut Vec<Effect>) {
+        let Some(spec) = self.spec.as_mut() else {
+            return;
+        };
+        match e {
+            LlmEvent::Delta {
+                text,
+                since_start_ms,
+                ..
+            } => {
+                spec.first_token_ms.get_or_insert(since_start_ms);
+                spec.reply.push_str(&text);
+            }
+            LlmEvent::Done {
+                prompt_tokens,
+                completion_tokens,
+                tool_calls,
+                ..
+            } => {
+                spec.done = Some(SpeculationDone {
+                    prompt_tokens,
+                    completion_tokens,
+                    tool_calls,
+                });
+            }
+            // Counted as discarded; the confirmed turn starts a stream of its own.
+            LlmEvent::Failed { .. } => {
+                spec.done = Some(SpeculationDone {
+                    prompt_tokens: spec.prompt_estimate,
+                    completion_tokens: prompt::estimate_tokens(&spec.reply) as u64,
+                    tool_calls: Vec::new(),
+                });
+                self.drop_speculation(out);
+            }
+        }
     }
 
     /// Ends a reply turn with what it produced (none: nothing to record).
@@ -1669,6 +1870,14 @@ impl Session {
     }
 
     fn on_llm(&mut self, e: LlmEvent, now: u64, out: &mut Vec<Effect>) {
+        let stream = match &e {
+            LlmEvent::Delta { stream, .. }
+            | LlmEvent::Done { stream, .. }
+            | LlmEvent::Failed { stream, .. } => *stream,
+        };
+        if self.spec.as_ref().is_some_and(|s| s.stream == stream) {
+            return self.on_speculation_llm(e, out);
+        }
         match e {
             LlmEvent::Delta {
                 stream,
@@ -1681,8 +1890,11 @@ impl Session {
                 llm.text.push_str(&text);
                 let turn = llm.turn;
                 if llm.first_token_ms.is_none() {
-                    llm.first_token_ms = Some(since_start_ms);
-                    self.latency(turn).2 = Some(since_start_ms);
+                    // A promoted speculation's first token may have come before the end
+                    // of turn: then the caller waited 0 ms for it.
+                    let waited = since_start_ms.saturating_sub(llm.lead_ms);
+                    llm.first_token_ms = Some(waited);
+                    self.latency(turn).2 = Some(waited);
                 }
                 self.send(DoToRelay::SayDelta { turn, text }, out);
             }
@@ -1878,4 +2090,17 @@ fn merge_relay_sends(out: &mut Vec<Effect>) {
         merged.push(e);
     }
     *out = merged;
+}
+
+/// Identifies a prompt's conversation, to tell whether a speculation answered the same
+/// one. `DefaultHasher::new()` is the same hasher in every instance of one build, which
+/// is all a call's state ever meets (after a deploy, a mismatch only drops a speculation).
+fn history_fingerprint(history: &[(Speaker, String)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (speaker, text) in history {
+        (*speaker as u8).hash(&mut h);
+        text.hash(&mut h);
+    }
+    h.finish()
 }

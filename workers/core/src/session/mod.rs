@@ -61,6 +61,12 @@ pub struct Limits {
     /// relay and be wasted. Sessions stored before the setting existed load as on.
     #[serde(default = "default_true")]
     pub prepare_greeting: bool,
+    /// Speculative replies (`CALL_SPECULATE`): the relay ends turns on its own pause
+    /// timing and, when the caller pauses, the LLM starts on the transcript so far; its
+    /// reply is spoken only if the confirmed turn has the same words. Sessions stored
+    /// before the setting existed load as off.
+    #[serde(default)]
+    pub speculate: bool,
 }
 
 fn default_true() -> bool {
@@ -84,6 +90,7 @@ impl Default for Limits {
             // acts when the relay could not.
             hang_up_grace_secs: 40,
             prepare_greeting: true,
+            speculate: true,
         }
     }
 }
@@ -519,6 +526,48 @@ pub struct LlmTurn {
     /// The reply that answers tool results: it was offered only `end_call`.
     #[serde(default)]
     pub answering: bool,
+    /// A promoted speculation: how long before the end of turn its stream began, so its
+    /// first token is timed from the end of turn like any reply's.
+    #[serde(default)]
+    pub lead_ms: u32,
+}
+
+/// A reply begun on a pause's transcript, held unspoken until the turn is confirmed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Speculation {
+    pub stream: u32,
+    /// The caller's words it answers.
+    pub text: String,
+    pub started_ms: u64,
+    /// Fingerprint of the conversation it was prompted with (the caller's words
+    /// included): it is used only if the confirmed turn gives the same prompt.
+    pub history: u64,
+    /// Tokens of its prompt, estimated (counted if it is discarded before it finished).
+    pub prompt_estimate: u64,
+    /// The reply so far, and when its first token came (since `started_ms`).
+    pub reply: String,
+    pub first_token_ms: Option<u32>,
+    /// Set once the stream finished before the turn was confirmed.
+    pub done: Option<SpeculationDone>,
+}
+
+/// A speculative stream's end, kept until the turn is confirmed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeculationDone {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub tool_calls: Vec<crate::tools::ToolCall>,
+}
+
+/// What speculation did on this call (reported in the call's log line at the end).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeculationStats {
+    pub started: u32,
+    /// Promoted to the turn's reply.
+    pub used: u32,
+    /// Tokens (prompt + completion) of discarded speculations: exact when the stream had
+    /// finished, estimated otherwise. Already part of the LLM token totals.
+    pub wasted_tokens: u64,
 }
 
 /// A final status waiting to be written.
@@ -573,6 +622,8 @@ pub struct Conversation {
     /// The call's one callback, once the persona asked for it.
     #[serde(default)]
     pub callback: Option<crate::tools::CallbackState>,
+    #[serde(default)]
+    pub speculation: SpeculationStats,
 }
 
 /// A reply's tool calls and their results (`None`: still being carried out).
@@ -624,6 +675,9 @@ pub struct Session {
     pub relay: RelayLink,
     pub conv: Conversation,
     pub llm: Option<LlmTurn>,
+    /// A speculative reply in flight (never spoken until promoted into `llm`).
+    #[serde(default)]
+    pub spec: Option<Speculation>,
     /// Twilio was asked to end the call.
     pub twilio_end_requested: bool,
     /// The conversation is over (relay ended, or Twilio asked to end it); Twilio's final

@@ -1847,6 +1847,10 @@ mod properties {
         LlmDelta,
         LlmDone,
         LlmFail,
+        /// The caller pauses on "hi" (`speculate`), or speaks on (`drop_speculation`).
+        RelaySpeculate(bool),
+        /// An event of the speculative stream: delta, done, failure.
+        SpecLlm(u8),
         Spend(u8),
     }
 
@@ -1865,6 +1869,8 @@ mod properties {
             2 => Just(Step::LlmDelta),
             1 => Just(Step::LlmDone),
             1 => Just(Step::LlmFail),
+            1 => any::<bool>().prop_map(Step::RelaySpeculate),
+            1 => (0u8..3).prop_map(Step::SpecLlm),
             1 => (0u8..200).prop_map(Step::Spend),
         ]
     }
@@ -2125,6 +2131,43 @@ mod properties {
                     });
                 }
                 Step::RelayClose => self.apply(Event::RelayClosed { conn: self.conn }),
+                Step::RelaySpeculate(pause) => {
+                    self.rseq += 1;
+                    self.now += 200;
+                    let msg = match pause {
+                        true => RelayToDo::Speculate { text: "hi".into() },
+                        false => RelayToDo::DropSpeculation,
+                    };
+                    self.apply(Event::RelayFrame {
+                        conn: self.conn,
+                        frame: frame(self.rseq, msg),
+                    });
+                }
+                Step::SpecLlm(k) => {
+                    let Some(stream) = self.s.spec.as_ref().map(|sp| sp.stream) else {
+                        return;
+                    };
+                    self.now += 100;
+                    let e = match k {
+                        0 => LlmEvent::Delta {
+                            stream,
+                            text: "yo ".into(),
+                            since_start_ms: 100,
+                        },
+                        1 => LlmEvent::Done {
+                            stream,
+                            prompt_tokens: 5,
+                            completion_tokens: 5,
+                            tool_calls: Vec::new(),
+                        },
+                        _ => LlmEvent::Failed {
+                            stream,
+                            timed_out: false,
+                            message: "x".into(),
+                        },
+                    };
+                    self.apply(Event::Llm(e));
+                }
                 Step::LlmDelta | Step::LlmDone | Step::LlmFail => {
                     let stream = self.s.active_stream().unwrap_or(0);
                     self.now += 100;
@@ -2221,6 +2264,256 @@ mod properties {
             prop_assert!(w.balance >= 0);
             prop_assert!(w.s.charged <= 200, "charged more than the user ever had");
             prop_assert!(w.s.creates - w.s.rate_limited <= 1);
+            prop_assert!(w.s.spec.is_none(), "a speculation outlived the call");
         }
     }
+}
+
+// ---- speculative replies ----
+
+/// The relay's frame `seq`: the caller paused on `text`.
+fn pause_on(s: &mut Session, seq: u64, text: &str, at: u64) -> Vec<Effect> {
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(seq, RelayToDo::Speculate { text: text.into() }),
+        },
+        at,
+    )
+}
+
+fn started_streams(effects: &[Effect]) -> Vec<(u32, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::StartLlm {
+                stream, messages, ..
+            } => Some((*stream, messages.last().map(|m| m.content.clone())?)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn said(effects: &[Effect]) -> Vec<(u32, String)> {
+    sent(effects)
+        .into_iter()
+        .filter_map(|m| match m {
+            DoToRelay::SayDelta { turn, text } => Some((turn, text)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn llm_delta(stream: u32, text: &str, since_start_ms: u32) -> Event {
+    Event::Llm(LlmEvent::Delta {
+        stream,
+        text: text.into(),
+        since_start_ms,
+    })
+}
+
+/// `hello` tells the relay to speculate only when the call's limits say so.
+#[test]
+fn hello_carries_the_speculation_switch() {
+    let s = live();
+    assert!(s.limits.speculate);
+    let mut s = placed();
+    s.limits.speculate = false;
+    s.handle(status(2, "in-progress"), T0 + 4_000);
+    let fx = open_relay(&mut s, T0 + 5_000);
+    assert!(matches!(
+        sent(&fx).first(),
+        Some(DoToRelay::Hello {
+            speculate: false,
+            ..
+        })
+    ));
+}
+
+/// A speculation streams with the caller's words as the last message, says nothing;
+/// when the turn is confirmed with the same words it becomes the reply: what it produced
+/// is spoken at once, its first token (which came before the end of turn) counts as 0 ms,
+/// and the rest streams as usual.
+#[test]
+fn a_confirmed_speculation_is_spoken_at_once() {
+    let mut s = live();
+    let fx = pause_on(&mut s, 2, "what should I train", T0 + 6_000);
+    let started = started_streams(&fx);
+    assert_eq!(started.len(), 1);
+    let (stream, last) = started[0].clone();
+    assert_eq!(last, "what should I train");
+    assert_eq!(s.active_stream(), None, "nothing is the turn's reply yet");
+    let fx = s.handle(llm_delta(stream, "Legs, ", 250), T0 + 6_250);
+    assert!(
+        sent(&fx).is_empty(),
+        "a speculation is never spoken before the turn"
+    );
+    let fx = user_says(&mut s, 3, "what should I train", T0 + 6_300);
+    assert!(started_streams(&fx).is_empty(), "no second request");
+    assert_eq!(said(&fx), [(1, "Legs, ".to_string())]);
+    assert_eq!(s.active_stream(), Some(stream));
+    let fx = reply(&mut s, "bro.", vec![], T0 + 6_400);
+    assert!(sent(&fx).contains(&DoToRelay::SayEnd { turn: 1 }));
+    let line = s.conv.lines.last().expect("reply line");
+    assert_eq!(line.text, "Legs, bro.");
+    assert_eq!(line.turn, Some(1));
+    assert_eq!(
+        s.conv.latencies.iter().find(|l| l.0 == 1).and_then(|l| l.2),
+        Some(0)
+    );
+    assert_eq!(s.conv.speculation.started, 1);
+    assert_eq!(s.conv.speculation.used, 1);
+    assert_eq!(s.conv.speculation.wasted_tokens, 0);
+    assert_eq!(s.conv.llm_prompt_tokens, 10);
+}
+
+/// A speculation that finished before the turn was confirmed is whole: the reply is
+/// spoken and closed at once, with its exact usage.
+#[test]
+fn a_finished_speculation_is_the_whole_reply() {
+    let mut s = live();
+    let fx = pause_on(&mut s, 2, "hi", T0 + 6_000);
+    let stream = started_streams(&fx)[0].0;
+    s.handle(llm_delta(stream, "Hey!", 250), T0 + 6_250);
+    s.handle(
+        Event::Llm(LlmEvent::Done {
+            stream,
+            prompt_tokens: 42,
+            completion_tokens: 2,
+            tool_calls: vec![],
+        }),
+        T0 + 6_260,
+    );
+    assert!(s.spec.is_some());
+    let fx = user_says(&mut s, 3, "hi", T0 + 6_300);
+    assert_eq!(said(&fx), [(1, "Hey!".to_string())]);
+    assert!(sent(&fx).contains(&DoToRelay::SayEnd { turn: 1 }));
+    assert!(s.llm.is_none() && s.spec.is_none());
+    assert_eq!(s.conv.llm_prompt_tokens, 42);
+    assert_eq!(s.conv.llm_completion_tokens, 2);
+}
+
+/// Other words, the caller speaking on, or a changed conversation void a speculation:
+/// its stream is cancelled, what it cost is counted, and none of it is ever spoken.
+#[test]
+fn a_void_speculation_is_cancelled_counted_and_never_spoken() {
+    // The confirmed turn has more words.
+    let mut s = live();
+    let fx = pause_on(&mut s, 2, "so", T0 + 6_000);
+    let first = started_streams(&fx)[0].0;
+    s.handle(llm_delta(first, "So what?", 250), T0 + 6_250);
+    let fx = user_says(&mut s, 3, "so legs today", T0 + 6_800);
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::CancelLlm { stream } if *stream == first)
+    ));
+    let started = started_streams(&fx);
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].1, "so legs today");
+    assert!(said(&fx).is_empty());
+    let wasted = s.conv.speculation.wasted_tokens;
+    assert!(wasted > 0);
+    assert_eq!(
+        s.conv.llm_prompt_tokens + s.conv.llm_completion_tokens,
+        wasted
+    );
+    // Late deltas of the cancelled stream go nowhere.
+    let fx = s.handle(llm_delta(first, "late", 300), T0 + 6_900);
+    assert!(said(&fx).is_empty());
+
+    // The caller spoke again: the relay drops it.
+    let mut s = live();
+    let fx = pause_on(&mut s, 2, "so", T0 + 6_000);
+    let stream = started_streams(&fx)[0].0;
+    let fx = s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(3, RelayToDo::DropSpeculation),
+        },
+        T0 + 6_100,
+    );
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
+    ));
+    assert!(s.spec.is_none());
+    assert_eq!(s.conv.speculation.started, 1);
+    assert_eq!(s.conv.speculation.used, 0);
+
+    // The same words, but the conversation changed meanwhile (the greeting was cut
+    // short after the speculation began): the prompt would differ.
+    let mut s = live();
+    let fx = pause_on(&mut s, 2, "hi", T0 + 6_000);
+    let stream = started_streams(&fx)[0].0;
+    s.handle(
+        Event::RelayFrame {
+            conn: 0,
+            frame: frame(
+                3,
+                RelayToDo::Interrupted {
+                    turn: 0,
+                    heard_text: "Y".into(),
+                },
+            ),
+        },
+        T0 + 6_050,
+    );
+    let fx = user_says(&mut s, 4, "hi", T0 + 6_300);
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
+    ));
+    assert_eq!(started_streams(&fx).len(), 1);
+}
+
+/// No speculation while a reply streams, when switched off, or once discarded
+/// speculations have cost the call's cap; a new pause replaces the last speculation.
+#[test]
+fn speculation_only_between_replies_within_its_cap() {
+    let mut s = live();
+    user_says(&mut s, 2, "hi", T0 + 6_000);
+    assert!(started_streams(&pause_on(&mut s, 3, "and", T0 + 6_100)).is_empty());
+
+    let mut s = live();
+    s.limits.speculate = false;
+    assert!(started_streams(&pause_on(&mut s, 2, "hi", T0 + 6_000)).is_empty());
+
+    let mut s = live();
+    let first = started_streams(&pause_on(&mut s, 2, "so", T0 + 6_000))[0].0;
+    let fx = pause_on(&mut s, 3, "so legs", T0 + 6_500);
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::CancelLlm { stream } if *stream == first)
+    ));
+    assert_eq!(started_streams(&fx)[0].1, "so legs");
+
+    let mut s = live();
+    s.conv.speculation.wasted_tokens = 20_000;
+    assert!(started_streams(&pause_on(&mut s, 2, "hi", T0 + 6_000)).is_empty());
+    // The turn itself is answered as usual.
+    assert_eq!(
+        started_streams(&user_says(&mut s, 3, "hi", T0 + 6_300)).len(),
+        1
+    );
+}
+
+/// A speculation that fails is counted and dropped; the turn gets its own stream.
+#[test]
+fn a_failed_speculation_leaves_the_turn_to_a_fresh_stream() {
+    let mut s = live();
+    let stream = started_streams(&pause_on(&mut s, 2, "hi", T0 + 6_000))[0].0;
+    let fx = s.handle(
+        Event::Llm(LlmEvent::Failed {
+            stream,
+            timed_out: false,
+            message: "503".into(),
+        }),
+        T0 + 6_100,
+    );
+    assert!(sent(&fx).is_empty(), "no fallback line for a speculation");
+    assert!(s.spec.is_none());
+    assert_eq!(
+        started_streams(&user_says(&mut s, 3, "hi", T0 + 6_300)).len(),
+        1
+    );
 }
