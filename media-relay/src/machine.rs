@@ -43,10 +43,12 @@ const TTS_NO_AUDIO_MS: Ms = 5_000;
 const SPARE_KEEPALIVE_MS: Ms = 60_000;
 /// After `hang_up`, the longest the relay waits for queued speech and the goodbye.
 const HANGUP_GRACE_MS: Ms = 30_000;
-/// With speculation on: after this long of caller silence following words, the relay asks
+/// With speculation on: after this long of caller silence following voice, the relay asks
 /// Deepgram to `Finalize`, so the pause's transcript arrives now rather than at the end
 /// of endpointing, and a speculative reply can start on it.
 const FINALIZE_AFTER_QUIET_MS: Ms = 80;
+/// Voice shorter than this (a click on the line) is not worth a `Finalize`.
+const MIN_VOICE_MS: Ms = 40;
 /// Speculations per user turn at most (each pause that yields new words is one).
 const MAX_SPECULATIONS_PER_TURN: u32 = 3;
 /// Characters that end a clause when followed by whitespace.
@@ -388,10 +390,10 @@ impl OutQueue {
 struct Pause {
     /// Since when the caller has been quiet; `None` while voiced.
     quiet_since: Option<Ms>,
-    /// Words (interim or final) heard since the last end of turn.
-    words: bool,
-    /// `Finalize` was sent in this pause.
-    finalized: bool,
+    /// Since when the caller has been voiced; `None` while quiet.
+    voiced_since: Option<Ms>,
+    /// Voice ended and Deepgram has not been asked to finalize it yet.
+    finalize_due: bool,
     /// The text last sent as `speculate`, while it stands.
     speculated: Option<String>,
     /// Speculations in this turn.
@@ -529,7 +531,7 @@ impl CallState {
         if let (Some(endpointing), Some(quiet)) =
             (self.speculate_endpointing, self.pause.quiet_since)
         {
-            if self.pause.words && !self.pause.finalized {
+            if self.pause.finalize_due {
                 at(quiet + FINALIZE_AFTER_QUIET_MS);
             }
             if !self.finals.is_empty() {
@@ -719,7 +721,6 @@ impl CallState {
         let text = text.trim();
         if !text.is_empty() {
             self.last_activity = now;
-            self.pause.words = true;
             // Barge-in needs words, not just sound: VAD alone fires on coughs and line
             // noise. Interim words count once VAD saw speech start; a final transcript is
             // evidence enough on its own.
@@ -748,8 +749,7 @@ impl CallState {
             return;
         }
         // The DO holds the speculation against this turn's text; the next turn starts
-        // afresh (a pause still under way stays finalized).
-        self.pause.words = false;
+        // afresh.
         self.pause.speculated = None;
         self.pause.count = 0;
         let text = std::mem::take(&mut self.finals);
@@ -767,11 +767,14 @@ impl CallState {
 
     fn caller_voice(&mut self, voiced: bool, now: Ms, out: &mut Vec<Action>) {
         if !voiced {
+            if let Some(since) = self.pause.voiced_since.take() {
+                self.pause.finalize_due |= now.saturating_sub(since) >= MIN_VOICE_MS;
+            }
             self.pause.quiet_since.get_or_insert(now);
             return;
         }
         self.pause.quiet_since = None;
-        self.pause.finalized = false;
+        self.pause.voiced_since.get_or_insert(now);
         if self.pause.speculated.take().is_some() {
             // The turn goes on: the reply begun on the pause answers words not yet said.
             out.push(Action::ToDo(RelayToDo::DropSpeculation));
@@ -804,7 +807,7 @@ impl CallState {
     }
 
     /// The relay's own pause timing (speculation on): `Finalize` a little into a pause
-    /// that follows words, and end the turn once the pause has lasted the endpointing time
+    /// that follows voice, and end the turn once the pause has lasted the endpointing time
     /// with a final transcript in hand (Deepgram's `speech_final` never comes for audio
     /// that was finalized early).
     fn pause_timers(&mut self, now: Ms, out: &mut Vec<Action>) {
@@ -812,8 +815,8 @@ impl CallState {
         else {
             return;
         };
-        if self.pause.words && !self.pause.finalized && now >= quiet + FINALIZE_AFTER_QUIET_MS {
-            self.pause.finalized = true;
+        if self.pause.finalize_due && now >= quiet + FINALIZE_AFTER_QUIET_MS {
+            self.pause.finalize_due = false;
             out.push(Action::SttFinalize);
         }
         if !self.finals.is_empty() && now >= quiet + endpointing {

@@ -816,6 +816,9 @@ fn a_pause_is_finalized_early_offered_as_speculation_and_ends_the_turn() {
     s.handle(voice(true), 1000);
     s.handle(Event::SpeechStarted, 1010);
     assert!(s.handle(interim("what should"), 1400).is_empty());
+    // A 20 ms dip inside the sentence: a pause too short to finalize.
+    s.handle(voice(false), 1420);
+    s.handle(voice(true), 1440);
     // Quiet from 1600: nothing is due before 1680.
     assert!(s.handle(voice(false), 1600).is_empty());
     assert_eq!(s.next_wake(), Some(1680));
@@ -892,17 +895,24 @@ fn speaking_again_drops_the_speculation() {
     );
 }
 
-/// A pause with no words (a cough, a breath) asks nothing of Deepgram; a final that comes
-/// after the pause has lasted the endpointing time ends the turn at once, without a
-/// speculation; and speculations per turn are bounded.
+/// A click on the line asks nothing of Deepgram; a cough is finalized like speech, and
+/// its empty final starts nothing; a final that comes after the pause has lasted the
+/// endpointing time ends the turn at once, without a speculation; and speculations per
+/// turn are bounded.
 #[test]
-fn wordless_pauses_late_finals_and_the_speculation_bound() {
+fn clicks_coughs_late_finals_and_the_speculation_bound() {
     let mut s = speculating_call();
     s.handle(voice(true), 1000);
-    s.handle(voice(false), 1200);
+    s.handle(voice(false), 1020);
     // Only the spare context's keep-alive is due.
     assert_eq!(s.next_wake(), Some(60_000));
     assert!(s.handle(Event::Tick, 1500).is_empty());
+    s.handle(voice(true), 1600);
+    s.handle(voice(false), 1800);
+    assert_eq!(s.handle(Event::Tick, 1880), [Action::SttFinalize]);
+    assert!(to_do(&s.handle(final_words("", 1800), 1890)).is_empty());
+    assert_eq!(s.next_wake(), Some(60_000));
+    assert!(to_do(&s.handle(Event::Tick, 2100)).is_empty());
 
     s.handle(voice(true), 2000);
     s.handle(interim("hi"), 2300);

@@ -957,3 +957,96 @@ async fn the_greeting_is_synthesized_while_the_phone_rings_and_cached() {
         assert_eq!(first["interrupted"], false, "{done}");
     }
 }
+
+/// The last user message of an LLM request.
+fn last_user_message(body: &serde_json::Value) -> Option<String> {
+    body["messages"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str())
+        .map(str::to_owned)
+}
+
+/// A caller who pauses mid-sentence: the relay finalizes the pause early and the DO
+/// speculates on "so"; the caller goes on, that speculation is dropped unheard, and the
+/// pause at the end of the sentence is speculated on again and becomes the reply (one
+/// request for the whole turn, no other). The conversation replies are the fake's echo.
+#[tokio::test]
+async fn a_pause_mid_sentence_is_speculated_on_and_only_the_confirmed_reply_is_heard() {
+    let v = memory_voice();
+    let api = v.api();
+    let user = api.register_user("spec").await.unwrap();
+    let number = unique_number();
+    v.twilio.set_script(
+        number.clone(),
+        twilio::CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Say(Utterance::text("so")),
+            // Longer than the relay's 80 ms before Finalize, well short of 300 ms
+            // endpointing.
+            Step::Pause(160),
+            Step::Say(Utterance::text("what about legs today")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+    let id = api.trigger_call(&user, "brad", &number).await.unwrap();
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let fake = v
+        .twilio
+        .calls()
+        .into_iter()
+        .find(|c| c.to == number)
+        .unwrap();
+    let heard = fake.heard_text.clone();
+    assert_eq!(
+        done["call"]["status"], "completed",
+        "{done}\nheard: {heard}"
+    );
+
+    let whole = "so what about legs today";
+    let asked: Vec<String> = v
+        .cerebras
+        .requests()
+        .iter()
+        .filter_map(|r| last_user_message(&r.body))
+        .filter(|m| m == "so" || m == whole)
+        .collect();
+    assert_eq!(
+        asked,
+        ["so", whole],
+        "one speculation per pause, in order; transcript: {}",
+        done["transcript"]
+    );
+    assert!(
+        heard.contains(&format!("You said: {whole}.")),
+        "the confirmed reply was heard: {heard}"
+    );
+    assert!(
+        !heard.contains("You said: so."),
+        "the dropped speculation was never spoken: {heard}"
+    );
+    let users: Vec<&str> = done["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "user")
+        .filter_map(|t| t["text"].as_str())
+        .collect();
+    assert_eq!(users, [whole], "one turn, all of it");
+
+    // Deepgram was asked to finalize at each pause.
+    let conn = v
+        .deepgram
+        .connections()
+        .into_iter()
+        .find(|c| c.finals.iter().any(|f| f.contains("legs today")))
+        .expect("the call's Deepgram connection");
+    let finalizes = conn.controls.iter().filter(|c| *c == "Finalize").count();
+    assert!(finalizes >= 2, "controls: {:?}", conn.controls);
+}

@@ -365,15 +365,15 @@ impl CallSession {
         Ok(())
     }
 
-    /// Steps one LLM event and runs what it leads to; false once `stream` is no longer
-    /// the one the machine wants.
+    /// Steps one LLM event and runs what it leads to; false once the machine no longer
+    /// wants `stream` (neither the reply nor the speculation).
     async fn feed(&self, event: Event, stream: u32, run: &mut Run) -> ApiResult<bool> {
         let Some((effects, session)) = self.step(event).await? else {
             return Ok(false);
         };
         run.queue.extend(effects);
         self.run_queue(run).await?;
-        Ok(session.active_stream() == Some(stream))
+        Ok(session.wants_stream(stream))
     }
 }
 

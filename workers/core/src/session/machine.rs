@@ -166,6 +166,13 @@ impl Session {
         self.llm.as_ref().map(|l| l.stream)
     }
 
+    /// Whether the shell should keep reading LLM stream `stream`: the turn's reply, or
+    /// the speculation held for the next turn.
+    pub fn wants_stream(&self, stream: u32) -> bool {
+        self.active_stream() == Some(stream)
+            || self.spec.as_ref().is_some_and(|s| s.stream == stream)
+    }
+
     /// The earliest time something must happen without an outside event.
     pub fn next_wake(&self) -> Option<u64> {
         if self.is_settled() {
@@ -2095,6 +2102,7 @@ fn merge_relay_sends(out: &mut Vec<Effect>) {
 /// Identifies a prompt's conversation, to tell whether a speculation answered the same
 /// one. `DefaultHasher::new()` is the same hasher in every instance of one build, which
 /// is all a call's state ever meets (after a deploy, a mismatch only drops a speculation).
+/// 52 bits, so the DO's storage (JavaScript numbers) holds it exactly.
 fn history_fingerprint(history: &[(Speaker, String)]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -2102,5 +2110,5 @@ fn history_fingerprint(history: &[(Speaker, String)]) -> u64 {
         (*speaker as u8).hash(&mut h);
         text.hash(&mut h);
     }
-    h.finish()
+    h.finish() >> 12
 }

@@ -2343,6 +2343,7 @@ fn a_confirmed_speculation_is_spoken_at_once() {
     let (stream, last) = started[0].clone();
     assert_eq!(last, "what should I train");
     assert_eq!(s.active_stream(), None, "nothing is the turn's reply yet");
+    assert!(s.wants_stream(stream), "the shell keeps reading it");
     let fx = s.handle(llm_delta(stream, "Legs, ", 250), T0 + 6_250);
     assert!(
         sent(&fx).is_empty(),
@@ -2437,6 +2438,7 @@ fn a_void_speculation_is_cancelled_counted_and_never_spoken() {
         |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
     ));
     assert!(s.spec.is_none());
+    assert!(!s.wants_stream(stream), "the shell stops reading it");
     assert_eq!(s.conv.speculation.started, 1);
     assert_eq!(s.conv.speculation.used, 0);
 
@@ -2516,4 +2518,27 @@ fn a_failed_speculation_leaves_the_turn_to_a_fresh_stream() {
         started_streams(&user_says(&mut s, 3, "hi", T0 + 6_300)).len(),
         1
     );
+}
+
+/// Every integer in `v` is one a JavaScript number holds exactly (the DO stores the
+/// session through JS).
+fn fits_js_numbers(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().is_none_or(|u| u < (1 << 53)),
+        serde_json::Value::Array(a) => a.iter().all(fits_js_numbers),
+        serde_json::Value::Object(o) => o.values().all(fits_js_numbers),
+        _ => true,
+    }
+}
+
+/// A session holding a speculation can be stored: its fingerprint is a JS-safe number.
+#[test]
+fn a_speculating_session_stores_as_javascript_numbers() {
+    let mut s = live();
+    for (i, text) in ["hi", "what should I train today", "so"].iter().enumerate() {
+        pause_on(&mut s, 2 + i as u64, text, T0 + 6_000 + i as u64);
+        assert!(s.spec.is_some());
+        let stored = serde_json::to_value(&s).unwrap();
+        assert!(fits_js_numbers(&stored), "{stored}");
+    }
 }
