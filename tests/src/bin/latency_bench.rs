@@ -3,12 +3,13 @@
 //! realistic, configurable delays, each latency technique switched off and on in the same
 //! run (run it with `cargo xtask bench latency`).
 //!
-//! Two voice stacks are started side by side, one per setting of the technique, and the
-//! calls alternate between them one at a time (off, on, on, off, …), so the machine's
-//! noise falls on both alike and no call competes with another. Every call: the phone
-//! rings, the callee answers and waits for the greeting to end, says something, waits
-//! for the reply, says something else and interrupts the reply 600 ms into it, waits for
-//! the answer to that and hangs up.
+//! Two voice stacks are started side by side, every technique off on one and on on the
+//! other (`CALL_PREPARE_GREETING`, `CALL_SPECULATE`), and the calls alternate between
+//! them one at a time (off, on, on, off, …), so the machine's noise falls on both alike
+//! and no call competes with another. Every call: the phone rings, the callee answers and
+//! waits for the greeting to end, says "so", pauses 160 ms (a speculation the caller
+//! goes on from), says the rest of the sentence, waits for the reply, says something else
+//! and interrupts the reply 600 ms into it, waits for the answer to that and hangs up.
 //!
 //! Measured on the fake Twilio's side (`StreamRecord::timing`), so each figure includes
 //! the injected one-way media delay both ways:
@@ -16,7 +17,10 @@
 //! 2. end of the caller's speech (last speech frame sent) → first reply audio frame
 //!    received (both clean turns of every call);
 //! 3. the interrupting speech's onset → `clear` received;
-//! 4. extra LLM tokens spent on speculation (no speculation exists yet: reported as such).
+//! 4. extra LLM tokens spent on speculation: the call's LLM tokens as the Worker bills
+//!    them (its cost line), technique on minus off, medians per call. The conversations
+//!    are the same on both sides (the fake LLM echoes), so the difference is what
+//!    discarded speculations cost.
 //!
 //! A benchmark, not a test: it prints what it measured and never fails on slowness. Every
 //! wait is bounded; a call that fails is counted and its reason printed.
@@ -95,10 +99,13 @@ impl Args {
     }
 }
 
-/// What the callee does on every call.
+/// What the callee does on every call. Utterances: 0 "so", 1 the rest of that sentence
+/// (reply figure), 2 the long question (reply figure), 3 the interruption (barge-in).
 fn callee_script() -> SimScript {
     SimScript::new(vec![
         Step::WaitForPersonaToFinish { silence_ms: 800 },
+        Step::Say(Utterance::text("so")),
+        Step::Pause(160),
         Step::Say(Utterance::text("what should I train today")),
         Step::WaitForPersonaToFinish { silence_ms: 800 },
         Step::Say(Utterance::text(
@@ -115,9 +122,11 @@ fn callee_script() -> SimScript {
 #[derive(Debug, Default, Clone, PartialEq)]
 struct CallFigures {
     greeting_ms: Option<f64>,
-    /// One per clean turn (the first two utterances).
+    /// One per clean turn (utterances 1 and 2).
     reply_ms: Vec<f64>,
     barge_in_ms: Option<f64>,
+    /// LLM tokens billed for the call (prompt + completion, the Worker's cost line).
+    llm_tokens: Option<f64>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -134,10 +143,11 @@ fn figures(stream: &StreamRecord) -> CallFigures {
     let reply_ms = t
         .utterances
         .iter()
+        .skip(1)
         .take(2)
         .filter_map(|u| Some(ms(u.first_media_after?.saturating_duration_since(u.ended?))))
         .collect();
-    let barge_in_ms = t.utterances.get(2).and_then(|u| {
+    let barge_in_ms = t.utterances.get(3).and_then(|u| {
         let clear = t.clears.iter().find(|c| **c >= u.started)?;
         Some(ms(clear.saturating_duration_since(u.started)))
     });
@@ -145,7 +155,17 @@ fn figures(stream: &StreamRecord) -> CallFigures {
         greeting_ms,
         reply_ms,
         barge_in_ms,
+        llm_tokens: None,
     }
+}
+
+/// The LLM tokens on a settled call's cost breakdown.
+fn llm_tokens(view: &serde_json::Value) -> Option<f64> {
+    view["costs"]["providers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["provider"] == "llm")?["quantity"]
+        .as_f64()
 }
 
 /// One voice stack and what the run measured on it.
@@ -161,8 +181,11 @@ struct Side {
 }
 
 impl Side {
-    fn start(label: &'static str, prepare: bool, delays: &ProviderDelays) -> Result<Side> {
-        let vars = BTreeMap::from([("CALL_PREPARE_GREETING".to_owned(), prepare.to_string())]);
+    fn start(label: &'static str, on: bool, delays: &ProviderDelays) -> Result<Side> {
+        let vars = BTreeMap::from([
+            ("CALL_PREPARE_GREETING".to_owned(), on.to_string()),
+            ("CALL_SPECULATE".to_owned(), on.to_string()),
+        ]);
         eprintln!("latency-bench: starting the stack with the technique {label} …");
         // VoiceStack panics when a service does not come up; report it as an error.
         let delays = delays.clone();
@@ -188,11 +211,12 @@ impl Side {
         match self.try_call(rings, timeout).await {
             Ok(f) => {
                 eprintln!(
-                    "latency-bench: {} call {n}: greeting {} ms, replies {:?} ms, barge-in {} ms",
+                    "latency-bench: {} call {n}: greeting {} ms, replies {:?} ms, barge-in {} ms, LLM tokens {}",
                     self.label,
                     fmt_opt(f.greeting_ms),
                     f.reply_ms.iter().map(|v| v.round()).collect::<Vec<_>>(),
-                    fmt_opt(f.barge_in_ms)
+                    fmt_opt(f.barge_in_ms),
+                    fmt_opt(f.llm_tokens)
                 );
                 self.calls.push(f);
             }
@@ -216,7 +240,7 @@ impl Side {
                 duration_override_secs: None,
             }),
         );
-        self.api.trigger_call(&user, PERSONA, &number).await?;
+        let id = self.api.trigger_call(&user, PERSONA, &number).await?;
         let sid = loop {
             if let Some(c) = self
                 .stack
@@ -245,7 +269,12 @@ impl Side {
             .streams
             .first()
             .with_context(|| format!("call {sid} ({:?}) had no media stream", record.status))?;
-        let f = figures(stream);
+        let mut f = figures(stream);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        f.llm_tokens = match self.api.wait_settled(&user, &id, left).await {
+            Ok(view) => llm_tokens(&view),
+            Err(_) => None,
+        };
         let mut missing = Vec::new();
         if f.greeting_ms.is_none() {
             missing.push("greeting audio");
@@ -255,6 +284,9 @@ impl Side {
         }
         if f.barge_in_ms.is_none() {
             missing.push("a clear after the interruption");
+        }
+        if f.llm_tokens.is_none() {
+            missing.push("LLM cost line");
         }
         if !missing.is_empty() {
             // Its figures still count where it has them; the call is reported as failed.
@@ -317,6 +349,7 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
     let reply =
         |s: &Side| -> Vec<f64> { s.calls.iter().flat_map(|c| c.reply_ms.clone()).collect() };
     let barge = |s: &Side| -> Vec<f64> { s.calls.iter().filter_map(|c| c.barge_in_ms).collect() };
+    let tokens = |s: &Side| -> Vec<f64> { s.calls.iter().filter_map(|c| c.llm_tokens).collect() };
     let endpointing = if args.endpointing_ms == relay_endpointing_ms() {
         format!("{} ms (the relay's own query value)", args.endpointing_ms)
     } else {
@@ -362,7 +395,11 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
         on.failures.len()
     );
     println!();
-    println!("technique: greeting staged while the phone rings (CALL_PREPARE_GREETING)");
+    println!("techniques: off = CALL_PREPARE_GREETING=false CALL_SPECULATE=false; on = both true");
+    println!(
+        "  figure 1: the greeting staged while the phone rings; 2 and 4: speculative replies;"
+    );
+    println!("  3: barge-in (no faster barge-in technique yet: the same rule on both sides)");
     println!(
         "  {:<52} {:>22} {:>22} {:>10}",
         "figure, ms (p50 / p95)", "off", "on", "Δ p50"
@@ -387,18 +424,25 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
         reply(on),
     );
     row("3. barge-in onset → clear", barge(off), barge(on));
+    row(
+        "LLM tokens per call (prompt + completion, billed)",
+        tokens(off),
+        tokens(on),
+    );
     println!(
         "  {:<52} {:>22} {:>22} {:>10}",
-        "4. extra LLM tokens spent on speculation", "0", "0", "-"
+        "4. extra LLM tokens spent on speculation, per call",
+        "",
+        "",
+        delta(&tokens(off), &tokens(on))
     );
     println!(
         "  relay greeting outcomes: off: {}; on: {}",
         outcomes[0], outcomes[1]
     );
-    println!();
-    println!("technique: speculative reply (figures 2 and 4)      not implemented");
-    println!("technique: faster barge-in (figure 3)               not implemented");
-    println!("  figure 4 is 0 because no technique speculates yet: technique not implemented");
+    println!(
+        "  the script pauses 160 ms after \"so\": on, that pause is speculated on and dropped every call"
+    );
     for side in [off, on] {
         for f in &side.failures {
             println!("failed ({}): {f}", side.label);
@@ -448,8 +492,8 @@ mod tests {
     }
 
     /// Figures come from the right moments: the greeting from `start`, replies from the
-    /// end of the first two utterances, the barge-in from the third's onset to the first
-    /// clear after it (an earlier clear does not count).
+    /// end of utterances 1 and 2, the barge-in from the fourth's onset to the first clear
+    /// after it (an earlier clear does not count).
     #[test]
     fn figures_from_timing() {
         let t0 = Instant::now();
@@ -464,6 +508,7 @@ mod tests {
                 start_sent: Some(t0),
                 first_media: Some(at(t0, 180)),
                 utterances: vec![
+                    utterance(2_000, 2_100, None),
                     utterance(3_000, 4_000, Some(4_900)),
                     utterance(8_000, 9_000, Some(9_800)),
                     utterance(10_500, 11_000, None),
@@ -486,6 +531,17 @@ mod tests {
         assert_eq!(cell(&[]), "- (n=0)");
         assert_eq!(delta(&[], &[1.0]), "-");
         assert_eq!(delta(&[100.0], &[40.0]), "-60");
+    }
+
+    /// The LLM tokens are read off the cost breakdown's `llm` line, and nothing else.
+    #[test]
+    fn llm_tokens_from_the_cost_line() {
+        let view = serde_json::json!({"costs": {"providers": [
+            {"provider": "twilio", "quantity": 2.0},
+            {"provider": "llm", "quantity": 1234.0},
+        ]}});
+        assert_eq!(llm_tokens(&view), Some(1234.0));
+        assert_eq!(llm_tokens(&serde_json::json!({"costs": {"providers": []}})), None);
     }
 
     /// Defaults are the brief's delays; the relay's own endpointing is not overridden.
