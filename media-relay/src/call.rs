@@ -30,7 +30,7 @@ use crate::state::{AppState, CallSlot};
 use crate::stt::{self, AudioFrame, SttIn, SttOut, SttProbes};
 use crate::tts::{self, TtsLink, TtsOut};
 use crate::twilio::{self, StartInfo, TwilioEvent};
-use crate::vad::Vad;
+use crate::vad::{self, Vad};
 use crate::{deepgram, elevenlabs};
 
 /// Twilio sends `connected` then `start` right away; anything slower is not Twilio.
@@ -257,6 +257,7 @@ impl Call<'_> {
                 max_duration_secs,
                 idle_timeout_secs,
                 speculate,
+                fast_barge_in,
                 ..
             } => {
                 if self.tts.is_none() {
@@ -290,6 +291,7 @@ impl Call<'_> {
                     max_duration_secs,
                     idle_timeout_secs,
                     speculate_endpointing_ms: speculate.then_some(stt.endpointing_ms),
+                    fast_barge_in,
                 }
             }
             DoToRelay::SayDelta { turn, text } => Event::SayDelta { turn, text },
@@ -319,7 +321,9 @@ impl Call<'_> {
                     return Ok(None);
                 };
                 self.stt_audio_bytes += data.len() as u64;
-                let voice = self.vad.push(&data);
+                let changed = self.vad.push(&data).is_some();
+                let analysis = self.machine.watches_barge_in().then(|| vad::analyse(&data));
+                let report = changed || self.machine.wants_caller_audio();
                 let frame = AudioFrame { read_at, data };
                 if self.audio_tx.try_send(SttIn::Audio(frame)).is_err() {
                     // Deepgram's task buffers 5 s itself; a full queue means it is stuck.
@@ -328,7 +332,10 @@ impl Call<'_> {
                         "audio queue full; dropping a caller frame"
                     );
                 }
-                voice.map(|voiced| Event::CallerVoice { voiced })
+                report.then_some(Event::CallerAudio {
+                    voiced: self.vad.voiced(),
+                    analysis,
+                })
             }
             TwilioEvent::Mark { name } => Some(Event::Mark { name }),
             TwilioEvent::Dtmf { digit } => Some(Event::Dtmf { digit }),

@@ -17,6 +17,8 @@ use std::collections::VecDeque;
 
 use cmb_core::channel::RelayToDo;
 
+use crate::vad::{self, FrameAnalysis};
+
 /// Milliseconds since the Twilio stream started.
 pub type Ms = u64;
 
@@ -51,6 +53,17 @@ const FINALIZE_AFTER_QUIET_MS: Ms = 80;
 const MIN_VOICE_MS: Ms = 40;
 /// Speculations per user turn at most (each pause that yields new words is one).
 const MAX_SPECULATIONS_PER_TURN: u32 = 3;
+/// Fast barge-in: voice-like caller audio, above the echo level, for this long (with
+/// Deepgram's `SpeechStarted`) clears the persona without waiting for words.
+const BARGE_CONFIRM_MS: Ms = 120;
+/// Caller audio within this many dB under what the persona played is taken for its echo.
+const ECHO_MARGIN_DB: f64 = 10.0;
+/// What the persona played this recently can be echoing back now (the line's round trip
+/// and Twilio's buffer).
+const ECHO_WINDOW_MS: Ms = 500;
+/// Words whose audio ended this soon after the persona's last audio played may be its
+/// echo's tail (the line's round trip), not the caller's answer.
+const ECHO_TAIL_MS: Ms = 200;
 /// Characters that end a clause when followed by whitespace.
 const CLAUSE_ENDS: &[char] = &['.', '!', '?', ',', ';', ':'];
 
@@ -65,9 +78,16 @@ pub enum Event {
         /// `Some(endpointing)` when the DO speculates: the relay then ends a turn itself
         /// once the caller has been quiet this long after a final transcript.
         speculate_endpointing_ms: Option<u32>,
+        /// Barge in on confirmed voice, not only on words, and tell echo from the caller.
+        fast_barge_in: bool,
     },
-    /// The caller's audio turned voiced (`true`) or quiet (`vad.rs`, per frame).
-    CallerVoice { voiced: bool },
+    /// One caller frame's worth of what `vad.rs` found, sent when its voice activity
+    /// changed and for every frame while [`CallState::wants_caller_audio`]: whether it
+    /// is voiced, and, while [`CallState::watches_barge_in`], its analysis.
+    CallerAudio {
+        voiced: bool,
+        analysis: Option<FrameAnalysis>,
+    },
     /// The greeting's audio, synthesized while the phone rang (`greeting.rs`), given at
     /// Twilio's `start` so it plays before `hello` arrives. It has no alignment, so the
     /// whole greeting is one clause with one mark at its end. `billed_chars` counts the
@@ -388,8 +408,9 @@ impl OutQueue {
 /// Deepgram's words.
 #[derive(Debug, Default)]
 struct Pause {
-    /// Since when the caller has been quiet; `None` while voiced.
-    quiet_since: Option<Ms>,
+    /// How long the caller has been quiet, in audio (20 ms per quiet frame: a stall in
+    /// delivery is not a pause); `None` while voiced.
+    quiet_ms: Option<Ms>,
     /// Since when the caller has been voiced; `None` while quiet.
     voiced_since: Option<Ms>,
     /// Voice ended and Deepgram has not been asked to finalize it yet.
@@ -398,6 +419,37 @@ struct Pause {
     speculated: Option<String>,
     /// Speculations in this turn.
     count: u32,
+}
+
+/// Evidence for a fast barge-in while the persona speaks.
+#[derive(Debug, Default)]
+struct Barge {
+    /// Consecutive voice-like caller audio above the echo level.
+    run_ms: Ms,
+    /// Some of the caller's voice above the echo level since the last barge-in or turn:
+    /// words Deepgram finds now are the caller's, not the persona's echo.
+    above_echo: bool,
+    /// Mean power of the frames the persona played, by when each began to play.
+    played: VecDeque<(Ms, u64)>,
+    /// When the last of the persona's audio sent so far ends playing.
+    played_until: Ms,
+}
+
+impl Barge {
+    /// The loudest the persona was in the echo window before `now` (0: silent).
+    fn persona_power(&self, now: Ms) -> u64 {
+        self.played
+            .iter()
+            .filter(|(at, _)| *at <= now && at + ECHO_WINDOW_MS >= now)
+            .map(|(_, p)| *p)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn reset(&mut self) {
+        self.run_ms = 0;
+        self.above_echo = false;
+    }
 }
 
 /// The call's state. See the module docs.
@@ -416,6 +468,8 @@ pub struct CallState {
     /// Endpointing, when the DO speculates (see `Event::Hello`).
     speculate_endpointing: Option<Ms>,
     pause: Pause,
+    fast_barge_in: bool,
+    barge: Barge,
     utterances: VecDeque<Utterance>,
     next_ctx: u32,
     /// Pre-opened context for the next reply, and when it was last touched.
@@ -450,9 +504,11 @@ impl CallState {
                 max_duration_secs,
                 idle_timeout_secs,
                 speculate_endpointing_ms,
+                fast_barge_in,
             } => {
                 if !self.live {
                     self.speculate_endpointing = speculate_endpointing_ms.map(Ms::from);
+                    self.fast_barge_in = fast_barge_in;
                 }
                 self.hello(
                     &greeting,
@@ -462,7 +518,12 @@ impl CallState {
                     &mut out,
                 );
             }
-            Event::CallerVoice { voiced } => self.caller_voice(voiced, now, &mut out),
+            Event::CallerAudio { voiced, analysis } => {
+                self.caller_voice(voiced, now, &mut out);
+                if let Some(a) = analysis {
+                    self.caller_frame(a, now, &mut out);
+                }
+            }
             Event::StagedGreeting {
                 text,
                 audio,
@@ -496,7 +557,6 @@ impl CallState {
             Event::Dtmf { digit } => out.push(Action::ToDo(RelayToDo::Dtmf { digit })),
             Event::Tick => {}
         }
-        self.pause_timers(now, &mut out);
         self.pump(now, &mut out);
         out
     }
@@ -528,16 +588,6 @@ impl CallState {
         if let Some((_, deadline)) = &self.hangup {
             at(*deadline);
         }
-        if let (Some(endpointing), Some(quiet)) =
-            (self.speculate_endpointing, self.pause.quiet_since)
-        {
-            if self.pause.finalize_due {
-                at(quiet + FINALIZE_AFTER_QUIET_MS);
-            }
-            if !self.finals.is_empty() {
-                at(quiet + endpointing);
-            }
-        }
         wake
     }
 
@@ -559,6 +609,23 @@ impl CallState {
     /// True once `Hangup` was emitted.
     pub fn is_ended(&self) -> bool {
         self.ended
+    }
+
+    /// Whether every caller frame should be reported (not only changes of voice): a pause
+    /// is being timed (speculation on, up to the endpointing time: a final arriving
+    /// after that ends the turn at once), or barge-in is watched.
+    pub fn wants_caller_audio(&self) -> bool {
+        let timing = match (self.speculate_endpointing, self.pause.quiet_ms) {
+            (Some(endpointing), Some(quiet)) => quiet < endpointing,
+            _ => false,
+        };
+        timing || self.watches_barge_in()
+    }
+
+    /// Whether caller frames should come with their analysis: the persona is speaking and
+    /// a fast barge-in could stop it.
+    pub fn watches_barge_in(&self) -> bool {
+        self.fast_barge_in && self.live && self.hangup.is_none() && self.persona_active()
     }
 
     /// Persona audio is queued, playing, or being generated.
@@ -724,6 +791,15 @@ impl CallState {
             // Barge-in needs words, not just sound: VAD alone fires on coughs and line
             // noise. Interim words count once VAD saw speech start; a final transcript is
             // evidence enough on its own.
+            // With fast barge-in, words heard during the persona's speech (or its echo's
+            // tail) count only if some of the caller's voice was louder than its echo:
+            // otherwise they are the echo.
+            let overlapped = self.persona_active()
+                || audio_end_ms.is_some_and(|end| end <= self.barge.played_until + ECHO_TAIL_MS);
+            let echo = self.fast_barge_in && overlapped && !self.barge.above_echo;
+            if echo {
+                return;
+            }
             if self.persona_active() && self.hangup.is_none() && (self.barge_armed || is_final) {
                 self.barge_in(now, out);
             }
@@ -745,6 +821,7 @@ impl CallState {
 
     fn end_of_turn(&mut self, audio_end: Option<Ms>, now: Ms, out: &mut Vec<Action>) {
         self.barge_armed = false;
+        self.barge.reset();
         if self.finals.is_empty() {
             return;
         }
@@ -770,10 +847,11 @@ impl CallState {
             if let Some(since) = self.pause.voiced_since.take() {
                 self.pause.finalize_due |= now.saturating_sub(since) >= MIN_VOICE_MS;
             }
-            self.pause.quiet_since.get_or_insert(now);
-            return;
+            let quiet = self.pause.quiet_ms.unwrap_or(0) + FRAME_MS;
+            self.pause.quiet_ms = Some(quiet);
+            return self.pause_timers(quiet, now, out);
         }
-        self.pause.quiet_since = None;
+        self.pause.quiet_ms = None;
         self.pause.voiced_since.get_or_insert(now);
         if self.pause.speculated.take().is_some() {
             // The turn goes on: the reply begun on the pause answers words not yet said.
@@ -781,15 +859,39 @@ impl CallState {
         }
     }
 
+    /// A caller frame while the persona speaks: voice-like audio louder than the persona's
+    /// echo, held for `BARGE_CONFIRM_MS` once Deepgram's VAD agrees, is the caller
+    /// talking over it.
+    fn caller_frame(&mut self, a: FrameAnalysis, now: Ms, out: &mut Vec<Action>) {
+        if !self.fast_barge_in {
+            return;
+        }
+        let persona = vad::dbfs(self.barge.persona_power(now));
+        let level = vad::dbfs(a.power);
+        let voice = a.voice_like && level >= vad::VOICE_DBFS && level >= persona - ECHO_MARGIN_DB;
+        self.barge.above_echo |= voice;
+        self.barge.run_ms = match voice {
+            true => self.barge.run_ms + FRAME_MS,
+            false => 0,
+        };
+        if self.barge_armed
+            && self.barge.run_ms >= BARGE_CONFIRM_MS
+            && self.hangup.is_none()
+            && self.persona_active()
+        {
+            self.barge_in(now, out);
+        }
+    }
+
     /// With speculation on, during a pause: a final transcript is offered to the DO as a
     /// speculation (when it is news), and a pause that has lasted the endpointing time
     /// ends the turn.
     fn speculate(&mut self, now: Ms, out: &mut Vec<Action>) {
-        let (Some(endpointing), Some(quiet)) = (self.speculate_endpointing, self.pause.quiet_since)
+        let (Some(endpointing), Some(quiet)) = (self.speculate_endpointing, self.pause.quiet_ms)
         else {
             return;
         };
-        if now >= quiet + endpointing {
+        if quiet >= endpointing {
             return self.end_of_turn(self.last_final_end, now, out);
         }
         let news = self.pause.speculated.as_deref() != Some(self.finals.as_str());
@@ -810,16 +912,15 @@ impl CallState {
     /// that follows voice, and end the turn once the pause has lasted the endpointing time
     /// with a final transcript in hand (Deepgram's `speech_final` never comes for audio
     /// that was finalized early).
-    fn pause_timers(&mut self, now: Ms, out: &mut Vec<Action>) {
-        let (Some(endpointing), Some(quiet)) = (self.speculate_endpointing, self.pause.quiet_since)
-        else {
+    fn pause_timers(&mut self, quiet: Ms, now: Ms, out: &mut Vec<Action>) {
+        let Some(endpointing) = self.speculate_endpointing else {
             return;
         };
-        if self.pause.finalize_due && now >= quiet + FINALIZE_AFTER_QUIET_MS {
+        if self.pause.finalize_due && quiet >= FINALIZE_AFTER_QUIET_MS {
             self.pause.finalize_due = false;
             out.push(Action::SttFinalize);
         }
-        if !self.finals.is_empty() && now >= quiet + endpointing {
+        if !self.finals.is_empty() && quiet >= endpointing {
             self.end_of_turn(self.last_final_end, now, out);
         }
     }
@@ -827,6 +928,11 @@ impl CallState {
     /// The caller talks over the persona: stop it everywhere and report what was heard.
     fn barge_in(&mut self, now: Ms, out: &mut Vec<Action>) {
         out.push(Action::Clear);
+        // What the persona played stays evidence of itself (the word rule), but nothing
+        // queued after this point will play.
+        self.barge.run_ms = 0;
+        self.barge.played.retain(|(at, _)| *at <= now);
+        self.barge.played_until = self.barge.played_until.min(now);
         for u in self.utterances.drain(..) {
             if !u.server_closed {
                 out.push(Action::Tts(TtsCommand::Close { ctx: u.ctx }));
@@ -1092,8 +1198,17 @@ impl CallState {
             }
             // n ≤ 160 fits u8.
             frame.len = u8::try_from(n).unwrap_or(u8::MAX);
+            // Kept from the first frame (a staged greeting plays before `hello` says
+            // whether barge-in is fast): its echo is what must not interrupt it.
+            if self.barge.played.len() >= 64 {
+                self.barge.played.pop_front();
+            }
+            self.barge
+                .played
+                .push_back((q.play_cursor, vad::mean_power(frame.bytes())));
             q.sent += n as u64;
             q.play_cursor += (n as u64).div_ceil(BYTES_PER_MS);
+            self.barge.played_until = q.play_cursor;
             out.push(Action::Media(frame));
         }
         if q.audio.is_empty() {

@@ -8,6 +8,7 @@ fn hello(greeting: &str) -> Event {
         max_duration_secs: 0,
         idle_timeout_secs: 0,
         speculate_endpointing_ms: None,
+        fast_barge_in: false,
     }
 }
 
@@ -519,6 +520,7 @@ fn idle_and_max_duration() {
             max_duration_secs: 60,
             idle_timeout_secs: 10,
             speculate_endpointing_ms: None,
+            fast_barge_in: false,
         },
         0,
     );
@@ -539,6 +541,7 @@ fn idle_and_max_duration() {
             max_duration_secs: 30,
             idle_timeout_secs: 0,
             speculate_endpointing_ms: None,
+            fast_barge_in: false,
         },
         0,
     );
@@ -788,6 +791,7 @@ fn speculating_call() -> CallState {
             max_duration_secs: 0,
             idle_timeout_secs: 0,
             speculate_endpointing_ms: Some(300),
+            fast_barge_in: false,
         },
         0,
     );
@@ -804,12 +808,40 @@ fn final_words(text: &str, audio_end_ms: Ms) -> Event {
 }
 
 fn voice(voiced: bool) -> Event {
-    Event::CallerVoice { voiced }
+    Event::CallerAudio {
+        voiced,
+        analysis: None,
+    }
 }
 
-/// With speculation on: 80 ms into a pause after words the relay asks Deepgram to
-/// finalize; the final is offered to the DO as a speculation at once, and the turn ends
-/// when the pause has lasted the endpointing time, with the same text.
+/// `n` quiet caller frames from `from`, 20 ms apart, as the call loop reports them (each
+/// one while the machine wants them, else only the first): the actions, with when.
+fn quiet(s: &mut CallState, from: Ms, n: u64) -> Vec<(Ms, Action)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let t = from + i * 20;
+        if i > 0 && !s.wants_caller_audio() {
+            continue;
+        }
+        out.extend(s.handle(voice(false), t).into_iter().map(|a| (t, a)));
+    }
+    out
+}
+
+fn turns(actions: &[(Ms, Action)]) -> Vec<(Ms, &RelayToDo)> {
+    actions
+        .iter()
+        .filter_map(|(t, a)| match a {
+            Action::ToDo(m) => Some((*t, m)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// With speculation on: 80 ms of quiet audio into a pause after voice, the relay asks
+/// Deepgram to finalize; the final is offered to the DO as a speculation at once, and
+/// the turn ends when the pause has lasted the endpointing time, with the same text.
+/// Pauses are counted in audio frames, so frames arriving late do not lengthen them.
 #[test]
 fn a_pause_is_finalized_early_offered_as_speculation_and_ends_the_turn() {
     let mut s = speculating_call();
@@ -817,32 +849,34 @@ fn a_pause_is_finalized_early_offered_as_speculation_and_ends_the_turn() {
     s.handle(Event::SpeechStarted, 1010);
     assert!(s.handle(interim("what should"), 1400).is_empty());
     // A 20 ms dip inside the sentence: a pause too short to finalize.
-    s.handle(voice(false), 1420);
+    assert!(quiet(&mut s, 1420, 1).is_empty());
     s.handle(voice(true), 1440);
-    // Quiet from 1600: nothing is due before 1680.
-    assert!(s.handle(voice(false), 1600).is_empty());
-    assert_eq!(s.next_wake(), Some(1680));
-    assert!(s.handle(Event::Tick, 1679).is_empty());
-    assert_eq!(s.handle(Event::Tick, 1680), [Action::SttFinalize]);
-    // Once per pause.
-    assert!(s.handle(Event::Tick, 1700).is_empty());
-    let a = s.handle(final_words("what should I train", 1600), 1690);
+    assert!(!s.wants_caller_audio(), "voiced: only changes are reported");
+    // Quiet from 1600: the fourth quiet frame asks for Finalize, once.
+    let a = quiet(&mut s, 1600, 4);
+    assert_eq!(a, [(1660, Action::SttFinalize)]);
+    assert!(s.wants_caller_audio());
+    // Deepgram is slow, and the frames come late: audio time is what counts.
+    let a = s.handle(final_words("what should I train", 1600), 1900);
     assert_eq!(
         to_do(&a),
         [&RelayToDo::Speculate {
             text: "what should I train".into()
         }]
     );
-    assert_eq!(s.next_wake(), Some(1900));
-    let a = s.handle(Event::Tick, 1900);
+    let a = quiet(&mut s, 2000, 11);
     assert_eq!(
-        to_do(&a),
-        [&RelayToDo::UserTurn {
-            text: "what should I train".into(),
-            stt_final_ms: 300,
-            end_of_turn_at_ms: 1900
-        }]
+        turns(&a),
+        [(
+            2200,
+            &RelayToDo::UserTurn {
+                text: "what should I train".into(),
+                stt_final_ms: 600,
+                end_of_turn_at_ms: 2200
+            }
+        )]
     );
+    assert!(!s.wants_caller_audio(), "nothing left to time");
     // Deepgram's own endpointing later has nothing left to send.
     let late = Event::Transcript {
         text: String::new(),
@@ -850,9 +884,7 @@ fn a_pause_is_finalized_early_offered_as_speculation_and_ends_the_turn() {
         speech_final: true,
         audio_end_ms: Some(1600),
     };
-    assert!(to_do(&s.handle(late, 1950)).is_empty());
-    // Only the spare context's keep-alive is due.
-    assert_eq!(s.next_wake(), Some(60_000));
+    assert!(to_do(&s.handle(late, 2300)).is_empty());
 }
 
 /// The caller speaks again before the pause ends the turn: the speculation is dropped,
@@ -862,21 +894,17 @@ fn speaking_again_drops_the_speculation() {
     let mut s = speculating_call();
     s.handle(voice(true), 1000);
     s.handle(interim("so"), 1200);
-    s.handle(voice(false), 1300);
-    assert_eq!(s.handle(Event::Tick, 1380), [Action::SttFinalize]);
+    assert_eq!(quiet(&mut s, 1300, 4), [(1360, Action::SttFinalize)]);
     s.handle(final_words("so", 1300), 1390);
     assert_eq!(
         to_do(&s.handle(voice(true), 1450)),
         [&RelayToDo::DropSpeculation]
     );
-    // No pause, no timers; speaking is not dropped twice.
-    // Only the spare context's keep-alive is due.
-    assert_eq!(s.next_wake(), Some(60_000));
-    s.handle(voice(false), 1460);
+    // Dropped once only.
+    quiet(&mut s, 1460, 1);
     assert!(to_do(&s.handle(voice(true), 1480)).is_empty());
     s.handle(interim("legs today"), 1800);
-    s.handle(voice(false), 2000);
-    assert_eq!(s.handle(Event::Tick, 2080), [Action::SttFinalize]);
+    assert_eq!(quiet(&mut s, 2000, 4), [(2060, Action::SttFinalize)]);
     let a = s.handle(final_words("legs today", 2000), 2090);
     assert_eq!(
         to_do(&a),
@@ -884,14 +912,17 @@ fn speaking_again_drops_the_speculation() {
             text: "so legs today".into()
         }]
     );
-    let a = s.handle(Event::Tick, 2300);
+    let a = quiet(&mut s, 2080, 20);
     assert_eq!(
-        to_do(&a),
-        [&RelayToDo::UserTurn {
-            text: "so legs today".into(),
-            stt_final_ms: 300,
-            end_of_turn_at_ms: 2300
-        }]
+        turns(&a),
+        [(
+            2280,
+            &RelayToDo::UserTurn {
+                text: "so legs today".into(),
+                stt_final_ms: 280,
+                end_of_turn_at_ms: 2280
+            }
+        )]
     );
 }
 
@@ -903,21 +934,19 @@ fn speaking_again_drops_the_speculation() {
 fn clicks_coughs_late_finals_and_the_speculation_bound() {
     let mut s = speculating_call();
     s.handle(voice(true), 1000);
-    s.handle(voice(false), 1020);
-    // Only the spare context's keep-alive is due.
-    assert_eq!(s.next_wake(), Some(60_000));
-    assert!(s.handle(Event::Tick, 1500).is_empty());
+    assert!(quiet(&mut s, 1020, 20).is_empty(), "a 20 ms click");
     s.handle(voice(true), 1600);
-    s.handle(voice(false), 1800);
-    assert_eq!(s.handle(Event::Tick, 1880), [Action::SttFinalize]);
+    assert_eq!(quiet(&mut s, 1800, 4), [(1860, Action::SttFinalize)]);
     assert!(to_do(&s.handle(final_words("", 1800), 1890)).is_empty());
-    assert_eq!(s.next_wake(), Some(60_000));
-    assert!(to_do(&s.handle(Event::Tick, 2100)).is_empty());
+    assert!(quiet(&mut s, 1880, 20).is_empty());
+    assert!(
+        !s.wants_caller_audio(),
+        "the pause has lasted the endpointing time"
+    );
 
     s.handle(voice(true), 2000);
     s.handle(interim("hi"), 2300);
-    s.handle(voice(false), 2400);
-    assert_eq!(s.handle(Event::Tick, 2480), [Action::SttFinalize]);
+    quiet(&mut s, 2400, 16);
     // Deepgram was slow: the pause already lasted 300 ms.
     let a = s.handle(final_words("hi", 2400), 2750);
     assert_eq!(
@@ -934,8 +963,7 @@ fn clicks_coughs_late_finals_and_the_speculation_bound() {
         let t = 4000 + i * 400;
         s.handle(voice(true), t);
         s.handle(interim("word"), t + 50);
-        s.handle(voice(false), t + 100);
-        s.handle(Event::Tick, t + 180);
+        quiet(&mut s, t + 100, 4);
         let a = s.handle(final_words("word", t + 100), t + 190);
         offered += to_do(&a)
             .iter()
@@ -952,11 +980,158 @@ fn without_speculation_pauses_are_deepgrams_to_judge() {
     let mut s = idle_call();
     s.handle(voice(true), 1000);
     s.handle(interim("what"), 1200);
-    s.handle(voice(false), 1300);
-    // Only the spare context's keep-alive is due.
-    assert_eq!(s.next_wake(), Some(60_000));
-    assert!(s.handle(Event::Tick, 1400).is_empty());
+    assert!(quiet(&mut s, 1300, 30).is_empty());
+    assert!(
+        !s.wants_caller_audio(),
+        "no pause timing without speculation"
+    );
     assert!(to_do(&s.handle(final_words("what now", 1300), 1420)).is_empty());
-    assert!(to_do(&s.handle(Event::Tick, 2000)).is_empty());
     assert!(to_do(&s.handle(voice(true), 2100)).is_empty());
+}
+
+/// A call with fast barge-in whose greeting is playing from 100 ms: loud persona audio
+/// (μ-law 0x10, about −10 dBFS) so its echo level is known.
+fn barge_call() -> CallState {
+    let mut s = CallState::new();
+    s.handle(
+        Event::Hello {
+            greeting: "Hi there, how are you?".into(),
+            max_duration_secs: 0,
+            idle_timeout_secs: 0,
+            speculate_endpointing_ms: None,
+            fast_barge_in: true,
+        },
+        0,
+    );
+    let (_, starts) = speech("Hi there, how are you?", 100);
+    let audio = vec![0x10; starts.len() * 100 * 8];
+    s.handle(
+        Event::TtsAudio {
+            ctx: 1,
+            audio,
+            char_starts_ms: Some(starts),
+        },
+        100,
+    );
+    assert!(s.watches_barge_in());
+    s
+}
+
+/// A caller frame's analysis at `dbfs` mean power.
+fn caller_frame(dbfs: f64, voice_like: bool) -> Event {
+    let power = (32768.0f64 * 32768.0 * 10f64.powf(dbfs / 10.0)) as u64;
+    Event::CallerAudio {
+        voiced: dbfs >= crate::vad::VOICE_DBFS,
+        analysis: Some(FrameAnalysis { power, voice_like }),
+    }
+}
+
+/// Feeds 20 ms caller frames from `from` until a `Clear` (its time) or `frames` ran out.
+fn frames_until_clear(s: &mut CallState, from: Ms, frames: u64, ev: &Event) -> Option<Ms> {
+    (0..frames).map(|i| from + i * 20).find(|&t| {
+        let a = s.handle(Event::Tick, t);
+        a.contains(&Action::Clear) || s.handle(ev.clone(), t).contains(&Action::Clear)
+    })
+}
+
+/// The caller's voice, as loud as the persona and periodic, clears it after 120 ms once
+/// Deepgram's VAD agrees, with no words yet; what was heard is reported as usual.
+#[test]
+fn fast_barge_in_on_confirmed_voice() {
+    let mut s = barge_call();
+    let voice = caller_frame(-12.0, true);
+    // Before SpeechStarted, voice alone does not clear.
+    assert_eq!(frames_until_clear(&mut s, 600, 10, &voice), None);
+    s.handle(Event::SpeechStarted, 800);
+    // The run is already 200 ms long: the next frame clears.
+    let a = s.handle(voice.clone(), 820);
+    assert_eq!(a[0], Action::Clear);
+    assert!(matches!(
+        to_do(&a)[..],
+        [RelayToDo::Interrupted { turn: 0, .. }]
+    ));
+    assert!(!s.watches_barge_in(), "nothing left to interrupt");
+
+    // A fresh run: six frames of 20 ms.
+    let mut s = barge_call();
+    s.handle(Event::SpeechStarted, 590);
+    assert_eq!(frames_until_clear(&mut s, 600, 20, &voice), Some(700));
+}
+
+/// A cough (loud, not periodic) and the persona's own echo (periodic, 12 dB under what
+/// it played) never clear by themselves, and the echo's words neither barge in nor
+/// become a turn; the caller's voice through the same echo still does.
+#[test]
+fn coughs_and_echo_do_not_barge_in() {
+    let mut s = barge_call();
+    s.handle(Event::SpeechStarted, 590);
+    let cough = caller_frame(-8.0, false);
+    assert_eq!(frames_until_clear(&mut s, 600, 15, &cough), None);
+    let echo = caller_frame(-22.0, true);
+    assert_eq!(frames_until_clear(&mut s, 900, 30, &echo), None);
+    let a = s.handle(interim("there how"), 1500);
+    assert!(!a.contains(&Action::Clear), "echo words: {a:?}");
+    let f = Event::Transcript {
+        text: "there how".into(),
+        is_final: true,
+        speech_final: true,
+        audio_end_ms: Some(1500),
+    };
+    let a = s.handle(f, 1600);
+    assert!(!a.contains(&Action::Clear));
+    assert!(to_do(&a).is_empty(), "no turn from the echo: {a:?}");
+    // The caller speaks up: louder than the echo margin.
+    let voice = caller_frame(-14.0, true);
+    assert_eq!(frames_until_clear(&mut s, 1700, 20, &voice), Some(1800));
+}
+
+/// Without fast barge-in (the DO did not ask), frame analysis is not wanted and words are
+/// what barges in, as before.
+#[test]
+fn without_fast_barge_in_words_barge_in() {
+    let mut s = CallState::new();
+    s.handle(hello("Hi there, how are you?"), 0);
+    s.handle(audio_event(1, "Hi there, how are you?", 50), 100);
+    assert!(!s.watches_barge_in());
+    s.handle(Event::SpeechStarted, 550);
+    let loud = caller_frame(-12.0, true);
+    assert_eq!(frames_until_clear(&mut s, 560, 20, &loud), None);
+    assert_eq!(s.handle(interim("wait"), 1000)[0], Action::Clear);
+}
+
+/// The echo's tail: words whose audio ended within 200 ms of the persona's last audio
+/// are its echo when none of the caller's voice rose above it; words ending later are the
+/// caller's answer.
+#[test]
+fn the_echo_tail_is_not_a_turn() {
+    let mut s = barge_call();
+    // The whole greeting plays out: 18 characters × 100 ms from 100 ms.
+    let mut t = 100;
+    while s.watches_barge_in() || t < 2_000 {
+        t += 20;
+        for name in marks(&s.handle(Event::Tick, t)) {
+            let name = name.to_owned();
+            s.handle(mark(&name), t);
+        }
+        if t > 10_000 {
+            panic!("the greeting never finished");
+        }
+    }
+    let final_at = |text: &str, end: Ms| Event::Transcript {
+        text: text.into(),
+        is_final: true,
+        speech_final: true,
+        audio_end_ms: Some(end),
+    };
+    let a = s.handle(final_at("how are you", 1_950), 2_300);
+    assert!(to_do(&a).is_empty(), "the echo's tail: {a:?}");
+    let a = s.handle(final_at("fine thanks", 3_000), 3_300);
+    assert_eq!(
+        to_do(&a),
+        [&RelayToDo::UserTurn {
+            text: "fine thanks".into(),
+            stt_final_ms: 300,
+            end_of_turn_at_ms: 3_300
+        }]
+    );
 }

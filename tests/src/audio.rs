@@ -110,6 +110,76 @@ pub fn silence(ms: u32) -> Vec<u8> {
     vec![ULAW_SILENCE; (ms as usize) * (SAMPLE_RATE as usize) / 1000]
 }
 
+/// Peak amplitude of [`cough`]: louder than the tone code, as a cough into a handset is.
+pub const COUGH_AMPLITUDE: f32 = 14_000.0;
+
+/// A cough-like burst: `ms` of white noise (deterministic for `seed`) with a 5 ms onset
+/// and an exponential decay over the burst — loud and broadband, with no pitch and no
+/// tone a recognizer could read as words.
+pub fn cough(ms: u32, seed: u64) -> Vec<u8> {
+    let n = (ms as usize) * (SAMPLE_RATE as usize) / 1000;
+    let mut x = seed | 1;
+    (0..n)
+        .map(|i| {
+            // xorshift64: reproducible noise without a dependency.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let white = (x >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0;
+            let t = i as f32 / SAMPLE_RATE as f32;
+            let onset = (t / 0.005).min(1.0);
+            let decay = (-t / (ms.max(1) as f32 / 1000.0 / 3.0)).exp();
+            ulaw_encode((COUGH_AMPLITUDE * onset * decay * white) as i16)
+        })
+        .collect()
+}
+
+/// `caller` with `echo` mixed in `loss_db` under its own level (both μ-law; the result
+/// is as long as `caller`, the echo cut or padded with silence).
+pub fn mix_echo(caller: &[u8], echo: &[u8], loss_db: f32) -> Vec<u8> {
+    let gain = 10f32.powf(-loss_db / 20.0);
+    caller
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let e = echo
+                .get(i)
+                .map_or(0.0, |&e| f32::from(ulaw_decode(e)) * gain);
+            let sum = (f32::from(ulaw_decode(c)) + e).clamp(-32768.0, 32767.0);
+            ulaw_encode(sum as i16)
+        })
+        .collect()
+}
+
+/// Spectral flatness of μ-law audio, 0..=1: the geometric over the arithmetic mean of its
+/// power spectrum (a naive DFT over 32 bands). Tones and voiced speech concentrate their
+/// power and score low; noise spreads it and scores high (white noise ≈ 0.5–0.6 over so
+/// short a window). The fake Deepgram uses it to hear a cough as no words.
+pub fn spectral_flatness(ulaw: &[u8]) -> f32 {
+    const BANDS: usize = 32;
+    let x: Vec<f32> = ulaw.iter().map(|&b| f32::from(ulaw_decode(b))).collect();
+    if x.len() < 2 * BANDS || x.iter().all(|&v| v == 0.0) {
+        return 0.0;
+    }
+    let n = x.len() as f32;
+    let power: Vec<f32> = (1..=BANDS)
+        .map(|k| {
+            let w = 2.0 * PI * (k as f32) * 0.5 / (BANDS as f32 + 1.0);
+            let (re, im) = x
+                .iter()
+                .enumerate()
+                .fold((0.0f32, 0.0f32), |(re, im), (i, &v)| {
+                    let a = w * i as f32;
+                    (re + v * a.cos(), im - v * a.sin())
+                });
+            (re * re + im * im) / n + 1e-3
+        })
+        .collect();
+    let log_mean = power.iter().map(|p| p.ln()).sum::<f32>() / BANDS as f32;
+    let mean = power.iter().sum::<f32>() / BANDS as f32;
+    log_mean.exp() / mean
+}
+
 /// Duration in milliseconds of `bytes` μ-law bytes at 8 kHz.
 pub fn duration_ms(bytes: usize) -> u64 {
     (bytes as u64) * 1000 / u64::from(SAMPLE_RATE)
@@ -580,5 +650,35 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert_eq!(decode_text(&back), "file");
         assert_eq!(back, audio);
+    }
+
+    /// A cough is loud, flat-spectrum noise; tone-coded speech is neither flat nor quiet.
+    #[test]
+    fn coughs_are_loud_and_flat_tones_are_not() {
+        let c = cough(300, 42);
+        assert_eq!(c.len(), 2400);
+        assert_eq!(cough(300, 42), c, "deterministic");
+        let head = &c[..160];
+        assert!(energy_dbfs(head) > -20.0, "{}", energy_dbfs(head));
+        for frame in c[..1600].chunks(160) {
+            let f = spectral_flatness(frame);
+            assert!(f > 0.3, "cough frame flatness {f}");
+        }
+        let speech = encode_text("hello there");
+        for frame in speech.chunks(160).take(10) {
+            let f = spectral_flatness(frame);
+            assert!(f < 0.2, "tone frame flatness {f}");
+        }
+        assert_eq!(spectral_flatness(&silence(20)), 0.0);
+    }
+
+    /// Echo is mixed in at its loss: silence plus a tone 20 dB down is 20 dB quieter.
+    #[test]
+    fn echo_mixes_in_at_its_loss() {
+        let tone = encode_text("aaaa");
+        let quiet = mix_echo(&silence(160), &tone, 20.0);
+        let drop = energy_dbfs(&tone) - energy_dbfs(&quiet);
+        assert!((drop - 20.0).abs() < 1.0, "{drop}");
+        assert_eq!(mix_echo(&tone, &[], 20.0), tone, "no echo, no change");
     }
 }

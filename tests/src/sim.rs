@@ -36,6 +36,17 @@ pub struct SimScript {
     pub give_up_after_ms: u64,
     /// Where to write everything the callee heard (8 kHz WAV) when the call ends.
     pub record_wav: Option<PathBuf>,
+    /// A line that echoes the persona back into the callee's microphone.
+    pub echo: Option<Echo>,
+}
+
+/// Line echo: what the callee heard comes back this late and this much quieter, mixed
+/// into what they send (a handset or a hybrid with poor echo return loss).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Echo {
+    /// A multiple of 20 ms (rounded down).
+    pub delay_ms: u64,
+    pub loss_db: f32,
 }
 
 impl Default for SimScript {
@@ -52,7 +63,14 @@ impl SimScript {
             turn_silence_ms: 700,
             give_up_after_ms: 30_000,
             record_wav: None,
+            echo: None,
         }
+    }
+
+    /// The same script on a line with `echo`.
+    pub fn with_echo(mut self, echo: Echo) -> Self {
+        self.echo = Some(echo);
+        self
     }
 
     /// Records what the callee heard to `path` when the call ends.
@@ -148,6 +166,8 @@ pub enum Utterance {
     /// Real synthetic speech from `espeak-ng`, resampled to 8 kHz by `sox`; both must be
     /// installed, otherwise rendering fails with a clear error.
     Espeak(String),
+    /// A cough ([`audio::cough`]) this many ms long: loud noise, no words.
+    Cough(u32),
 }
 
 impl Utterance {
@@ -169,6 +189,7 @@ impl Utterance {
                 Ok((ulaw, format!("(wav {})", path.display())))
             }
             Self::Espeak(text) => Ok((espeak(text)?, text.clone())),
+            Self::Cough(ms) => Ok((audio::cough(*ms, u64::from(*ms)), "(cough)".into())),
         }
     }
 }
@@ -387,6 +408,8 @@ pub struct Simulator {
     finished: bool,
     error: Option<String>,
     label: String,
+    /// The echo and the heard frames waiting to come back.
+    echo: Option<(Echo, std::collections::VecDeque<Vec<u8>>)>,
 }
 
 impl Simulator {
@@ -438,6 +461,7 @@ impl Simulator {
             finished: false,
             error: None,
             label,
+            echo: script.echo.map(|e| (e, std::collections::VecDeque::new())),
         }
     }
 
@@ -445,6 +469,20 @@ impl Simulator {
     /// `heard` the audio played to the callee during it (shorter than a frame, or empty,
     /// when the line was partly quiet). Returns what the callee does in that frame.
     pub fn tick(&mut self, now_ms: u64, heard: &[u8]) -> SimFrame {
+        let mut frame = self.act(now_ms, heard);
+        if let Some((echo, line)) = &mut self.echo {
+            line.push_back(heard.to_vec());
+            if line.len() as u64 > echo.delay_ms / FRAME_MS {
+                let back = line.pop_front().unwrap_or_default();
+                let mixed = audio::mix_echo(&frame.audio, &back, echo.loss_db);
+                frame.audio.copy_from_slice(&mixed);
+            }
+        }
+        frame
+    }
+
+    /// What the callee does in this frame, before the line adds its echo.
+    fn act(&mut self, now_ms: u64, heard: &[u8]) -> SimFrame {
         self.listen(now_ms, heard);
         let mut frame = SimFrame::silent();
         if self.hung_up {

@@ -1050,3 +1050,74 @@ async fn a_pause_mid_sentence_is_speculated_on_and_only_the_confirmed_reply_is_h
     let finalizes = conn.controls.iter().filter(|c| *c == "Finalize").count();
     assert!(finalizes >= 2, "controls: {:?}", conn.controls);
 }
+
+/// A callee who never says a word: coughing through the greeting, or silent on a line
+/// that echoes the persona back 12 dB down. Neither interrupts the persona (no `clear`,
+/// the greeting heard whole) nor becomes a turn it answers.
+#[tokio::test]
+async fn coughs_and_line_echo_never_interrupt_the_persona() {
+    let v = memory_voice();
+    let api = v.api();
+    let coughs = SimScript::new(vec![
+        Step::InterruptAfterMs(800),
+        Step::Say(Utterance::Cough(300)),
+        Step::Pause(600),
+        Step::Say(Utterance::Cough(300)),
+        Step::WaitForPersonaToFinish { silence_ms: 1500 },
+        Step::HangUp,
+    ]);
+    let echo = SimScript::new(vec![
+        Step::WaitForPersonaToFinish { silence_ms: 1500 },
+        Step::HangUp,
+    ])
+    .with_echo(cmb_tests::sim::Echo {
+        delay_ms: 60,
+        loss_db: 12.0,
+    });
+    for (kind, script) in [("coughs", coughs), ("echo", echo)] {
+        let user = api.register_user(kind).await.unwrap();
+        let number = unique_number();
+        v.twilio
+            .set_script(number.clone(), twilio::CalleeScript::answer(script));
+        let id = api.trigger_call(&user, "brad", &number).await.unwrap();
+        let sid = loop {
+            if let Some(c) = v.twilio.calls().into_iter().find(|c| c.to == number) {
+                break c.sid;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let fake = v
+            .twilio
+            .wait_finished(&sid, Duration::from_secs(45))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{kind}: the call went on: {:#?}",
+                    v.twilio
+                        .calls()
+                        .into_iter()
+                        .find(|c| c.sid == sid)
+                        .map(|c| (c.transcript, c.streams.first().map(|s| s.clears.len())))
+                )
+            });
+        let done = api
+            .wait_settled(&user, &id, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(done["call"]["status"], "completed", "{kind}: {done}");
+        let stream = fake.streams.first().expect("a media stream");
+        assert!(stream.clears.is_empty(), "{kind}: a false barge-in");
+        assert!(
+            fake.heard_text.contains("What did you train this week?"),
+            "{kind}: the greeting was heard whole: {}",
+            fake.heard_text
+        );
+        let roles: Vec<&str> = done["transcript"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["role"].as_str())
+            .collect();
+        assert_eq!(roles, ["assistant"], "{kind}: {}", done["transcript"]);
+    }
+}

@@ -22,6 +22,12 @@
 //!    are the same on both sides (the fake LLM echoes), so the difference is what
 //!    discarded speculations cost.
 //!
+//! Then the false barge-ins (`--probe-calls` of each kind per side), with the simulator's
+//! two hazards: a callee who only coughs (three 300 ms coughs while the persona speaks)
+//! and a silent callee on a line that echoes the persona back (60 ms late, 12 dB down).
+//! Neither ever speaks, so every `clear` Twilio receives on those calls is a false
+//! barge-in, and every caller line in the transcript a turn that never was.
+//!
 //! A benchmark, not a test: it prints what it measured and never fails on slowness. Every
 //! wait is bounded; a call that fails is counted and its reason printed.
 
@@ -34,7 +40,7 @@ use cmb_tests::api::{fresh_number, ApiClient};
 use cmb_tests::fakes::twilio::{self, AnsweredBy, CalleeScript, StreamRecord};
 use cmb_tests::harness::{ProviderDelays, VoiceStack};
 use cmb_tests::loadgen::percentile;
-use cmb_tests::sim::{SimScript, Step, Utterance};
+use cmb_tests::sim::{Echo, SimScript, Step, Utterance};
 
 /// The Worker's `endpointing` in the relay's Deepgram query (`SttOptions` default).
 fn relay_endpointing_ms() -> u64 {
@@ -79,6 +85,9 @@ struct Args {
     /// Bound on one call, from the trigger to the fake Twilio's end of the call.
     #[arg(long, default_value_t = 120)]
     call_timeout_secs: u64,
+    /// False barge-in probes per side, of each kind (coughs; echo).
+    #[arg(long, default_value_t = 5)]
+    probe_calls: usize,
 }
 
 impl Args {
@@ -116,6 +125,41 @@ fn callee_script() -> SimScript {
         Step::WaitForPersonaToFinish { silence_ms: 800 },
         Step::HangUp,
     ])
+}
+
+/// A callee who never speaks: three coughs during the greeting, then listens.
+fn cough_script() -> SimScript {
+    let cough = || Step::Say(Utterance::Cough(300));
+    SimScript::new(vec![
+        Step::InterruptAfterMs(800),
+        cough(),
+        Step::Pause(700),
+        cough(),
+        Step::Pause(700),
+        cough(),
+        Step::WaitForPersonaToFinish { silence_ms: 1500 },
+        Step::HangUp,
+    ])
+}
+
+/// A callee who never speaks, on a line that echoes the persona back.
+fn echo_script() -> SimScript {
+    SimScript::new(vec![
+        Step::WaitForPersonaToFinish { silence_ms: 1500 },
+        Step::HangUp,
+    ])
+    .with_echo(Echo {
+        delay_ms: 60,
+        loss_db: 12.0,
+    })
+}
+
+/// What a probe call (the callee never speaks) provoked.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Probe {
+    clears: usize,
+    /// Caller lines in the stored transcript.
+    user_turns: usize,
 }
 
 /// The figures of one call, in ms; `None` where the call did not get that far.
@@ -177,6 +221,8 @@ struct Side {
     plain: ApiClient,
     api: ApiClient,
     calls: Vec<CallFigures>,
+    coughs: Vec<Probe>,
+    echoes: Vec<Probe>,
     failures: Vec<String>,
 }
 
@@ -185,6 +231,7 @@ impl Side {
         let vars = BTreeMap::from([
             ("CALL_PREPARE_GREETING".to_owned(), on.to_string()),
             ("CALL_SPECULATE".to_owned(), on.to_string()),
+            ("CALL_FAST_BARGE_IN".to_owned(), on.to_string()),
         ]);
         eprintln!("latency-bench: starting the stack with the technique {label} …");
         // VoiceStack panics when a service does not come up; report it as an error.
@@ -203,6 +250,8 @@ impl Side {
             plain,
             api,
             calls: Vec::new(),
+            coughs: Vec::new(),
+            echoes: Vec::new(),
             failures: Vec::new(),
         })
     }
@@ -227,8 +276,60 @@ impl Side {
         }
     }
 
-    async fn try_call(&mut self, rings: u32, timeout: Duration) -> Result<CallFigures> {
+    /// One probe call: `cough` or echo. Its clears and caller turns, or why it failed.
+    async fn probe(&mut self, cough: bool, n: usize, rings: u32, timeout: Duration) {
+        let (script, kind) = match cough {
+            true => (cough_script(), "cough"),
+            false => (echo_script(), "echo"),
+        };
+        match self.try_probe(script, rings, timeout).await {
+            Ok(p) => {
+                eprintln!(
+                    "latency-bench: {} {kind} probe {n}: {} clears, {} caller turns",
+                    self.label, p.clears, p.user_turns
+                );
+                match cough {
+                    true => self.coughs.push(p),
+                    false => self.echoes.push(p),
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "latency-bench: {} {kind} probe {n} FAILED: {e:#}",
+                    self.label
+                );
+                self.failures.push(format!("{kind} probe {n}: {e:#}"));
+            }
+        }
+    }
+
+    async fn try_probe(
+        &mut self,
+        script: SimScript,
+        rings: u32,
+        timeout: Duration,
+    ) -> Result<Probe> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let (user, id, stream, _) = self.place(script, rings, deadline).await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let view = self.api.wait_settled(&user, &id, left).await?;
+        let user_turns = view["transcript"]
+            .as_array()
+            .map_or(0, |t| t.iter().filter(|l| l["role"] == "user").count());
+        Ok(Probe {
+            clears: stream.clears.len(),
+            user_turns,
+        })
+    }
+
+    /// Places a call answered by `script` and waits for its end: the user, the call id,
+    /// its first media stream and what the callee heard.
+    async fn place(
+        &mut self,
+        script: SimScript,
+        rings: u32,
+        deadline: tokio::time::Instant,
+    ) -> Result<(cmb_tests::api::TestUser, String, StreamRecord, String)> {
         let user = self.plain.register_user("latency").await?;
         let number = fresh_number();
         self.stack.twilio.set_script(
@@ -236,7 +337,7 @@ impl Side {
             CalleeScript::Answer(twilio::Answer {
                 after_rings: rings,
                 answered_by: AnsweredBy::Human,
-                session: callee_script(),
+                session: script,
                 duration_override_secs: None,
             }),
         );
@@ -262,14 +363,21 @@ impl Side {
             Err(_) => {
                 // Do not leave it running into the next call.
                 self.stack.twilio.hangup(&sid);
-                bail!("call {sid} did not end within {timeout:?}");
+                bail!("call {sid} did not end in time");
             }
         };
         let stream = record
             .streams
             .first()
+            .cloned()
             .with_context(|| format!("call {sid} ({:?}) had no media stream", record.status))?;
-        let mut f = figures(stream);
+        Ok((user, id, stream, record.heard_text))
+    }
+
+    async fn try_call(&mut self, rings: u32, timeout: Duration) -> Result<CallFigures> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (user, id, stream, heard) = self.place(callee_script(), rings, deadline).await?;
+        let mut f = figures(&stream);
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         f.llm_tokens = match self.api.wait_settled(&user, &id, left).await {
             Ok(view) => llm_tokens(&view),
@@ -291,11 +399,7 @@ impl Side {
         if !missing.is_empty() {
             // Its figures still count where it has them; the call is reported as failed.
             self.calls.push(f);
-            bail!(
-                "call {sid}: no {} (heard: {:?})",
-                missing.join(", no "),
-                record.heard_text
-            );
+            bail!("call {id}: no {} (heard: {heard:?})", missing.join(", no "));
         }
         Ok(f)
     }
@@ -395,11 +499,13 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
         on.failures.len()
     );
     println!();
-    println!("techniques: off = CALL_PREPARE_GREETING=false CALL_SPECULATE=false; on = both true");
+    println!("techniques: off = CALL_PREPARE_GREETING, CALL_SPECULATE, CALL_FAST_BARGE_IN false; on = all true");
     println!(
         "  figure 1: the greeting staged while the phone rings; 2 and 4: speculative replies;"
     );
-    println!("  3: barge-in (no faster barge-in technique yet: the same rule on both sides)");
+    println!(
+        "  3: fast barge-in (clear on confirmed voice; words that could be echo do not count)"
+    );
     println!(
         "  {:<52} {:>22} {:>22} {:>10}",
         "figure, ms (p50 / p95)", "off", "on", "Δ p50"
@@ -443,6 +549,33 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
     println!(
         "  the script pauses 160 ms after \"so\": on, that pause is speculated on and dropped every call"
     );
+    println!();
+    println!(
+        "false barge-ins (the callee never speaks; probes per side: {})",
+        args.probe_calls
+    );
+    println!(
+        "  {:<52} {:>22} {:>22}",
+        "probe: calls with a clear, clears, caller turns", "off", "on"
+    );
+    let probes = |p: &[Probe]| -> String {
+        let with = p.iter().filter(|p| p.clears > 0).count();
+        let clears: usize = p.iter().map(|p| p.clears).sum();
+        let turns: usize = p.iter().map(|p| p.user_turns).sum();
+        format!("{with}/{}, {clears}, {turns}", p.len())
+    };
+    println!(
+        "  {:<52} {:>22} {:>22}",
+        "three 300 ms coughs during the greeting",
+        probes(&off.coughs),
+        probes(&on.coughs)
+    );
+    println!(
+        "  {:<52} {:>22} {:>22}",
+        "line echo, 60 ms late, 12 dB down",
+        probes(&off.echoes),
+        probes(&on.echoes)
+    );
     for side in [off, on] {
         for f in &side.failures {
             println!("failed ({}): {f}", side.label);
@@ -470,6 +603,13 @@ fn main() -> Result<()> {
                 sides[i].call(n, rings, timeout).await;
             }
         }
+        for n in 1..=args.probe_calls {
+            for cough in [true, false] {
+                for side in sides.iter_mut() {
+                    side.probe(cough, n, rings, timeout).await;
+                }
+            }
+        }
     });
     let outcomes = rt.block_on(async {
         [
@@ -489,6 +629,24 @@ mod tests {
 
     fn at(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
+    }
+
+    /// The probe callees never speak: nothing but coughs, or nothing at all on an echoing
+    /// line.
+    #[test]
+    fn probe_callees_never_speak() {
+        let says: Vec<_> = cough_script()
+            .steps
+            .into_iter()
+            .filter_map(|s| match s {
+                Step::Say(u) => Some(u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(says, vec![Utterance::Cough(300); 3]);
+        let echo = echo_script();
+        assert!(echo.steps.iter().all(|s| !matches!(s, Step::Say(_))));
+        assert_eq!(echo.echo.map(|e| e.loss_db), Some(12.0));
     }
 
     /// Figures come from the right moments: the greeting from `start`, replies from the
@@ -541,7 +699,10 @@ mod tests {
             {"provider": "llm", "quantity": 1234.0},
         ]}});
         assert_eq!(llm_tokens(&view), Some(1234.0));
-        assert_eq!(llm_tokens(&serde_json::json!({"costs": {"providers": []}})), None);
+        assert_eq!(
+            llm_tokens(&serde_json::json!({"costs": {"providers": []}})),
+            None
+        );
     }
 
     /// Defaults are the brief's delays; the relay's own endpointing is not overridden.

@@ -134,6 +134,11 @@ pub enum DoToRelay {
         /// Absent (false) from a DO that does not speculate.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         speculate: bool,
+        /// Barge-in on confirmed voice (periodic, louder than the persona's echo) without
+        /// waiting for words, and words that could be the echo do not barge in. Absent
+        /// (false) from a DO that does not ask for it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fast_barge_in: bool,
     },
     /// A piece of the persona's reply for `turn`, streamed as the LLM produces it.
     SayDelta {
@@ -410,6 +415,7 @@ mod tests {
                 max_duration_secs: 600,
                 idle_timeout_secs: 30,
                 speculate: false,
+                fast_barge_in: false,
             },
             concat!(
                 r#"{"v":1,"seq":1,"type":"hello","call_id":"c1","persona_name":"Coach","#,
@@ -570,6 +576,7 @@ mod tests {
                 max_duration_secs: 0,
                 idle_timeout_secs: 0,
                 speculate: true,
+                fast_barge_in: true,
             },
             DoToRelay::SayDelta {
                 turn: 0,

@@ -381,6 +381,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         hang_up_grace_secs: r.positive("CALL_HANG_UP_GRACE_SECS", defaults.hang_up_grace_secs),
         prepare_greeting: r.boolean("CALL_PREPARE_GREETING", defaults.prepare_greeting),
         speculate: r.boolean("CALL_SPECULATE", defaults.speculate),
+        fast_barge_in: r.boolean("CALL_FAST_BARGE_IN", defaults.fast_barge_in),
     };
     let twilio_timeout_ms = r.positive("TWILIO_TIMEOUT_MS", 10_000);
     let schedule_min_retry_minutes = match r.optional("SCHEDULE_MIN_RETRY_MINUTES") {
@@ -528,6 +529,7 @@ mod tests {
         assert_eq!(c.ai_disclosure, DEFAULT_AI_DISCLOSURE);
         assert!(c.call_limits.prepare_greeting);
         assert!(c.call_limits.speculate);
+        assert!(c.call_limits.fast_barge_in);
     }
 
     /// `CALL_PREPARE_GREETING` is `true` or `false` in any case; anything else is named.
@@ -552,6 +554,11 @@ mod tests {
         assert!(!parse(&v).unwrap().call_limits.speculate);
         v.insert("CALL_SPECULATE", "maybe".into());
         assert_eq!(names(&parse(&v).unwrap_err()), ["CALL_SPECULATE"]);
+        v.remove("CALL_SPECULATE");
+        v.insert("CALL_FAST_BARGE_IN", "FALSE".into());
+        assert!(!parse(&v).unwrap().call_limits.fast_barge_in);
+        v.insert("CALL_FAST_BARGE_IN", "1".into());
+        assert_eq!(names(&parse(&v).unwrap_err()), ["CALL_FAST_BARGE_IN"]);
     }
 
     /// The disclosure can be reworded, not removed (an empty value is the default) and

@@ -9,7 +9,9 @@
 //! What gets "recognised": a speech segment (found by an energy VAD over 20 ms frames)
 //! is transcribed as the tone-decoded text if the audio is tone-coded
 //! ([`crate::audio::encode_text`]), else the next entry of the configured script, else
-//! `"unintelligible"`.
+//! `"unintelligible"` — unless the segment was noise (a cough: loud but spectrally flat,
+//! [`crate::audio::spectral_flatness`]), which gets no interim results and an empty final,
+//! as Deepgram answers non-speech. `SpeechStarted` still fires for it: VAD hears sound.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -786,6 +788,20 @@ struct Segment {
     text: String,
     /// Audio time of the last interim result (or the segment start).
     last_interim_s: f64,
+    /// Loud frames with a voice's concentrated spectrum; a segment with too few (a cough,
+    /// a burst of noise) is transcribed as nothing, as Deepgram does.
+    tonal_frames: u32,
+}
+
+/// Loud frames under this spectral flatness sound like a voice, not noise.
+const TONAL_FLATNESS: f32 = 0.3;
+/// A segment with fewer tonal frames than this has no words.
+const MIN_TONAL_FRAMES: u32 = 3;
+
+impl Segment {
+    fn is_speech(&self) -> bool {
+        self.tonal_frames >= MIN_TONAL_FRAMES
+    }
 }
 
 /// One stream's recognizer on audio time: feed it audio and control messages, get the
@@ -924,6 +940,7 @@ impl Session {
                     last_speech_end_s: t1,
                     text: std::mem::take(&mut self.orphan_text),
                     last_interim_s: t0,
+                    tonal_frames: 0,
                 });
             }
         }
@@ -938,12 +955,17 @@ impl Session {
         };
         if speech {
             segment.last_speech_end_s = t1;
+            if audio::spectral_flatness(frame) < TONAL_FLATNESS {
+                segment.tonal_frames += 1;
+            }
             if self.options.interim_results
                 && t1 - segment.last_interim_s >= self.interim_every_s - 1e-9
             {
                 segment.last_interim_s = t1;
                 let (start, end) = (segment.start_s, segment.last_speech_end_s);
-                let text = if segment.text.trim().is_empty() {
+                let text = if !segment.is_speech() {
+                    String::new()
+                } else if segment.text.trim().is_empty() {
                     script.peek().unwrap_or_default()
                 } else {
                     segment.text.trim().to_owned()
@@ -998,6 +1020,9 @@ impl Session {
         let tone = segment.text.trim();
         let (text, timed) = if !tone.is_empty() {
             (tone.to_owned(), true)
+        } else if !segment.is_speech() {
+            // Noise: Deepgram's final for it is an empty transcript.
+            (String::new(), false)
         } else {
             (
                 script.next().unwrap_or_else(|| UNINTELLIGIBLE.to_owned()),
@@ -1223,7 +1248,8 @@ mod tests {
     fn script_then_unintelligible() {
         let mut s = session(&format!("{BASE}&endpointing=100"));
         let mut script: VecDeque<String> = ["yes please".to_owned()].into();
-        // White-ish noise loud enough to be speech, but no clean tone.
+        // A buzz loud enough to be speech, its spectrum peaked like a voice's (so not
+        // noise), but no clean tone.
         let noise: Vec<u8> = (0..4000u32)
             .map(|i| audio::ulaw_encode(((i.wrapping_mul(2_654_435_761) >> 16) as i16) / 4))
             .collect();
@@ -1238,6 +1264,25 @@ mod tests {
             })
             .collect();
         assert_eq!(transcripts, vec!["yes please", UNINTELLIGIBLE]);
+    }
+
+    /// A cough is sound, not speech: VAD fires, but there are no interim results, and its
+    /// final is an empty transcript that takes nothing from the script.
+    #[test]
+    fn a_cough_has_no_words() {
+        let mut s = session(&format!(
+            "{BASE}&endpointing=100&interim_results=true&vad_events=true"
+        ));
+        let mut script: VecDeque<String> = ["yes please".to_owned()].into();
+        let out = s.push_audio(
+            &[audio::cough(300, 7), audio::silence(200)].concat(),
+            &mut script,
+        );
+        let types: Vec<&str> = out.iter().filter_map(|m| m["type"].as_str()).collect();
+        assert_eq!(types, ["SpeechStarted", "Results"], "{out:?}");
+        assert_eq!(out[1]["is_final"], true);
+        assert_eq!(out[1]["channel"]["alternatives"][0]["transcript"], "");
+        assert_eq!(script.len(), 1, "the script is for speech");
     }
 
     /// Finalize flushes mid-speech with from_finalize:true, and answers even when idle.

@@ -1242,6 +1242,7 @@ impl Session {
                 max_duration_secs: self.limits.max_call_secs + RELAY_BACKSTOP_SECS,
                 idle_timeout_secs: 2 * self.limits.idle_timeout_secs + RELAY_BACKSTOP_SECS,
                 speculate: self.limits.speculate,
+                fast_barge_in: self.limits.fast_barge_in,
             };
             self.send(hello, out);
             self.relay.hello_seq = Some(self.conv.out_seq);

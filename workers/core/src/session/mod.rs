@@ -67,6 +67,11 @@ pub struct Limits {
     /// before the setting existed load as off.
     #[serde(default)]
     pub speculate: bool,
+    /// Fast barge-in (`CALL_FAST_BARGE_IN`): the relay clears the persona on confirmed
+    /// voice without waiting for words, and ignores words that could be its echo.
+    /// Sessions stored before the setting existed load as off.
+    #[serde(default)]
+    pub fast_barge_in: bool,
 }
 
 fn default_true() -> bool {
@@ -91,6 +96,7 @@ impl Default for Limits {
             hang_up_grace_secs: 40,
             prepare_greeting: true,
             speculate: true,
+            fast_barge_in: true,
         }
     }
 }
