@@ -160,7 +160,13 @@ struct Probe {
     clears: usize,
     /// Caller lines in the stored transcript.
     user_turns: usize,
+    /// The persona never went quiet (it kept answering what it heard): hung up at the
+    /// probe's bound.
+    went_on: bool,
 }
+
+/// A probe call normally ends within ~15 s (greeting, then 1.5 s of quiet).
+const PROBE_BOUND: Duration = Duration::from_secs(40);
 
 /// The figures of one call, in ms; `None` where the call did not get that far.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -210,6 +216,16 @@ fn llm_tokens(view: &serde_json::Value) -> Option<f64> {
         .iter()
         .find(|c| c["provider"] == "llm")?["quantity"]
         .as_f64()
+}
+
+/// A placed call, once it ended.
+struct Placed {
+    user: cmb_tests::api::TestUser,
+    id: String,
+    stream: StreamRecord,
+    heard: String,
+    /// False when it was hung up at its deadline.
+    ended_in_time: bool,
 }
 
 /// One voice stack and what the run measured on it.
@@ -285,8 +301,15 @@ impl Side {
         match self.try_probe(script, rings, timeout).await {
             Ok(p) => {
                 eprintln!(
-                    "latency-bench: {} {kind} probe {n}: {} clears, {} caller turns",
-                    self.label, p.clears, p.user_turns
+                    "latency-bench: {} {kind} probe {n}: {} clears, {} caller turns{}",
+                    self.label,
+                    p.clears,
+                    p.user_turns,
+                    if p.went_on {
+                        ", the persona never went quiet"
+                    } else {
+                        ""
+                    }
                 );
                 match cough {
                     true => self.coughs.push(p),
@@ -309,27 +332,31 @@ impl Side {
         rings: u32,
         timeout: Duration,
     ) -> Result<Probe> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let (user, id, stream, _) = self.place(script, rings, deadline).await?;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let view = self.api.wait_settled(&user, &id, left).await?;
+        let deadline = tokio::time::Instant::now() + timeout.min(PROBE_BOUND);
+        let placed = self.place(script, rings, deadline).await?;
+        let left = Duration::from_secs(30);
+        let view = self
+            .api
+            .wait_settled(&placed.user, &placed.id, left)
+            .await?;
         let user_turns = view["transcript"]
             .as_array()
             .map_or(0, |t| t.iter().filter(|l| l["role"] == "user").count());
         Ok(Probe {
-            clears: stream.clears.len(),
+            clears: placed.stream.clears.len(),
             user_turns,
+            went_on: !placed.ended_in_time,
         })
     }
 
-    /// Places a call answered by `script` and waits for its end: the user, the call id,
-    /// its first media stream and what the callee heard.
+    /// Places a call answered by `script` and waits for its end, hanging up at
+    /// `deadline` if it goes on.
     async fn place(
         &mut self,
         script: SimScript,
         rings: u32,
         deadline: tokio::time::Instant,
-    ) -> Result<(cmb_tests::api::TestUser, String, StreamRecord, String)> {
+    ) -> Result<Placed> {
         let user = self.plain.register_user("latency").await?;
         let number = fresh_number();
         self.stack.twilio.set_script(
@@ -358,12 +385,18 @@ impl Side {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let record = match self.stack.twilio.wait_finished(&sid, left).await {
-            Ok(r) => r,
+        let (record, ended_in_time) = match self.stack.twilio.wait_finished(&sid, left).await {
+            Ok(r) => (r, true),
             Err(_) => {
                 // Do not leave it running into the next call.
                 self.stack.twilio.hangup(&sid);
-                bail!("call {sid} did not end in time");
+                let r = self
+                    .stack
+                    .twilio
+                    .wait_finished(&sid, Duration::from_secs(10))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("call {sid} did not end even when hung up"))?;
+                (r, false)
             }
         };
         let stream = record
@@ -371,12 +404,27 @@ impl Side {
             .first()
             .cloned()
             .with_context(|| format!("call {sid} ({:?}) had no media stream", record.status))?;
-        Ok((user, id, stream, record.heard_text))
+        Ok(Placed {
+            user,
+            id,
+            stream,
+            heard: record.heard_text,
+            ended_in_time,
+        })
     }
 
     async fn try_call(&mut self, rings: u32, timeout: Duration) -> Result<CallFigures> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (user, id, stream, heard) = self.place(callee_script(), rings, deadline).await?;
+        let Placed {
+            user,
+            id,
+            stream,
+            heard,
+            ended_in_time,
+        } = self.place(callee_script(), rings, deadline).await?;
+        if !ended_in_time {
+            bail!("call {id} did not end within {timeout:?}");
+        }
         let mut f = figures(&stream);
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         f.llm_tokens = match self.api.wait_settled(&user, &id, left).await {
@@ -556,13 +604,14 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
     );
     println!(
         "  {:<52} {:>22} {:>22}",
-        "probe: calls with a clear, clears, caller turns", "off", "on"
+        "calls with a clear, clears, caller turns, went on", "off", "on"
     );
     let probes = |p: &[Probe]| -> String {
         let with = p.iter().filter(|p| p.clears > 0).count();
         let clears: usize = p.iter().map(|p| p.clears).sum();
         let turns: usize = p.iter().map(|p| p.user_turns).sum();
-        format!("{with}/{}, {clears}, {turns}", p.len())
+        let went_on = p.iter().filter(|p| p.went_on).count();
+        format!("{with}/{}, {clears}, {turns}, {went_on}", p.len())
     };
     println!(
         "  {:<52} {:>22} {:>22}",
