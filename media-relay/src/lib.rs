@@ -12,7 +12,7 @@
 //!   [`ws`] (connect and backoff), [`greeting`] (greetings synthesized while the phone
 //!   rings, over ElevenLabs' HTTP API);
 //! - process: [`config`], [`state`] (shared by `server` and `call`, depending on neither),
-//!   [`server`], [`metrics`], [`nonce`].
+//!   [`server`], [`shards`] (a single-threaded runtime per core), [`metrics`], [`nonce`].
 
 pub mod call;
 pub mod config;
@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod nonce;
 pub mod reconnect;
 pub mod server;
+pub mod shards;
 pub mod state;
 pub mod stt;
 pub mod tts;

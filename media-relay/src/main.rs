@@ -6,12 +6,10 @@
 use std::io::IsTerminal as _;
 
 use media_relay::config::LogFormat;
-use media_relay::{run, Config};
-use tokio::net::TcpListener;
+use media_relay::{shards, Config};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     init_logging();
 
     let config = Config::from_env();
@@ -23,12 +21,13 @@ async fn main() -> anyhow::Result<()> {
             None => anyhow::bail!("{e}"),
         },
     };
-    let listener = TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
+    let count = shards::count();
+    let relay = shards::start(listen, config, count)?;
+    let addr = relay.addr();
     // The dev launcher waits for this line (then polls /health).
     println!("media-relay listening on http://{addr}");
-    tracing::info!(%addr, "media-relay listening");
-    run(listener, config, shutdown_signal()).await
+    tracing::info!(%addr, shards = count, "media-relay listening");
+    relay.run_until(shutdown_signal())
 }
 
 /// JSON lines (one object per event, the span's `call_id`/`call_sid`/`stream_sid` with
