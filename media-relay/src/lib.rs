@@ -12,7 +12,7 @@
 //!   [`ws`] (connect and backoff), [`greeting`] (greetings synthesized while the phone
 //!   rings, over ElevenLabs' HTTP API);
 //! - process: [`config`], [`state`] (shared by `server` and `call`, depending on neither),
-//!   [`server`], [`shards`] (a single-threaded runtime per core), [`metrics`], [`nonce`].
+//!   [`server`], [`metrics`], [`nonce`].
 
 pub mod call;
 pub mod config;
@@ -25,7 +25,6 @@ pub mod metrics;
 pub mod nonce;
 pub mod reconnect;
 pub mod server;
-pub mod shards;
 pub mod state;
 pub mod stt;
 pub mod tts;

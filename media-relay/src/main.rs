@@ -6,10 +6,12 @@
 use std::io::IsTerminal as _;
 
 use media_relay::config::LogFormat;
-use media_relay::{shards, Config};
+use media_relay::{run, Config};
+use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     init_logging();
 
     let config = Config::from_env();
@@ -21,13 +23,12 @@ fn main() -> anyhow::Result<()> {
             None => anyhow::bail!("{e}"),
         },
     };
-    let count = shards::count();
-    let relay = shards::start(listen, config, count)?;
-    let addr = relay.addr();
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
     // The dev launcher waits for this line (then polls /health).
     println!("media-relay listening on http://{addr}");
-    tracing::info!(%addr, shards = count, "media-relay listening");
-    relay.run_until(shutdown_signal())
+    tracing::info!(%addr, "media-relay listening");
+    run(listener, config, shutdown_signal()).await
 }
 
 /// JSON lines (one object per event, the span's `call_id`/`call_sid`/`stream_sid` with

@@ -50,19 +50,6 @@ pub async fn run(
     let grace = config.as_ref().map_or(Duration::ZERO, |c| c.shutdown_grace);
     let state = AppState::new(config);
     state.log_config_problems();
-    serve(listener, state.clone(), shutdown).await?;
-    drain(&state, grace).await;
-    Ok(())
-}
-
-/// The accept loop alone: serves `app(state)` on `listener` until `shutdown` resolves,
-/// then cancels the state's shutdown token so the calls end. Several of these may share
-/// one state (`crate::shards`).
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
     let token = state.shutdown_token().clone();
     // Audio goes out as small paced writes (a burst is written in 1 KiB pieces): with
     // Nagle, each piece after the first would wait for Twilio's ACK of the one before,
@@ -73,21 +60,15 @@ pub async fn serve(
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on a Twilio socket");
         }
     });
-    let serve = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let serve = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
         shutdown.await;
-        if !token.is_cancelled() {
-            tracing::info!("shutdown requested: refusing new calls, closing active ones");
-        }
+        tracing::info!("shutdown requested: refusing new calls, closing active ones");
         // Upgraded sockets are detached from hyper's connection tracking, so the calls
         // are told directly.
         token.cancel();
     });
     serve.await?;
-    Ok(())
-}
 
-/// After the accept loop: waits up to `grace` for the calls in progress to close.
-pub async fn drain(state: &AppState, grace: Duration) {
     let tracker = state.tracker();
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -96,6 +77,7 @@ pub async fn drain(state: &AppState, grace: Duration) {
             "grace period over; abandoning calls"
         );
     }
+    Ok(())
 }
 
 /// 200 `ok` while the relay takes calls; 503 when it cannot take one more, so a load
