@@ -84,12 +84,70 @@ struct Raw {
 }
 
 /// `channel` is an object on `Results` and an array on `UtteranceEnd`/`SpeechStarted`;
-/// only the object form carries transcripts.
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// only the object form carries transcripts (`Results` when it has `alternatives`,
+/// `Other` for anything else).
 enum RawChannel {
     Results { alternatives: Vec<RawAlternative> },
-    Other(serde::de::IgnoredAny),
+    Other,
+}
+
+/// By hand rather than `#[serde(untagged)]`, which first copies the whole value (every
+/// word with its timings, on a real Deepgram result) into a buffer to try each variant.
+impl<'de> Deserialize<'de> for RawChannel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+        struct ChannelVisitor;
+        impl<'de> Visitor<'de> for ChannelVisitor {
+            type Value = RawChannel;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Deepgram channel")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawChannel, A::Error> {
+                let mut alternatives = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "alternatives" && alternatives.is_none() {
+                        alternatives = Some(map.next_value::<Vec<RawAlternative>>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(
+                    alternatives.map_or(RawChannel::Other, |alternatives| RawChannel::Results {
+                        alternatives,
+                    }),
+                )
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawChannel, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(RawChannel::Other)
+            }
+
+            // Any other JSON value is ignorable, as before.
+            fn visit_bool<E>(self, _: bool) -> Result<RawChannel, E> {
+                Ok(RawChannel::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<RawChannel, E> {
+                Ok(RawChannel::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<RawChannel, E> {
+                Ok(RawChannel::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RawChannel, E> {
+                Ok(RawChannel::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<RawChannel, E> {
+                Ok(RawChannel::Other)
+            }
+            fn visit_unit<E>(self) -> Result<RawChannel, E> {
+                Ok(RawChannel::Other)
+            }
+        }
+        d.deserialize_any(ChannelVisitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -191,6 +249,34 @@ mod tests {
             parse(r#"{"type":"SpeechStarted","channel":[0,1],"timestamp":3.38}"#).expect("ok"),
             Some(DeepgramEvent::SpeechStarted)
         );
+    }
+
+    /// The channel forms that are not a result's object are ignorable on any message; an
+    /// object without `alternatives` leaves a `Results` malformed.
+    #[test]
+    fn channel_other_forms() {
+        for channel in [
+            r#"null"#,
+            r#"7"#,
+            r#""x""#,
+            r#"{"x":[1,{"a":2}]}"#,
+            r#"[{"y":1}]"#,
+        ] {
+            let text = format!(r#"{{"type":"SpeechStarted","channel":{channel}}}"#);
+            assert_eq!(
+                parse(&text).expect("ok"),
+                Some(DeepgramEvent::SpeechStarted)
+            );
+            let text = format!(r#"{{"type":"Results","channel":{channel}}}"#);
+            assert!(parse(&text).is_err(), "{text}");
+        }
+        // Escaped keys still name `alternatives`; unknown keys around it are skipped.
+        let text = r#"{"type":"Results","is_final":true,"channel":{"a":{"b":[1]},
+            "alte\u0072natives":[{"transcript":"hi","words":[{"w":"hi"}]}],"z":0}}"#;
+        assert!(matches!(
+            parse(text).expect("ok"),
+            Some(DeepgramEvent::Results { transcript, .. }) if transcript == "hi"
+        ));
     }
 
     /// Metadata and unknown types are ignorable; errors carry their description.

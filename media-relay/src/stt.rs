@@ -224,30 +224,11 @@ async fn session(
     loop {
         tokio::select! {
             biased;
-            frame = socket.next() => {
-                let text = match frame {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(c))) => {
-                        debug!(provider = "deepgram", close = ?c, "Deepgram closed the stream");
-                        return Ended::Dropped;
-                    }
-                    None | Some(Err(_)) => return Ended::Dropped,
-                    Some(Ok(_)) => continue,
-                };
-                let event = match deepgram::parse(text.as_str()) {
-                    Ok(Some(e)) => e,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        warn!(provider = "deepgram", error = %e, "ignoring bad Deepgram message");
-                        continue;
-                    }
-                };
-                if let Some(ev) = to_event(event, epoch) {
-                    if tx.send(SttOut::Event(ev)).await.is_err() {
-                        return Ended::Over;
-                    }
-                }
-            }
+            // Caller audio first: a wake-up is nearly always a caller frame, and trying
+            // the Deepgram socket first would cost an empty read (WouldBlock) on every
+            // frame on top of the one before the task sleeps again. A result that
+            // arrived meanwhile is read right after the frame is written (microseconds);
+            // the audio queue is bounded, so the socket is always reached.
             m = audio.recv() => {
                 let f = match m {
                     Some(SttIn::Audio(f)) => f,
@@ -300,6 +281,30 @@ async fn session(
                 let secs = last_sent.saturating_duration_since(batch[0].read_at).as_secs_f64();
                 for _ in &batch {
                     probes.forward_in.observe(secs);
+                }
+            }
+            frame = socket.next() => {
+                let text = match frame {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(c))) => {
+                        debug!(provider = "deepgram", close = ?c, "Deepgram closed the stream");
+                        return Ended::Dropped;
+                    }
+                    None | Some(Err(_)) => return Ended::Dropped,
+                    Some(Ok(_)) => continue,
+                };
+                let event = match deepgram::parse(text.as_str()) {
+                    Ok(Some(e)) => e,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!(provider = "deepgram", error = %e, "ignoring bad Deepgram message");
+                        continue;
+                    }
+                };
+                if let Some(ev) = to_event(event, epoch) {
+                    if tx.send(SttOut::Event(ev)).await.is_err() {
+                        return Ended::Over;
+                    }
                 }
             }
             () = &mut keep_alive => {

@@ -48,6 +48,7 @@ enum Command {
     /// Grant or revoke an account's admin role (`admin grant EMAIL [--remote | --database-url URL]`).
     Admin(cmd::admin::AdminArgs),
     /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S] [-- RELAY_BENCH_ARGS]`,
+    /// `cargo xtask bench relay --vs-node [--calls N --duration S --reps R]`,
     /// `cargo xtask bench latency [--calls N] [--release-worker] [-- LATENCY_BENCH_ARGS]`).
     Bench(cmd::bench::BenchArgs),
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench relay`: builds the relay and the load generator in release mode
 //! and runs `relay_bench` (N simulated calls against the relay and in-process fakes,
-//! measured from /proc and the relay's own metrics).
+//! measured from /proc and the relay's own metrics). With `--vs-node`, our relay and the
+//! shared kit's minimal Node.js relay side by side instead (`vs_node`).
 //!
 //! `cargo xtask bench latency`: builds the Worker, the relay and `latency_bench`, and runs
 //! whole calls through the Worker under wrangler dev and the relay against fakes with
@@ -12,7 +13,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use xtask::repo::Repo;
 
-use super::{build, cargo, run_checked, setup};
+use super::{build, cargo, run_checked, setup, vs_node};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -33,6 +34,18 @@ enum BenchTarget {
         /// Ramp-up, seconds.
         #[arg(long, default_value_t = 10)]
         ramp: u64,
+        /// Instead of relay_bench: our relay and the minimal Node.js relay of the
+        /// side-by-side kit, alternately, under the kit's own load generator (`--calls`,
+        /// `--duration`), reporting CPU per call-second, per frame handled and the ratio
+        /// ours / Node. Needs `node` and `npm`.
+        #[arg(long)]
+        vs_node: bool,
+        /// With `--vs-node`: runs of each relay (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// With `--vs-node`: the kit (copied, never written to), relative to the repo root.
+        #[arg(long, default_value = "../shared/bench")]
+        node_kit: std::path::PathBuf,
         /// Passed to relay_bench as they are, e.g. `--relay-url ws://HOST:PORT/twilio
         /// --relay-pid PID --deepgram-port N …` to aim at a relay started by hand (then
         /// ours is not built or started). `relay_bench --help` lists them.
@@ -60,10 +73,29 @@ enum BenchTarget {
 pub fn run(repo: &Repo, args: &BenchArgs) -> Result<()> {
     match &args.target {
         BenchTarget::Relay {
+            vs_node: true,
+            calls,
+            duration,
+            reps,
+            node_kit,
+            ..
+        } => {
+            build_release(repo)?;
+            let sitting = vs_node::Sitting {
+                calls: *calls,
+                duration: *duration,
+                warmup: 5,
+                reps: *reps,
+                kit: node_kit.clone(),
+            };
+            vs_node::run(repo, &repo.root().join("target/release"), &sitting)
+        }
+        BenchTarget::Relay {
             calls,
             duration,
             ramp,
             bench_args,
+            ..
         } => relay(repo, *calls, *duration, *ramp, bench_args),
         BenchTarget::Latency {
             calls,
@@ -108,7 +140,8 @@ fn relay(repo: &Repo, calls: usize, duration: u64, ramp: u64, bench_args: &[Stri
     run_checked(&mut bench, "relay_bench")
 }
 
-/// The relay and both benchmarks in release mode, always together: building one alone
+/// The relay, both benchmarks and the fakes (the control peer of `--vs-node`) in release
+/// mode, always together: building one alone
 /// would resolve different dependency features and rebuild half the tree each time
 /// another is built.
 fn build_release(repo: &Repo) -> Result<()> {
@@ -126,9 +159,11 @@ fn build_release(repo: &Repo) -> Result<()> {
         "relay_bench",
         "--bin",
         "latency_bench",
+        "--bin",
+        "fakes",
     ]);
     run_checked(
         &mut build,
-        "cargo build --release (relay, relay_bench, latency_bench)",
+        "cargo build --release (relay, relay_bench, latency_bench, fakes)",
     )
 }

@@ -9,6 +9,7 @@ pub mod dev;
 pub mod devvars;
 pub mod setup;
 pub mod test;
+pub mod vs_node;
 
 use std::ffi::OsString;
 use std::process::Command;
