@@ -958,6 +958,43 @@ async fn the_greeting_is_synthesized_while_the_phone_rings_and_cached() {
     }
 }
 
+/// A call to a fresh number answered by `script`: the fake Twilio's record once the call
+/// ended (it must within 45 s; a call that goes on fails with what the callee heard) and
+/// the settled call view.
+async fn scripted_call(
+    v: &VoiceStack,
+    user: &cmb_tests::api::TestUser,
+    script: SimScript,
+) -> (serde_json::Value, twilio::CallRecord) {
+    let api = v.api();
+    let number = unique_number();
+    v.twilio
+        .set_script(number.clone(), twilio::CalleeScript::answer(script));
+    let id = api.trigger_call(user, "brad", &number).await.unwrap();
+    let sid = loop {
+        if let Some(c) = v.twilio.calls().into_iter().find(|c| c.to == number) {
+            break c.sid;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let fake = match v.twilio.wait_finished(&sid, Duration::from_secs(45)).await {
+        Ok(record) => record,
+        Err(_) => {
+            let record = v.twilio.calls().into_iter().find(|c| c.sid == sid);
+            panic!(
+                "the call went on; callee's transcript and clears: {:#?}",
+                record.map(|c| (c.transcript, c.streams.first().map(|s| s.clears.len())))
+            )
+        }
+    };
+    let done = api
+        .wait_settled(user, &id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    (done, fake)
+}
+
 /// The last user message of an LLM request.
 fn last_user_message(body: &serde_json::Value) -> Option<String> {
     body["messages"]
@@ -978,36 +1015,18 @@ async fn a_pause_mid_sentence_is_speculated_on_and_only_the_confirmed_reply_is_h
     let v = memory_voice();
     let api = v.api();
     let user = api.register_user("spec").await.unwrap();
-    let number = unique_number();
-    v.twilio.set_script(
-        number.clone(),
-        twilio::CalleeScript::answer(SimScript::new(vec![
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::Say(Utterance::text("so")),
-            // Longer than the relay's 80 ms before Finalize, well short of 300 ms
-            // endpointing.
-            Step::Pause(160),
-            Step::Say(Utterance::text("what about legs today")),
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::HangUp,
-        ])),
-    );
-    let id = api.trigger_call(&user, "brad", &number).await.unwrap();
-    let done = api
-        .wait_settled(&user, &id, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let fake = v
-        .twilio
-        .calls()
-        .into_iter()
-        .find(|c| c.to == number)
-        .unwrap();
+    let script = SimScript::new(vec![
+        Step::WaitForPersonaToFinish { silence_ms: 700 },
+        Step::Say(Utterance::text("so")),
+        // Longer than the relay's 80 ms before Finalize, well short of 300 ms
+        // endpointing.
+        Step::Pause(160),
+        Step::Say(Utterance::text("what about legs today")),
+        Step::WaitForPersonaToFinish { silence_ms: 700 },
+        Step::HangUp,
+    ]);
+    let (done, fake) = scripted_call(v, &user, script).await;
     let heard = fake.heard_text.clone();
-    assert_eq!(
-        done["call"]["status"], "completed",
-        "{done}\nheard: {heard}"
-    );
 
     let whole = "so what about legs today";
     let asked: Vec<String> = v
@@ -1076,35 +1095,7 @@ async fn coughs_and_line_echo_never_interrupt_the_persona() {
     });
     for (kind, script) in [("coughs", coughs), ("echo", echo)] {
         let user = api.register_user(kind).await.unwrap();
-        let number = unique_number();
-        v.twilio
-            .set_script(number.clone(), twilio::CalleeScript::answer(script));
-        let id = api.trigger_call(&user, "brad", &number).await.unwrap();
-        let sid = loop {
-            if let Some(c) = v.twilio.calls().into_iter().find(|c| c.to == number) {
-                break c.sid;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let fake = v
-            .twilio
-            .wait_finished(&sid, Duration::from_secs(45))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{kind}: the call went on: {:#?}",
-                    v.twilio
-                        .calls()
-                        .into_iter()
-                        .find(|c| c.sid == sid)
-                        .map(|c| (c.transcript, c.streams.first().map(|s| s.clears.len())))
-                )
-            });
-        let done = api
-            .wait_settled(&user, &id, Duration::from_secs(30))
-            .await
-            .unwrap();
-        assert_eq!(done["call"]["status"], "completed", "{kind}: {done}");
+        let (done, fake) = scripted_call(v, &user, script).await;
         let stream = fake.streams.first().expect("a media stream");
         assert!(stream.clears.is_empty(), "{kind}: a false barge-in");
         assert!(

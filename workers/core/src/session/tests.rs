@@ -2148,48 +2148,17 @@ mod properties {
                         return;
                     };
                     self.now += 100;
-                    let e = match k {
-                        0 => LlmEvent::Delta {
-                            stream,
-                            text: "yo ".into(),
-                            since_start_ms: 100,
-                        },
-                        1 => LlmEvent::Done {
-                            stream,
-                            prompt_tokens: 5,
-                            completion_tokens: 5,
-                            tool_calls: Vec::new(),
-                        },
-                        _ => LlmEvent::Failed {
-                            stream,
-                            timed_out: false,
-                            message: "x".into(),
-                        },
-                    };
-                    self.apply(Event::Llm(e));
+                    self.apply(Event::Llm(llm_event(stream, k)));
                 }
                 Step::LlmDelta | Step::LlmDone | Step::LlmFail => {
                     let stream = self.s.active_stream().unwrap_or(0);
                     self.now += 100;
-                    let e = match step {
-                        Step::LlmDelta => LlmEvent::Delta {
-                            stream,
-                            text: "yo ".into(),
-                            since_start_ms: 100,
-                        },
-                        Step::LlmDone => LlmEvent::Done {
-                            stream,
-                            prompt_tokens: 5,
-                            completion_tokens: 5,
-                            tool_calls: Vec::new(),
-                        },
-                        _ => LlmEvent::Failed {
-                            stream,
-                            timed_out: true,
-                            message: "t".into(),
-                        },
+                    let k = match step {
+                        Step::LlmDelta => 0,
+                        Step::LlmDone => 1,
+                        _ => 2,
                     };
-                    self.apply(Event::Llm(e));
+                    self.apply(Event::Llm(llm_event(stream, k)));
                 }
                 Step::Spend(n) => {
                     // Other calls or refunds move the balance meanwhile.
@@ -2198,6 +2167,28 @@ mod properties {
                     self.balance = after;
                 }
             }
+        }
+    }
+
+    /// An LLM stream's event: 0 a delta, 1 done, else a time-out.
+    fn llm_event(stream: u32, k: u8) -> LlmEvent {
+        match k {
+            0 => LlmEvent::Delta {
+                stream,
+                text: "yo ".into(),
+                since_start_ms: 100,
+            },
+            1 => LlmEvent::Done {
+                stream,
+                prompt_tokens: 5,
+                completion_tokens: 5,
+                tool_calls: Vec::new(),
+            },
+            _ => LlmEvent::Failed {
+                stream,
+                timed_out: true,
+                message: "t".into(),
+            },
         }
     }
 
