@@ -1713,10 +1713,10 @@ impl Session {
         }
         let mut history = self.history();
         history.push((Speaker::User, text.to_owned()));
-        let fingerprint = history_fingerprint(&history);
         let Some(messages) = self.prompt(history) else {
             return;
         };
+        let fingerprint = prompt_fingerprint(&messages);
         let prompt_estimate = messages
             .iter()
             .map(|m| prompt::estimate_tokens(&m.content) as u64)
@@ -1775,7 +1775,9 @@ impl Session {
             s.text == text
                 && self.llm.is_none()
                 && self.conv.tool_round.is_none()
-                && s.history == history_fingerprint(&self.history())
+                && self
+                    .prompt(self.history())
+                    .is_some_and(|m| prompt_fingerprint(&m) == s.history)
         });
         if !usable {
             self.drop_speculation(out);
@@ -2100,16 +2102,17 @@ fn merge_relay_sends(out: &mut Vec<Effect>) {
     *out = merged;
 }
 
-/// Identifies a prompt's conversation, to tell whether a speculation answered the same
-/// one. `DefaultHasher::new()` is the same hasher in every instance of one build, which
-/// is all a call's state ever meets (after a deploy, a mismatch only drops a speculation).
-/// 52 bits, so the DO's storage (JavaScript numbers) holds it exactly.
-fn history_fingerprint(history: &[(Speaker, String)]) -> u64 {
+/// Identifies a prompt (system prompt with its callback note, and the conversation), to
+/// tell whether a speculation answered the same one. `DefaultHasher::new()` is the same
+/// hasher in every instance of one build, which is all a call's state ever meets (after a
+/// deploy, a mismatch only drops a speculation). 52 bits, so the DO's storage (JavaScript
+/// numbers) holds it exactly.
+fn prompt_fingerprint(messages: &[prompt::ChatMessage]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (speaker, text) in history {
-        (*speaker as u8).hash(&mut h);
-        text.hash(&mut h);
+    for m in messages {
+        m.role.hash(&mut h);
+        m.content.hash(&mut h);
     }
     h.finish() >> 12
 }

@@ -545,9 +545,9 @@ pub struct Speculation {
     /// The caller's words it answers.
     pub text: String,
     pub started_ms: u64,
-    /// Fingerprint of the conversation it was prompted with (the caller's words
-    /// included): it is used only if the confirmed turn gives the same prompt. Below
-    /// 2^53, like every number in the stored session.
+    /// Fingerprint of the prompt it was started with (system prompt, conversation, the
+    /// caller's words): it is used only if the confirmed turn gives the same prompt.
+    /// Below 2^53, like every number in the stored session.
     pub history: u64,
     /// Tokens of its prompt, estimated (counted if it is discarded before it finished).
     pub prompt_estimate: u64,

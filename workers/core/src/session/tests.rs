@@ -2457,6 +2457,21 @@ fn a_void_speculation_is_cancelled_counted_and_never_spoken() {
         |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
     ));
     assert_eq!(started_streams(&fx).len(), 1);
+
+    // The same words and lines, but the system prompt changed meanwhile (what a
+    // callback's booking adds to it, say): the prompt would differ.
+    let mut s = live();
+    let fx = pause_on(&mut s, 2, "hi", T0 + 6_000);
+    let stream = started_streams(&fx)[0].0;
+    if let Some(p) = s.conv.persona.as_mut() {
+        p.system_prompt.push_str(" A callback is booked.");
+    }
+    let fx = user_says(&mut s, 3, "hi", T0 + 6_300);
+    assert!(has(
+        &fx,
+        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
+    ));
+    assert_eq!(started_streams(&fx).len(), 1);
 }
 
 /// No speculation while a reply streams, when switched off, or once discarded
