@@ -322,7 +322,10 @@ impl Call<'_> {
                 };
                 self.stt_audio_bytes += data.len() as u64;
                 let changed = self.vad.push(&data).is_some();
-                let analysis = self.machine.watches_barge_in().then(|| vad::analyse(&data));
+                let analysis = self
+                    .machine
+                    .watches_barge_in()
+                    .then(|| vad::analyse_with_power(&data, self.vad.power()));
                 let report = changed || self.machine.wants_caller_audio();
                 let frame = AudioFrame { read_at, data };
                 if self.audio_tx.try_send(SttIn::Audio(frame)).is_err() {

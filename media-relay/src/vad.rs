@@ -109,7 +109,11 @@ pub struct FrameAnalysis {
 
 /// Analyses a caller frame (the periodicity only for a loud one: it is the costly part).
 pub fn analyse(ulaw: &[u8]) -> FrameAnalysis {
-    let power = mean_power(ulaw);
+    analyse_with_power(ulaw, mean_power(ulaw))
+}
+
+/// [`analyse`] of a frame whose [`mean_power`] is already known (the [`Vad`] took it).
+pub fn analyse_with_power(ulaw: &[u8], power: u64) -> FrameAnalysis {
     let loud = dbfs(power) >= VOICE_DBFS;
     FrameAnalysis {
         power,
@@ -124,6 +128,8 @@ const FULL_SCALE_POWER: f64 = 32768.0 * 32768.0;
 #[derive(Debug, Clone)]
 pub struct Vad {
     voiced: bool,
+    /// Mean power of the last frame.
+    power: u64,
     /// Sum of squares per sample at the threshold.
     threshold: u64,
 }
@@ -140,9 +146,15 @@ impl Vad {
         let per_sample = FULL_SCALE_POWER * 10f64.powf(dbfs / 10.0);
         Self {
             voiced: false,
+            power: 0,
             // A power, far inside u64: the cast cannot truncate.
             threshold: per_sample as u64,
         }
+    }
+
+    /// Mean power of the last frame ([`mean_power`]).
+    pub fn power(&self) -> u64 {
+        self.power
     }
 
     /// Whether the last frame was voiced.
@@ -155,7 +167,8 @@ impl Vad {
         if ulaw.is_empty() {
             return None;
         }
-        let voiced = mean_power(ulaw) >= self.threshold;
+        self.power = mean_power(ulaw);
+        let voiced = self.power >= self.threshold;
         (voiced != self.voiced).then(|| {
             self.voiced = voiced;
             voiced

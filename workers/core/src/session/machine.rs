@@ -1746,20 +1746,25 @@ impl Session {
     /// A speculation that will not be used: its stream is cancelled and what it cost is
     /// counted (into the call's LLM totals, which the cost breakdown bills).
     fn drop_speculation(&mut self, out: &mut Vec<Effect>) {
-        let Some(spec) = self.spec.take() else {
-            return;
-        };
-        let (prompt_tokens, completion_tokens) = match &spec.done {
-            Some(d) => (d.prompt_tokens, d.completion_tokens),
-            None => {
+        if let Some(spec) = self.spec.take() {
+            if spec.done.is_none() {
                 out.push(Effect::CancelLlm {
                     stream: spec.stream,
                 });
-                (
-                    spec.prompt_estimate,
-                    prompt::estimate_tokens(&spec.reply) as u64,
-                )
             }
+            self.count_discarded(&spec);
+        }
+    }
+
+    /// A discarded speculation's tokens: exact when its stream finished, estimated
+    /// otherwise; billed into the call's LLM totals.
+    fn count_discarded(&mut self, spec: &Speculation) {
+        let (prompt_tokens, completion_tokens) = match &spec.done {
+            Some(d) => (d.prompt_tokens, d.completion_tokens),
+            None => (
+                spec.prompt_estimate,
+                prompt::estimate_tokens(&spec.reply) as u64,
+            ),
         };
         self.conv.llm_prompt_tokens += prompt_tokens;
         self.conv.llm_completion_tokens += completion_tokens;
@@ -1852,14 +1857,12 @@ impl Session {
                     tool_calls,
                 });
             }
-            // Counted as discarded; the confirmed turn starts a stream of its own.
+            // Counted as discarded (its stream is over: nothing to cancel); the
+            // confirmed turn starts a stream of its own.
             LlmEvent::Failed { .. } => {
-                spec.done = Some(SpeculationDone {
-                    prompt_tokens: spec.prompt_estimate,
-                    completion_tokens: prompt::estimate_tokens(&spec.reply) as u64,
-                    tool_calls: Vec::new(),
-                });
-                self.drop_speculation(out);
+                if let Some(spec) = self.spec.take() {
+                    self.count_discarded(&spec);
+                }
             }
         }
     }

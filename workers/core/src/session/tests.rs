@@ -2273,6 +2273,14 @@ fn pause_on(s: &mut Session, seq: u64, text: &str, at: u64) -> Vec<Effect> {
     )
 }
 
+/// Whether `effects` cancel LLM stream `stream`.
+fn cancelled(effects: &[Effect], stream: u32) -> bool {
+    has(
+        effects,
+        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream),
+    )
+}
+
 fn started_streams(effects: &[Effect]) -> Vec<(u32, String)> {
     effects
         .iter()
@@ -2395,10 +2403,7 @@ fn a_void_speculation_is_cancelled_counted_and_never_spoken() {
     let first = started_streams(&fx)[0].0;
     s.handle(llm_delta(first, "So what?", 250), T0 + 6_250);
     let fx = user_says(&mut s, 3, "so legs today", T0 + 6_800);
-    assert!(has(
-        &fx,
-        |e| matches!(e, Effect::CancelLlm { stream } if *stream == first)
-    ));
+    assert!(cancelled(&fx, first));
     let started = started_streams(&fx);
     assert_eq!(started.len(), 1);
     assert_eq!(started[0].1, "so legs today");
@@ -2424,10 +2429,7 @@ fn a_void_speculation_is_cancelled_counted_and_never_spoken() {
         },
         T0 + 6_100,
     );
-    assert!(has(
-        &fx,
-        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
-    ));
+    assert!(cancelled(&fx, stream));
     assert!(s.spec.is_none());
     assert!(!s.wants_stream(stream), "the shell stops reading it");
     assert_eq!(s.conv.speculation.started, 1);
@@ -2452,10 +2454,7 @@ fn a_void_speculation_is_cancelled_counted_and_never_spoken() {
         T0 + 6_050,
     );
     let fx = user_says(&mut s, 4, "hi", T0 + 6_300);
-    assert!(has(
-        &fx,
-        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
-    ));
+    assert!(cancelled(&fx, stream));
     assert_eq!(started_streams(&fx).len(), 1);
 
     // The same words and lines, but the system prompt changed meanwhile (what a
@@ -2467,10 +2466,7 @@ fn a_void_speculation_is_cancelled_counted_and_never_spoken() {
         p.system_prompt.push_str(" A callback is booked.");
     }
     let fx = user_says(&mut s, 3, "hi", T0 + 6_300);
-    assert!(has(
-        &fx,
-        |e| matches!(e, Effect::CancelLlm { stream: x } if *x == stream)
-    ));
+    assert!(cancelled(&fx, stream));
     assert_eq!(started_streams(&fx).len(), 1);
 }
 
@@ -2489,10 +2485,7 @@ fn speculation_only_between_replies_within_its_cap() {
     let mut s = live();
     let first = started_streams(&pause_on(&mut s, 2, "so", T0 + 6_000))[0].0;
     let fx = pause_on(&mut s, 3, "so legs", T0 + 6_500);
-    assert!(has(
-        &fx,
-        |e| matches!(e, Effect::CancelLlm { stream } if *stream == first)
-    ));
+    assert!(cancelled(&fx, first));
     assert_eq!(started_streams(&fx)[0].1, "so legs");
 
     let mut s = live();
