@@ -1832,7 +1832,7 @@ impl Session {
     }
 
     /// A speculative stream's event: held, never sent to the relay.
-    fn on_speculation_llm(&mut self, e: LlmEvent, out: &mut Vec<Effect>) {
+    fn on_speculation_llm(&mut self, e: LlmEvent) {
         let Some(spec) = self.spec.as_mut() else {
             return;
         };
@@ -1889,7 +1889,7 @@ impl Session {
             | LlmEvent::Failed { stream, .. } => *stream,
         };
         if self.spec.as_ref().is_some_and(|s| s.stream == stream) {
-            return self.on_speculation_llm(e, out);
+            return self.on_speculation_llm(e);
         }
         match e {
             LlmEvent::Delta {
