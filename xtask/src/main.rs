@@ -43,6 +43,9 @@ enum Command {
     /// Run the local stack: wrangler dev (Worker, D1, KV, DOs), the media relay, and the
     /// fake providers when no real provider keys are configured. Ctrl-C stops everything.
     Dev(cmd::dev::DevArgs),
+    /// Follow the README's quickstart against a fresh `cargo xtask dev --simulate` and
+    /// check every promised answer (a step of `test`).
+    Quickstart,
     /// Setup, format check, clippy (native and wasm32), Worker build, all tests.
     Test(cmd::test::TestArgs),
     /// Grant or revoke an account's admin role (`admin grant EMAIL [--remote | --database-url URL]`).
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::BuildWorker { release } => cmd::build::build_worker(&repo, release),
         Command::Dev(args) => cmd::dev::run(&repo, &args),
         Command::Test(args) => cmd::test::run(&repo, &args),
+        Command::Quickstart => cmd::quickstart::run(&repo),
         Command::Bench(args) => cmd::bench::run(&repo, &args),
         Command::Admin(args) => cmd::admin::run(&repo, &args),
     };

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod build;
 pub mod dev;
 pub mod devvars;
+pub mod quickstart;
 pub mod setup;
 pub mod test;
 pub mod vs_node;

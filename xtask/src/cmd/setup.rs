@@ -35,6 +35,10 @@ pub fn run(repo: &Repo) -> Result<()> {
     let node = node(repo)?;
     npm_packages(repo, &node)?;
     postgres()?;
+    // The README's quickstart (run by `cargo xtask test`) talks to the API with these.
+    for tool in ["curl", "jq"] {
+        debian_tool(tool)?;
+    }
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -228,19 +232,38 @@ fn postgres() -> Result<()> {
         say(what, &format!("ok (already present: {})", path.display()));
         return Ok(());
     }
+    apt_install(what, "postgresql")
+}
+
+/// A command-line tool from the Debian package of the same name, installed if missing.
+fn debian_tool(name: &str) -> Result<()> {
+    match which(name) {
+        Some(path) => {
+            say(name, &format!("ok ({})", path.display()));
+            Ok(())
+        }
+        None => apt_install(name, name),
+    }
+}
+
+/// `apt-get install` of `package` (root only; otherwise the error says what to run).
+fn apt_install(what: &str, package: &str) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
-            "PostgreSQL server not found and we are not root: install it with \
-             `sudo apt-get install -y postgresql`, then rerun"
+            "{what} not found and we are not root: install it with \
+             `sudo apt-get install -y {package}`, then rerun"
         );
     }
-    say(what, "installing (apt-get install postgresql, as root)");
+    say(
+        what,
+        &format!("installing (apt-get install {package}, as root)"),
+    );
     run_checked(Command::new("apt-get").arg("update"), "apt-get update")?;
     run_checked(
         Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "postgresql"])
+            .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive"),
-        "apt-get install postgresql",
+        &format!("apt-get install {package}"),
     )
 }
 

@@ -13,7 +13,7 @@ use anyhow::Result;
 use clap::Args;
 use xtask::repo::Repo;
 
-use super::{build, cargo, run_checked, setup};
+use super::{build, cargo, quickstart, run_checked, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -154,7 +154,9 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
             cmd.arg("--").args(&args.test_args);
         }
         run_checked(&mut cmd, "cargo test (Postgres)")
-    })
+    })?;
+    // Every command of the README's quickstart, against `cargo xtask dev` itself.
+    step("README quickstart", &mut || quickstart::run(repo))
 }
 
 /// Every integration test binary that runs the Worker: all of them run on both backends.

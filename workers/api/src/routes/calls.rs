@@ -232,8 +232,10 @@ pub async fn detail(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
         "providers": lines,
         "total_cost_micros": total_micros,
     });
+    // Per turn: end of the caller's turn -> first reply audio, and the LLM's first token.
+    let latencies = ctx.store.latencies(id).await?;
     json(
         200,
-        &json!({ "call": call, "transcript": transcript, "costs": costs }),
+        &json!({ "call": call, "transcript": transcript, "costs": costs, "latencies": latencies }),
     )
 }
