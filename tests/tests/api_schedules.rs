@@ -744,3 +744,179 @@ async fn a_full_day_skips_to_the_next_occurrence() {
     let why = s["skipped_reason"].as_str().unwrap_or_default();
     assert!(why.contains("calls a day"), "says why: {s}");
 }
+
+fn in_an_hour() -> String {
+    (OffsetDateTime::now_utc() + time::Duration::hours(1))
+        .replace_nanosecond(0)
+        .unwrap()
+        .format(&Rfc3339)
+        .unwrap()
+}
+
+fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A retried `POST /api/calls/schedule` under one `Idempotency-Key` books one call (the
+/// repeat, keys reordered, gets the first answer marked `Idempotent-Replayed`); another
+/// body, or the same on another route, is 409 `idempotency_key_reused` and changes
+/// nothing; another user's identical key and body is a booking of their own.
+#[tokio::test]
+async fn a_repeated_booking_with_its_key_books_one_call() {
+    let api = client();
+    let user = user_with(&api, "idem-schedule", &unique_number()).await;
+    let key = new_key();
+    let key = Some(key.as_bytes());
+    let path = "/api/calls/schedule";
+    let when = in_an_hour();
+    let body = json!({ "persona_id": "brad", "scheduled_time": when }).to_string();
+
+    let (first, replayed) = api.post_idempotent(path, &user, key, &body).await.unwrap();
+    assert_eq!((first.status, replayed), (201, false), "{}", first.body);
+    let reordered = format!(r#"{{ "scheduled_time": "{when}", "persona_id": "brad" }}"#);
+    let (again, replayed) = api
+        .post_idempotent(path, &user, key, &reordered)
+        .await
+        .unwrap();
+    assert_eq!((again.status, replayed), (201, true), "{}", again.body);
+    assert_eq!(again.body, first.body);
+
+    let other = json!({ "persona_id": "sarah", "scheduled_time": when }).to_string();
+    let same_elsewhere = ("/api/calls/trigger", body.as_str());
+    for (path, body) in [(path, other.as_str()), same_elsewhere] {
+        let (reused, replayed) = api.post_idempotent(path, &user, key, body).await.unwrap();
+        assert_eq!(
+            (reused.status, reused.code(), replayed),
+            (409, Some("idempotency_key_reused"), false),
+            "{path} {body}: {}",
+            reused.body
+        );
+    }
+    let all = calls(&api, &user).await;
+    assert_eq!(all.len(), 1, "still the one booked call: {all:?}");
+    assert_eq!(all[0]["id"], first.body["call"]["id"]);
+    assert_eq!(
+        (&all[0]["persona_id"], &all[0]["status"]),
+        (&json!("brad"), &json!("scheduled"))
+    );
+
+    let stranger = user_with(&api, "idem-stranger", &unique_number()).await;
+    let (theirs, replayed) = api
+        .post_idempotent(path, &stranger, key, &body)
+        .await
+        .unwrap();
+    assert_eq!((theirs.status, replayed), (201, false), "{}", theirs.body);
+    assert_ne!(theirs.body["call"]["id"], first.body["call"]["id"]);
+    assert_eq!(calls(&api, &stranger).await.len(), 1);
+    assert_eq!(calls(&api, &user).await.len(), 1);
+}
+
+/// A retried `POST /api/schedules` under one key makes one schedule with one pending
+/// attempt; a changed body under the key is refused.
+#[tokio::test]
+async fn a_repeated_schedule_with_its_key_is_made_once() {
+    let api = client();
+    let user = user_with(&api, "idem-recurring", &unique_number()).await;
+    let key = new_key();
+    let key = Some(key.as_bytes());
+    let body = r#"{"persona_id":"brad","time_of_day":"07:00","days":["mon","fri"],"timezone":"Europe/London"}"#;
+    let (first, replayed) = api
+        .post_idempotent("/api/schedules", &user, key, body)
+        .await
+        .unwrap();
+    assert_eq!((first.status, replayed), (201, false), "{}", first.body);
+    let (again, replayed) = api
+        .post_idempotent("/api/schedules", &user, key, body)
+        .await
+        .unwrap();
+    assert_eq!((again.status, replayed), (201, true), "{}", again.body);
+    assert_eq!(again.body, first.body);
+    let changed = body.replace("07:00", "08:00");
+    let (reused, _) = api
+        .post_idempotent("/api/schedules", &user, key, &changed)
+        .await
+        .unwrap();
+    assert_eq!(
+        (reused.status, reused.code()),
+        (409, Some("idempotency_key_reused")),
+        "{}",
+        reused.body
+    );
+
+    let all = schedules(&api, &user).await;
+    assert_eq!(all.len(), 1, "one schedule: {all:?}");
+    assert_eq!(all[0]["id"], first.body["schedule"]["id"]);
+    assert_eq!(all[0]["time_of_day"], "07:00");
+    assert_eq!(pending_calls(&api, &user).await, 1, "one pending attempt");
+}
+
+/// A request refused as the client's mistake keeps nothing under its key: it runs again,
+/// and the corrected request with the same key books. Malformed keys are refused before
+/// anything runs; the longest allowed key works.
+#[tokio::test]
+async fn a_refused_request_gives_its_key_back_and_bad_keys_are_refused() {
+    let api = client();
+    let user = user_with(&api, "idem-refused", &unique_number()).await;
+    let key = new_key();
+    let key = Some(key.as_bytes());
+    let path = "/api/calls/schedule";
+    let bad = r#"{"persona_id":"brad","scheduled_time":"tomorrow at seven"}"#;
+    for _ in 0..2 {
+        let (refused, replayed) = api.post_idempotent(path, &user, key, bad).await.unwrap();
+        assert_eq!(
+            (refused.status, refused.code(), replayed),
+            (400, Some("invalid_scheduled_time"), false),
+            "{}",
+            refused.body
+        );
+    }
+    let good = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
+    let (booked, replayed) = api.post_idempotent(path, &user, key, &good).await.unwrap();
+    assert_eq!((booked.status, replayed), (201, false), "{}", booked.body);
+    let (again, replayed) = api.post_idempotent(path, &user, key, &good).await.unwrap();
+    assert_eq!((again.status, replayed), (201, true), "{}", again.body);
+    assert_eq!(again.body, booked.body);
+
+    let other = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
+    let too_long = "k".repeat(256);
+    for bad_key in [too_long.as_bytes(), b"   ", "naïve".as_bytes()] {
+        let (r, _) = api
+            .post_idempotent(path, &user, Some(bad_key), &other)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.code()),
+            (400, Some("invalid_idempotency_key")),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(
+        calls(&api, &user).await.len(),
+        1,
+        "no booking came of the bad keys"
+    );
+    let longest = "~".repeat(255);
+    let (r, _) = api
+        .post_idempotent(path, &user, Some(longest.as_bytes()), &other)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+/// Identical bookings sent at once under one key book one call (without the key they
+/// would book up to the pending cap).
+#[tokio::test]
+async fn concurrent_bookings_under_one_key_book_one_call() {
+    let api = client();
+    let user = user_with(&api, "idem-race", &unique_number()).await;
+    let key = new_key();
+    let body = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
+    let id = api
+        .post_idempotent_at_once(8, "/api/calls/schedule", &user, &key, &body)
+        .await
+        .unwrap();
+    let all = calls(&api, &user).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["id"].as_str(), Some(id.as_str()));
+}

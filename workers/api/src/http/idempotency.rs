@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use worker::{Request, Response};
 
 use crate::error::{ApiError, ApiResult};
-use crate::http::json;
+use crate::http::auth::{authenticate, Session};
+use crate::http::{json, read_body};
 use crate::store::Claim;
 use crate::Ctx;
 
@@ -32,6 +33,28 @@ pub fn key(req: &Request) -> ApiResult<Option<String>> {
             ApiError::bad_request(idem::INVALID_KEY, message)
                 .with_details(json!([{ "field": "Idempotency-Key" }]))
         })
+}
+
+/// A whole idempotent route: authenticates, reads the key and the raw body, and runs
+/// `work` with the session and body under [`run`].
+pub async fn serve(
+    mut req: Request,
+    ctx: &Ctx,
+    route: Route,
+    work: impl AsyncFnOnce(&Session, &[u8]) -> Answer,
+) -> ApiResult<Response> {
+    let session = authenticate(&req, ctx).await?;
+    let key = key(&req)?;
+    let raw = read_body(&mut req).await?;
+    run(
+        ctx,
+        route,
+        &session.user.id,
+        key,
+        &raw,
+        work(&session, &raw),
+    )
+    .await
 }
 
 /// Runs `work` (the route's request from `user_id` with `body`) at most once per key:

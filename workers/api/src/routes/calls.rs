@@ -16,7 +16,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, Session};
 use crate::http::booking::{destination, usable_persona};
 use crate::http::idempotency::{self, Answer};
-use crate::http::{json, parse_json, query, read_body};
+use crate::http::{json, parse_json, query};
 use crate::session::client::{abandon, book_scheduled, Booking};
 use crate::session::{session_op, CancelOutcome, SessionOp};
 use crate::store::{CallRow, LedgerEntry, WriteConflict};
@@ -49,12 +49,9 @@ struct HistoryQuery {
 }
 
 /// `POST /api/calls/trigger`, idempotent under an `Idempotency-Key`.
-pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
-    let session = authenticate(&req, ctx).await?;
-    let key = idempotency::key(&req)?;
-    let raw = read_body(&mut req).await?;
-    let work = place_now(ctx, &session, &raw);
-    idempotency::run(ctx, Route::CallTrigger, &session.user.id, key, &raw, work).await
+pub async fn trigger(req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let work = async |session: &Session, raw: &[u8]| place_now(ctx, session, raw).await;
+    idempotency::serve(req, ctx, Route::CallTrigger, work).await
 }
 
 async fn place_now(ctx: &Ctx, session: &Session, raw: &[u8]) -> Answer {
@@ -149,12 +146,9 @@ async fn place_now(ctx: &Ctx, session: &Session, raw: &[u8]) -> Answer {
 }
 
 /// `POST /api/calls/schedule`, idempotent under an `Idempotency-Key`.
-pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
-    let session = authenticate(&req, ctx).await?;
-    let key = idempotency::key(&req)?;
-    let raw = read_body(&mut req).await?;
-    let work = book(ctx, &session, &raw);
-    idempotency::run(ctx, Route::CallSchedule, &session.user.id, key, &raw, work).await
+pub async fn schedule(req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let work = async |session: &Session, raw: &[u8]| book(ctx, session, raw).await;
+    idempotency::serve(req, ctx, Route::CallSchedule, work).await
 }
 
 async fn book(ctx: &Ctx, session: &Session, raw: &[u8]) -> Answer {

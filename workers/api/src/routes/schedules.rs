@@ -15,7 +15,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, Session};
 use crate::http::booking::{destination, usable_persona};
 use crate::http::idempotency::{self, Answer};
-use crate::http::{json, json_body, no_content, parse_json, read_body};
+use crate::http::{json, json_body, no_content, parse_json};
 use crate::session::client::{book_next_occurrence, cancel_pending};
 use crate::store::{ScheduleRow, ScheduleWrite};
 use crate::Ctx;
@@ -203,20 +203,9 @@ pub async fn list(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
 }
 
 /// `POST /api/schedules`, idempotent under an `Idempotency-Key`.
-pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
-    let session = authenticate(&req, ctx).await?;
-    let key = idempotency::key(&req)?;
-    let raw = read_body(&mut req).await?;
-    let work = create_schedule(ctx, &session, &raw);
-    idempotency::run(
-        ctx,
-        Route::ScheduleCreate,
-        &session.user.id,
-        key,
-        &raw,
-        work,
-    )
-    .await
+pub async fn create(req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let work = async |session: &Session, raw: &[u8]| create_schedule(ctx, session, raw).await;
+    idempotency::serve(req, ctx, Route::ScheduleCreate, work).await
 }
 
 async fn create_schedule(ctx: &Ctx, session: &Session, raw: &[u8]) -> Answer {
