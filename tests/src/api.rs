@@ -410,6 +410,26 @@ impl ApiClient {
 }
 
 impl ApiClient {
+    /// [`ApiClient::post_idempotent`], which must be answered with `want`: the status,
+    /// the error code (`None`: no error) and whether it was a replay. The reply.
+    pub async fn post_idempotent_expect(
+        &self,
+        path: &str,
+        user: &TestUser,
+        key: Option<&[u8]>,
+        body: &str,
+        want: (u16, Option<&str>, bool),
+    ) -> anyhow::Result<Reply> {
+        let (reply, replayed) = self.post_idempotent(path, user, key, body).await?;
+        let got = (reply.status, reply.code(), replayed);
+        anyhow::ensure!(
+            got == want,
+            "POST {path} {body} answered {got:?}, not {want:?}: {}",
+            reply.body
+        );
+        Ok(reply)
+    }
+
     /// Sends `n` identical [`ApiClient::post_idempotent`] requests at once and checks
     /// that exactly one ran (201, not a replay), every other being its replay or 409
     /// `idempotency_key_in_progress`: the call id of the one that ran.

@@ -804,26 +804,22 @@ async fn a_repeated_trigger_with_its_key_places_one_call() {
     let (user, number) = ringing_user(&api, "idem-trigger").await;
     let key = uuid::Uuid::new_v4().to_string();
     let key = Some(key.as_bytes());
-    let path = "/api/calls/trigger";
+    let post = |body: String, want| {
+        let (api, user) = (&api, &user);
+        async move {
+            api.post_idempotent_expect("/api/calls/trigger", user, key, &body, want)
+                .await
+                .unwrap()
+        }
+    };
 
     let body = format!(r#"{{"persona_id":"brad","phone_number":"{number}"}}"#);
-    let (first, replayed) = api.post_idempotent(path, &user, key, &body).await.unwrap();
-    assert_eq!((first.status, replayed), (201, false), "{}", first.body);
+    let first = post(body.clone(), (201, None, false)).await;
     let spaced = format!("{{\n  \"phone_number\" : \"{number}\",\n  \"persona_id\": \"brad\"\n}}");
-    let (again, replayed) = api
-        .post_idempotent(path, &user, key, &spaced)
-        .await
-        .unwrap();
-    assert_eq!((again.status, replayed), (201, true), "{}", again.body);
+    let again = post(spaced, (201, None, true)).await;
     assert_eq!(again.body, first.body, "the repeat gets the first answer");
-    let other = r#"{"persona_id":"sarah"}"#;
-    let (reused, replayed) = api.post_idempotent(path, &user, key, other).await.unwrap();
-    assert_eq!(
-        (reused.status, reused.code(), replayed),
-        (409, Some("idempotency_key_reused"), false),
-        "{}",
-        reused.body
-    );
+    let other = r#"{"persona_id":"sarah"}"#.to_owned();
+    post(other, (409, Some("idempotency_key_reused"), false)).await;
 
     let history = api
         .get("/api/calls/history", Some(&user.token))
@@ -839,13 +835,15 @@ async fn a_repeated_trigger_with_its_key_places_one_call() {
     );
 
     // Without a key a second trigger is a second request (refused: the call still rings).
-    let (unkeyed, replayed) = api.post_idempotent(path, &user, None, &body).await.unwrap();
-    assert_eq!(
-        (unkeyed.status, unkeyed.code(), replayed),
+    api.post_idempotent_expect(
+        "/api/calls/trigger",
+        &user,
+        None,
+        &body,
         (409, Some("call_in_progress"), false),
-        "{}",
-        unkeyed.body
-    );
+    )
+    .await
+    .unwrap();
 }
 
 /// Identical triggers sent at once under one key place one call, reserve once and dial

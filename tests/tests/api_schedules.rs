@@ -757,6 +757,24 @@ fn new_key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// [`ApiClient::post_idempotent_expect`] that must succeed in its expectation.
+async fn post(
+    api: &ApiClient,
+    path: &str,
+    user: &TestUser,
+    key: Option<&[u8]>,
+    body: &str,
+    want: (u16, Option<&str>, bool),
+) -> cmb_tests::api::Reply {
+    api.post_idempotent_expect(path, user, key, body, want)
+        .await
+        .unwrap()
+}
+
+const BOOKED: (u16, Option<&str>, bool) = (201, None, false);
+const REPLAYED: (u16, Option<&str>, bool) = (201, None, true);
+const REUSED: (u16, Option<&str>, bool) = (409, Some("idempotency_key_reused"), false);
+
 /// A retried `POST /api/calls/schedule` under one `Idempotency-Key` books one call (the
 /// repeat, keys reordered, gets the first answer marked `Idempotent-Replayed`); another
 /// body, or the same on another route, is 409 `idempotency_key_reused` and changes
@@ -771,27 +789,13 @@ async fn a_repeated_booking_with_its_key_books_one_call() {
     let when = in_an_hour();
     let body = json!({ "persona_id": "brad", "scheduled_time": when }).to_string();
 
-    let (first, replayed) = api.post_idempotent(path, &user, key, &body).await.unwrap();
-    assert_eq!((first.status, replayed), (201, false), "{}", first.body);
+    let first = post(&api, path, &user, key, &body, BOOKED).await;
     let reordered = format!(r#"{{ "scheduled_time": "{when}", "persona_id": "brad" }}"#);
-    let (again, replayed) = api
-        .post_idempotent(path, &user, key, &reordered)
-        .await
-        .unwrap();
-    assert_eq!((again.status, replayed), (201, true), "{}", again.body);
+    let again = post(&api, path, &user, key, &reordered, REPLAYED).await;
     assert_eq!(again.body, first.body);
-
     let other = json!({ "persona_id": "sarah", "scheduled_time": when }).to_string();
-    let same_elsewhere = ("/api/calls/trigger", body.as_str());
-    for (path, body) in [(path, other.as_str()), same_elsewhere] {
-        let (reused, replayed) = api.post_idempotent(path, &user, key, body).await.unwrap();
-        assert_eq!(
-            (reused.status, reused.code(), replayed),
-            (409, Some("idempotency_key_reused"), false),
-            "{path} {body}: {}",
-            reused.body
-        );
-    }
+    post(&api, path, &user, key, &other, REUSED).await;
+    post(&api, "/api/calls/trigger", &user, key, &body, REUSED).await;
     let all = calls(&api, &user).await;
     assert_eq!(all.len(), 1, "still the one booked call: {all:?}");
     assert_eq!(all[0]["id"], first.body["call"]["id"]);
@@ -801,11 +805,7 @@ async fn a_repeated_booking_with_its_key_books_one_call() {
     );
 
     let stranger = user_with(&api, "idem-stranger", &unique_number()).await;
-    let (theirs, replayed) = api
-        .post_idempotent(path, &stranger, key, &body)
-        .await
-        .unwrap();
-    assert_eq!((theirs.status, replayed), (201, false), "{}", theirs.body);
+    let theirs = post(&api, path, &stranger, key, &body, BOOKED).await;
     assert_ne!(theirs.body["call"]["id"], first.body["call"]["id"]);
     assert_eq!(calls(&api, &stranger).await.len(), 1);
     assert_eq!(calls(&api, &user).await.len(), 1);
@@ -819,29 +819,13 @@ async fn a_repeated_schedule_with_its_key_is_made_once() {
     let user = user_with(&api, "idem-recurring", &unique_number()).await;
     let key = new_key();
     let key = Some(key.as_bytes());
+    let path = "/api/schedules";
     let body = r#"{"persona_id":"brad","time_of_day":"07:00","days":["mon","fri"],"timezone":"Europe/London"}"#;
-    let (first, replayed) = api
-        .post_idempotent("/api/schedules", &user, key, body)
-        .await
-        .unwrap();
-    assert_eq!((first.status, replayed), (201, false), "{}", first.body);
-    let (again, replayed) = api
-        .post_idempotent("/api/schedules", &user, key, body)
-        .await
-        .unwrap();
-    assert_eq!((again.status, replayed), (201, true), "{}", again.body);
+    let first = post(&api, path, &user, key, body, BOOKED).await;
+    let again = post(&api, path, &user, key, body, REPLAYED).await;
     assert_eq!(again.body, first.body);
     let changed = body.replace("07:00", "08:00");
-    let (reused, _) = api
-        .post_idempotent("/api/schedules", &user, key, &changed)
-        .await
-        .unwrap();
-    assert_eq!(
-        (reused.status, reused.code()),
-        (409, Some("idempotency_key_reused")),
-        "{}",
-        reused.body
-    );
+    post(&api, path, &user, key, &changed, REUSED).await;
 
     let all = schedules(&api, &user).await;
     assert_eq!(all.len(), 1, "one schedule: {all:?}");
@@ -862,34 +846,19 @@ async fn a_refused_request_gives_its_key_back_and_bad_keys_are_refused() {
     let path = "/api/calls/schedule";
     let bad = r#"{"persona_id":"brad","scheduled_time":"tomorrow at seven"}"#;
     for _ in 0..2 {
-        let (refused, replayed) = api.post_idempotent(path, &user, key, bad).await.unwrap();
-        assert_eq!(
-            (refused.status, refused.code(), replayed),
-            (400, Some("invalid_scheduled_time"), false),
-            "{}",
-            refused.body
-        );
+        let refused = (400, Some("invalid_scheduled_time"), false);
+        post(&api, path, &user, key, bad, refused).await;
     }
     let good = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
-    let (booked, replayed) = api.post_idempotent(path, &user, key, &good).await.unwrap();
-    assert_eq!((booked.status, replayed), (201, false), "{}", booked.body);
-    let (again, replayed) = api.post_idempotent(path, &user, key, &good).await.unwrap();
-    assert_eq!((again.status, replayed), (201, true), "{}", again.body);
+    let booked = post(&api, path, &user, key, &good, BOOKED).await;
+    let again = post(&api, path, &user, key, &good, REPLAYED).await;
     assert_eq!(again.body, booked.body);
 
     let other = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
     let too_long = "k".repeat(256);
     for bad_key in [too_long.as_bytes(), b"   ", "naïve".as_bytes()] {
-        let (r, _) = api
-            .post_idempotent(path, &user, Some(bad_key), &other)
-            .await
-            .unwrap();
-        assert_eq!(
-            (r.status, r.code()),
-            (400, Some("invalid_idempotency_key")),
-            "{}",
-            r.body
-        );
+        let invalid = (400, Some("invalid_idempotency_key"), false);
+        post(&api, path, &user, Some(bad_key), &other, invalid).await;
     }
     assert_eq!(
         calls(&api, &user).await.len(),
@@ -897,11 +866,7 @@ async fn a_refused_request_gives_its_key_back_and_bad_keys_are_refused() {
         "no booking came of the bad keys"
     );
     let longest = "~".repeat(255);
-    let (r, _) = api
-        .post_idempotent(path, &user, Some(longest.as_bytes()), &other)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    post(&api, path, &user, Some(longest.as_bytes()), &other, BOOKED).await;
 }
 
 /// Identical bookings sent at once under one key book one call (without the key they

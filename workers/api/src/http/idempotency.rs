@@ -23,7 +23,7 @@ const CLAIM_ATTEMPTS: usize = 2;
 
 /// The request's `Idempotency-Key`, if it sent one; a 400 `invalid_idempotency_key`
 /// when it is not 1 to 255 printable ASCII characters.
-pub fn key(req: &Request) -> ApiResult<Option<String>> {
+fn key(req: &Request) -> ApiResult<Option<String>> {
     let Some(raw) = req.headers().get("idempotency-key").ok().flatten() else {
         return Ok(None);
     };
@@ -63,7 +63,7 @@ pub async fn serve(
 /// under the key is 409 `idempotency_key_reused`, and a repeat while the first still
 /// runs is 409 `idempotency_key_in_progress`. A 4xx answer releases the key; any other
 /// answer, 5xx included, is kept for 24 hours.
-pub async fn run(
+async fn run(
     ctx: &Ctx,
     route: Route,
     user_id: &str,
