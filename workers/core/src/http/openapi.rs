@@ -121,11 +121,17 @@ mod tests {
         let mut ids = BTreeSet::new();
         for (method, path, op) in operations(&doc) {
             let name = format!("{method} {path}");
-            let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{name}: operationId"));
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: operationId"));
             assert!(ids.insert(id.to_owned()), "{name}: operationId {id} twice");
-            let responses = op["responses"].as_object().unwrap_or_else(|| panic!("{name}"));
+            let responses = op["responses"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{name}"));
             assert!(
-                responses.keys().any(|s| s.starts_with('1') || s.starts_with('2')),
+                responses
+                    .keys()
+                    .any(|s| s.starts_with('1') || s.starts_with('2')),
                 "{name}: no success response"
             );
             let mut errors = 0;
@@ -140,7 +146,11 @@ mod tests {
                 let base = schema["allOf"][0]["$ref"]
                     .as_str()
                     .or(schema["$ref"].as_str());
-                assert_eq!(base, Some(error_ref), "{name} {status}: not the error schema");
+                assert_eq!(
+                    base,
+                    Some(error_ref),
+                    "{name} {status}: not the error schema"
+                );
             }
             // Only the two routes answered before configuration is read cannot fail.
             if !["/health", "/openapi.json"].contains(&path.as_str()) {
@@ -168,7 +178,10 @@ mod tests {
     /// Route-table parameters are spelled as OpenAPI templates.
     #[test]
     fn templated_paths_match_openapi_spelling() {
-        assert_eq!(templated("/api/personas/:id/memory"), "/api/personas/{id}/memory");
+        assert_eq!(
+            templated("/api/personas/:id/memory"),
+            "/api/personas/{id}/memory"
+        );
         assert_eq!(templated("/health"), "/health");
     }
 }
