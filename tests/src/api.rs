@@ -1,7 +1,10 @@
 //! A small HTTP client for the Worker's public API, used by the integration tests.
 //!
 //! It speaks plain HTTP/JSON like any frontend would, and returns status + JSON so tests
-//! assert on exactly what a client sees.
+//! assert on exactly what a client sees. Every response it receives is checked against
+//! the OpenAPI document first ([`crate::contract`]): an undocumented status or a body
+//! that does not fit its schema is an error of the request, so every suite using this
+//! client tests the contract too.
 
 use anyhow::Context as _;
 use serde_json::{json, Value};
@@ -155,6 +158,11 @@ impl ApiClient {
             .with_context(|| format!("{method} {path}"))?;
         let headers = resp.headers().clone();
         let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
@@ -166,6 +174,13 @@ impl ApiClient {
                 )
             })?
         };
+        crate::contract::check(
+            method.as_str(),
+            path,
+            status,
+            content_type.as_deref(),
+            &body,
+        )?;
         Ok((Reply { status, body }, headers))
     }
 

@@ -3,6 +3,7 @@
 //! library, where the test stack launcher can use it too.
 
 pub mod admin;
+pub mod api_types;
 pub mod bench;
 pub mod build;
 pub mod dev;

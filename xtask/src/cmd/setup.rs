@@ -171,16 +171,14 @@ fn node(repo: &Repo) -> Result<Node> {
     })
 }
 
-/// wrangler, binaryen and esbuild via `npm ci` from the committed lockfile, only when
+/// wrangler, binaryen, esbuild, openapi-typescript and typescript via `npm ci` from the committed lockfile, only when
 /// `node_modules` is missing or was installed from different manifests.
 fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
-    let what = "npm packages (wrangler, binaryen, esbuild)";
+    let what = "npm packages (wrangler, binaryen, esbuild, openapi-typescript, typescript)";
     let stamp_path = repo.node_modules().join(NPM_STAMP);
     let wanted = manifest_hash(repo)?;
     let installed = std::fs::read_to_string(&stamp_path).unwrap_or_default();
-    let complete = [repo.wrangler_bin(), repo.wasm_opt_bin(), repo.esbuild_bin()]
-        .iter()
-        .all(|p| p.exists());
+    let complete = npm_bins(repo).iter().all(|p| p.exists());
     if installed.trim() == wanted && complete {
         say(what, "ok (already present)");
         return Ok(());
@@ -197,7 +195,7 @@ fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
             .env("PATH", node.path_env()),
         "npm ci",
     )?;
-    for path in [repo.wrangler_bin(), repo.wasm_opt_bin(), repo.esbuild_bin()] {
+    for path in npm_bins(repo) {
         if !path.exists() {
             bail!("npm ci finished but {} is missing", path.display());
         }
@@ -205,6 +203,19 @@ fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
     std::fs::write(&stamp_path, wanted)
         .with_context(|| format!("writing {}", stamp_path.display()))?;
     Ok(())
+}
+
+/// What `npm ci` must have installed: wrangler, binaryen's wasm-opt, esbuild, and the
+/// generator and compiler of the API's TypeScript types (`api_types`).
+fn npm_bins(repo: &Repo) -> [std::path::PathBuf; 5] {
+    let bin = repo.node_modules().join(".bin");
+    [
+        repo.wrangler_bin(),
+        repo.wasm_opt_bin(),
+        repo.esbuild_bin(),
+        bin.join("openapi-typescript"),
+        bin.join("tsc"),
+    ]
 }
 
 fn which_in(dir: &Path, name: &str) -> Option<std::path::PathBuf> {

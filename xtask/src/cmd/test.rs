@@ -13,7 +13,7 @@ use anyhow::Result;
 use clap::Args;
 use xtask::repo::Repo;
 
-use super::{build, cargo, quickstart, run_checked, setup};
+use super::{api_types, build, cargo, quickstart, run_checked, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -76,6 +76,9 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
     };
 
     step("setup", &mut || setup::run(repo))?;
+    step("TypeScript types from openapi.json", &mut || {
+        api_types::run(repo)
+    })?;
     if !args.quick {
         step("cargo fmt --check", &mut || {
             run_checked(
