@@ -7,6 +7,8 @@ pub mod bench;
 pub mod build;
 pub mod dev;
 pub mod devvars;
+pub mod dockerfile;
+pub mod migrate;
 pub mod setup;
 pub mod test;
 pub mod vs_node;

@@ -35,6 +35,7 @@ pub fn run(repo: &Repo) -> Result<()> {
     let node = node(repo)?;
     npm_packages(repo, &node)?;
     postgres()?;
+    super::dockerfile::install(repo)?;
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
