@@ -1,7 +1,7 @@
 //! The voice path under failure and forced endings, each test on its own stack (faults
 //! and kills would disturb other calls): Deepgram dropping mid-call, the relay dying
-//! mid-call, a silent caller, an admin ban ending a live call, a stalled LLM, and a
-//! stream replayed to a second relay.
+//! mid-call, a silent caller, an admin ban ending a live call, a stalled LLM, a
+//! stream replayed to a second relay, and the relay drained by SIGTERM mid-call.
 
 // A failed expectation in a test is a test failure: panicking is the point.
 #![allow(clippy::unwrap_used)]
@@ -429,4 +429,96 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
     );
     let heard = heard_by(&v, number);
     assert!(heard.contains("Still here with you."), "{heard}");
+}
+
+/// SIGTERM mid-call, as a container host stops a relay: `/health` turns 503 `draining`,
+/// a new stream is refused, the live call goes on (the caller is heard and answered after
+/// the signal), and the process exits 0 once that call has ended.
+#[tokio::test]
+async fn sigterm_drains_the_relay_then_it_exits_cleanly() {
+    use cmb_tests::harness::TWILIO_AUTH_TOKEN;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error as WsError};
+
+    let mut v = VoiceStack::start(vec!["Still here, after the signal.".into()]);
+    let relay = v.stack.relay_url().unwrap();
+    let health_url = relay
+        .replace("ws://", "http://")
+        .replace("/twilio", "/health");
+    let api = v.api();
+    let user = api.register_user("drain").await.unwrap();
+    let number = "+16285550129";
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Pause(3000),
+            Step::Say(Utterance::text("are you still there")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
+    wait_persona_lines(&v, number, 1).await;
+    v.stack.terminate("relay").unwrap();
+
+    // Draining: 503 `draining` on /health (the listener stays open to say so).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let res = reqwest::get(&health_url).await.unwrap();
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap();
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never draining: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health["status"], "draining", "{health}");
+    assert_eq!(health["checks"]["active_calls"], 1, "{health}");
+
+    // A new, correctly signed stream is refused before the upgrade.
+    let mut req = relay.as_str().into_client_request().unwrap();
+    let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &relay, &[]);
+    req.headers_mut()
+        .insert("X-Twilio-Signature", sig.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(WsError::Http(res)) => {
+            assert_eq!(res.status().as_u16(), 503);
+            let body: Value =
+                serde_json::from_slice(res.body().as_deref().unwrap_or(b"{}")).unwrap();
+            assert_eq!(body["error"]["code"], "draining", "{body}");
+        }
+        other => panic!("a new stream was not refused: {other:?}"),
+    }
+
+    // The live call goes on: the caller's line after the signal is heard and answered.
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    assert!(
+        user_lines(&done)
+            .iter()
+            .any(|l| l.contains("are you still there")),
+        "{done}"
+    );
+    let heard = heard_by(&v, number);
+    assert!(heard.contains("Still here, after the signal."), "{heard}");
+    assert!(!heard.contains("Sorry, we lost the connection"), "{heard}");
+
+    // And once the call has ended, the relay exits by itself, successfully.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = v.stack.exited("relay").unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay still running after its last call: {}",
+            v.stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "relay exit: {status}\n{}", v.stack.logs());
 }
