@@ -51,6 +51,32 @@ fn heard_by(v: &VoiceStack, number: &str) -> String {
         .heard_text
 }
 
+/// The callee at `number` hears the greeting, waits `pause_ms`, asks "are you still
+/// there", hears the answer and hangs up.
+fn still_there_callee(v: &VoiceStack, number: &str, pause_ms: u64) {
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Pause(pause_ms),
+            Step::Say(Utterance::text("are you still there")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+}
+
+/// A stream upgrade to the relay at `url` signed as Twilio signs it.
+fn signed_stream_request(url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    let sig =
+        cmb_core::twilio_sig::compute_signature(cmb_tests::harness::TWILIO_AUTH_TOKEN, url, &[]);
+    req.headers_mut()
+        .insert("X-Twilio-Signature", sig.parse().unwrap());
+    req
+}
+
 fn user_lines(body: &Value) -> Vec<String> {
     body["transcript"]
         .as_array()
@@ -362,25 +388,15 @@ async fn a_stalled_llm_holds_up_neither_twilio_nor_the_call() {
 /// impostor is closed with 1008, nothing is opened for it, and the real call goes on.
 #[tokio::test]
 async fn a_stream_replayed_to_another_relay_is_refused() {
-    use cmb_tests::harness::TWILIO_AUTH_TOKEN;
     use futures::SinkExt;
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    use tokio_tungstenite::tungstenite::Message;
 
     let mut v = VoiceStack::start(vec!["Still here with you.".into()]);
     let second_relay = v.stack.start_another_relay().unwrap();
     let api = v.api();
     let user = api.register_user("replay").await.unwrap();
     let number = "+16285550128";
-    v.twilio.set_script(
-        number,
-        CalleeScript::answer(SimScript::new(vec![
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::Pause(5000),
-            Step::Say(Utterance::text("are you still there")),
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::HangUp,
-        ])),
-    );
+    still_there_callee(&v, number, 5000);
     let id = api.trigger_call(&user, "alex", number).await.unwrap();
     let live = wait_persona_lines(&v, number, 1).await;
     let stream = live.streams.first().expect("the real stream").clone();
@@ -388,10 +404,7 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
     let elevenlabs_before = v.elevenlabs.connections().len();
 
     // Replay exactly what Twilio sent, with a valid signature for the second relay.
-    let mut req = second_relay.as_str().into_client_request().unwrap();
-    let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &second_relay, &[]);
-    req.headers_mut()
-        .insert("X-Twilio-Signature", sig.parse().unwrap());
+    let req = signed_stream_request(&second_relay);
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let params: serde_json::Map<String, Value> = stream
         .custom_parameters
@@ -436,8 +449,7 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
 /// the signal), and the process exits 0 once that call has ended.
 #[tokio::test]
 async fn sigterm_drains_the_relay_then_it_exits_cleanly() {
-    use cmb_tests::harness::TWILIO_AUTH_TOKEN;
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error as WsError};
+    use tokio_tungstenite::tungstenite::Error as WsError;
 
     let mut v = VoiceStack::start(vec!["Still here, after the signal.".into()]);
     let relay = v.stack.relay_url().unwrap();
@@ -447,16 +459,7 @@ async fn sigterm_drains_the_relay_then_it_exits_cleanly() {
     let api = v.api();
     let user = api.register_user("drain").await.unwrap();
     let number = "+16285550129";
-    v.twilio.set_script(
-        number,
-        CalleeScript::answer(SimScript::new(vec![
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::Pause(3000),
-            Step::Say(Utterance::text("are you still there")),
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::HangUp,
-        ])),
-    );
+    still_there_callee(&v, number, 3000);
     let id = api.trigger_call(&user, "alex", number).await.unwrap();
     wait_persona_lines(&v, number, 1).await;
     v.stack.terminate("relay").unwrap();
@@ -477,10 +480,7 @@ async fn sigterm_drains_the_relay_then_it_exits_cleanly() {
     assert_eq!(health["checks"]["active_calls"], 1, "{health}");
 
     // A new, correctly signed stream is refused before the upgrade.
-    let mut req = relay.as_str().into_client_request().unwrap();
-    let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &relay, &[]);
-    req.headers_mut()
-        .insert("X-Twilio-Signature", sig.parse().unwrap());
+    let req = signed_stream_request(&relay);
     match tokio_tungstenite::connect_async(req).await {
         Err(WsError::Http(res)) => {
             assert_eq!(res.status().as_u16(), 503);
