@@ -451,11 +451,14 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
 async fn sigterm_drains_the_relay_then_it_exits_cleanly() {
     use tokio_tungstenite::tungstenite::Error as WsError;
 
-    let mut v = VoiceStack::start(vec!["Still here, after the signal.".into()]);
-    let relay = v.stack.relay_url().unwrap();
-    let health_url = relay
-        .replace("ws://", "http://")
-        .replace("/twilio", "/health");
+    // Longer than the call, so the call ends by itself, not at the deadline.
+    let mut v = VoiceStack::start_with_relay_env(
+        vec!["Still here, after the signal.".into()],
+        [("RELAY_DRAIN_SECS".to_owned(), "60".to_owned())].into(),
+    );
+    let base = v.stack.relay_url().unwrap();
+    let health_url = format!("{base}/health");
+    let relay = format!("{}/twilio", base.replace("http://", "ws://"));
     let api = v.api();
     let user = api.register_user("drain").await.unwrap();
     let number = "+16285550129";
@@ -469,7 +472,9 @@ async fn sigterm_drains_the_relay_then_it_exits_cleanly() {
     let health = loop {
         let res = reqwest::get(&health_url).await.unwrap();
         let status = res.status().as_u16();
-        let body: Value = res.json().await.unwrap();
+        let text = res.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("/health {status} answered {text:?}: {e}"));
         if status == 503 {
             break body;
         }
