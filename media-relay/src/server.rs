@@ -103,9 +103,9 @@ async fn drain(
         // No signal can come any more: serve until the process is killed.
         std::future::pending::<()>().await;
     }
-    let OnSignal::StartDraining { .. } = machine.signal(Instant::now()) else {
-        unreachable!("the first signal always starts draining");
-    };
+    if let OnSignal::ExitNow = machine.signal(Instant::now()) {
+        anyhow::bail!("shutdown signal while already draining");
+    }
     state.start_draining();
     let tracker = state.tracker();
     // Closed: `wait` resolves once the calls in it have ended (none can join while draining).
@@ -146,14 +146,13 @@ async fn drain(
                     signal = signals.recv(), if signals_open => match signal {
                         None => signals_open = false,
                         Some(()) => {
-                            let OnSignal::ExitNow = machine.signal(Instant::now()) else {
-                                unreachable!("a second signal always exits");
-                            };
-                            state.shutdown_token().cancel();
-                            anyhow::bail!(
-                                "second shutdown signal: exiting at once, abandoning {} call(s)",
-                                tracker.len()
-                            );
+                            if let OnSignal::ExitNow = machine.signal(Instant::now()) {
+                                state.shutdown_token().cancel();
+                                anyhow::bail!(
+                                    "second shutdown signal: exiting at once, abandoning {} call(s)",
+                                    tracker.len()
+                                );
+                            }
                         }
                     },
                 }
