@@ -12,14 +12,17 @@
 //!   [`ws`] (connect and backoff), [`greeting`] (greetings synthesized while the phone
 //!   rings, over ElevenLabs' HTTP API);
 //! - process: [`config`], [`state`] (shared by `server` and `call`, depending on neither),
-//!   [`server`], [`metrics`], [`nonce`].
+//!   [`server`], [`drain`] (the pure shutdown decision `server::run` carries out),
+//!   [`healthcheck`] (the binary's `healthcheck` subcommand), [`metrics`], [`nonce`].
 
 pub mod call;
 pub mod config;
 pub mod control;
 pub mod deepgram;
+pub mod drain;
 pub mod elevenlabs;
 pub mod greeting;
+pub mod healthcheck;
 pub mod machine;
 pub mod metrics;
 pub mod nonce;

@@ -1,4 +1,6 @@
-//! The `media-relay` binary: reads config, binds, serves until SIGINT/SIGTERM.
+//! The `media-relay` binary: reads config, binds, serves until SIGINT/SIGTERM, then drains
+//! (`drain.rs`). `media-relay healthcheck` instead checks a running relay's `/health`
+//! (the container's `HEALTHCHECK`; `healthcheck.rs`) and exits 0 when it is alive.
 //!
 //! Owns only process concerns (logging, signals, the listen socket). A bad config does
 //! not stop the process: it still binds so `/health` can name the problems.
@@ -12,23 +14,51 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
+    let mut args = std::env::args().skip(1);
+    match (args.next().as_deref(), args.next()) {
+        (None, _) => serve().await,
+        (Some("healthcheck"), None) => healthcheck().await,
+        _ => anyhow::bail!("usage: media-relay [healthcheck]"),
+    }
+}
 
-    let config = Config::from_env();
-    let listen = match &config {
-        Ok(c) => c.listen,
+/// The address the relay binds (`RELAY_LISTEN`), read as the relay reads it.
+fn listen_address(
+    config: &Result<Config, media_relay::ConfigError>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    match config {
+        Ok(c) => Ok(c.listen),
         Err(e) => match e.listen {
-            Some(addr) => addr,
+            Some(addr) => Ok(addr),
             // Without an address there is nowhere to report from: fail loudly instead.
             None => anyhow::bail!("{e}"),
         },
-    };
+    }
+}
+
+/// Exit 0 when the relay at `RELAY_LISTEN` answers `/health` alive within the deadline.
+async fn healthcheck() -> anyhow::Result<()> {
+    let addr = media_relay::healthcheck::target(listen_address(&Config::from_env())?);
+    match media_relay::healthcheck::check(addr).await {
+        Ok(status) => {
+            println!("media-relay at {addr}: {status}");
+            Ok(())
+        }
+        Err(why) => anyhow::bail!("media-relay at {addr} is not healthy: {why}"),
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
+    init_logging();
+
+    let config = Config::from_env();
+    let listen = listen_address(&config)?;
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     // The dev launcher waits for this line (then polls /health).
     println!("media-relay listening on http://{addr}");
     tracing::info!(%addr, "media-relay listening");
-    run(listener, config, shutdown_signal()).await
+    run(listener, config, shutdown_signals()?).await
 }
 
 /// JSON lines (one object per event, the span's `call_id`/`call_sid`/`stream_sid` with
@@ -58,30 +88,35 @@ fn init_logging() {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM (container orchestrators send the latter).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// One item per SIGINT or SIGTERM (container hosts send the latter), for as long as
+/// the relay runs: the first starts draining, a second exits at once.
+fn shutdown_signals() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use anyhow::Context as _;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+                if tx.send(()).await.is_err() {
+                    return;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            if tx.send(()).await.is_err() {
+                return;
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
+    });
+    Ok(rx)
 }

@@ -1,13 +1,13 @@
 //! HTTP surface and process lifecycle: `app(state)` (routes `/health`, `/metrics`,
-//! `/twilio`, and the DO's `PUT /internal/calls/{id}/greeting`) and `run(listener, config, shutdown)`.
+//! `/twilio`, and the DO's `PUT /internal/calls/{id}/greeting`) and `run(listener, config, signals)`
+//! (serving, then draining on SIGTERM: `drain.rs` decides).
 //!
 //! Owns the upgrade gate: config present, Twilio signature valid, capacity available. It must not
 //! hold per-call logic; an upgraded socket is handed to `call::serve` and its errors are
 //! logged there, never reaching the accept loop.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
@@ -18,7 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::json;
+use std::future::IntoFuture as _;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 pub use crate::state::{AppState, CallSlot};
@@ -40,17 +42,18 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then gives in-flight calls
-/// `config.shutdown_grace` to close cleanly.
+/// Serves `app` on `listener` until the relay has drained (`drain.rs`): the first item of
+/// `signals` (SIGTERM or SIGINT) starts draining, calls in progress go on until they end
+/// or `RELAY_DRAIN_SECS` runs out, then `run` returns `Ok`. A second signal returns at
+/// once with an error naming the calls abandoned. `signals` ending means no more signals.
 pub async fn run(
     listener: TcpListener,
     config: Result<Config, ConfigError>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut signals: tokio::sync::mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let grace = config.as_ref().map_or(Duration::ZERO, |c| c.shutdown_grace);
     let state = AppState::new(config);
     state.log_config_problems();
-    let token = state.shutdown_token().clone();
     // Audio goes out as small paced writes (a burst is written in 1 KiB pieces): with
     // Nagle, each piece after the first would wait for Twilio's ACK of the one before,
     // up to a delayed-ACK timeout (40 ms on Linux). The provider sockets the relay opens
@@ -60,24 +63,102 @@ pub async fn run(
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on a Twilio socket");
         }
     });
-    let serve = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: refusing new calls, closing active ones");
-        // Upgraded sockets are detached from hyper's connection tracking, so the calls
-        // are told directly.
-        token.cancel();
-    });
-    serve.await?;
+    // The listener stays open while draining, so `/health` can say so.
+    let stop_serving = CancellationToken::new();
+    let serve = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(stop_serving.clone().cancelled_owned());
+    let mut server = tokio::spawn(serve.into_future());
 
-    let tracker = state.tracker();
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            remaining = tracker.len(),
-            "grace period over; abandoning calls"
-        );
+    let outcome = tokio::select! {
+        outcome = drain(&state, grace, &mut signals) => outcome,
+        served = &mut server => Err(match served {
+            Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped by itself"),
+            Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
+            Err(e) => anyhow::Error::new(e).context("the HTTP server task failed"),
+        }),
+    };
+    stop_serving.cancel();
+    if !server.is_finished()
+        && tokio::time::timeout(crate::drain::CLOSE_BOUND, &mut server)
+            .await
+            .is_err()
+    {
+        tracing::warn!("HTTP connections still open at exit; dropping them");
+        server.abort();
     }
-    Ok(())
+    outcome
+}
+
+/// The shell of `drain::Drain`: waits for the first signal, drains, and closes what is
+/// left at the deadline.
+async fn drain(
+    state: &AppState,
+    grace: Duration,
+    signals: &mut tokio::sync::mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    use crate::drain::{Drain, OnSignal, Step};
+
+    let mut machine = Drain::new(grace);
+    if signals.recv().await.is_none() {
+        // No signal can come any more: serve until the process is killed.
+        std::future::pending::<()>().await;
+    }
+    if let OnSignal::ExitNow = machine.signal(Instant::now()) {
+        anyhow::bail!("shutdown signal while already draining");
+    }
+    state.start_draining();
+    let tracker = state.tracker();
+    // Closed: `wait` resolves once the calls in it have ended (none can join while draining).
+    tracker.close();
+    tracing::info!(
+        active_calls = tracker.len(),
+        drain_secs = grace.as_secs(),
+        "shutdown requested: draining (new calls refused, calls in progress go on)"
+    );
+    let mut signals_open = true;
+    loop {
+        match machine.step(Instant::now(), tracker.len()) {
+            Step::AllCallsEnded => {
+                tracing::info!("drained: every call has ended");
+                return Ok(());
+            }
+            Step::DeadlineReached { open } => {
+                tracing::warn!(
+                    open,
+                    "drain deadline (RELAY_DRAIN_SECS) reached: closing the calls still open"
+                );
+                state.shutdown_token().cancel();
+                if tokio::time::timeout(crate::drain::CLOSE_BOUND, tracker.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        remaining = tracker.len(),
+                        "calls did not close in time; abandoning them"
+                    );
+                }
+                return Ok(());
+            }
+            Step::Wait { until } => {
+                tokio::select! {
+                    () = tracker.wait() => {}
+                    () = tokio::time::sleep_until(until.into()) => {}
+                    signal = signals.recv(), if signals_open => match signal {
+                        None => signals_open = false,
+                        Some(()) => {
+                            if let OnSignal::ExitNow = machine.signal(Instant::now()) {
+                                state.shutdown_token().cancel();
+                                anyhow::bail!(
+                                    "second shutdown signal: exiting at once, abandoning {} call(s)",
+                                    tracker.len()
+                                );
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    }
 }
 
 /// 200 `ok` while the relay takes calls; 503 when it cannot take one more, so a load
@@ -99,7 +180,7 @@ async fn health(State(state): State<AppState>) -> Response {
                 .into_response();
         }
     };
-    let status = if state.shutdown_token().is_cancelled() {
+    let status = if state.is_draining() {
         "draining"
     } else if active >= config.max_calls {
         "full"
@@ -148,6 +229,13 @@ async fn prepare_greeting(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Invalid relay credentials.",
+        );
+    }
+    if state.is_draining() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "The relay is shutting down and takes no new calls.",
         );
     }
     if !crate::greeting::call_id_ok(&call_id) {
@@ -219,11 +307,13 @@ async fn twilio(
             );
         }
     };
-    if state.shutdown_token().is_cancelled() {
+    if state.is_draining() {
+        tracing::warn!("refusing Twilio stream: relay is draining");
+        state.metrics().call_ended("rejected_draining");
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "relay is shutting down",
+            "draining",
+            "The relay is shutting down and takes no new calls.",
         );
     }
     let signature = headers
@@ -355,7 +445,7 @@ mod tests {
         let (status, body) = get_json(app(state.clone()), "/health").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ok");
-        state.shutdown_token().cancel();
+        state.start_draining();
         let (status, body) = get_json(app(state), "/health").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["status"], "draining");

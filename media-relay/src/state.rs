@@ -1,6 +1,6 @@
 //! Process-wide state shared by the HTTP surface (`server`) and every call (`call`):
 //! configuration, metrics, call slots, the stream-token replay cache, the greetings staged
-//! while phones ring, and the shutdown signal. Both depend on this module; it depends on neither.
+//! while phones ring, and the draining and shutdown signals. Both depend on this module; it depends on neither.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +26,7 @@ struct Shared {
     active_calls: AtomicUsize,
     nonces: Mutex<NonceCache>,
     greetings: Arc<Greetings>,
+    draining: CancellationToken,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -46,6 +47,7 @@ impl AppState {
                 active_calls: AtomicUsize::new(0),
                 nonces: Mutex::new(NonceCache::new(nonce_capacity)),
                 greetings: Arc::new(Greetings::new(staged_capacity)),
+                draining: CancellationToken::new(),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
@@ -72,9 +74,21 @@ impl AppState {
         self.inner.active_calls.load(Ordering::Acquire)
     }
 
-    /// Cancelled when the process starts shutting down; calls close cleanly on it.
+    /// Cancelled when the calls still open must close (the drain deadline, or at once
+    /// with `RELAY_DRAIN_SECS=0`); calls close cleanly on it.
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// From the first shutdown signal on (`drain.rs`): new streams and greetings are
+    /// refused and `/health` answers 503 `draining`, while calls in progress go on.
+    pub fn start_draining(&self) {
+        self.inner.draining.cancel();
+    }
+
+    /// Whether the relay is draining (or past it, shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.is_cancelled() || self.inner.shutdown.is_cancelled()
     }
 
     /// Records a stream-token nonce, refusing one already used and not yet expired.

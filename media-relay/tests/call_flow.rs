@@ -426,14 +426,14 @@ async fn server_enforces_capacity_and_shuts_down() {
         ("DEEPGRAM_API_KEY", "dg"),
         ("ELEVENLABS_API_KEY", "xi"),
         ("RELAY_MAX_CALLS", "1"),
+        // No drain: the call still open is closed at the signal.
+        ("RELAY_DRAIN_SECS", "0"),
     ]);
     let cfg = Config::from_lookup(|k| vars.get(k).map(|v| (*v).to_owned())).expect("valid config");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(media_relay::run(listener, Ok(cfg), async {
-        let _ = stopped.await;
-    }));
+    let (stop, stopped) = tokio::sync::mpsc::channel::<()>(1);
+    let server = tokio::spawn(media_relay::run(listener, Ok(cfg), stopped));
 
     let signed = || {
         let url = format!("ws://{addr}/twilio");
@@ -456,7 +456,7 @@ async fn server_enforces_capacity_and_shuts_down() {
         other => panic!("expected a 1013 close, got {other:?}"),
     }
 
-    stop.send(()).expect("server running");
+    stop.send(()).await.expect("server running");
     timeout(WAIT, server)
         .await
         .expect("run returns within the grace period")

@@ -282,6 +282,22 @@ impl VoiceStack {
             extra_worker_vars,
             false,
             &ProviderDelays::default(),
+            BTreeMap::new(),
+        )
+    }
+
+    /// Like [`VoiceStack::start`], with extra relay settings (e.g. a longer
+    /// `RELAY_DRAIN_SECS` than the test stacks' 3 s).
+    pub fn start_with_relay_env(
+        replies: Vec<String>,
+        extra_relay_env: BTreeMap<String, String>,
+    ) -> VoiceStack {
+        Self::start_full(
+            replies,
+            BTreeMap::new(),
+            false,
+            &ProviderDelays::default(),
+            extra_relay_env,
         )
     }
 
@@ -292,7 +308,7 @@ impl VoiceStack {
         extra_worker_vars: BTreeMap<String, String>,
         delays: &ProviderDelays,
     ) -> VoiceStack {
-        Self::start_full(replies, extra_worker_vars, false, delays)
+        Self::start_full(replies, extra_worker_vars, false, delays, BTreeMap::new())
     }
 
     /// The `cargo xtask dev` demo's providers: the fake LLM acts (`cerebras::acting`),
@@ -303,6 +319,7 @@ impl VoiceStack {
             BTreeMap::new(),
             true,
             &ProviderDelays::default(),
+            BTreeMap::new(),
         )
     }
 
@@ -311,6 +328,7 @@ impl VoiceStack {
         extra_worker_vars: BTreeMap<String, String>,
         demo: bool,
         delays: &ProviderDelays,
+        extra_relay_env: BTreeMap<String, String>,
     ) -> VoiceStack {
         use fakes::{cerebras, deepgram, elevenlabs, twilio};
         let mut tcfg = twilio::Config::new(TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN);
@@ -355,7 +373,7 @@ impl VoiceStack {
         // The launcher points RELAY_URL at the relay it starts.
         worker_vars.remove("RELAY_URL");
         worker_vars.extend(extra_worker_vars);
-        let relay_env = BTreeMap::from([
+        let mut relay_env = BTreeMap::from([
             ("DEEPGRAM_API_KEY".to_string(), DG_KEY.to_string()),
             (
                 "DEEPGRAM_URL".to_string(),
@@ -364,6 +382,7 @@ impl VoiceStack {
             ("ELEVENLABS_API_KEY".to_string(), XI_KEY.to_string()),
             ("ELEVENLABS_URL".to_string(), elevenlabs.ws_url()),
         ]);
+        relay_env.extend(extra_relay_env);
         let opts = with_backend(
             StackOptions {
                 worker_vars,

@@ -293,15 +293,26 @@ impl Stack {
     /// Kills a service at once: SIGKILL to its whole process group, as a crash would, with
     /// no chance to shut down cleanly. `name` is `worker`, `relay` or `fakes`.
     pub fn kill(&mut self, name: &str) -> Result<()> {
+        self.service(name)?.kill()
+    }
+
+    /// Sends SIGTERM to a service's process group (what a container host sends to stop
+    /// it), leaving it to shut down as it does.
+    pub fn terminate(&mut self, name: &str) -> Result<()> {
+        self.service(name)?.signal(xtask::service::Signal::SIGTERM)
+    }
+
+    /// The service's exit status once it has ended by itself, `None` while it runs.
+    pub fn exited(&mut self, name: &str) -> Result<Option<std::process::ExitStatus>> {
+        self.service(name)?.exited()
+    }
+
+    fn service(&mut self, name: &str) -> Result<&mut Service> {
         let prefixed = format!("{name}:");
-        let Some(service) = self
-            .services
+        self.services
             .iter_mut()
             .find(|s| s.name() == name || s.name().starts_with(&prefixed))
-        else {
-            bail!("no service named {name} in this stack");
-        };
-        service.kill()
+            .with_context(|| format!("no service named {name} in this stack"))
     }
 
     /// Starts one more relay on a new port, with this stack's relay settings (same Worker,

@@ -1,7 +1,7 @@
 //! The voice path under failure and forced endings, each test on its own stack (faults
 //! and kills would disturb other calls): Deepgram dropping mid-call, the relay dying
-//! mid-call, a silent caller, an admin ban ending a live call, a stalled LLM, and a
-//! stream replayed to a second relay.
+//! mid-call, a silent caller, an admin ban ending a live call, a stalled LLM, a
+//! stream replayed to a second relay, and the relay drained by SIGTERM mid-call.
 
 // A failed expectation in a test is a test failure: panicking is the point.
 #![allow(clippy::unwrap_used)]
@@ -49,6 +49,32 @@ fn heard_by(v: &VoiceStack, number: &str) -> String {
         .find(|c| c.to == number)
         .unwrap()
         .heard_text
+}
+
+/// The callee at `number` hears the greeting, waits `pause_ms`, asks "are you still
+/// there", hears the answer and hangs up.
+fn still_there_callee(v: &VoiceStack, number: &str, pause_ms: u64) {
+    v.twilio.set_script(
+        number,
+        CalleeScript::answer(SimScript::new(vec![
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::Pause(pause_ms),
+            Step::Say(Utterance::text("are you still there")),
+            Step::WaitForPersonaToFinish { silence_ms: 700 },
+            Step::HangUp,
+        ])),
+    );
+}
+
+/// A stream upgrade to the relay at `url` signed as Twilio signs it.
+fn signed_stream_request(url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    let sig =
+        cmb_core::twilio_sig::compute_signature(cmb_tests::harness::TWILIO_AUTH_TOKEN, url, &[]);
+    req.headers_mut()
+        .insert("X-Twilio-Signature", sig.parse().unwrap());
+    req
 }
 
 fn user_lines(body: &Value) -> Vec<String> {
@@ -362,25 +388,15 @@ async fn a_stalled_llm_holds_up_neither_twilio_nor_the_call() {
 /// impostor is closed with 1008, nothing is opened for it, and the real call goes on.
 #[tokio::test]
 async fn a_stream_replayed_to_another_relay_is_refused() {
-    use cmb_tests::harness::TWILIO_AUTH_TOKEN;
     use futures::SinkExt;
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    use tokio_tungstenite::tungstenite::Message;
 
     let mut v = VoiceStack::start(vec!["Still here with you.".into()]);
     let second_relay = v.stack.start_another_relay().unwrap();
     let api = v.api();
     let user = api.register_user("replay").await.unwrap();
     let number = "+16285550128";
-    v.twilio.set_script(
-        number,
-        CalleeScript::answer(SimScript::new(vec![
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::Pause(5000),
-            Step::Say(Utterance::text("are you still there")),
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::HangUp,
-        ])),
-    );
+    still_there_callee(&v, number, 5000);
     let id = api.trigger_call(&user, "alex", number).await.unwrap();
     let live = wait_persona_lines(&v, number, 1).await;
     let stream = live.streams.first().expect("the real stream").clone();
@@ -388,10 +404,7 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
     let elevenlabs_before = v.elevenlabs.connections().len();
 
     // Replay exactly what Twilio sent, with a valid signature for the second relay.
-    let mut req = second_relay.as_str().into_client_request().unwrap();
-    let sig = cmb_core::twilio_sig::compute_signature(TWILIO_AUTH_TOKEN, &second_relay, &[]);
-    req.headers_mut()
-        .insert("X-Twilio-Signature", sig.parse().unwrap());
+    let req = signed_stream_request(&second_relay);
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let params: serde_json::Map<String, Value> = stream
         .custom_parameters
@@ -429,4 +442,88 @@ async fn a_stream_replayed_to_another_relay_is_refused() {
     );
     let heard = heard_by(&v, number);
     assert!(heard.contains("Still here with you."), "{heard}");
+}
+
+/// SIGTERM mid-call, as a container host stops a relay: `/health` turns 503 `draining`,
+/// a new stream is refused, the live call goes on (the caller is heard and answered after
+/// the signal), and the process exits 0 once that call has ended.
+#[tokio::test]
+async fn sigterm_drains_the_relay_then_it_exits_cleanly() {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+
+    // Longer than the call, so the call ends by itself, not at the deadline.
+    let mut v = VoiceStack::start_with_relay_env(
+        vec!["Still here, after the signal.".into()],
+        [("RELAY_DRAIN_SECS".to_owned(), "60".to_owned())].into(),
+    );
+    let base = v.stack.relay_url().unwrap();
+    let health_url = format!("{base}/health");
+    let relay = format!("{}/twilio", base.replace("http://", "ws://"));
+    let api = v.api();
+    let user = api.register_user("drain").await.unwrap();
+    let number = "+16285550129";
+    still_there_callee(&v, number, 3000);
+    let id = api.trigger_call(&user, "alex", number).await.unwrap();
+    wait_persona_lines(&v, number, 1).await;
+    v.stack.terminate("relay").unwrap();
+
+    // Draining: 503 `draining` on /health (the listener stays open to say so).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let res = reqwest::get(&health_url).await.unwrap();
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("/health {status} answered {text:?}: {e}"));
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never draining: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health["status"], "draining", "{health}");
+    assert_eq!(health["checks"]["active_calls"], 1, "{health}");
+
+    // A new, correctly signed stream is refused before the upgrade.
+    let req = signed_stream_request(&relay);
+    match tokio_tungstenite::connect_async(req).await {
+        Err(WsError::Http(res)) => {
+            assert_eq!(res.status().as_u16(), 503);
+            let body: Value =
+                serde_json::from_slice(res.body().as_deref().unwrap_or(b"{}")).unwrap();
+            assert_eq!(body["error"]["code"], "draining", "{body}");
+        }
+        other => panic!("a new stream was not refused: {other:?}"),
+    }
+
+    // The live call goes on: the caller's line after the signal is heard and answered.
+    let done = api
+        .wait_settled(&user, &id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done["call"]["status"], "completed", "{done}");
+    assert!(
+        user_lines(&done)
+            .iter()
+            .any(|l| l.contains("are you still there")),
+        "{done}"
+    );
+    let heard = heard_by(&v, number);
+    assert!(heard.contains("Still here, after the signal."), "{heard}");
+    assert!(!heard.contains("Sorry, we lost the connection"), "{heard}");
+
+    // And once the call has ended, the relay exits by itself, successfully.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = v.stack.exited("relay").unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay still running after its last call: {}",
+            v.stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "relay exit: {status}\n{}", v.stack.logs());
 }

@@ -4,6 +4,7 @@
 //! - `build-worker`: build the Worker with worker-build, offline.
 //! - `dev`: the whole local stack (Worker, relay, fakes) until Ctrl-C.
 //! - `test`: everything CI checks, in order, failing on the first problem.
+//! - `migrate --database-url URL`: the Postgres migrations a database has not had yet.
 //! - `admin grant|revoke EMAIL`: give or take an account's admin role (the only way).
 //! - `bench relay`: the media relay under load; `bench latency`: call latency with
 //!   realistic providers, techniques off and on (figures in docs/PERFORMANCE.md).
@@ -48,6 +49,8 @@ enum Command {
     Quickstart,
     /// Setup, format check, clippy (native and wasm32), Worker build, all tests.
     Test(cmd::test::TestArgs),
+    /// Apply the Postgres migrations a database has not had yet (tracked; safe to re-run).
+    Migrate(cmd::migrate::MigrateArgs),
     /// Grant or revoke an account's admin role (`admin grant EMAIL [--remote | --database-url URL]`).
     Admin(cmd::admin::AdminArgs),
     /// Benchmarks (`cargo xtask bench relay [--calls N --duration S --ramp S] [-- RELAY_BENCH_ARGS]`,
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Quickstart => cmd::quickstart::run(&repo),
         Command::Bench(args) => cmd::bench::run(&repo, &args),
         Command::Admin(args) => cmd::admin::run(&repo, &args),
+        Command::Migrate(args) => cmd::migrate::run(&repo, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

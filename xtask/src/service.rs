@@ -22,7 +22,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::killpg;
+pub use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 /// The wrapper run as `sh -c WRAPPER sh PROGRAM ARGS...`.
@@ -394,9 +395,15 @@ impl Service {
     /// SIGKILL to the whole group at once, as a crash would: no clean shutdown. The
     /// service is reaped later by [`Service::stop`] or drop. A group already gone is fine.
     pub fn kill(&mut self) -> Result<()> {
-        match killpg(self.pgid, Signal::SIGKILL) {
+        self.signal(Signal::SIGKILL)
+    }
+
+    /// Sends `signal` to the service's whole process group; a group already gone is not
+    /// an error.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        match killpg(self.pgid, signal) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("killing {}", self.name)),
+            Err(e) => Err(e).with_context(|| format!("sending {signal} to {}", self.name)),
         }
     }
 }

@@ -9,6 +9,8 @@ pub mod build;
 pub mod dev;
 pub mod devvars;
 pub mod quickstart;
+pub mod dockerfile;
+pub mod migrate;
 pub mod setup;
 pub mod test;
 pub mod vs_node;

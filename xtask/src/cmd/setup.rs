@@ -39,6 +39,7 @@ pub fn run(repo: &Repo) -> Result<()> {
     for tool in ["curl", "jq"] {
         debian_tool(tool)?;
     }
+    super::dockerfile::install(repo)?;
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }

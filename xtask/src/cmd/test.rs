@@ -116,6 +116,9 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
                 "cargo clippy --target wasm32-unknown-unknown",
             )
         })?;
+        step("hadolint (Dockerfiles)", &mut || {
+            super::dockerfile::lint(repo)
+        })?;
     }
     step("build the Worker (dev)", &mut || {
         build::build_worker(repo, false)
