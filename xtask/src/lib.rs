@@ -7,6 +7,7 @@
 //! quick to build. Nothing here installs anything; that is `cargo xtask setup`'s job.
 
 pub mod admin;
+pub mod deploy;
 pub mod health;
 pub mod net;
 pub mod pg;

@@ -42,7 +42,10 @@ pub fn build_worker(repo: &Repo, release: bool) -> Result<()> {
         if !wasm_opt.is_file() {
             bail!("{} missing: run `cargo xtask setup`", wasm_opt.display());
         }
-        cmd.arg("--release").env("WASM_OPT_BIN", wasm_opt);
+        // The size-bound profile (root Cargo.toml `[profile.worker-release]`; wasm-opt
+        // `-Oz` from workers/api's `[package.metadata.wasm-pack.profile.custom]`).
+        cmd.args(["--profile", "worker-release"])
+            .env("WASM_OPT_BIN", wasm_opt);
     } else {
         cmd.args(["--dev", "--no-opt"]);
     }

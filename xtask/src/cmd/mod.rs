@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod bench;
 pub mod build;
+pub mod deploy_check;
 pub mod dev;
 pub mod devvars;
 pub mod setup;

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI checks, in a fixed order, stopping at the first
-//! failure: setup, rustfmt, clippy (native and wasm32), the Worker build, the native
+//! failure: setup, rustfmt, clippy (native and wasm32), the deploy rehearsal
+//! (`cargo xtask deploy-check`), the Worker build, the native
 //! binaries the stack launcher runs, then `cargo test --workspace` (unit and integration
 //! tests; the integration tests start their own `wrangler dev` via `cmb_tests::stack`) on
 //! D1, and the Worker-backed integration suites once more on PostgreSQL.
@@ -13,7 +14,7 @@ use anyhow::Result;
 use clap::Args;
 use xtask::repo::Repo;
 
-use super::{build, cargo, run_checked, setup};
+use super::{build, cargo, deploy_check, run_checked, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -114,6 +115,11 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
             )
         })?;
     }
+    // Before the dev build: it builds the release Worker into build/, which the dev
+    // build then replaces for the integration tests.
+    step("deploy rehearsal (release Worker, dry runs)", &mut || {
+        deploy_check::run(repo, &deploy_check::DeployCheckArgs::default())
+    })?;
     step("build the Worker (dev)", &mut || {
         build::build_worker(repo, false)
     })?;

@@ -1,0 +1,164 @@
+//! What `cargo xtask deploy-check` decides from a `wrangler deploy --dry-run`'s output:
+//! the bundle's sizes (wrangler's `Total Upload: … KiB / gzip: … KiB` line, the figure
+//! Cloudflare's size limit is about), the warnings and errors wrangler printed, and
+//! whether the bundle fits the budget. Pure: the command runs elsewhere.
+
+/// The gzip budget of the Worker's upload: 1 MB, 1,000,000 bytes (Cloudflare's free-plan
+/// limit is 3 MiB; under a megabyte keeps cold starts short and leaves headroom).
+pub const GZIP_BUDGET_BYTES: u64 = 1_000_000;
+
+/// The bundle's size as wrangler reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UploadSize {
+    pub raw_bytes: u64,
+    pub gzip_bytes: u64,
+}
+
+/// What one dry run printed that matters.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DryRunReport {
+    pub size: Option<UploadSize>,
+    /// wrangler's `▲ [WARNING]` and `✘ [ERROR]` lines (each with its first line only).
+    pub complaints: Vec<String>,
+}
+
+/// Reads wrangler's output (stdout and stderr together).
+pub fn parse_dry_run(output: &str) -> DryRunReport {
+    let mut report = DryRunReport::default();
+    for line in output.lines() {
+        let trimmed = line.trim();
+        if let Some(size) = parse_total_upload(trimmed) {
+            report.size = Some(size);
+        }
+        if trimmed.contains("[WARNING]") || trimmed.contains("[ERROR]") {
+            report.complaints.push(trimmed.to_owned());
+        }
+    }
+    report
+}
+
+/// `Total Upload: 3915.61 KiB / gzip: 1391.52 KiB` → bytes (1 KiB = 1024 bytes).
+fn parse_total_upload(line: &str) -> Option<UploadSize> {
+    let rest = line.split_once("Total Upload:")?.1;
+    let (raw, gzip) = rest.split_once("/ gzip:")?;
+    Some(UploadSize {
+        raw_bytes: kib(raw)?,
+        gzip_bytes: kib(gzip)?,
+    })
+}
+
+fn kib(text: &str) -> Option<u64> {
+    let number = text.trim().strip_suffix("KiB")?.trim();
+    let value: f64 = number.parse().ok()?;
+    (value.is_finite() && value >= 0.0).then(|| (value * 1024.0).round() as u64)
+}
+
+/// Everything wrong with one environment's dry run, empty when it passed: a failed
+/// command, any warning or error wrangler printed, a missing size line, a bundle over
+/// the budget.
+pub fn problems(env: &str, succeeded: bool, report: &DryRunReport) -> Vec<String> {
+    let mut out = Vec::new();
+    if !succeeded {
+        out.push(format!("{env}: wrangler deploy --dry-run failed"));
+    }
+    for complaint in &report.complaints {
+        out.push(format!("{env}: wrangler said: {complaint}"));
+    }
+    match report.size {
+        None if succeeded => out.push(format!(
+            "{env}: wrangler printed no `Total Upload: … / gzip: …` line to measure"
+        )),
+        None => {}
+        Some(size) if size.gzip_bytes > GZIP_BUDGET_BYTES => out.push(format!(
+            "{env}: the bundle is {} gzip, over the {} budget (docs/PERFORMANCE.md, \"Worker size\")",
+            human(size.gzip_bytes),
+            human(GZIP_BUDGET_BYTES)
+        )),
+        Some(_) => {}
+    }
+    out
+}
+
+/// `1,391,520 bytes (1.39 MB)`.
+pub fn human(bytes: u64) -> String {
+    let digits = bytes.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{grouped} bytes ({:.2} MB)", bytes as f64 / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLEAN: &str = "\
+ ⛅️ wrangler 4.164.0
+───────────────────
+Total Upload: 2600.50 KiB / gzip: 900.25 KiB
+Your Worker has access to the following bindings:
+Binding                                 Resource
+env.CALL_SESSION (CallSession)          Durable Object
+--dry-run: exiting now.
+";
+
+    #[test]
+    fn a_clean_run_is_measured_and_passes() {
+        let report = parse_dry_run(CLEAN);
+        assert_eq!(
+            report.size,
+            Some(UploadSize {
+                raw_bytes: 2_662_912,
+                gzip_bytes: 921_856,
+            })
+        );
+        assert!(report.complaints.is_empty());
+        assert!(problems("production", true, &report).is_empty());
+    }
+
+    #[test]
+    fn warnings_errors_failures_and_size_are_each_named() {
+        let output = format!(
+            "{CLEAN}\n▲ [WARNING] Processing wrangler.toml configuration:\n    - \"unsafe\" fields are experimental\n✘ [ERROR] something broke\n"
+        );
+        let report = parse_dry_run(&output);
+        assert_eq!(report.complaints.len(), 2, "{report:?}");
+        let found = problems("production", false, &report);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].contains("failed"));
+        assert!(found[1].contains("[WARNING] Processing wrangler.toml"));
+        assert!(found[2].contains("[ERROR] something broke"));
+    }
+
+    #[test]
+    fn the_budget_is_inclusive_and_enforced() {
+        let at = |gzip_bytes| DryRunReport {
+            size: Some(UploadSize {
+                raw_bytes: 1,
+                gzip_bytes,
+            }),
+            complaints: Vec::new(),
+        };
+        assert!(problems("p", true, &at(GZIP_BUDGET_BYTES)).is_empty());
+        let over = problems("p", true, &at(GZIP_BUDGET_BYTES + 1));
+        assert_eq!(over.len(), 1);
+        assert!(over[0].contains("1,000,001 bytes"), "{over:?}");
+    }
+
+    #[test]
+    fn a_run_without_a_size_line_fails() {
+        let report = parse_dry_run("--dry-run: exiting now.\n");
+        assert_eq!(report.size, None);
+        assert_eq!(problems("p", true, &report).len(), 1);
+    }
+
+    #[test]
+    fn human_groups_digits() {
+        assert_eq!(human(999), "999 bytes (0.00 MB)");
+        assert_eq!(human(1_391_520), "1,391,520 bytes (1.39 MB)");
+    }
+}
