@@ -18,23 +18,83 @@ pub struct UploadSize {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DryRunReport {
     pub size: Option<UploadSize>,
-    /// wrangler's `▲ [WARNING]` and `✘ [ERROR]` lines (each with its first line only).
+    /// wrangler's `▲ [WARNING]` and `✘ [ERROR]` blocks, each as its heading and items on
+    /// one line, except warnings made only of [`EXPECTED_OMISSIONS`].
     pub complaints: Vec<String>,
 }
 
-/// Reads wrangler's output (stdout and stderr together).
+/// Bindings an environment leaves out on purpose, which wrangler warns about because
+/// the top level (local development) has them: `(environment, key)`. The Hyperdrive
+/// binding exists only where Postgres is used, D1 only where it is.
+pub const EXPECTED_OMISSIONS: &[(&str, &str)] = &[
+    ("production", "hyperdrive"),
+    ("production-containers", "hyperdrive"),
+    ("production-postgres", "d1_databases"),
+];
+
+/// Reads wrangler's output (stdout and stderr together; colours are ignored).
 pub fn parse_dry_run(output: &str) -> DryRunReport {
+    let output = strip_ansi(output);
     let mut report = DryRunReport::default();
+    let mut block: Option<(bool, Vec<String>)> = None;
+    let flush = |block: &mut Option<(bool, Vec<String>)>, report: &mut DryRunReport| {
+        if let Some((is_warning, lines)) = block.take() {
+            let items: Vec<&String> = lines[1..]
+                .iter()
+                .filter(|l| l.starts_with("- ") && !l.ends_with("environment configuration"))
+                .collect();
+            let only_expected =
+                is_warning && !items.is_empty() && items.iter().all(|l| is_expected_omission(l));
+            if !only_expected {
+                report.complaints.push(lines.join(" "));
+            }
+        }
+    };
     for line in output.lines() {
         let trimmed = line.trim();
         if let Some(size) = parse_total_upload(trimmed) {
             report.size = Some(size);
         }
-        if trimmed.contains("[WARNING]") || trimmed.contains("[ERROR]") {
-            report.complaints.push(trimmed.to_owned());
+        let warning = trimmed.contains("[WARNING]");
+        if warning || trimmed.contains("[ERROR]") {
+            flush(&mut block, &mut report);
+            block = Some((warning, vec![trimmed.to_owned()]));
+        } else if let Some((_, lines)) = block.as_mut() {
+            if !line.is_empty() && !line.starts_with(char::is_whitespace) {
+                flush(&mut block, &mut report);
+            } else if !trimmed.is_empty() {
+                lines.push(trimmed.to_owned());
+            }
         }
     }
+    flush(&mut block, &mut report);
     report
+}
+
+/// `- "hyperdrive" exists at the top level, but not on "env.production".` for a pair of
+/// [`EXPECTED_OMISSIONS`].
+fn is_expected_omission(item: &str) -> bool {
+    EXPECTED_OMISSIONS.iter().any(|(env, key)| {
+        item == format!("- \"{key}\" exists at the top level, but not on \"env.{env}\".")
+    })
+}
+
+/// Removes terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `Total Upload: 3915.61 KiB / gzip: 1391.52 KiB` → bytes (1 KiB = 1024 bytes).
@@ -131,7 +191,47 @@ env.CALL_SESSION (CallSession)          Durable Object
         assert_eq!(found.len(), 3, "{found:?}");
         assert!(found[0].contains("failed"));
         assert!(found[1].contains("[WARNING] Processing wrangler.toml"));
+        assert!(found[1].contains("\"unsafe\" fields are experimental"));
         assert!(found[2].contains("[ERROR] something broke"));
+    }
+
+    /// wrangler's real layout, in colour: a warning made only of the omissions we mean is
+    /// no complaint; the same warning with another item, or an error, is.
+    #[test]
+    fn expected_omissions_pass_and_nothing_else_does() {
+        let warning = |items: &str| {
+            format!(
+                "\u{1b}[33m▲ \u{1b}[43;33m[\u{1b}[43;30mWARNING\u{1b}[43;33m]\u{1b}[0m \u{1b}[1mProcessing wrangler.toml configuration:\u{1b}[0m\n\n  \n    - \"env.production\" environment configuration\n{items}\n\n"
+            )
+        };
+        let omitted = "      - \"hyperdrive\" exists at the top level, but not on \"env.production\".\n        This is not what you probably want, since \"hyperdrive\" is not inherited by environments.\n        Please add \"hyperdrive\" to \"env.production\".";
+        let report = parse_dry_run(&format!("{CLEAN}{}", warning(omitted)));
+        assert!(report.complaints.is_empty(), "{report:?}");
+
+        let other =
+            "      - \"kv_namespaces\" exists at the top level, but not on \"env.production\".";
+        let report = parse_dry_run(&format!(
+            "{CLEAN}{}",
+            warning(&format!("{omitted}\n{other}"))
+        ));
+        assert_eq!(report.complaints.len(), 1, "{report:?}");
+        assert!(report.complaints[0].contains("kv_namespaces"), "{report:?}");
+
+        // The omission is expected of `production` only.
+        let report = parse_dry_run(&warning(
+            &omitted.replace("env.production", "env.production-postgres"),
+        ));
+        assert_eq!(report.complaints.len(), 1, "{report:?}");
+
+        let error = "\u{1b}[31m✘ [ERROR] Processing wrangler.toml configuration:\n\n    - The image \"./media-relay/Dockerfile\" does not appear to be a valid path\n\n🪵  Logs were written\n";
+        let report = parse_dry_run(&format!("{}{error}", warning(omitted)));
+        assert_eq!(report.complaints.len(), 1, "{report:?}");
+        assert!(report.complaints[0].contains("[ERROR]"), "{report:?}");
+        assert!(report.complaints[0].contains("Dockerfile"), "{report:?}");
+        assert!(
+            !report.complaints[0].contains("Logs were written"),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -313,5 +313,7 @@ pub fn deploy_dry_run(repo: &Repo, node: &Node, env: &str, outdir: &std::path::P
         ],
     );
     cmd.arg("--outdir").arg(outdir);
+    // Plain text, for reading its warnings.
+    cmd.env("FORCE_COLOR", "0").env("NO_COLOR", "1");
     cmd
 }
