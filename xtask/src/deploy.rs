@@ -3,9 +3,9 @@
 //! Cloudflare's size limit is about), the warnings and errors wrangler printed, and
 //! whether the bundle fits the budget. Pure: the command runs elsewhere.
 
-/// The gzip budget of the Worker's upload: 1 MB, 1,000,000 bytes (Cloudflare's free-plan
-/// limit is 3 MiB; under a megabyte keeps cold starts short and leaves headroom).
-pub const GZIP_BUDGET_BYTES: u64 = 1_000_000;
+/// The gzip budget of the Worker's upload: 1 MB as Cloudflare counts its Worker size
+/// limits and wrangler its sizes, in binary units: 1 MiB, 1024 KiB, 1,048,576 bytes.
+pub const GZIP_BUDGET_BYTES: u64 = 1024 * 1024;
 
 /// The bundle's size as wrangler reports it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -139,7 +139,7 @@ pub fn problems(env: &str, succeeded: bool, report: &DryRunReport) -> Vec<String
     out
 }
 
-/// `1,391,520 bytes (1.39 MB)`.
+/// `1,391,520 bytes (1358.91 KiB)`: bytes, and KiB as wrangler prints them.
 pub fn human(bytes: u64) -> String {
     let digits = bytes.to_string();
     let mut grouped = String::new();
@@ -149,7 +149,7 @@ pub fn human(bytes: u64) -> String {
         }
         grouped.push(c);
     }
-    format!("{grouped} bytes ({:.2} MB)", bytes as f64 / 1e6)
+    format!("{grouped} bytes ({:.2} KiB)", bytes as f64 / 1024.0)
 }
 
 #[cfg(test)]
@@ -246,7 +246,7 @@ env.CALL_SESSION (CallSession)          Durable Object
         assert!(problems("p", true, &at(GZIP_BUDGET_BYTES)).is_empty());
         let over = problems("p", true, &at(GZIP_BUDGET_BYTES + 1));
         assert_eq!(over.len(), 1);
-        assert!(over[0].contains("1,000,001 bytes"), "{over:?}");
+        assert!(over[0].contains("1,048,577 bytes"), "{over:?}");
     }
 
     #[test]
@@ -258,7 +258,7 @@ env.CALL_SESSION (CallSession)          Durable Object
 
     #[test]
     fn human_groups_digits() {
-        assert_eq!(human(999), "999 bytes (0.00 MB)");
-        assert_eq!(human(1_391_520), "1,391,520 bytes (1.39 MB)");
+        assert_eq!(human(999), "999 bytes (0.98 KiB)");
+        assert_eq!(human(1_391_520), "1,391,520 bytes (1358.91 KiB)");
     }
 }
