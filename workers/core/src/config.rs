@@ -236,6 +236,24 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         }
     }
 
+    /// One of `options`' words (any case), or `default` when unset.
+    fn choice<T: Copy>(&mut self, name: &'static str, default: T, options: &[(&str, T)]) -> T {
+        let Some(value) = self.optional(name) else {
+            return default;
+        };
+        match options
+            .iter()
+            .find(|(word, _)| value.eq_ignore_ascii_case(word))
+        {
+            Some((_, chosen)) => *chosen,
+            None => {
+                let words: Vec<&str> = options.iter().map(|(word, _)| *word).collect();
+                self.problem(name, format!("must be {}", words.join(" or ")));
+                default
+            }
+        }
+    }
+
     /// `true` or `false` (any case), or `default` when unset.
     fn boolean(&mut self, name: &'static str, default: bool) -> bool {
         match self.optional(name) {
@@ -288,25 +306,20 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
     let relay_secret = r.secret("RELAY_SECRET", MIN_HMAC_SECRET_BYTES);
     let jwt_secret = r.secret("JWT_SECRET", MIN_HMAC_SECRET_BYTES);
 
-    let db_backend = match r.optional("DB_BACKEND").map(|v| v.to_ascii_lowercase()) {
-        None => DbBackend::D1,
-        Some(v) if v == "d1" => DbBackend::D1,
-        Some(v) if v == "postgres" => DbBackend::Postgres,
-        Some(_) => {
-            r.problem("DB_BACKEND", "must be d1 or postgres");
-            DbBackend::D1
-        }
-    };
-
-    let deploy_env = match r.optional("DEPLOY_ENV").map(|v| v.to_ascii_lowercase()) {
-        None => DeployEnv::Production,
-        Some(v) if v == "production" => DeployEnv::Production,
-        Some(v) if v == "development" => DeployEnv::Development,
-        Some(_) => {
-            r.problem("DEPLOY_ENV", "must be development or production");
-            DeployEnv::Production
-        }
-    };
+    let db_backend = r.choice(
+        "DB_BACKEND",
+        DbBackend::D1,
+        &[("d1", DbBackend::D1), ("postgres", DbBackend::Postgres)],
+    );
+    // Unset is production: a forgotten variable never hides a loopback URL.
+    let deploy_env = r.choice(
+        "DEPLOY_ENV",
+        DeployEnv::Production,
+        &[
+            ("development", DeployEnv::Development),
+            ("production", DeployEnv::Production),
+        ],
+    );
 
     let twilio_account_sid = r.required("TWILIO_ACCOUNT_SID");
     let twilio_auth_token = r.secret("TWILIO_AUTH_TOKEN", 1);
