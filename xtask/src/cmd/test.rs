@@ -18,7 +18,8 @@ use super::{build, cargo, deploy_check, run_checked, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
-    /// Skip rustfmt and clippy (for a quick local loop; CI never passes this).
+    /// Skip rustfmt, clippy and the deploy rehearsal (for a quick local loop; CI never
+    /// passes this).
     #[arg(long)]
     quick: bool,
     /// Passed to the test binaries after `--` (e.g. a test name filter).
@@ -117,9 +118,11 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
     }
     // Before the dev build: it builds the release Worker into build/, which the dev
     // build then replaces for the integration tests.
-    step("deploy rehearsal (release Worker, dry runs)", &mut || {
-        deploy_check::run(repo, &deploy_check::DeployCheckArgs::default())
-    })?;
+    if !args.quick {
+        step("deploy rehearsal (release Worker, dry runs)", &mut || {
+            deploy_check::run(repo, &deploy_check::DeployCheckArgs::default())
+        })?;
+    }
     step("build the Worker (dev)", &mut || {
         build::build_worker(repo, false)
     })?;
