@@ -32,11 +32,25 @@ pub async fn forward(namespace: ObjectNamespace, req: Request) -> ApiResult<Resp
         stub.fetch_with_request(req).await
     };
     match with_deadline(reply, DEADLINE_MS + 5_000).await {
+        // The DO's own failure carries its cause (logged at the boundary, never sent).
+        Ok(Ok(mut resp)) if resp.headers().has(DO_ERROR_HEADER).unwrap_or(false) => {
+            let status = resp.status_code();
+            let body = resp.text().await.unwrap_or_default();
+            Err(ApiError::from_internal_reply(
+                "relay container",
+                status,
+                &body,
+            ))
+        }
+        // The relay's answer (a WebSocket upgrade, the greeting's status), as it is.
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => Err(ApiError::internal("relay container", e)),
         Err(e) => Err(ApiError::internal("relay container", e)),
     }
 }
+
+/// Marks a reply the DO made itself (an internal reply), as opposed to the relay's.
+const DO_ERROR_HEADER: &str = "x-cmb-relay-container-error";
 
 #[durable_object]
 pub struct RelayContainer {
@@ -52,7 +66,11 @@ impl DurableObject for RelayContainer {
     async fn fetch(&self, req: Request) -> Result<Response> {
         match self.serve(req).await {
             Ok(resp) => Ok(resp),
-            Err(e) => e.into_internal_reply(),
+            Err(e) => {
+                let mut reply = e.into_internal_reply()?;
+                reply.headers_mut().set(DO_ERROR_HEADER, "1")?;
+                Ok(reply)
+            }
         }
     }
 }
