@@ -3,6 +3,10 @@
 //! Cloudflare's size limit is about), the warnings and errors wrangler printed, and
 //! whether the bundle fits the budget. Pure: the command runs elsewhere.
 
+/// The environments of `wrangler.toml` that are deployed (README "Deploying").
+pub const PRODUCTION_ENVS: &[&str] =
+    &["production", "production-postgres", "production-containers"];
+
 /// The gzip budget of the Worker's upload: 1 MB as Cloudflare counts its Worker size
 /// limits and wrangler its sizes, in binary units: 1 MiB, 1024 KiB, 1,048,576 bytes.
 pub const GZIP_BUDGET_BYTES: u64 = 1024 * 1024;
@@ -254,6 +258,40 @@ env.CALL_SESSION (CallSession)          Durable Object
         let report = parse_dry_run("--dry-run: exiting now.\n");
         assert_eq!(report.size, None);
         assert_eq!(problems("p", true, &report).len(), 1);
+    }
+
+    /// The shipped `wrangler.toml`: each production env says `DEPLOY_ENV = "production"`,
+    /// has no loopback address anywhere, and binds the database it uses and only that
+    /// one (Hyperdrive only where Postgres is used); only the containers env has them.
+    #[test]
+    fn the_production_envs_of_wrangler_toml() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../wrangler.toml");
+        let text = std::fs::read_to_string(path).expect("wrangler.toml");
+        let config: toml::Table = toml::from_str(&text).expect("wrangler.toml parses");
+        let envs = config["env"].as_table().expect("[env]");
+        for name in PRODUCTION_ENVS {
+            let env = envs[*name]
+                .as_table()
+                .unwrap_or_else(|| panic!("[env.{name}]"));
+            let vars = env["vars"].as_table().expect("vars");
+            assert_eq!(vars["DEPLOY_ENV"].as_str(), Some("production"), "{name}");
+            let rendered = toml::to_string(env).expect("renders");
+            for loopback in ["127.0.0.1", "localhost", "0.0.0.0", "[::1]"] {
+                assert!(!rendered.contains(loopback), "{name} mentions {loopback}");
+            }
+            let postgres = vars["DB_BACKEND"].as_str() == Some("postgres");
+            assert_eq!(env.contains_key("hyperdrive"), postgres, "{name}");
+            assert_eq!(env.contains_key("d1_databases"), !postgres, "{name}");
+            assert!(env.contains_key("kv_namespaces"), "{name}");
+            assert!(env.contains_key("durable_objects"), "{name}");
+            assert_eq!(
+                env.contains_key("containers"),
+                *name == "production-containers",
+                "{name}"
+            );
+        }
+        // The top level is local development.
+        assert_eq!(config["vars"]["DEPLOY_ENV"].as_str(), Some("development"));
     }
 
     #[test]

@@ -8,15 +8,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use xtask::deploy::{self, GZIP_BUDGET_BYTES};
+use xtask::deploy::{self, GZIP_BUDGET_BYTES, PRODUCTION_ENVS};
 use xtask::repo::Repo;
 use xtask::toolchain::Node;
 
 use super::build;
-
-/// The environments of `wrangler.toml` that are deployed (README "Deploying").
-pub const PRODUCTION_ENVS: &[&str] =
-    &["production", "production-postgres", "production-containers"];
 
 #[derive(Args, Default)]
 pub struct DeployCheckArgs {
