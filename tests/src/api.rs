@@ -1,7 +1,10 @@
 //! A small HTTP client for the Worker's public API, used by the integration tests.
 //!
 //! It speaks plain HTTP/JSON like any frontend would, and returns status + JSON so tests
-//! assert on exactly what a client sees.
+//! assert on exactly what a client sees. Every response it receives is checked against
+//! the OpenAPI document first ([`crate::contract`]): an undocumented status or a body
+//! that does not fit its schema is an error of the request, so every suite using this
+//! client tests the contract too.
 
 use anyhow::Context as _;
 use serde_json::{json, Value};
@@ -139,11 +142,27 @@ impl ApiClient {
         if let Some((content_type, bytes)) = body {
             req = req.header("content-type", content_type).body(bytes);
         }
+        Ok(self.send(req, &method, path).await?.0)
+    }
+
+    /// Sends a built request; its reply and response headers.
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        method: &reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<(Reply, reqwest::header::HeaderMap)> {
         let resp = req
             .send()
             .await
             .with_context(|| format!("{method} {path}"))?;
+        let headers = resp.headers().clone();
         let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
@@ -155,7 +174,46 @@ impl ApiClient {
                 )
             })?
         };
-        Ok(Reply { status, body })
+        crate::contract::check(
+            method.as_str(),
+            path,
+            status,
+            content_type.as_deref(),
+            &body,
+        )?;
+        Ok((Reply { status, body }, headers))
+    }
+
+    /// POSTs JSON text (as given, so tests can vary whitespace and key order) as `user`
+    /// with an optional `Idempotency-Key` (bytes, so malformed keys can be sent too): the
+    /// reply, and whether it came marked `Idempotent-Replayed: true`.
+    pub async fn post_idempotent(
+        &self,
+        path: &str,
+        user: &TestUser,
+        key: Option<&[u8]>,
+        body: &str,
+    ) -> anyhow::Result<(Reply, bool)> {
+        let method = reqwest::Method::POST;
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&user.token)
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(k) = key {
+            req = req.header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(k)?,
+            );
+        }
+        let (reply, headers) = self.send(req, &method, path).await?;
+        let replayed = match headers.get("idempotent-replayed") {
+            None => false,
+            Some(v) if v == "true" => true,
+            Some(v) => anyhow::bail!("Idempotent-Replayed is {v:?}, not true"),
+        };
+        Ok((reply, replayed))
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<Reply> {
@@ -364,4 +422,65 @@ impl ApiClient {
         }
         Ok(user)
     }
+}
+
+impl ApiClient {
+    /// [`ApiClient::post_idempotent`], which must be answered with `want`: the status,
+    /// the error code (`None`: no error) and whether it was a replay. The reply.
+    pub async fn post_idempotent_expect(
+        &self,
+        path: &str,
+        user: &TestUser,
+        key: Option<&[u8]>,
+        body: &str,
+        want: (u16, Option<&str>, bool),
+    ) -> anyhow::Result<Reply> {
+        let (reply, replayed) = self.post_idempotent(path, user, key, body).await?;
+        let got = (reply.status, reply.code(), replayed);
+        anyhow::ensure!(
+            got == want,
+            "POST {path} {body} answered {got:?}, not {want:?}: {}",
+            reply.body
+        );
+        Ok(reply)
+    }
+
+    /// Sends `n` identical [`ApiClient::post_idempotent`] requests at once and checks
+    /// that exactly one ran (201, not a replay), every other being its replay or 409
+    /// `idempotency_key_in_progress`: the call id of the one that ran.
+    pub async fn post_idempotent_at_once(
+        &self,
+        n: usize,
+        path: &str,
+        user: &TestUser,
+        key: &str,
+        body: &str,
+    ) -> anyhow::Result<String> {
+        let sends = (0..n).map(|_| self.post_idempotent(path, user, Some(key.as_bytes()), body));
+        let answers = futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        one_ran(&answers)
+    }
+}
+
+fn one_ran(answers: &[(Reply, bool)]) -> anyhow::Result<String> {
+    let ran: Vec<&Reply> = answers
+        .iter()
+        .filter(|(r, replayed)| r.status == 201 && !replayed)
+        .map(|(r, _)| r)
+        .collect();
+    anyhow::ensure!(ran.len() == 1, "not exactly one ran: {answers:?}");
+    for (r, replayed) in answers {
+        match (r.status, replayed) {
+            (201, _) => anyhow::ensure!(r.body == ran[0].body, "another answer: {answers:?}"),
+            (409, false) if r.code() == Some("idempotency_key_in_progress") => {}
+            _ => anyhow::bail!("unexpected answer {r:?} among {answers:?}"),
+        }
+    }
+    ran[0].body["call"]["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no call id in {}", ran[0].body))
 }

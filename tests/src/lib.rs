@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod audio;
+pub mod contract;
 pub mod fakes;
 pub mod harness;
 pub mod loadgen;

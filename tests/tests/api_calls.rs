@@ -759,3 +759,112 @@ async fn lost_callbacks_are_reconciled_with_twilio() {
     set_script(&next, CalleeScript::Busy);
     trigger(&api, &user, &next).await;
 }
+
+/// How many credit reservations the user's ledger holds (the export has every entry).
+async fn reservations(api: &ApiClient, user: &TestUser) -> usize {
+    let r = api.get("/api/me/export", Some(&user.token)).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["export"]["ledger"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "reserve")
+        .count()
+}
+
+/// How many times the fake Twilio was asked to dial `number`, once the Worker has had
+/// time to dial again if it were going to.
+async fn dials_settled(number: &str) -> usize {
+    wait_call_to(number, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    harness::worker()
+        .twilio
+        .calls()
+        .iter()
+        .filter(|c| c.to == number)
+        .count()
+}
+
+/// A user with a verified `number` that rings unanswered (the call stays live a while).
+async fn ringing_user(api: &ApiClient, label: &str) -> (TestUser, String) {
+    let number = unique_number();
+    set_script(&number, CalleeScript::NoAnswer);
+    let user = api.register_user(label).await.unwrap();
+    api.ensure_verified(&user, &number).await.unwrap();
+    (user, number)
+}
+
+/// A retried trigger (its first answer lost on a flaky network) under one
+/// `Idempotency-Key` places one call: the repeat, whitespace and key order changed, gets
+/// the first answer again marked `Idempotent-Replayed`, and neither reserves credits nor
+/// dials again. Another body under the key is 409 `idempotency_key_reused`.
+#[tokio::test]
+async fn a_repeated_trigger_with_its_key_places_one_call() {
+    let api = client();
+    let (user, number) = ringing_user(&api, "idem-trigger").await;
+    let key = uuid::Uuid::new_v4().to_string();
+    let key = Some(key.as_bytes());
+    let post = |body: String, want| {
+        let (api, user) = (&api, &user);
+        async move {
+            api.post_idempotent_expect("/api/calls/trigger", user, key, &body, want)
+                .await
+                .unwrap()
+        }
+    };
+
+    let body = format!(r#"{{"persona_id":"brad","phone_number":"{number}"}}"#);
+    let first = post(body.clone(), (201, None, false)).await;
+    let spaced = format!("{{\n  \"phone_number\" : \"{number}\",\n  \"persona_id\": \"brad\"\n}}");
+    let again = post(spaced, (201, None, true)).await;
+    assert_eq!(again.body, first.body, "the repeat gets the first answer");
+    let other = r#"{"persona_id":"sarah"}"#.to_owned();
+    post(other, (409, Some("idempotency_key_reused"), false)).await;
+
+    let history = api
+        .get("/api/calls/history", Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(history.body["total"], 1, "one call: {}", history.body);
+    assert_eq!(history.body["calls"][0]["id"], first.body["call"]["id"]);
+    assert_eq!(reservations(&api, &user).await, 1, "credits reserved once");
+    assert_eq!(
+        dials_settled(&number).await,
+        1,
+        "Twilio was asked to dial once"
+    );
+
+    // Without a key a second trigger is a second request (refused: the call still rings).
+    api.post_idempotent_expect(
+        "/api/calls/trigger",
+        &user,
+        None,
+        &body,
+        (409, Some("call_in_progress"), false),
+    )
+    .await
+    .unwrap();
+}
+
+/// Identical triggers sent at once under one key place one call, reserve once and dial
+/// once. The one-live-call rule alone would refuse the others too, so they must be
+/// refused as the key's (or replayed), never as `call_in_progress`.
+#[tokio::test]
+async fn concurrent_triggers_under_one_key_place_one_call() {
+    let api = client();
+    let (user, number) = ringing_user(&api, "idem-trigger-race").await;
+    let key = uuid::Uuid::new_v4().to_string();
+    let body = format!(r#"{{"persona_id":"brad","phone_number":"{number}"}}"#);
+    let id = api
+        .post_idempotent_at_once(8, "/api/calls/trigger", &user, &key, &body)
+        .await
+        .unwrap();
+    let history = api
+        .get("/api/calls/history", Some(&user.token))
+        .await
+        .unwrap();
+    assert_eq!(history.body["total"], 1, "{}", history.body);
+    assert_eq!(history.body["calls"][0]["id"].as_str(), Some(id.as_str()));
+    assert_eq!(reservations(&api, &user).await, 1);
+    assert_eq!(dials_settled(&number).await, 1);
+}

@@ -231,3 +231,17 @@ async fn an_endless_chunked_body_is_cut_off_at_the_limit() {
         .unwrap();
     assert_eq!(login.status().as_u16(), 401, "an account was created");
 }
+
+/// `GET /openapi.json` serves the checked-in document itself, as JSON, to anyone (no
+/// token), with CORS and a request id like every other answer.
+#[tokio::test]
+async fn the_openapi_document_is_served() {
+    let http = reqwest::Client::new();
+    let (status, h, body) = send(http.get(url("/openapi.json")).header("origin", APP_ORIGIN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&h, "content-type"), Some("application/json"));
+    assert_eq!(header(&h, "access-control-allow-origin"), Some(APP_ORIGIN));
+    assert!(header(&h, "x-request-id").is_some());
+    let checked_in: Value = serde_json::from_str(cmb_core::http::openapi::DOCUMENT).unwrap();
+    assert_eq!(body, checked_in);
+}

@@ -744,3 +744,144 @@ async fn a_full_day_skips_to_the_next_occurrence() {
     let why = s["skipped_reason"].as_str().unwrap_or_default();
     assert!(why.contains("calls a day"), "says why: {s}");
 }
+
+fn in_an_hour() -> String {
+    (OffsetDateTime::now_utc() + time::Duration::hours(1))
+        .replace_nanosecond(0)
+        .unwrap()
+        .format(&Rfc3339)
+        .unwrap()
+}
+
+fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// [`ApiClient::post_idempotent_expect`] that must succeed in its expectation.
+async fn post(
+    api: &ApiClient,
+    path: &str,
+    user: &TestUser,
+    key: Option<&[u8]>,
+    body: &str,
+    want: (u16, Option<&str>, bool),
+) -> cmb_tests::api::Reply {
+    api.post_idempotent_expect(path, user, key, body, want)
+        .await
+        .unwrap()
+}
+
+const BOOKED: (u16, Option<&str>, bool) = (201, None, false);
+const REPLAYED: (u16, Option<&str>, bool) = (201, None, true);
+const REUSED: (u16, Option<&str>, bool) = (409, Some("idempotency_key_reused"), false);
+
+/// A retried `POST /api/calls/schedule` under one `Idempotency-Key` books one call (the
+/// repeat, keys reordered, gets the first answer marked `Idempotent-Replayed`); another
+/// body, or the same on another route, is 409 `idempotency_key_reused` and changes
+/// nothing; another user's identical key and body is a booking of their own.
+#[tokio::test]
+async fn a_repeated_booking_with_its_key_books_one_call() {
+    let api = client();
+    let user = user_with(&api, "idem-schedule", &unique_number()).await;
+    let key = new_key();
+    let key = Some(key.as_bytes());
+    let path = "/api/calls/schedule";
+    let when = in_an_hour();
+    let body = json!({ "persona_id": "brad", "scheduled_time": when }).to_string();
+
+    let first = post(&api, path, &user, key, &body, BOOKED).await;
+    let reordered = format!(r#"{{ "scheduled_time": "{when}", "persona_id": "brad" }}"#);
+    let again = post(&api, path, &user, key, &reordered, REPLAYED).await;
+    assert_eq!(again.body, first.body);
+    let other = json!({ "persona_id": "sarah", "scheduled_time": when }).to_string();
+    post(&api, path, &user, key, &other, REUSED).await;
+    post(&api, "/api/calls/trigger", &user, key, &body, REUSED).await;
+    let all = calls(&api, &user).await;
+    assert_eq!(all.len(), 1, "still the one booked call: {all:?}");
+    assert_eq!(all[0]["id"], first.body["call"]["id"]);
+    assert_eq!(
+        (&all[0]["persona_id"], &all[0]["status"]),
+        (&json!("brad"), &json!("scheduled"))
+    );
+
+    let stranger = user_with(&api, "idem-stranger", &unique_number()).await;
+    let theirs = post(&api, path, &stranger, key, &body, BOOKED).await;
+    assert_ne!(theirs.body["call"]["id"], first.body["call"]["id"]);
+    assert_eq!(calls(&api, &stranger).await.len(), 1);
+    assert_eq!(calls(&api, &user).await.len(), 1);
+}
+
+/// A retried `POST /api/schedules` under one key makes one schedule with one pending
+/// attempt; a changed body under the key is refused.
+#[tokio::test]
+async fn a_repeated_schedule_with_its_key_is_made_once() {
+    let api = client();
+    let user = user_with(&api, "idem-recurring", &unique_number()).await;
+    let key = new_key();
+    let key = Some(key.as_bytes());
+    let path = "/api/schedules";
+    let body = r#"{"persona_id":"brad","time_of_day":"07:00","days":["mon","fri"],"timezone":"Europe/London"}"#;
+    let first = post(&api, path, &user, key, body, BOOKED).await;
+    let again = post(&api, path, &user, key, body, REPLAYED).await;
+    assert_eq!(again.body, first.body);
+    let changed = body.replace("07:00", "08:00");
+    post(&api, path, &user, key, &changed, REUSED).await;
+
+    let all = schedules(&api, &user).await;
+    assert_eq!(all.len(), 1, "one schedule: {all:?}");
+    assert_eq!(all[0]["id"], first.body["schedule"]["id"]);
+    assert_eq!(all[0]["time_of_day"], "07:00");
+    assert_eq!(pending_calls(&api, &user).await, 1, "one pending attempt");
+}
+
+/// A request refused as the client's mistake keeps nothing under its key: it runs again,
+/// and the corrected request with the same key books. Malformed keys are refused before
+/// anything runs; the longest allowed key works.
+#[tokio::test]
+async fn a_refused_request_gives_its_key_back_and_bad_keys_are_refused() {
+    let api = client();
+    let user = user_with(&api, "idem-refused", &unique_number()).await;
+    let key = new_key();
+    let key = Some(key.as_bytes());
+    let path = "/api/calls/schedule";
+    let bad = r#"{"persona_id":"brad","scheduled_time":"tomorrow at seven"}"#;
+    for _ in 0..2 {
+        let refused = (400, Some("invalid_scheduled_time"), false);
+        post(&api, path, &user, key, bad, refused).await;
+    }
+    let good = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
+    let booked = post(&api, path, &user, key, &good, BOOKED).await;
+    let again = post(&api, path, &user, key, &good, REPLAYED).await;
+    assert_eq!(again.body, booked.body);
+
+    let other = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
+    let too_long = "k".repeat(256);
+    for bad_key in [too_long.as_bytes(), b"   ", "naïve".as_bytes()] {
+        let invalid = (400, Some("invalid_idempotency_key"), false);
+        post(&api, path, &user, Some(bad_key), &other, invalid).await;
+    }
+    assert_eq!(
+        calls(&api, &user).await.len(),
+        1,
+        "no booking came of the bad keys"
+    );
+    let longest = "~".repeat(255);
+    post(&api, path, &user, Some(longest.as_bytes()), &other, BOOKED).await;
+}
+
+/// Identical bookings sent at once under one key book one call (without the key they
+/// would book up to the pending cap).
+#[tokio::test]
+async fn concurrent_bookings_under_one_key_book_one_call() {
+    let api = client();
+    let user = user_with(&api, "idem-race", &unique_number()).await;
+    let key = new_key();
+    let body = json!({ "persona_id": "brad", "scheduled_time": in_an_hour() }).to_string();
+    let id = api
+        .post_idempotent_at_once(8, "/api/calls/schedule", &user, &key, &body)
+        .await
+        .unwrap();
+    let all = calls(&api, &user).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["id"].as_str(), Some(id.as_str()));
+}

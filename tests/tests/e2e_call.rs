@@ -153,6 +153,21 @@ async fn a_whole_call_with_barge_in() {
         "stored transcript: {texts:#?}\ncosts: {}\nheard: {heard}",
         done["costs"]
     );
+    // Latencies: the caller's own detail has one row per answered turn, with the time
+    // from the end of the turn to the first reply audio.
+    let latencies = done["latencies"]
+        .as_array()
+        .expect("latencies in the detail");
+    assert!(
+        latencies.len() >= 2,
+        "a row per answered turn: {latencies:?}"
+    );
+    assert!(
+        latencies.iter().any(|l| l["end_of_turn_to_first_audio_ms"]
+            .as_i64()
+            .is_some_and(|ms| ms > 0)),
+        "{latencies:?}"
+    );
     let charged = done["call"]["cost_cents"].as_i64().unwrap();
     assert!(charged >= 65, "at least base + one minute: {charged}");
     assert_eq!(api.credits(&user).await.unwrap(), 200 - charged);

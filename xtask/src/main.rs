@@ -47,6 +47,9 @@ enum Command {
     /// Run the local stack: wrangler dev (Worker, D1, KV, DOs), the media relay, and the
     /// fake providers when no real provider keys are configured. Ctrl-C stops everything.
     Dev(cmd::dev::DevArgs),
+    /// Follow the README's quickstart against a fresh `cargo xtask dev --simulate` and
+    /// check every promised answer (a step of `test`).
+    Quickstart,
     /// Setup, format check, clippy (native and wasm32), Worker build, all tests.
     Test(cmd::test::TestArgs),
     /// Grant or revoke an account's admin role (`admin grant EMAIL [--remote | --database-url URL]`).
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::DeployCheck(args) => cmd::deploy_check::run(&repo, &args),
         Command::Dev(args) => cmd::dev::run(&repo, &args),
         Command::Test(args) => cmd::test::run(&repo, &args),
+        Command::Quickstart => cmd::quickstart::run(&repo),
         Command::Bench(args) => cmd::bench::run(&repo, &args),
         Command::Admin(args) => cmd::admin::run(&repo, &args),
     };

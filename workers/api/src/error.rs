@@ -77,20 +77,25 @@ impl ApiError {
         self
     }
 
-    /// The JSON error of API.md, with `request_id` so a report can be matched to the logs.
-    pub fn into_response(self, request_id: &str) -> worker::Result<Response> {
+    /// The JSON body of API.md's error format, with `request_id`.
+    pub fn body(&self, request_id: &str) -> serde_json::Value {
         let mut error =
             json!({ "code": self.code, "message": self.message, "request_id": request_id });
+        if let Some(details) = &self.details {
+            error["details"] = details.clone();
+        }
+        json!({ "error": error })
+    }
+
+    /// The JSON error of API.md, with `request_id` so a report can be matched to the logs.
+    pub fn into_response(self, request_id: &str) -> worker::Result<Response> {
         // A 429's `details.retry_after` (seconds) is also the standard header.
         let retry_after = self
             .details
             .as_ref()
             .and_then(|d| d.get("retry_after"))
             .and_then(serde_json::Value::as_u64);
-        if let Some(details) = self.details {
-            error["details"] = details;
-        }
-        let mut resp = Response::from_json(&json!({ "error": error }))?.with_status(self.status);
+        let mut resp = Response::from_json(&self.body(request_id))?.with_status(self.status);
         if let Some(secs) = retry_after {
             resp.headers_mut().set("retry-after", &secs.to_string())?;
         }

@@ -27,7 +27,8 @@ pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
 pub use crate::relay_container::RelayContainer;
 use crate::routes::{
-    admin, auth, calls, favorites, health, payments, personas, phone, privacy, schedules, voice,
+    admin, auth, calls, favorites, health, openapi, payments, personas, phone, privacy, schedules,
+    voice,
 };
 pub use crate::session::CallSession;
 
@@ -127,8 +128,11 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         }
         Found::NotFound => return Err(ApiError::not_found("Route")),
     };
-    if route.endpoint == E::Health {
-        return health::health(&env).await;
+    match route.endpoint {
+        E::Health => return health::health(&env).await,
+        // The contract needs no configuration or storage: served even when misconfigured.
+        E::OpenApi => return openapi::document(),
+        _ => {}
     }
     let cfg = config::load(&env).map_err(|report| {
         let names: Vec<&str> = report.problems.iter().map(|p| p.name).collect();
@@ -153,6 +157,7 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
     let ctx = &ctx;
     match route.endpoint {
         E::Health => health::health(&ctx.env).await,
+        E::OpenApi => openapi::document(),
         E::Register => auth::register(req, ctx).await,
         E::Login => auth::login(req, ctx).await,
         E::Logout => auth::logout(&req, ctx).await,

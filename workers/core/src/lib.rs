@@ -10,6 +10,7 @@ pub mod channel;
 pub mod config;
 pub mod destination;
 pub mod http;
+pub mod idempotency;
 pub mod jwt;
 pub mod limits;
 pub mod log;

@@ -53,6 +53,14 @@ pub struct DevArgs {
     /// PostgreSQL server, database `cmb_dev`, through the Worker's Hyperdrive binding).
     #[arg(long, value_enum, default_value_t = DevDb::D1)]
     db: DevDb,
+    /// Where wrangler keeps the local D1, KV and Durable Objects (default
+    /// `.wrangler/state`; the README quickstart's check uses a fresh one).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Run against the fake providers even when real keys are configured (said in the
+    /// banner like any simulated run).
+    #[arg(long)]
+    simulate: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,7 +83,12 @@ pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
     }
     let dev_vars = read_env_file(&repo.root().join(".dev.vars"))?;
     let relay_file = read_env_file(&repo.root().join(".env"))?;
-    let mode = decide_mode(&provider_settings(&dev_vars, &relay_file))?;
+    let mode = if args.simulate {
+        println!("dev: --simulate: the fake providers stand in for any configured keys");
+        ProviderMode::Simulated
+    } else {
+        decide_mode(&provider_settings(&dev_vars, &relay_file))?
+    };
 
     ensure_port_free(args.port, "the Worker")?;
     ensure_port_free(args.relay_port, "the relay")?;
@@ -83,7 +96,10 @@ pub fn run(repo: &Repo, args: &DevArgs) -> Result<()> {
 
     build::build_worker(repo, false)?;
     let bins = build_native(mode)?;
-    let state_dir = repo.dev_state_dir();
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| repo.dev_state_dir());
     println!("dev: applying D1 migrations to {} …", state_dir.display());
     apply_migrations(repo, &node, &state_dir)?;
 

@@ -3,11 +3,13 @@
 //! library, where the test stack launcher can use it too.
 
 pub mod admin;
+pub mod api_types;
 pub mod bench;
 pub mod build;
 pub mod deploy_check;
 pub mod dev;
 pub mod devvars;
+pub mod quickstart;
 pub mod setup;
 pub mod test;
 pub mod vs_node;

@@ -35,6 +35,10 @@ pub fn run(repo: &Repo) -> Result<()> {
     let node = node(repo)?;
     npm_packages(repo, &node)?;
     postgres()?;
+    // The README's quickstart (run by `cargo xtask test`) talks to the API with these.
+    for tool in ["curl", "jq"] {
+        debian_tool(tool)?;
+    }
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -167,16 +171,14 @@ fn node(repo: &Repo) -> Result<Node> {
     })
 }
 
-/// wrangler, binaryen and esbuild via `npm ci` from the committed lockfile, only when
+/// wrangler, binaryen, esbuild, openapi-typescript and typescript via `npm ci` from the committed lockfile, only when
 /// `node_modules` is missing or was installed from different manifests.
 fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
-    let what = "npm packages (wrangler, binaryen, esbuild)";
+    let what = "npm packages (wrangler, binaryen, esbuild, openapi-typescript, typescript)";
     let stamp_path = repo.node_modules().join(NPM_STAMP);
     let wanted = manifest_hash(repo)?;
     let installed = std::fs::read_to_string(&stamp_path).unwrap_or_default();
-    let complete = [repo.wrangler_bin(), repo.wasm_opt_bin(), repo.esbuild_bin()]
-        .iter()
-        .all(|p| p.exists());
+    let complete = npm_bins(repo).iter().all(|p| p.exists());
     if installed.trim() == wanted && complete {
         say(what, "ok (already present)");
         return Ok(());
@@ -193,7 +195,7 @@ fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
             .env("PATH", node.path_env()),
         "npm ci",
     )?;
-    for path in [repo.wrangler_bin(), repo.wasm_opt_bin(), repo.esbuild_bin()] {
+    for path in npm_bins(repo) {
         if !path.exists() {
             bail!("npm ci finished but {} is missing", path.display());
         }
@@ -201,6 +203,19 @@ fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
     std::fs::write(&stamp_path, wanted)
         .with_context(|| format!("writing {}", stamp_path.display()))?;
     Ok(())
+}
+
+/// What `npm ci` must have installed: wrangler, binaryen's wasm-opt, esbuild, and the
+/// generator and compiler of the API's TypeScript types (`api_types`).
+fn npm_bins(repo: &Repo) -> [std::path::PathBuf; 5] {
+    let bin = repo.node_modules().join(".bin");
+    [
+        repo.wrangler_bin(),
+        repo.wasm_opt_bin(),
+        repo.esbuild_bin(),
+        bin.join("openapi-typescript"),
+        bin.join("tsc"),
+    ]
 }
 
 fn which_in(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
@@ -228,19 +243,38 @@ fn postgres() -> Result<()> {
         say(what, &format!("ok (already present: {})", path.display()));
         return Ok(());
     }
+    apt_install(what, "postgresql")
+}
+
+/// A command-line tool from the Debian package of the same name, installed if missing.
+fn debian_tool(name: &str) -> Result<()> {
+    match which(name) {
+        Some(path) => {
+            say(name, &format!("ok ({})", path.display()));
+            Ok(())
+        }
+        None => apt_install(name, name),
+    }
+}
+
+/// `apt-get install` of `package` (root only; otherwise the error says what to run).
+fn apt_install(what: &str, package: &str) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
-            "PostgreSQL server not found and we are not root: install it with \
-             `sudo apt-get install -y postgresql`, then rerun"
+            "{what} not found and we are not root: install it with \
+             `sudo apt-get install -y {package}`, then rerun"
         );
     }
-    say(what, "installing (apt-get install postgresql, as root)");
+    say(
+        what,
+        &format!("installing (apt-get install {package}, as root)"),
+    );
     run_checked(Command::new("apt-get").arg("update"), "apt-get update")?;
     run_checked(
         Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "postgresql"])
+            .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive"),
-        "apt-get install postgresql",
+        &format!("apt-get install {package}"),
     )
 }
 

@@ -14,7 +14,7 @@ use anyhow::Result;
 use clap::Args;
 use xtask::repo::Repo;
 
-use super::{build, cargo, deploy_check, run_checked, setup};
+use super::{api_types, build, cargo, deploy_check, quickstart, run_checked, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -78,6 +78,9 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
     };
 
     step("setup", &mut || setup::run(repo))?;
+    step("TypeScript types from openapi.json", &mut || {
+        api_types::run(repo)
+    })?;
     if !args.quick {
         step("cargo fmt --check", &mut || {
             run_checked(
@@ -163,7 +166,9 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
             cmd.arg("--").args(&args.test_args);
         }
         run_checked(&mut cmd, "cargo test (Postgres)")
-    })
+    })?;
+    // Every command of the README's quickstart, against `cargo xtask dev` itself.
+    step("README quickstart", &mut || quickstart::run(repo))
 }
 
 /// Every integration test binary that runs the Worker: all of them run on both backends.

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod booking;
+pub mod idempotency;
 pub mod limits;
 
 use serde::de::DeserializeOwned;

@@ -5,6 +5,7 @@
 //! from there.
 
 use cmb_core::calls::CallStatus;
+use cmb_core::idempotency::Route;
 use cmb_core::model::{LedgerKind, RequestedBy};
 use serde::Deserialize;
 use serde_json::json;
@@ -14,7 +15,8 @@ use crate::crypto;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, Session};
 use crate::http::booking::{destination, usable_persona};
-use crate::http::{json, json_body, query};
+use crate::http::idempotency::{self, Answer};
+use crate::http::{json, parse_json, query};
 use crate::session::client::{abandon, book_scheduled, Booking};
 use crate::session::{session_op, CancelOutcome, SessionOp};
 use crate::store::{CallRow, LedgerEntry, WriteConflict};
@@ -46,11 +48,16 @@ struct HistoryQuery {
     offset: Option<i64>,
 }
 
-pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
-    let session = authenticate(&req, ctx).await?;
-    let body: TriggerBody = json_body(&mut req).await?;
-    let phone = destination(ctx, &session, body.phone_number.as_deref())?;
-    usable_persona(ctx, &session, &body.persona_id).await?;
+/// `POST /api/calls/trigger`, idempotent under an `Idempotency-Key`.
+pub async fn trigger(req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let work = async |session: &Session, raw: &[u8]| place_now(ctx, session, raw).await;
+    idempotency::serve(req, ctx, Route::CallTrigger, work).await
+}
+
+async fn place_now(ctx: &Ctx, session: &Session, raw: &[u8]) -> Answer {
+    let body: TriggerBody = parse_json(raw)?;
+    let phone = destination(ctx, session, body.phone_number.as_deref())?;
+    usable_persona(ctx, session, &body.persona_id).await?;
 
     let call_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let ledger_id = crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
@@ -135,18 +142,23 @@ pub async fn trigger(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .call(&call_id)
         .await?
         .ok_or_else(|| ApiError::not_found("Call"))?;
-    json(201, &json!({ "call": row }))
+    Ok((201, json!({ "call": row })))
 }
 
-pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
-    let session = authenticate(&req, ctx).await?;
-    let body: ScheduleBody = json_body(&mut req).await?;
-    let phone = destination(ctx, &session, body.phone_number.as_deref())?;
+/// `POST /api/calls/schedule`, idempotent under an `Idempotency-Key`.
+pub async fn schedule(req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let work = async |session: &Session, raw: &[u8]| book(ctx, session, raw).await;
+    idempotency::serve(req, ctx, Route::CallSchedule, work).await
+}
+
+async fn book(ctx: &Ctx, session: &Session, raw: &[u8]) -> Answer {
+    let body: ScheduleBody = parse_json(raw)?;
+    let phone = destination(ctx, session, body.phone_number.as_deref())?;
     // RFC 3339, in the future, at most 30 days ahead (`cmb_core::calls`); pending ones
     // are capped per tier below (`cmb_core::limits::pending_scheduled`).
     let at_secs = cmb_core::calls::parse_scheduled_time(&body.scheduled_time, ctx.now_secs())
         .map_err(|e| ApiError::from(e).with_code("invalid_scheduled_time"))?;
-    usable_persona(ctx, &session, &body.persona_id).await?;
+    usable_persona(ctx, session, &body.persona_id).await?;
     let booking = Booking {
         user: &session.user,
         persona_id: &body.persona_id,
@@ -156,7 +168,7 @@ pub async fn schedule(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         schedule: None,
     };
     let row = book_scheduled(&ctx.env, &ctx.store, &booking, &ctx.now_iso()).await?;
-    json(201, &json!({ "call": row }))
+    Ok((201, json!({ "call": row })))
 }
 
 /// Loads a call the session may see: its owner or an admin; 404 otherwise.
@@ -232,8 +244,10 @@ pub async fn detail(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
         "providers": lines,
         "total_cost_micros": total_micros,
     });
+    // Per turn: end of the caller's turn -> first reply audio, and the LLM's first token.
+    let latencies = ctx.store.latencies(id).await?;
     json(
         200,
-        &json!({ "call": call, "transcript": transcript, "costs": costs }),
+        &json!({ "call": call, "transcript": transcript, "costs": costs, "latencies": latencies }),
     )
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod calls;
 pub mod favorites;
 pub mod health;
+pub mod openapi;
 pub mod payments;
 pub mod personas;
 pub mod phone;

@@ -5,6 +5,7 @@
 //! the same booking as `POST /api/calls/schedule`). When an attempt settles, its session
 //! books the retry or the next occurrence.
 
+use cmb_core::idempotency::Route;
 use cmb_core::schedule::{self, Days, TimeOfDay};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -13,7 +14,8 @@ use worker::{Request, Response};
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{authenticate, Session};
 use crate::http::booking::{destination, usable_persona};
-use crate::http::{json, json_body, no_content};
+use crate::http::idempotency::{self, Answer};
+use crate::http::{json, json_body, no_content, parse_json};
 use crate::session::client::{book_next_occurrence, cancel_pending};
 use crate::store::{ScheduleRow, ScheduleWrite};
 use crate::Ctx;
@@ -200,9 +202,14 @@ pub async fn list(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     json(200, &json!({ "schedules": views }))
 }
 
-pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
-    let session = authenticate(&req, ctx).await?;
-    let body: CreateBody = json_body(&mut req).await?;
+/// `POST /api/schedules`, idempotent under an `Idempotency-Key`.
+pub async fn create(req: Request, ctx: &Ctx) -> ApiResult<Response> {
+    let work = async |session: &Session, raw: &[u8]| create_schedule(ctx, session, raw).await;
+    idempotency::serve(req, ctx, Route::ScheduleCreate, work).await
+}
+
+async fn create_schedule(ctx: &Ctx, session: &Session, raw: &[u8]) -> Answer {
+    let body: CreateBody = parse_json(raw)?;
     let body = PatchBody {
         persona_id: Some(body.persona_id),
         time_of_day: Some(body.time_of_day),
@@ -212,9 +219,9 @@ pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         retry_after_minutes: body.retry_after_minutes,
         active: body.active,
     };
-    let f = fields(ctx, &session, body, None)?;
-    usable_persona(ctx, &session, &f.persona_id).await?;
-    destination(ctx, &session, None)?;
+    let f = fields(ctx, session, body, None)?;
+    usable_persona(ctx, session, &f.persona_id).await?;
+    destination(ctx, session, None)?;
     let id = crate::crypto::uuid().map_err(|e| ApiError::internal("uuid", e))?;
     let time = f.time.to_string();
     let now = ctx.now_iso();
@@ -222,8 +229,8 @@ pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
         .insert_schedule(&id, &session.user.id, &f.write(&time), &now)
         .await?;
     if f.active {
-        let row = owned(ctx, &session, &id).await?;
-        match book_next(ctx, &session, &row, &now).await {
+        let row = owned(ctx, session, &id).await?;
+        match book_next(ctx, session, &row, &now).await {
             Ok(Ok(_)) => {}
             // The first occurrence cannot be booked (a limit): nothing is kept.
             Ok(Err(refused)) => {
@@ -236,12 +243,12 @@ pub async fn create(mut req: Request, ctx: &Ctx) -> ApiResult<Response> {
             }
         }
     }
-    let row = owned(ctx, &session, &id).await?;
+    let row = owned(ctx, session, &id).await?;
     crate::log::info(
         "schedule_created",
         json!({ "request_id": ctx.request_id, "user_id": session.user.id, "schedule_id": id }),
     );
-    json(201, &json!({ "schedule": view(&row)? }))
+    Ok((201, json!({ "schedule": view(&row)? })))
 }
 
 pub async fn update(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {

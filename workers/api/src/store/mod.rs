@@ -1,6 +1,6 @@
 //! Data access: the only module that writes SQL, one file per subject (`users`,
 //! `personas`, `ledger`, `calls`, `payments`, `audit`, `limits`, `analytics`, `memory`,
-//! `schedules`, `privacy`) over the
+//! `schedules`, `privacy`, `idempotency`) over the
 //! database drivers in `db`. Routes and the Durable Object call these methods and never
 //! see which database answers.
 //!
@@ -15,6 +15,7 @@ mod analytics;
 mod audit;
 mod calls;
 pub mod db;
+mod idempotency;
 mod ledger;
 mod limits;
 mod memory;
@@ -26,6 +27,7 @@ mod users;
 
 pub use audit::*;
 pub use calls::*;
+pub use idempotency::*;
 pub use ledger::*;
 pub use payments::*;
 pub use personas::*;

@@ -306,6 +306,11 @@ impl Store {
                 &format!("DELETE FROM memory_forgets WHERE user_id = ?1 AND {ERASED_NOW}"),
                 &with(&[]),
             )?,
+            // Stored answers to idempotent requests hold the calls' numbers.
+            self.stmt(
+                &format!("DELETE FROM idempotency_keys WHERE user_id = ?1 AND {ERASED_NOW}"),
+                &with(&[]),
+            )?,
             // Theirs, and anyone's on their personas.
             self.stmt(
                 &format!(

@@ -7,10 +7,11 @@
 
 /// Methods any route answers.
 pub const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
-/// Request headers a client may send (`idempotency-key`: checkout; `x-request-id`: tracing).
+/// Request headers a client may send (`idempotency-key`: checkout, calls, schedules;
+/// `x-request-id`: tracing).
 pub const ALLOW_HEADERS: &str = "authorization, content-type, idempotency-key, x-request-id";
 /// Response headers a script may read.
-pub const EXPOSE_HEADERS: &str = "x-request-id, retry-after, www-authenticate";
+pub const EXPOSE_HEADERS: &str = "x-request-id, retry-after, www-authenticate, idempotent-replayed";
 /// How long a browser may cache a preflight, in seconds.
 pub const MAX_AGE_SECS: u32 = 600;
 

@@ -1,7 +1,9 @@
 //! Platform-free HTTP decisions the Worker makes before any route runs: which CORS
-//! headers a response carries, the request id, and which route a method and path name.
+//! headers a response carries, the request id, which route a method and path name, and
+//! the OpenAPI document of those routes.
 
 pub mod cors;
+pub mod openapi;
 pub mod request_id;
 pub mod routes;
 

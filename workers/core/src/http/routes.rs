@@ -1,6 +1,6 @@
 //! The one route table: every method and path the Worker serves, named by an
-//! [`Endpoint`]. Dispatch, `405` with its `Allow` header and (later) the OpenAPI document
-//! all read this table, so they cannot drift apart.
+//! [`Endpoint`]. Dispatch and `405` with its `Allow` header read this table; the OpenAPI
+//! document (`super::openapi`) is checked against it, so they cannot drift apart.
 
 /// The HTTP methods routes use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,6 +54,8 @@ pub enum Access {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Health,
+    /// `GET /openapi.json`: the OpenAPI 3.1 document of every route here.
+    OpenApi,
     Register,
     Login,
     Logout,
@@ -131,6 +133,7 @@ use Method::{Delete, Get, Patch, Post, Put};
 /// Every route of the Worker.
 pub const ROUTES: &[Route] = &[
     r(Get, "/health", E::Health, Anyone),
+    r(Get, "/openapi.json", E::OpenApi, Anyone),
     r(Post, "/api/auth/register", E::Register, Anyone),
     r(Post, "/api/auth/login", E::Login, Anyone),
     r(Post, "/api/auth/logout", E::Logout, User),
