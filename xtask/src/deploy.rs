@@ -38,7 +38,7 @@ pub const EXPECTED_OMISSIONS: &[(&str, &str)] = &[
 
 /// Reads wrangler's output (stdout and stderr together; colours are ignored).
 pub fn parse_dry_run(output: &str) -> DryRunReport {
-    let output = strip_ansi(output);
+    let output = crate::text::strip_ansi(output);
     let mut report = DryRunReport::default();
     let mut block: Option<(bool, Vec<String>)> = None;
     let flush = |block: &mut Option<(bool, Vec<String>)>, report: &mut DryRunReport| {
@@ -81,24 +81,6 @@ fn is_expected_omission(item: &str) -> bool {
     EXPECTED_OMISSIONS.iter().any(|(env, key)| {
         item == format!("- \"{key}\" exists at the top level, but not on \"env.{env}\".")
     })
-}
-
-/// Removes terminal colour sequences (`ESC [ … m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for next in chars.by_ref() {
-                if next.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `Total Upload: 3915.61 KiB / gzip: 1391.52 KiB` → bytes (1 KiB = 1024 bytes).

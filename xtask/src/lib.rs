@@ -14,5 +14,6 @@ pub mod pg;
 pub mod providers;
 pub mod repo;
 pub mod service;
+pub mod text;
 pub mod toolchain;
 pub mod wrangler;
