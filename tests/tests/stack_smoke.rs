@@ -150,3 +150,60 @@ fn stacks_are_isolated() {
         assert!(matches!(reply.status, 200 | 503), "{}", stack.logs());
     }
 }
+
+/// A Worker configured for production (`DEPLOY_ENV=production`, as `[env.production*]`
+/// sets it) whose `PUBLIC_BASE_URL` and `RELAY_URL` are still loopback addresses says so:
+/// `/health` is 503 naming both settings. The rest of the API keeps serving.
+#[test]
+fn a_production_worker_on_loopback_urls_is_unhealthy() {
+    let mut v = cmb_tests::harness::worker_vars("http://127.0.0.1:9");
+    v.insert("DEPLOY_ENV".into(), "production".into());
+    let stack = Stack::start(StackOptions {
+        worker_vars: v,
+        ..Default::default()
+    })
+    .expect("start the Worker under wrangler dev");
+
+    let reply = stack.worker_health().expect("GET /health");
+    assert_eq!(reply.status, 503, "{}\n{}", reply.body, stack.logs());
+    let body: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+    assert_eq!(body["status"], "unhealthy", "{body}");
+    let config = &body["checks"]["config"];
+    assert_eq!(config["ok"], false, "{body}");
+    let named: Vec<&str> = config["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(named, ["PUBLIC_BASE_URL", "RELAY_URL"], "{body}");
+    assert!(
+        config["problems"][0]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("127.0.0.1") && p.contains("loopback")),
+        "{body}"
+    );
+    assert_eq!(body["checks"]["db"]["ok"], true, "{body}");
+    assert_eq!(body["checks"]["kv"]["ok"], true, "{body}");
+
+    // Only /health reports it: registering still works.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/api/auth/register", stack.worker_url()))
+            .json(&serde_json::json!({
+                "email": "loopback@example.com",
+                "password": "a long password",
+                "name": "Loop"
+            }))
+            .send()
+            .await
+            .expect("POST /api/auth/register")
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 201, "{}", stack.logs());
+}

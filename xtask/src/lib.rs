@@ -7,11 +7,13 @@
 //! quick to build. Nothing here installs anything; that is `cargo xtask setup`'s job.
 
 pub mod admin;
+pub mod deploy;
 pub mod health;
 pub mod net;
 pub mod pg;
 pub mod providers;
 pub mod repo;
 pub mod service;
+pub mod text;
 pub mod toolchain;
 pub mod wrangler;

@@ -2,6 +2,7 @@
 //!
 //! - `setup`: install what is missing (idempotent, seconds when warm).
 //! - `build-worker`: build the Worker with worker-build, offline.
+//! - `deploy-check`: the deploy rehearsal (dry runs of the production envs, size budget).
 //! - `dev`: the whole local stack (Worker, relay, fakes) until Ctrl-C.
 //! - `test`: everything CI checks, in order, failing on the first problem.
 //! - `migrate --database-url URL`: the Postgres migrations a database has not had yet.
@@ -41,6 +42,9 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
+    /// The deploy rehearsal: release build, `wrangler deploy --dry-run` of every
+    /// production environment, bundle sizes against the 1 MB gzip budget.
+    DeployCheck(cmd::deploy_check::DeployCheckArgs),
     /// Run the local stack: wrangler dev (Worker, D1, KV, DOs), the media relay, and the
     /// fake providers when no real provider keys are configured. Ctrl-C stops everything.
     Dev(cmd::dev::DevArgs),
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => cmd::setup::run(&repo),
         Command::BuildWorker { release } => cmd::build::build_worker(&repo, release),
+        Command::DeployCheck(args) => cmd::deploy_check::run(&repo, &args),
         Command::Dev(args) => cmd::dev::run(&repo, &args),
         Command::Test(args) => cmd::test::run(&repo, &args),
         Command::Quickstart => cmd::quickstart::run(&repo),

@@ -223,6 +223,29 @@ fn check_var_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `wrangler deploy --dry-run --env <env> --outdir <outdir>`: bundles the Worker and
+/// validates the environment's configuration without uploading anything or logging in.
+/// The Worker must already be built (`SKIP_WORKER_BUILD` is set). Containers are not
+/// built (`--containers-rollout=none`: no Docker, no image build); their configuration
+/// is still read and checked.
+pub fn deploy_dry_run(repo: &Repo, node: &Node, env: &str, outdir: &std::path::Path) -> Command {
+    let mut cmd = wrangler_command(
+        repo,
+        node,
+        &[
+            "deploy",
+            "--dry-run",
+            "--containers-rollout=none",
+            "--env",
+            env,
+        ],
+    );
+    cmd.arg("--outdir").arg(outdir);
+    // Plain text, for reading its warnings.
+    cmd.env("FORCE_COLOR", "0").env("NO_COLOR", "1");
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

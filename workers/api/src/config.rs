@@ -17,6 +17,8 @@ pub const DB_BINDING: &str = "DB";
 pub const KV_BINDING: &str = "TOKEN_BLACKLIST";
 pub const CALL_SESSION_BINDING: &str = "CALL_SESSION";
 pub const HYPERDRIVE_BINDING: &str = "HYPERDRIVE";
+/// Bound only in `[env.production-containers]`.
+pub const RELAY_CONTAINER_BINDING: &str = "RELAY_CONTAINER";
 
 thread_local! {
     static CACHED: RefCell<Option<Rc<WorkerConfig>>> = const { RefCell::new(None) };

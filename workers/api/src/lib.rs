@@ -14,6 +14,7 @@ mod ctx;
 mod error;
 mod http;
 mod log;
+mod relay_container;
 mod routes;
 mod session;
 mod store;
@@ -24,6 +25,7 @@ use worker::{event, Context, Env, Method, Request, Response};
 
 pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
+pub use crate::relay_container::RelayContainer;
 use crate::routes::{
     admin, auth, calls, favorites, health, openapi, payments, personas, phone, privacy, schedules,
     voice,
@@ -104,6 +106,12 @@ fn request_id(req: &Request) -> String {
 
 async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> {
     let path = req.path();
+    // The relay's own routes, when this environment runs it in a container.
+    if cmb_core::relay_container::is_relay_path(&path) {
+        if let Ok(relay) = env.durable_object(config::RELAY_CONTAINER_BINDING) {
+            return relay_container::forward(relay, req).await;
+        }
+    }
     let method = req.method();
     let (route, params) = match table::find(ROUTES, table::Method::parse(method.as_ref()), &path) {
         Found::Route(route, params) => (route, params),

@@ -45,6 +45,17 @@ pub enum DbBackend {
     Postgres,
 }
 
+/// Where the Worker runs (`DEPLOY_ENV`): decides whether loopback URLs are a problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeployEnv {
+    /// `wrangler dev` on a developer's machine or in the test stacks (`wrangler.toml`'s
+    /// top-level `[vars]`): loopback `PUBLIC_BASE_URL`/`RELAY_URL` are expected.
+    Development,
+    /// Anything deployed (`[env.production*]`), and the value when `DEPLOY_ENV` is unset:
+    /// Twilio must reach both URLs, so a loopback address is reported.
+    Production,
+}
+
 /// Everything the Worker needs from vars and secrets, validated.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -56,6 +67,8 @@ pub struct WorkerConfig {
     pub relay_secret: Secret,
     pub jwt_secret: Secret,
     pub db_backend: DbBackend,
+    /// `DEPLOY_ENV`: `development` or `production` (the default).
+    pub deploy_env: DeployEnv,
     pub twilio_account_sid: String,
     pub twilio_auth_token: Secret,
     /// E.164.
@@ -223,6 +236,24 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         }
     }
 
+    /// One of `options`' words (any case), or `default` when unset.
+    fn choice<T: Copy>(&mut self, name: &'static str, default: T, options: &[(&str, T)]) -> T {
+        let Some(value) = self.optional(name) else {
+            return default;
+        };
+        match options
+            .iter()
+            .find(|(word, _)| value.eq_ignore_ascii_case(word))
+        {
+            Some((_, chosen)) => *chosen,
+            None => {
+                let words: Vec<&str> = options.iter().map(|(word, _)| *word).collect();
+                self.problem(name, format!("must be {}", words.join(" or ")));
+                default
+            }
+        }
+    }
+
     /// `true` or `false` (any case), or `default` when unset.
     fn boolean(&mut self, name: &'static str, default: bool) -> bool {
         match self.optional(name) {
@@ -275,15 +306,20 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
     let relay_secret = r.secret("RELAY_SECRET", MIN_HMAC_SECRET_BYTES);
     let jwt_secret = r.secret("JWT_SECRET", MIN_HMAC_SECRET_BYTES);
 
-    let db_backend = match r.optional("DB_BACKEND").map(|v| v.to_ascii_lowercase()) {
-        None => DbBackend::D1,
-        Some(v) if v == "d1" => DbBackend::D1,
-        Some(v) if v == "postgres" => DbBackend::Postgres,
-        Some(_) => {
-            r.problem("DB_BACKEND", "must be d1 or postgres");
-            DbBackend::D1
-        }
-    };
+    let db_backend = r.choice(
+        "DB_BACKEND",
+        DbBackend::D1,
+        &[("d1", DbBackend::D1), ("postgres", DbBackend::Postgres)],
+    );
+    // Unset is production: a forgotten variable never hides a loopback URL.
+    let deploy_env = r.choice(
+        "DEPLOY_ENV",
+        DeployEnv::Production,
+        &[
+            ("development", DeployEnv::Development),
+            ("production", DeployEnv::Production),
+        ],
+    );
 
     let twilio_account_sid = r.required("TWILIO_ACCOUNT_SID");
     let twilio_auth_token = r.secret("TWILIO_AUTH_TOKEN", 1);
@@ -435,6 +471,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         relay_secret,
         jwt_secret,
         db_backend,
+        deploy_env,
         twilio_account_sid,
         twilio_auth_token,
         twilio_phone_number,
@@ -458,11 +495,58 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
     })
 }
 
+/// The host of `url` when it is a loopback or unspecified address: `localhost` (and
+/// `*.localhost`), 127.0.0.0/8, `0.0.0.0`, `::1`, `::` and IPv4-mapped forms of those.
+/// `None` for any other host and for what does not parse as a URL.
+pub fn loopback_host(url: &str) -> Option<String> {
+    let parsed = Url::parse(url).ok()?;
+    let local = match parsed.host()? {
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        url::Host::Ipv4(ip) => ip.is_loopback() || ip.is_unspecified(),
+        url::Host::Ipv6(ip) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_unspecified())
+        }
+    };
+    local.then(|| parsed.host_str().unwrap_or_default().to_owned())
+}
+
 impl WorkerConfig {
     /// Parses the configuration from `get` (setting name → value), naming every missing
     /// or malformed setting at once.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
         from_lookup(get)
+    }
+
+    /// What makes this configuration unable to place a call once deployed, though each
+    /// value parses: `PUBLIC_BASE_URL` or `RELAY_URL` on a loopback address outside
+    /// local development (`DEPLOY_ENV` other than `development`). Twilio would be told to
+    /// call back and stream to an address it cannot reach.
+    pub fn deployment_problems(&self) -> Vec<ConfigProblem> {
+        if self.deploy_env == DeployEnv::Development {
+            return Vec::new();
+        }
+        [
+            ("PUBLIC_BASE_URL", &self.public_base_url),
+            ("RELAY_URL", &self.relay_url),
+        ]
+        .into_iter()
+        .filter_map(|(name, url)| {
+            loopback_host(url).map(|host| ConfigProblem {
+                name,
+                problem: format!(
+                    "{host} is a loopback address, which Twilio cannot reach; set the public URL \
+                     (DEPLOY_ENV is production; only DEPLOY_ENV = \"development\" allows loopback)"
+                ),
+            })
+        })
+        .collect()
     }
 
     /// Whether `email` (already normalised) is listed in `ADMIN_EMAILS`.
@@ -717,6 +801,85 @@ mod tests {
         let mut v = good();
         v.insert("RELAY_URL", "wss://relay.example.com/twilio?token=x".into());
         assert_eq!(names(&parse(&v).unwrap_err()), ["RELAY_URL"]);
+    }
+
+    /// Every spelling of a loopback or unspecified host is one; public hosts, private
+    /// networks and look-alikes are not.
+    #[test]
+    fn loopback_hosts() {
+        for url in [
+            "http://127.0.0.1:8787",
+            "ws://127.0.0.1:8080/twilio",
+            "http://127.8.9.10",
+            "http://localhost:8787",
+            "wss://LocalHost./twilio",
+            "http://api.localhost",
+            "http://0.0.0.0:8787",
+            "ws://[::1]:8080/twilio",
+            "http://[::]",
+            "http://[::ffff:127.0.0.1]",
+            "http://2130706433",
+        ] {
+            assert!(loopback_host(url).is_some(), "{url}");
+        }
+        for url in [
+            "https://api.example.com",
+            "wss://relay.example.com/twilio",
+            "http://10.0.0.1",
+            "http://192.168.1.2",
+            "http://128.0.0.1",
+            "http://localhost.example.com",
+            "http://mylocalhost",
+            "ws://[2001:db8::1]/twilio",
+            "not a url",
+        ] {
+            assert_eq!(loopback_host(url), None, "{url}");
+        }
+    }
+
+    /// Outside development each loopback URL is named; in development none is; public
+    /// URLs are never a problem.
+    #[test]
+    fn loopback_urls_outside_development() {
+        let mut v = good();
+        v.insert("PUBLIC_BASE_URL", "http://127.0.0.1:8787".into());
+        v.insert("RELAY_URL", "ws://localhost:8080/twilio".into());
+        // Unset DEPLOY_ENV is production: a forgotten variable never hides the problem.
+        let c = parse(&v).unwrap();
+        assert_eq!(c.deploy_env, DeployEnv::Production);
+        let problems = c.deployment_problems();
+        let named: Vec<_> = problems.iter().map(|p| p.name).collect();
+        assert_eq!(named, ["PUBLIC_BASE_URL", "RELAY_URL"]);
+        assert!(problems[0].problem.contains("127.0.0.1"), "{problems:?}");
+        assert!(problems[1].problem.contains("localhost"), "{problems:?}");
+
+        v.insert("DEPLOY_ENV", "production".into());
+        assert_eq!(parse(&v).unwrap().deployment_problems(), problems);
+
+        v.insert("DEPLOY_ENV", " Development ".into());
+        let c = parse(&v).unwrap();
+        assert_eq!(c.deploy_env, DeployEnv::Development);
+        assert_eq!(c.deployment_problems(), []);
+
+        let mut public = good();
+        public.insert("DEPLOY_ENV", "production".into());
+        assert_eq!(parse(&public).unwrap().deployment_problems(), []);
+        public.insert("RELAY_URL", "ws://[::1]:8080/twilio".into());
+        let named: Vec<_> = parse(&public)
+            .unwrap()
+            .deployment_problems()
+            .iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(named, ["RELAY_URL"]);
+    }
+
+    /// `DEPLOY_ENV` is one of two words.
+    #[test]
+    fn deploy_env_refuses_other_values() {
+        let mut v = good();
+        v.insert("DEPLOY_ENV", "staging".into());
+        assert_eq!(names(&parse(&v).unwrap_err()), ["DEPLOY_ENV"]);
     }
 
     /// Debug output of a parsed config shows no secret.

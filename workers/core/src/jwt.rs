@@ -4,9 +4,91 @@
 //! the caller's `now_unix`: jsonwebtoken's own `exp` validation reads the system clock,
 //! which panics on wasm32, so it is switched off. Revocation (the `jti` blacklist in KV)
 //! is the Worker's job.
+//!
+//! jsonwebtoken runs with [`HS256_ONLY`], its `CryptoProvider` for the one algorithm we
+//! use (`hmac` + `sha2`), instead of its `rust_crypto` feature: that one links RSA, P-256,
+//! P-384 and Ed25519 into the Worker, a third of its wasm (docs/PERFORMANCE.md, "Worker
+//! size"), for tokens we never accept.
 
+use hmac::{Hmac, Mac};
+use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::signature::{self, Signer, Verifier};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// HS256 signing and verification; every other algorithm is refused as
+/// `InvalidAlgorithm` (decoding already demands HS256 before any key is used).
+pub static HS256_ONLY: CryptoProvider = CryptoProvider {
+    signer_factory: hs256_signer,
+    verifier_factory: hs256_verifier,
+    key_utils: KeyUtils::new_unimplemented(),
+};
+
+struct Hs256(HmacSha256);
+
+impl Hs256 {
+    fn new(alg: &Algorithm, key: &[u8]) -> jsonwebtoken::errors::Result<Self> {
+        if *alg != Algorithm::HS256 {
+            return Err(ErrorKind::InvalidAlgorithm.into());
+        }
+        HmacSha256::new_from_slice(key)
+            .map(Hs256)
+            .map_err(|_| ErrorKind::InvalidKeyFormat.into())
+    }
+}
+
+impl Signer<Vec<u8>> for Hs256 {
+    fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
+        let mut mac = self.0.clone();
+        mac.update(msg);
+        Ok(mac.finalize().into_bytes().to_vec())
+    }
+}
+
+impl Verifier<Vec<u8>> for Hs256 {
+    fn verify(&self, msg: &[u8], sig: &Vec<u8>) -> Result<(), signature::Error> {
+        let mut mac = self.0.clone();
+        mac.update(msg);
+        // Constant time, as `hmac` compares.
+        mac.verify_slice(sig).map_err(|_| signature::Error::new())
+    }
+}
+
+impl JwtSigner for Hs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
+impl JwtVerifier for Hs256 {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::HS256
+    }
+}
+
+fn hs256_signer(
+    alg: &Algorithm,
+    key: &EncodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtSigner>> {
+    Ok(Box::new(Hs256::new(alg, key.as_bytes())?))
+}
+
+fn hs256_verifier(
+    alg: &Algorithm,
+    key: &DecodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtVerifier>> {
+    Ok(Box::new(Hs256::new(alg, key.try_get_as_bytes()?)?))
+}
+
+/// Makes [`HS256_ONLY`] jsonwebtoken's provider. Idempotent: installing it again (or
+/// finding it installed) is fine; the crate has no other provider compiled in.
+fn install_provider() {
+    let _ = HS256_ONLY.install_default();
+}
 
 /// Tolerated clock skew for `iat` in the future (isolates' clocks differ slightly).
 pub const IAT_LEEWAY_SECS: i64 = 30;
@@ -59,6 +141,7 @@ pub fn encode(secret: &[u8], claims: &Claims) -> Result<String, JwtError> {
     if secret.is_empty() {
         return Err(JwtError::Invalid);
     }
+    install_provider();
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,
@@ -76,6 +159,7 @@ pub fn decode(secret: &[u8], token: &str, now_unix: i64) -> Result<Claims, JwtEr
     if secret.is_empty() {
         return Err(JwtError::Invalid);
     }
+    install_provider();
     let mut validation = Validation::new(Algorithm::HS256);
     // Both would read the system clock (a panic on wasm32); checked below instead.
     validation.validate_exp = false;
@@ -201,13 +285,21 @@ mod tests {
     /// A correctly keyed token with another algorithm (HS512) is refused.
     #[test]
     fn other_algorithm_rejected() {
-        let token = jsonwebtoken::encode(
+        // Signed by hand: our provider signs HS256 only (and refuses to sign HS512).
+        let header = B64URL.encode(br#"{"alg":"HS512","typ":"JWT"}"#);
+        let body = B64URL.encode(serde_json::to_vec(&claims()).unwrap());
+        let mut mac = Hmac::<sha2::Sha512>::new_from_slice(SECRET).unwrap();
+        mac.update(format!("{header}.{body}").as_bytes());
+        let sig = B64URL.encode(mac.finalize().into_bytes());
+        let token = format!("{header}.{body}.{sig}");
+        assert_eq!(decode(SECRET, &token, NOW), Err(JwtError::Invalid));
+        install_provider();
+        assert!(jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
             &claims(),
             &EncodingKey::from_secret(SECRET),
         )
-        .unwrap();
-        assert_eq!(decode(SECRET, &token, NOW), Err(JwtError::Invalid));
+        .is_err());
     }
 
     /// Garbage is invalid, not a panic.

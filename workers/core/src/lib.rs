@@ -21,6 +21,7 @@ pub mod persona;
 pub mod pricing;
 pub mod privacy;
 pub mod prompt;
+pub mod relay_container;
 pub mod schedule;
 pub mod secret;
 pub mod session;

@@ -541,6 +541,21 @@ mod tests {
         assert_eq!(p.category.as_deref(), Some("fitness"));
     }
 
+    /// Hosts must be ASCII: the Worker's URL parser has no IDNA Unicode back end (its
+    /// size, workers/api/Cargo.toml `idna_adapter`); the xn-- form of the same host is
+    /// accepted.
+    #[test]
+    fn avatar_hosts_are_ascii() {
+        assert_eq!(
+            avatar_url("https://bücher.example/a.png").unwrap_err().code,
+            codes::INVALID_FORMAT
+        );
+        assert_eq!(
+            avatar_url("https://xn--bcher-kva.example/a.png").unwrap(),
+            Some("https://xn--bcher-kva.example/a.png".to_owned())
+        );
+    }
+
     /// Avatar and category are validated; `""` clears them on update.
     #[test]
     fn avatar_and_category_rules() {

@@ -42,7 +42,10 @@ pub fn build_worker(repo: &Repo, release: bool) -> Result<()> {
         if !wasm_opt.is_file() {
             bail!("{} missing: run `cargo xtask setup`", wasm_opt.display());
         }
-        cmd.arg("--release").env("WASM_OPT_BIN", wasm_opt);
+        // The size-bound profile (root Cargo.toml `[profile.worker-release]`; wasm-opt
+        // `-Oz` from workers/api's `[package.metadata.wasm-pack.profile.custom]`).
+        cmd.args(["--profile", "worker-release"])
+            .env("WASM_OPT_BIN", wasm_opt);
     } else {
         cmd.args(["--dev", "--no-opt"]);
     }
@@ -51,6 +54,10 @@ pub fn build_worker(repo: &Repo, release: bool) -> Result<()> {
     let profile = if release { "release" } else { "dev" };
     println!("build-worker: worker-build ({profile}) for workers/api …");
     run_checked(&mut cmd, "worker-build")?;
+
+    if release {
+        strip_names(repo, &node)?;
+    }
 
     let shim = repo.worker_shim();
     if !shim.is_file() {
@@ -66,3 +73,32 @@ pub fn build_worker(repo: &Repo, release: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// Drops the wasm's name section (function names, ~110 KB of the gzipped upload) that
+/// worker-build keeps: wasm-opt rewrites the module without `--debuginfo` and runs no
+/// pass. Panics still log their message and location (the panic hook); only a JS stack
+/// trace through the wasm loses its function names.
+fn strip_names(repo: &Repo, node: &Node) -> Result<()> {
+    let wasm = repo.worker_build_dir().join("index_bg.wasm");
+    let mut cmd = Command::new(repo.wasm_opt_bin());
+    cmd.arg(&wasm)
+        .arg("-o")
+        .arg(&wasm)
+        .env("PATH", node.path_env());
+    // The features worker-build enables (so nothing newer than workerd runs is emitted).
+    for feature in WASM_FEATURES {
+        cmd.arg(format!("--enable-{feature}"));
+    }
+    run_checked(&mut cmd, "wasm-opt (strip names)")
+}
+
+/// worker-build 0.8's wasm-opt feature set.
+const WASM_FEATURES: &[&str] = &[
+    "mutable-globals",
+    "sign-ext",
+    "nontrapping-float-to-int",
+    "bulk-memory",
+    "multivalue",
+    "reference-types",
+    "exception-handling",
+];

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api_types;
 pub mod bench;
 pub mod build;
+pub mod deploy_check;
 pub mod dev;
 pub mod devvars;
 pub mod quickstart;

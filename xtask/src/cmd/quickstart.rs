@@ -21,6 +21,7 @@ use serde_json::Value;
 use xtask::net::{ensure_port_free, free_port};
 use xtask::repo::Repo;
 use xtask::service::{Service, ServiceSpec};
+use xtask::text::strip_ansi;
 
 /// The quickstart section's markers in README.md.
 const BEGIN: &str = "<!-- quickstart:begin -->";
@@ -236,24 +237,6 @@ fn free_run_of_ports(n: u16) -> Result<u16> {
         }
     }
     bail!("found no {n} consecutive free ports on 127.0.0.1")
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// One `bash` session the blocks are pasted into, as in a reader's second terminal. A

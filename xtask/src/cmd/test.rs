@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI checks, in a fixed order, stopping at the first
-//! failure: setup, rustfmt, clippy (native and wasm32), the Worker build, the native
+//! failure: setup, rustfmt, clippy (native and wasm32), the deploy rehearsal
+//! (`cargo xtask deploy-check`), the Worker build, the native
 //! binaries the stack launcher runs, then `cargo test --workspace` (unit and integration
 //! tests; the integration tests start their own `wrangler dev` via `cmb_tests::stack`) on
 //! D1, and the Worker-backed integration suites once more on PostgreSQL.
@@ -13,11 +14,12 @@ use anyhow::Result;
 use clap::Args;
 use xtask::repo::Repo;
 
-use super::{api_types, build, cargo, quickstart, run_checked, setup};
+use super::{api_types, build, cargo, deploy_check, quickstart, run_checked, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
-    /// Skip rustfmt and clippy (for a quick local loop; CI never passes this).
+    /// Skip rustfmt, clippy and the deploy rehearsal (for a quick local loop; CI never
+    /// passes this).
     #[arg(long)]
     quick: bool,
     /// Passed to the test binaries after `--` (e.g. a test name filter).
@@ -118,6 +120,13 @@ fn run_steps(repo: &Repo, args: &TestArgs, steps: &mut Vec<Step>) -> Result<()> 
         })?;
         step("hadolint (Dockerfiles)", &mut || {
             super::dockerfile::lint(repo)
+        })?;
+    }
+    // Before the dev build: it builds the release Worker into build/, which the dev
+    // build then replaces for the integration tests.
+    if !args.quick {
+        step("deploy rehearsal (release Worker, dry runs)", &mut || {
+            deploy_check::run(repo, &deploy_check::DeployCheckArgs::default())
         })?;
     }
     step("build the Worker (dev)", &mut || {

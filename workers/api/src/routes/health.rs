@@ -1,7 +1,10 @@
 //! `GET /health`: whether this Worker can serve, with each check named.
 //!
 //! 200 when configuration, database and KV all answer; otherwise 503 listing every
-//! failing check (each misconfigured setting by name). Never reveals secret values.
+//! failing check (each misconfigured setting by name). A configuration that parses but
+//! cannot place a call once deployed (`PUBLIC_BASE_URL`/`RELAY_URL` on a loopback address
+//! outside `DEPLOY_ENV = "development"`) fails the config check too; the other routes keep
+//! serving. Never reveals secret values.
 
 use serde_json::{json, Value};
 use worker::{Env, Response};
@@ -9,24 +12,38 @@ use worker::{Env, Response};
 use crate::config;
 use crate::error::ApiResult;
 
+fn problem(p: &cmb_core::config::ConfigProblem) -> Value {
+    json!({ "name": p.name, "problem": p.problem })
+}
+
 pub async fn health(env: &Env) -> ApiResult<Response> {
     let (config_check, config_ok) = match config::load(env) {
-        // ADMIN_EMAILS grants nothing since admins are made by `cargo xtask admin grant`;
-        // an operator who still sets it is told, not silently ignored.
-        Ok(cfg) if !cfg.admin_emails.is_empty() => (
-            json!({ "ok": true, "warnings": [{
-                "name": "ADMIN_EMAILS",
-                "problem": "ignored: it grants nothing; grant admins with `cargo xtask admin grant EMAIL`, then remove it"
-            }] }),
-            true,
-        ),
-        Ok(_) => (json!({ "ok": true }), true),
+        Ok(cfg) => {
+            // Values that parse but cannot work once deployed (loopback URLs outside
+            // local development): 503, so a monitor watching the status sees it.
+            let problems: Vec<Value> = cfg.deployment_problems().iter().map(problem).collect();
+            // ADMIN_EMAILS grants nothing since admins are made by `cargo xtask admin
+            // grant`; an operator who still sets it is told, not silently ignored.
+            let warnings: Vec<Value> = if cfg.admin_emails.is_empty() {
+                Vec::new()
+            } else {
+                vec![json!({
+                    "name": "ADMIN_EMAILS",
+                    "problem": "ignored: it grants nothing; grant admins with `cargo xtask admin grant EMAIL`, then remove it"
+                })]
+            };
+            let ok = problems.is_empty();
+            let mut check = json!({ "ok": ok });
+            if !ok {
+                check["problems"] = Value::Array(problems);
+            }
+            if !warnings.is_empty() {
+                check["warnings"] = Value::Array(warnings);
+            }
+            (check, ok)
+        }
         Err(report) => {
-            let problems: Vec<Value> = report
-                .problems
-                .iter()
-                .map(|p| json!({ "name": p.name, "problem": p.problem }))
-                .collect();
+            let problems: Vec<Value> = report.problems.iter().map(problem).collect();
             (json!({ "ok": false, "problems": problems }), false)
         }
     };
