@@ -131,7 +131,7 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
     match route.endpoint {
         E::Health => return health::health(&env).await,
         // The contract needs no configuration or storage: served even when misconfigured.
-        E::OpenApi => return openapi::document(),
+        E::OpenApi => return openapi::document(&env).await,
         _ => {}
     }
     let cfg = config::load(&env).map_err(|report| {
@@ -157,7 +157,7 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
     let ctx = &ctx;
     match route.endpoint {
         E::Health => health::health(&ctx.env).await,
-        E::OpenApi => openapi::document(),
+        E::OpenApi => openapi::document(&ctx.env).await,
         E::Register => auth::register(req, ctx).await,
         E::Login => auth::login(req, ctx).await,
         E::Logout => auth::logout(&req, ctx).await,
