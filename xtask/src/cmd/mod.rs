@@ -12,6 +12,8 @@ pub mod devvars;
 pub mod dockerfile;
 pub mod migrate;
 pub mod quickstart;
+#[cfg(test)]
+mod readme_commands;
 pub mod setup;
 pub mod test;
 pub mod vs_node;
