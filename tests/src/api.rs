@@ -158,8 +158,7 @@ impl ApiClient {
             .with_context(|| format!("{method} {path}"))?;
         let headers = resp.headers().clone();
         let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
+        let content_type = headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);

@@ -363,9 +363,4 @@ mod tests {
         );
         assert!(replace_line("curl $API\n", API_LINE, "x").is_err());
     }
-
-    #[test]
-    fn colours_are_stripped_from_log_lines() {
-        assert_eq!(strip_ansi("\u{1b}[2mfoo\u{1b}[0m bar"), "foo bar");
-    }
 }

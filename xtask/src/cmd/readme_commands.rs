@@ -166,16 +166,11 @@ mod tests {
                     continue;
                 }
                 let command = std::mem::take(&mut pending);
-                let is_setting = command
-                    .split_whitespace()
-                    .next()
-                    .and_then(|w| w.split_once('='))
-                    .is_some_and(|(name, _)| {
+                // `NAME=value`, alone on its line but for a comment.
+                let head = command.split('#').next().unwrap_or_default().trim();
+                let is_setting = !head.contains(char::is_whitespace)
+                    && head.split_once('=').is_some_and(|(name, _)| {
                         !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
-                    })
-                    && command.split_whitespace().count() <= 1
-                    || command.split_once('#').is_some_and(|(head, _)| {
-                        head.split_whitespace().count() == 1 && head.contains('=')
                     });
                 if !is_setting {
                     commands.push(command);
