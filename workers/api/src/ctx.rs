@@ -20,6 +20,21 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// An operator event of this request (its id and clock), for [`Ctx::record`].
+    pub fn event(
+        &self,
+        level: cmb_core::events::Level,
+        kind: &str,
+        fields: serde_json::Value,
+    ) -> cmb_core::events::Event {
+        cmb_core::events::Event::worker(level, kind, self.now_ms, fields).request(&self.request_id)
+    }
+
+    /// Records an operator event, best effort (`Store::record`).
+    pub async fn record(&self, event: cmb_core::events::Event) {
+        self.store.record(vec![event]).await;
+    }
+
     /// The request's clock reading, taken once (time is an argument below this point).
     pub fn now_secs(&self) -> i64 {
         (self.now_ms / 1000) as i64

@@ -27,8 +27,8 @@ pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
 pub use crate::relay_container::RelayContainer;
 use crate::routes::{
-    admin, auth, calls, favorites, health, openapi, payments, personas, phone, privacy, schedules,
-    voice,
+    admin, auth, calls, favorites, health, openapi, payments, personas, phone, privacy, relay,
+    schedules, voice,
 };
 pub use crate::session::CallSession;
 
@@ -78,6 +78,44 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         let _ = headers.set(name, &value);
     }
     Ok(resp)
+}
+
+/// The cron trigger (`[triggers] crons` in wrangler.toml): prunes the operators' event
+/// log past `EVENT_RETENTION_DAYS`. A failure is logged loudly; the next run retries.
+#[event(scheduled)]
+async fn scheduled(event: worker::ScheduledEvent, env: Env, _ctx: worker::ScheduleContext) {
+    let now_ms = worker::Date::now().as_millis();
+    let cron = event.cron();
+    let outcome = async {
+        let cfg = config::load(&env).map_err(|report| {
+            let names: Vec<&str> = report.problems.iter().map(|p| p.name).collect();
+            format!("misconfigured: {}", names.join(", "))
+        })?;
+        let store = store::Store::open(&env, cfg.db_backend)
+            .await
+            .map_err(|e| e.log_detail())?;
+        let before_ms = cmb_core::events::prune_before_ms(now_ms, cfg.event_retention_days);
+        let before = iso_from_millis(before_ms);
+        let pruned = store
+            .prune_events(&before)
+            .await
+            .map_err(|e| e.log_detail())?;
+        let fields = json!({ "cron": cron, "pruned": pruned, "before": before, "retention_days": cfg.event_retention_days });
+        log::info("events_pruned", fields.clone());
+        store
+            .record(vec![cmb_core::events::Event::worker(
+                cmb_core::events::Level::Info,
+                cmb_core::events::kind::EVENTS_PRUNED,
+                now_ms,
+                fields,
+            )])
+            .await;
+        Ok::<(), String>(())
+    }
+    .await;
+    if let Err(cause) = outcome {
+        log::error("events_prune_failed", json!({ "cron": cron, "cause": cause }));
+    }
 }
 
 /// `cf-ray` when Cloudflare sent a plausible one, else a fresh random id. Should the
@@ -155,6 +193,26 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
     };
     let id = params.first().copied().unwrap_or_default();
     let ctx = &ctx;
+    let method = req.method().to_string();
+    let result = dispatch(route, req, ctx, id).await;
+    if let Err(e) = &result {
+        let cause = (e.status >= 500).then(|| e.log_detail());
+        let refused = cmb_core::events::of_refusal(
+            route.access,
+            (&method, &path),
+            (e.status, e.code),
+            cause.as_deref(),
+            ctx.now_ms,
+        );
+        if let Some(event) = refused {
+            ctx.record(event.request(&ctx.request_id)).await;
+        }
+    }
+    result
+}
+
+/// One route's handler.
+async fn dispatch(route: &table::Route, req: Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     match route.endpoint {
         E::Health => health::health(&ctx.env).await,
         E::OpenApi => openapi::document(&ctx.env).await,
@@ -213,5 +271,8 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::AnalyticsCalls => admin::analytics::calls(&req, ctx).await,
         E::AnalyticsRevenue => admin::analytics::revenue(&req, ctx).await,
         E::AnalyticsCosts => admin::analytics::costs(&req, ctx).await,
+        E::AdminEvents => admin::events::list(&req, ctx).await,
+        E::RelayEvents => relay::relay_batch(req, ctx).await,
+        E::Mcp => admin::mcp::post(req, ctx).await,
     }
 }

@@ -93,7 +93,7 @@ fn bad_range(field: &str, message: impl Into<String>) -> ValidationError {
     ValidationError::new(field, INVALID_QUERY, message)
 }
 
-fn parse_day(field: &str, value: &str) -> Result<Date, ValidationError> {
+pub fn parse_day(field: &str, value: &str) -> Result<Date, ValidationError> {
     Date::parse(value.trim(), format_description!("[year]-[month]-[day]")).map_err(|_| {
         bad_range(
             field,
@@ -326,6 +326,41 @@ pub fn costs_report(range: &Range, costs: &[CostDayRow], calls: &[CallDayRow]) -
     })
 }
 
+/// One summary of a range (the MCP tool `analytics_summary`): the totals of the calls,
+/// revenue and costs reports side by side.
+pub fn summary(
+    range: &Range,
+    calls: &[CallDayRow],
+    latency: &[LatencyDayRow],
+    sales: &[SalesDayRow],
+    refunds: &[RefundDayRow],
+    costs: &[CostDayRow],
+) -> Value {
+    let c = &calls_report(range, calls, latency)["totals"];
+    let r = &revenue_report(range, sales, refunds, calls)["totals"];
+    let k = &costs_report(range, costs, calls)["totals"];
+    json!({
+        "from": range.from.to_string(),
+        "to": range.to.to_string(),
+        "calls": c["calls"],
+        "calls_by_status": c["by_status"],
+        "talk_seconds": c["duration_seconds"],
+        "billed_minutes": c["billed_minutes"],
+        "latency": c["latency"],
+        "purchases": r["purchases"],
+        "sales_usd_cents": r["sales_usd_cents"],
+        "refunded_usd_cents": r["refunded_usd_cents"],
+        "net_sales_usd_cents": r["net_sales_usd_cents"],
+        "debt_credits": r["debt_credits"],
+        "credits_charged": k["revenue_credits"],
+        "revenue_micros": k["revenue_micros"],
+        "provider_cost_micros": k["cost_micros"],
+        "gross_margin_micros": k["gross_margin_micros"],
+        "gross_margin_pct": k["gross_margin_pct"],
+        "providers": k["providers"],
+    })
+}
+
 fn provider_view(p: &BTreeMap<String, (f64, i64)>) -> Value {
     p.iter()
         .map(|(name, (quantity, micros))| {
@@ -383,6 +418,28 @@ mod tests {
             let e = parse_range(Some(from), Some(to), today).unwrap_err();
             assert_eq!(e.code, INVALID_QUERY, "{from}..{to}");
         }
+    }
+
+    /// The summary is the three reports' totals: counts, money and margin agree.
+    #[test]
+    fn summary_totals_the_reports() {
+        let range = parse_range(Some("2026-01-01"), Some("2026-01-02"), date!(2026 - 01 - 02)).unwrap();
+        let calls = [
+            call_row("2026-01-01", "completed", 2, 150, 4, 185),
+            call_row("2026-01-02", "failed", 1, 0, 0, 0),
+        ];
+        let sales = [SalesDayRow { day: "2026-01-02".into(), purchases: 1, credits_sold: 500, sales_cents: 499 }];
+        let costs = [CostDayRow { day: "2026-01-01".into(), provider: "twilio".into(), quantity: 4.0, cost_micros: 56_000 }];
+        let s = summary(&range, &calls, &[], &sales, &[], &costs);
+        assert_eq!(s["calls"], 3);
+        assert_eq!(s["calls_by_status"], json!({ "completed": 2, "failed": 1 }));
+        assert_eq!((s["talk_seconds"].clone(), s["billed_minutes"].clone()), (json!(150), json!(4)));
+        assert_eq!(s["sales_usd_cents"], 499);
+        assert_eq!(s["revenue_micros"], 185 * MICROS_PER_CREDIT);
+        assert_eq!(s["provider_cost_micros"], 56_000);
+        assert_eq!(s["gross_margin_micros"], 185 * MICROS_PER_CREDIT - 56_000);
+        assert_eq!(s["providers"]["twilio"]["cost_micros"], 56_000);
+        assert_eq!((s["from"].clone(), s["to"].clone()), (json!("2026-01-01"), json!("2026-01-02")));
     }
 
     /// Status rows fold into one object per day, empty days are zeros, totals add up.

@@ -105,6 +105,8 @@ pub struct WorkerConfig {
     /// The least `retry_after_minutes` a schedule may ask for (`SCHEDULE_MIN_RETRY_MINUTES`,
     /// default 5). Test-only: the test stacks lower it to 0 so a retry needs no wait.
     pub schedule_min_retry_minutes: u32,
+    /// Days the operators' event log keeps (`EVENT_RETENTION_DAYS`, default 30).
+    pub event_retention_days: u32,
 }
 
 /// One missing or malformed setting.
@@ -436,6 +438,14 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
             }
         },
     };
+    let event_retention_days =
+        match crate::events::retention_days(r.optional("EVENT_RETENTION_DAYS").as_deref()) {
+            Ok(days) => days,
+            Err(why) => {
+                r.problem("EVENT_RETENTION_DAYS", why);
+                crate::events::RETENTION_DAYS_DEFAULT
+            }
+        };
 
     let free_credits = match r.optional("FREE_CREDITS") {
         None => DEFAULT_FREE_CREDITS,
@@ -489,6 +499,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         cors_origins,
         free_credits,
         schedule_min_retry_minutes,
+        event_retention_days,
         ai_disclosure,
         call_limits,
         twilio_timeout_ms,

@@ -39,6 +39,15 @@ impl ValidationError {
     }
 }
 
+/// Whether `s` is a UUID in its hyphenated form (the ids this API hands out).
+pub fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
 /// Longest email address accepted (RFC 5321 path limit).
 pub const EMAIL_MAX_LEN: usize = 254;
 /// Longest local part (before `@`) accepted (RFC 5321).

@@ -81,3 +81,23 @@ pub async fn require_admin(req: &Request, ctx: &Ctx) -> ApiResult<Session> {
     }
     Ok(session)
 }
+
+/// The media relay's own requests: `Authorization: Bearer <RELAY_SECRET>`, compared in
+/// constant time.
+pub fn require_relay(req: &Request, ctx: &Ctx) -> ApiResult<()> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let presented = header.strip_prefix("Bearer ").unwrap_or("");
+    if cmb_core::password::hashes_equal(
+        presented.as_bytes(),
+        ctx.cfg.relay_secret.expose().as_bytes(),
+    ) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("Invalid relay credentials."))
+    }
+}

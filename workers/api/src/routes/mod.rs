@@ -12,5 +12,6 @@ pub mod payments;
 pub mod personas;
 pub mod phone;
 pub mod privacy;
+pub mod relay;
 pub mod schedules;
 pub mod voice;

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 
+use cmb_core::events::{kind, Level};
 use cmb_core::model::PurchaseStatus;
 use cmb_core::pricing::{self, credits_for_refunded, CreditPack, PaidMismatch};
 use cmb_core::stripe_sig;
@@ -357,6 +358,9 @@ async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Respon
                 "credits_purchased",
                 json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id, "session": s.id, "credits": credits }),
             );
+            let fields = json!({ "provider": "stripe", "session": s.id, "credits": credits, "stripe_event": event.id });
+            ctx.record(ctx.event(Level::Info, kind::PAYMENT_COMPLETED, fields).user(Some(user_id.as_str())))
+                .await;
             received("fulfilled")
         }
         Err(WriteConflict::Duplicate) => {
@@ -495,6 +499,9 @@ async fn apply_clawback(
                 "credits_clawed_back",
                 json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": step.user_id, "charge": step.charge_id, "due": step.credits_due, "outcome": outcome }),
             );
+            let fields = json!({ "provider": "stripe", "charge": step.charge_id, "credits_due": step.credits_due, "outcome": outcome });
+            ctx.record(ctx.event(Level::Warn, kind::PAYMENT_REFUNDED, fields).user(Some(step.user_id)))
+                .await;
             received(outcome)
         }
         Err(WriteConflict::Duplicate) => {

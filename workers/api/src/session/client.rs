@@ -58,19 +58,7 @@ pub async fn session_op_in<T: for<'de> Deserialize<'de>>(
 /// The relay's control channel for one call: authenticated with `RELAY_SECRET`, then
 /// handed to the call's Durable Object, which accepts the WebSocket.
 pub async fn relay_session(req: Request, ctx: &Ctx, call_id: &str) -> ApiResult<Response> {
-    let header = req
-        .headers()
-        .get("authorization")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    let presented = header.strip_prefix("Bearer ").unwrap_or("");
-    if !cmb_core::password::hashes_equal(
-        presented.as_bytes(),
-        ctx.cfg.relay_secret.expose().as_bytes(),
-    ) {
-        return Err(ApiError::unauthorized("Invalid relay credentials."));
-    }
+    crate::http::auth::require_relay(&req, ctx)?;
     let upgrade = req
         .headers()
         .get("upgrade")

@@ -33,6 +33,7 @@ impl CallSession {
             queue: first.into(),
             streams: VecDeque::new(),
             store: None,
+            events: Vec::new(),
             call_id: session.call_id.clone(),
             call_sid: session.sid.clone(),
             user_id: session.user_id.clone(),
@@ -47,10 +48,32 @@ impl CallSession {
     }
 
     async fn run_queue(&self, run: &mut Run) -> ApiResult<()> {
+        let ran = self.run_effects(run).await;
+        // Recorded after the effects, so a call's own work never waits on the event log.
+        if !run.events.is_empty() {
+            let events = std::mem::take(&mut run.events);
+            match self.open_store(run).await {
+                Ok(()) => run.store()?.record(events).await,
+                Err(e) => crate::log::error(
+                    "event_record_failed",
+                    json!({ "call_id": run.call_id, "events": events.len(), "cause": e.log_detail() }),
+                ),
+            }
+        }
+        ran
+    }
+
+    async fn run_effects(&self, run: &mut Run) -> ApiResult<()> {
         while let Some(effect) = run.queue.pop_front() {
             if matches!(effect, Effect::StartLlm { .. }) {
                 run.streams.push_back(effect);
                 continue;
+            }
+            if let Some(event) = cmb_core::events::of_effect(&effect, now_ms()) {
+                let event = event
+                    .call(Some(&run.call_id))
+                    .user(Some(&run.user_id));
+                run.events.push(event);
             }
             if let Some(event) = self.run(effect, run).await? {
                 if let Some((more, _)) = self.step(event).await? {
@@ -539,6 +562,8 @@ struct Run {
     queue: VecDeque<Effect>,
     streams: VecDeque<Effect>,
     store: Option<Store>,
+    /// Operator events of the effects run so far, recorded once the queue is empty.
+    events: Vec<cmb_core::events::Event>,
     call_id: String,
     call_sid: Option<String>,
     user_id: String,

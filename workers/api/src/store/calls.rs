@@ -133,6 +133,16 @@ pub(super) const ADMIN_CALL_COLUMNS: &str = "c.id, c.user_id, u.email AS user_em
      c.status_reason, c.scheduled_time, c.started_at, c.ended_at, c.duration_seconds, c.twilio_call_sid, \
      c.answered_by, c.reserved_credits, c.cost_cents, c.created_at, c.requested_by";
 
+/// What `admin_calls` lists: any of a user, a status and a range of UTC days (the day a
+/// call belongs to in analytics).
+#[derive(Debug, Default)]
+pub struct CallsFilter<'a> {
+    pub user_id: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub from_day: Option<&'a str>,
+    pub to_day: Option<&'a str>,
+}
+
 impl Store {
     // ---- calls ----
 
@@ -474,25 +484,36 @@ impl Store {
 
     pub async fn admin_calls(
         &self,
-        user_id: Option<&str>,
-        status: Option<&str>,
+        f: &CallsFilter<'_>,
         limit: i64,
         offset: i64,
     ) -> ApiResult<(Vec<AdminCallRow>, i64)> {
-        let filter = "(?1 IS NULL OR c.user_id = ?1) AND (?2 IS NULL OR c.status = ?2)";
+        let day = super::analytics::CALL_DAY;
+        let filter = format!(
+            "(?1 IS NULL OR c.user_id = ?1) AND (?2 IS NULL OR c.status = ?2) \
+             AND (?3 IS NULL OR {day} >= ?3) AND (?4 IS NULL OR {day} <= ?4)"
+        );
+        let args = [
+            opt(f.user_id),
+            opt(f.status),
+            Arg::Date(f.from_day.map(str::to_owned)),
+            Arg::Date(f.to_day.map(str::to_owned)),
+        ];
+        let mut page = args.to_vec();
+        page.extend([int(limit), int(offset)]);
         let rows = self
             .all(
                 &format!(
                     "SELECT {ADMIN_CALL_COLUMNS} FROM calls c LEFT JOIN users u ON u.id = c.user_id \
-                     WHERE {filter} ORDER BY c.created_at DESC, c.id DESC LIMIT ?3 OFFSET ?4"
+                     WHERE {filter} ORDER BY c.created_at DESC, c.id DESC LIMIT ?5 OFFSET ?6"
                 ),
-                &[opt(user_id), opt(status), int(limit), int(offset)],
+                &page,
             )
             .await?;
         let total: Option<Count> = self
             .first(
                 &format!("SELECT COUNT(*) AS n FROM calls c WHERE {filter}"),
-                &[opt(user_id), opt(status)],
+                &args,
             )
             .await?;
         Ok((rows, total.map_or(0, |c| c.n)))

@@ -1,6 +1,6 @@
 //! Data access: the only module that writes SQL, one file per subject (`users`,
 //! `personas`, `ledger`, `calls`, `payments`, `audit`, `limits`, `analytics`, `memory`,
-//! `schedules`, `privacy`, `idempotency`) over the
+//! `schedules`, `privacy`, `idempotency`, `events`) over the
 //! database drivers in `db`. Routes and the Durable Object call these methods and never
 //! see which database answers.
 //!
@@ -15,6 +15,7 @@ mod analytics;
 mod audit;
 mod calls;
 pub mod db;
+mod events;
 mod idempotency;
 mod ledger;
 mod limits;

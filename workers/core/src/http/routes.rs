@@ -106,6 +106,12 @@ pub enum Endpoint {
     AnalyticsCalls,
     AnalyticsRevenue,
     AnalyticsCosts,
+    /// `GET /admin/events`: the operators' event log, searched.
+    AdminEvents,
+    /// `POST /internal/relay/events`: the relay's warnings and errors, in batches.
+    RelayEvents,
+    /// `POST /mcp`: the Model Context Protocol server for operators' assistants.
+    Mcp,
 }
 
 /// One row: `path` segments are literals or `:name` parameters.
@@ -187,6 +193,9 @@ pub const ROUTES: &[Route] = &[
     r(Get, "/admin/analytics/calls", E::AnalyticsCalls, Admin),
     r(Get, "/admin/analytics/revenue", E::AnalyticsRevenue, Admin),
     r(Get, "/admin/analytics/costs", E::AnalyticsCosts, Admin),
+    r(Get, "/admin/events", E::AdminEvents, Admin),
+    r(Post, "/internal/relay/events", E::RelayEvents, Relay),
+    r(Post, "/mcp", E::Mcp, Admin),
 ];
 
 /// What a method and path name.

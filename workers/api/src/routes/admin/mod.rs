@@ -9,8 +9,11 @@
 
 pub mod analytics;
 pub mod audit;
+pub mod events;
+pub mod mcp;
 
 use cmb_core::calls::CallStatus;
+use cmb_core::events::{kind as event_kind, Level};
 use cmb_core::model::LedgerKind;
 use cmb_core::validate;
 use futures::future::join_all;
@@ -26,7 +29,7 @@ use crate::http::page;
 use crate::http::{json, parse_json, query, read_body};
 use crate::session::session_op;
 use crate::session::{CancelOutcome, SessionOp};
-use crate::store::{AdminUserRow, AuditEntry};
+use crate::store::{AdminUserRow, AuditEntry, CallsFilter};
 use crate::store::{LedgerEntry, PersonaRow, WriteConflict};
 use crate::Ctx;
 
@@ -252,6 +255,14 @@ async fn set_banned(
     ctx.store
         .set_banned(id, banned, &entry, &ctx.now_iso())
         .await?;
+    let kind = if banned {
+        event_kind::ADMIN_BAN
+    } else {
+        event_kind::ADMIN_UNBAN
+    };
+    let fields = json!({ "by": session.user.id, "by_email": session.user.email, "reason": reason });
+    ctx.record(ctx.event(Level::Info, kind, fields).user(Some(id)))
+        .await;
     Ok(session)
 }
 
@@ -328,6 +339,11 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
         "credits_adjusted",
         json!({ "request_id": ctx.request_id, "user_id": id, "amount": body.amount, "by": session.user.id, "replayed": replayed }),
     );
+    if !replayed {
+        let fields = json!({ "by": session.user.id, "by_email": session.user.email, "amount": body.amount, "reason": reason });
+        ctx.record(ctx.event(Level::Info, event_kind::ADMIN_CREDITS, fields).user(Some(id)))
+            .await;
+    }
     let user = target_user(ctx, id).await?;
     json(
         200,
@@ -353,7 +369,7 @@ pub async fn calls(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let status = q.status.as_deref().filter(|s| !s.is_empty());
     let (calls, total) = ctx
         .store
-        .admin_calls(user_id, status, limit, offset)
+        .admin_calls(&CallsFilter { user_id, status, from_day: None, to_day: None }, limit, offset)
         .await?;
     json(200, &json!({ "calls": calls, "total": total }))
 }
@@ -362,11 +378,18 @@ pub async fn calls(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
 /// provider against what it earned, per-turn latencies and its ledger entries.
 pub async fn call(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     require_admin(req, ctx).await?;
-    let call = ctx
-        .store
-        .admin_call(id)
+    let detail = call_detail(ctx, id)
         .await?
         .ok_or_else(|| ApiError::not_found("Call"))?;
+    json(200, &detail)
+}
+
+/// A call as operators see it (the admin route and the MCP tool `get_call`); `None`
+/// when there is no such call.
+pub async fn call_detail(ctx: &Ctx, id: &str) -> ApiResult<Option<Value>> {
+    let Some(call) = ctx.store.admin_call(id).await? else {
+        return Ok(None);
+    };
     let transcript: Vec<Value> = ctx
         .store
         .transcript(id)
@@ -386,16 +409,13 @@ pub async fn call(req: &Request, ctx: &Ctx, id: &str) -> ApiResult<Response> {
     });
     let latencies = ctx.store.latencies(id).await?;
     let ledger = ctx.store.ledger_of_call(id).await?;
-    json(
-        200,
-        &json!({
-            "call": call,
-            "transcript": transcript,
-            "costs": costs,
-            "latencies": latencies,
-            "ledger": ledger,
-        }),
-    )
+    Ok(Some(json!({
+        "call": call,
+        "transcript": transcript,
+        "costs": costs,
+        "latencies": latencies,
+        "ledger": ledger,
+    })))
 }
 
 #[derive(Deserialize)]
