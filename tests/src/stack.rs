@@ -278,6 +278,12 @@ impl Stack {
         xtask::admin::set_role(&repo, &self.admin_target(), email, change)
     }
 
+    /// Runs SQL against this stack's database (`xtask::admin::execute`).
+    pub fn execute_sql(&self, sql: &str) -> Result<()> {
+        let repo = Repo::from_crate_dir(env!("CARGO_MANIFEST_DIR"))?;
+        xtask::admin::execute(&repo, &self.admin_target(), sql)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -97,6 +97,31 @@ fn statements(email: &str, change: Change, postgres: bool) -> String {
 }
 
 /// Grants or revokes the admin role of the account with `email`.
+/// Runs SQL that both dialects read alike against `target` (the tests seed rows no route
+/// writes, e.g. an event older than the retention).
+pub fn execute(repo: &Repo, target: &Target, sql: &str) -> Result<()> {
+    match target {
+        Target::LocalD1(_) | Target::RemoteD1 => {
+            let node = Node::require(repo)?;
+            let d1 = match target {
+                Target::LocalD1(dir) => D1Target::Local(dir.clone()),
+                _ => D1Target::Remote,
+            };
+            d1_query(repo, &node, &d1, sql).map(|_| ())
+        }
+        Target::Postgres(url) => {
+            let out = Command::new("psql")
+                .args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+                .output()
+                .context("running psql (is the PostgreSQL client installed?)")?;
+            if !out.status.success() {
+                bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        }
+    }
+}
+
 pub fn set_role(repo: &Repo, target: &Target, email: &str, change: Change) -> Result<Outcome> {
     let email = normalise_email(email)?;
     let sql = statements(&email, change, matches!(target, Target::Postgres(_)));

@@ -71,6 +71,8 @@ impl WranglerDev {
             "--show-interactive-dev-session=false".into(),
             "--persist-to".into(),
             self.persist_to.clone().into(),
+            // `/__scheduled?cron=…` runs the cron handler (the event log's prune).
+            "--test-scheduled".into(),
         ];
         if let Some(file) = &self.env_file {
             args.push("--env-file".into());
