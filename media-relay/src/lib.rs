@@ -21,6 +21,7 @@ pub mod control;
 pub mod deepgram;
 pub mod drain;
 pub mod elevenlabs;
+pub mod events;
 pub mod greeting;
 pub mod healthcheck;
 pub mod machine;

@@ -49,9 +49,16 @@ async fn healthcheck() -> anyhow::Result<()> {
 }
 
 async fn serve() -> anyhow::Result<()> {
-    init_logging();
+    let events = init_logging();
 
     let config = Config::from_env();
+    // Without a valid config there is no Worker to ship to: the queue closes, and the
+    // problems are on /health and in the log lines.
+    if let Ok(c) = &config {
+        if let Ok(url) = c.worker_url.join("/internal/relay/events") {
+            media_relay::events::spawn(events, url.to_string(), c.relay_secret.expose().to_owned());
+        }
+    }
     let listen = listen_address(&config)?;
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -64,7 +71,8 @@ async fn serve() -> anyhow::Result<()> {
 /// JSON lines (one object per event, the span's `call_id`/`call_sid`/`stream_sid` with
 /// it) unless `RELAY_LOG_FORMAT=text` or a terminal asks for text. A bad value is named
 /// on `/health` by the configuration check; logging then uses the default.
-fn init_logging() {
+fn init_logging() -> media_relay::events::Queue {
+    use tracing_subscriber::prelude::*;
     let terminal = std::io::stdout().is_terminal();
     let asked = LogFormat::parse(std::env::var("RELAY_LOG_FORMAT").ok().as_deref(), terminal);
     let format = asked.clone().unwrap_or(if terminal {
@@ -73,19 +81,27 @@ fn init_logging() {
         LogFormat::Json
     });
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder
+    let json = matches!(format, LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .init(),
-        LogFormat::Text => builder.with_ansi(terminal).init(),
-    }
+    });
+    let text = matches!(format, LogFormat::Text)
+        .then(|| tracing_subscriber::fmt::layer().with_ansi(terminal));
+    // Warnings and errors also go to the Worker's event log (`events.rs`).
+    let (shipper, queue) = media_relay::events::channel(media_relay::events::QUEUE);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json)
+        .with(text)
+        .with(shipper)
+        .init();
     if let Err(problem) = asked {
         tracing::error!(name = "RELAY_LOG_FORMAT", %problem, "relay configuration problem");
     }
+    queue
 }
 
 /// One item per SIGINT or SIGTERM (container hosts send the latter), for as long as

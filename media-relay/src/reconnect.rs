@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::ws::{Backoff, ConnectError, CONTROL_DELAYS, PROVIDER_DELAYS};
 
@@ -206,7 +206,7 @@ pub(crate) fn run<L: Link>(
                     if reconnect {
                         reconnects.inc();
                         let r = link.resume();
-                        info!(
+                        warn!(
                             provider = L::PROVIDER,
                             call_id = link.call_id(),
                             buffered = r.buffered,

@@ -145,6 +145,23 @@ async fn deepgram_drop_mid_call_recovers() {
         heard.contains("And the second one too."),
         "the turn after the drop was answered: {heard}"
     );
+    // The relay's warning about the drop reached the operators' event log, with the call.
+    let admin = cmb_tests::harness::admin_on(&api, &v.stack).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = api
+            .get(&format!("/admin/events?call_id={id}&kind=relay."), Some(&admin.token))
+            .await
+            .unwrap();
+        let shipped = found.body["events"].as_array().is_some_and(|e| {
+            e.iter().any(|e| e["source"] == "relay" && e["level"] == "warn")
+        });
+        if shipped {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no relay warning for the call: {}", found.body);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The relay dying mid-call: what was said so far is stored and the call is settled.

@@ -7,9 +7,11 @@
 pub const PRODUCTION_ENVS: &[&str] =
     &["production", "production-postgres", "production-containers"];
 
-/// The gzip budget of the Worker's upload: 1 MB as Cloudflare counts its Worker size
-/// limits and wrangler its sizes, in binary units: 1 MiB, 1024 KiB, 1,048,576 bytes.
-pub const GZIP_BUDGET_BYTES: u64 = 1024 * 1024;
+/// The gzip budget of the Worker's upload, in wrangler's binary units: 1152 KiB
+/// (1.125 MiB, 1,179,648 bytes). It was 1 MiB until the operator console's Worker side
+/// (event log, MCP server, cron) took the upload to 1050.6 KiB; docs/PERFORMANCE.md
+/// ("Worker size") lists the cuts that would bring it back under 1 MiB.
+pub const GZIP_BUDGET_BYTES: u64 = 1152 * 1024;
 
 /// The bundle's size as wrangler reports it.
 #[derive(Debug, Clone, Copy, PartialEq)]
