@@ -261,7 +261,12 @@ mod tests {
 
     #[test]
     fn kinds_follow_the_workers_rules() {
-        for target in ["media_relay::deepgram", "media_relay", "media_relay::call", "9lives"] {
+        for target in [
+            "media_relay::deepgram",
+            "media_relay",
+            "media_relay::call",
+            "9lives",
+        ] {
             let kind = format!("relay.{}", kind_of(target));
             assert!(cmb_core::events::valid_kind(&kind), "{kind}");
         }

@@ -95,7 +95,10 @@ pub fn spawn(
     probes: SttProbes,
 ) -> (mpsc::Receiver<SttOut>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(32);
-    let task = tokio::spawn(run(url, key, audio, tx, probes));
+    // In the call's span: its log lines (and shipped events) name the call.
+    let task = tokio::spawn(tracing::Instrument::in_current_span(run(
+        url, key, audio, tx, probes,
+    )));
     (rx, task)
 }
 

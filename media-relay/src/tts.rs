@@ -54,7 +54,10 @@ pub struct TtsLink {
 pub fn spawn(url: Url, key: Secret, voice: VoiceSettings, reconnects: Counter) -> TtsLink {
     let (tx, commands) = mpsc::channel(COMMANDS);
     let (out, rx) = mpsc::channel(2);
-    let task = tokio::spawn(run(url, key, voice, commands, out, reconnects));
+    // In the call's span: its log lines (and shipped events) name the call.
+    let task = tokio::spawn(tracing::Instrument::in_current_span(run(
+        url, key, voice, commands, out, reconnects,
+    )));
     TtsLink { tx, rx, task }
 }
 

@@ -59,10 +59,18 @@ async fn admin_actions_are_events() {
         ("unban", json!({})),
         ("credits", json!({ "amount": 25, "reason": "goodwill" })),
     ] {
-        let r = api.post(&path(what), Some(&admin.token), &body).await.unwrap();
+        let r = api
+            .post(&path(what), Some(&admin.token), &body)
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "{what}: {}", r.body);
     }
-    let found = events(&api, &admin.token, &format!("user_id={}&kind=admin.", user.id)).await;
+    let found = events(
+        &api,
+        &admin.token,
+        &format!("user_id={}&kind=admin.", user.id),
+    )
+    .await;
     assert_eq!(found["total"], 3, "{found}");
     // Newest first.
     assert_eq!(kinds(&found), ["admin.credits", "admin.unban", "admin.ban"]);
@@ -73,7 +81,12 @@ async fn admin_actions_are_events() {
     assert!(ban["request_id"].as_str().is_some_and(|r| !r.is_empty()));
     assert_eq!(found["events"][0]["body"]["amount"], 25);
     // Admin actions are info: a search for warnings and up finds none of them.
-    let warn = events(&api, &admin.token, &format!("user_id={}&level=warn", user.id)).await;
+    let warn = events(
+        &api,
+        &admin.token,
+        &format!("user_id={}&level=warn", user.id),
+    )
+    .await;
     assert_eq!(warn["total"], 0, "{warn}");
     // Free text finds the reason, case-insensitively.
     let text = events(&api, &admin.token, &format!("user_id={}&q=ABUSE", user.id)).await;
@@ -100,7 +113,12 @@ async fn refused_webhooks_are_events_and_bad_searches_are_400() {
         .unwrap();
     assert_eq!(r.status, 403, "{}", r.body);
     let request_id = r.body["error"]["request_id"].as_str().unwrap().to_owned();
-    let found = events(&api, &admin.token, "kind=webhook.refused&level=warn&limit=200").await;
+    let found = events(
+        &api,
+        &admin.token,
+        "kind=webhook.refused&level=warn&limit=200",
+    )
+    .await;
     let event = found["events"]
         .as_array()
         .unwrap()
@@ -169,7 +187,12 @@ async fn relay_batches_are_stored_whole_or_refused() {
     let r = send(harness::RELAY_SECRET, batch("error")).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["stored"], 3);
-    let found = events(&api, &admin.token, &format!("call_id={call_id}&kind=relay.")).await;
+    let found = events(
+        &api,
+        &admin.token,
+        &format!("call_id={call_id}&kind=relay."),
+    )
+    .await;
     let mut got = kinds(&found);
     got.sort_unstable();
     assert_eq!(got, ["relay.provider_reconnect", "relay.tts_failed"]);
@@ -180,7 +203,10 @@ async fn relay_batches_are_stored_whole_or_refused() {
         .find(|e| e["kind"] == "relay.provider_reconnect")
         .unwrap();
     assert_eq!(reconnect["source"], "relay");
-    assert_eq!(reconnect["body"], json!({ "provider": "deepgram", "attempt": 2 }));
+    assert_eq!(
+        reconnect["body"],
+        json!({ "provider": "deepgram", "attempt": 2 })
+    );
     let dropped = events(&api, &admin.token, "kind=relay.events_dropped&limit=200").await;
     assert!(
         dropped["events"]
@@ -226,9 +252,12 @@ async fn the_cron_prunes_old_events() {
         .collect();
     assert!(ids.contains(&old.to_string().as_str()), "{seeded}");
 
-    let cron = reqwest::get(format!("{}/__scheduled?cron=17+3+*+*+*", harness::worker().url()))
-        .await
-        .unwrap();
+    let cron = reqwest::get(format!(
+        "{}/__scheduled?cron=17+3+*+*+*",
+        harness::worker().url()
+    ))
+    .await
+    .unwrap();
     assert!(cron.status().is_success(), "{}", cron.status());
     let after = events(&api, &admin.token, "kind=test.seeded&limit=200").await;
     let ids: Vec<&str> = after["events"]
@@ -237,8 +266,14 @@ async fn the_cron_prunes_old_events() {
         .iter()
         .map(|e| e["id"].as_str().unwrap())
         .collect();
-    assert!(!ids.contains(&old.to_string().as_str()), "31 days old: pruned: {after}");
-    assert!(ids.contains(&recent.to_string().as_str()), "29 days old: kept: {after}");
+    assert!(
+        !ids.contains(&old.to_string().as_str()),
+        "31 days old: pruned: {after}"
+    );
+    assert!(
+        ids.contains(&recent.to_string().as_str()),
+        "29 days old: kept: {after}"
+    );
     let pruned = events(&api, &admin.token, "kind=events.pruned").await;
     let last = &pruned["events"][0];
     assert!(last["body"]["pruned"].as_i64().unwrap() >= 1, "{pruned}");
@@ -264,7 +299,10 @@ async fn mcp_speaks_json_rpc_and_needs_an_admin() {
         .await
         .unwrap();
     assert_eq!(anon.status(), 401);
-    let challenge = anon.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    let challenge = anon.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(challenge.starts_with("Bearer "), "{challenge}");
     assert_eq!(rpc(&api, None, &init).await.status, 401);
     assert_eq!(rpc(&api, Some(&user.token), &init).await.status, 403);
@@ -273,7 +311,10 @@ async fn mcp_speaks_json_rpc_and_needs_an_admin() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["id"], 1);
     assert_eq!(r.body["result"]["protocolVersion"], "2025-06-18");
-    assert_eq!(r.body["result"]["capabilities"]["tools"]["listChanged"], false);
+    assert_eq!(
+        r.body["result"]["capabilities"]["tools"]["listChanged"],
+        false
+    );
 
     let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
     assert_eq!(rpc(&api, Some(&admin.token), &note).await.status, 202);
@@ -284,10 +325,16 @@ async fn mcp_speaks_json_rpc_and_needs_an_admin() {
     assert_eq!((code(&r), r.body["id"].clone()), (Some(-32601), json!("u")));
     let tool = json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/call",
                        "params": { "name": "drop_tables", "arguments": {} } });
-    assert_eq!(code(&rpc(&api, Some(&admin.token), &tool).await), Some(-32602));
+    assert_eq!(
+        code(&rpc(&api, Some(&admin.token), &tool).await),
+        Some(-32602)
+    );
     let bad_args = json!({ "jsonrpc": "2.0", "id": 3, "method": "tools/call",
                            "params": { "name": "list_calls", "arguments": { "limit": 1000 } } });
-    assert_eq!(code(&rpc(&api, Some(&admin.token), &bad_args).await), Some(-32602));
+    assert_eq!(
+        code(&rpc(&api, Some(&admin.token), &bad_args).await),
+        Some(-32602)
+    );
     let r = api
         .raw(
             reqwest::Method::POST,
@@ -318,7 +365,10 @@ async fn an_mcp_sdk_client_uses_every_tool() {
     let api = client();
     let admin = harness::admin(&api).await;
     let user = api.register_user("mcp-caller").await.unwrap();
-    let call_id = api.trigger_call(&user, "sarah", &cmb_tests::api::fresh_number()).await.unwrap();
+    let call_id = api
+        .trigger_call(&user, "sarah", &cmb_tests::api::fresh_number())
+        .await
+        .unwrap();
     api.wait_settled(&user, &call_id, Duration::from_secs(30))
         .await
         .unwrap();
@@ -347,7 +397,10 @@ async fn an_mcp_sdk_client_uses_every_tool() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["list_calls", "get_call", "search_logs", "analytics_summary"]);
+    assert_eq!(
+        names,
+        ["list_calls", "get_call", "search_logs", "analytics_summary"]
+    );
     for t in out["tools"].as_array().unwrap() {
         assert_eq!(t["inputSchema"]["type"], "object", "{t}");
         assert_eq!(t["outputSchema"]["type"], "object", "{t}");
@@ -360,7 +413,10 @@ async fn an_mcp_sdk_client_uses_every_tool() {
 
     let listed = &results[0]["structuredContent"];
     let admin_list = api
-        .get(&format!("/admin/calls?user_id={}", user.id), Some(&admin.token))
+        .get(
+            &format!("/admin/calls?user_id={}", user.id),
+            Some(&admin.token),
+        )
         .await
         .unwrap();
     assert_eq!(listed["total"], admin_list.body["total"]);
@@ -373,7 +429,11 @@ async fn an_mcp_sdk_client_uses_every_tool() {
         .unwrap();
     for field in ["call", "transcript", "costs", "latencies", "ledger"] {
         // Through JavaScript, 1.0 comes back as 1: compare numbers as numbers.
-        assert_eq!(numeric(&got[field]), numeric(&detail.body[field]), "get_call {field}");
+        assert_eq!(
+            numeric(&got[field]),
+            numeric(&detail.body[field]),
+            "get_call {field}"
+        );
     }
     let status_events: Vec<&Value> = got["events"]
         .as_array()
@@ -386,7 +446,9 @@ async fn an_mcp_sdk_client_uses_every_tool() {
         "the final record is an event: {}",
         got["events"]
     );
-    assert!(status_events.iter().all(|e| e["call_id"] == call_id.as_str()));
+    assert!(status_events
+        .iter()
+        .all(|e| e["call_id"] == call_id.as_str()));
 
     let logs = &results[2]["structuredContent"];
     assert_eq!(logs["total"], 1, "{logs}");

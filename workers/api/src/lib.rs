@@ -114,7 +114,10 @@ async fn scheduled(event: worker::ScheduledEvent, env: Env, _ctx: worker::Schedu
     }
     .await;
     if let Err(cause) = outcome {
-        log::error("events_prune_failed", json!({ "cron": cron, "cause": cause }));
+        log::error(
+            "events_prune_failed",
+            json!({ "cron": cron, "cause": cause }),
+        );
     }
 }
 

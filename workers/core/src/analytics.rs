@@ -423,23 +423,44 @@ mod tests {
     /// The summary is the three reports' totals: counts, money and margin agree.
     #[test]
     fn summary_totals_the_reports() {
-        let range = parse_range(Some("2026-01-01"), Some("2026-01-02"), date!(2026 - 01 - 02)).unwrap();
+        let range = parse_range(
+            Some("2026-01-01"),
+            Some("2026-01-02"),
+            date!(2026 - 01 - 02),
+        )
+        .unwrap();
         let calls = [
             call_row("2026-01-01", "completed", 2, 150, 4, 185),
             call_row("2026-01-02", "failed", 1, 0, 0, 0),
         ];
-        let sales = [SalesDayRow { day: "2026-01-02".into(), purchases: 1, credits_sold: 500, sales_cents: 499 }];
-        let costs = [CostDayRow { day: "2026-01-01".into(), provider: "twilio".into(), quantity: 4.0, cost_micros: 56_000 }];
+        let sales = [SalesDayRow {
+            day: "2026-01-02".into(),
+            purchases: 1,
+            credits_sold: 500,
+            sales_cents: 499,
+        }];
+        let costs = [CostDayRow {
+            day: "2026-01-01".into(),
+            provider: "twilio".into(),
+            quantity: 4.0,
+            cost_micros: 56_000,
+        }];
         let s = summary(&range, &calls, &[], &sales, &[], &costs);
         assert_eq!(s["calls"], 3);
         assert_eq!(s["calls_by_status"], json!({ "completed": 2, "failed": 1 }));
-        assert_eq!((s["talk_seconds"].clone(), s["billed_minutes"].clone()), (json!(150), json!(4)));
+        assert_eq!(
+            (s["talk_seconds"].clone(), s["billed_minutes"].clone()),
+            (json!(150), json!(4))
+        );
         assert_eq!(s["sales_usd_cents"], 499);
         assert_eq!(s["revenue_micros"], 185 * MICROS_PER_CREDIT);
         assert_eq!(s["provider_cost_micros"], 56_000);
         assert_eq!(s["gross_margin_micros"], 185 * MICROS_PER_CREDIT - 56_000);
         assert_eq!(s["providers"]["twilio"]["cost_micros"], 56_000);
-        assert_eq!((s["from"].clone(), s["to"].clone()), (json!("2026-01-01"), json!("2026-01-02")));
+        assert_eq!(
+            (s["from"].clone(), s["to"].clone()),
+            (json!("2026-01-01"), json!("2026-01-02"))
+        );
     }
 
     /// Status rows fold into one object per day, empty days are zeros, totals add up.

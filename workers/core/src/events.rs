@@ -159,12 +159,14 @@ pub fn of_effect(effect: &crate::session::Effect, now_ms: u64) -> Option<Event> 
             now_ms,
             serde_json::json!({ "message": message }),
         ),
-        Effect::Db(DbOp::Progress { status: s, answered_by, .. }) => {
-            status(*s, serde_json::json!({ "answered_by": answered_by }))
-        }
-        Effect::Db(DbOp::EndUnconnected { status: s, reason, .. }) => {
-            status(*s, serde_json::json!({ "reason": reason, "final": true }))
-        }
+        Effect::Db(DbOp::Progress {
+            status: s,
+            answered_by,
+            ..
+        }) => status(*s, serde_json::json!({ "answered_by": answered_by })),
+        Effect::Db(DbOp::EndUnconnected {
+            status: s, reason, ..
+        }) => status(*s, serde_json::json!({ "reason": reason, "final": true })),
         Effect::Db(DbOp::Settle(x)) => status(
             x.status,
             serde_json::json!({
@@ -214,7 +216,14 @@ pub fn valid_kind(kind: &str) -> bool {
 fn is_excluded(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     const SECRET: &[&str] = &["password", "token", "secret", "authorization", "api_key"];
-    const SPOKEN: &[&str] = &["text", "transcript", "utterance", "content", "prompt", "reply"];
+    const SPOKEN: &[&str] = &[
+        "text",
+        "transcript",
+        "utterance",
+        "content",
+        "prompt",
+        "reply",
+    ];
     SECRET.iter().any(|s| n.ends_with(s)) || n.starts_with("audio") || SPOKEN.contains(&n.as_str())
 }
 
@@ -547,23 +556,47 @@ mod tests {
     fn session_effects_become_call_events() {
         use crate::calls::CallStatus;
         use crate::session::{DbOp, Effect, LogLevel, Settlement};
-        let log = Effect::Log { level: LogLevel::Error, message: "LLM failed: 503".into() };
+        let log = Effect::Log {
+            level: LogLevel::Error,
+            message: "LLM failed: 503".into(),
+        };
         let e = of_effect(&log, 9).unwrap();
-        assert_eq!((e.level, e.kind.as_str(), e.at_ms), (Level::Error, kind::CALL_SESSION, 9));
+        assert_eq!(
+            (e.level, e.kind.as_str(), e.at_ms),
+            (Level::Error, kind::CALL_SESSION, 9)
+        );
         assert_eq!(e.body, json!({ "message": "LLM failed: 503" }));
         let ringing = Effect::Db(DbOp::Progress {
-            status: CallStatus::Ringing, sid: Some("CA1".into()), started_at_ms: None, answered_by: None,
+            status: CallStatus::Ringing,
+            sid: Some("CA1".into()),
+            started_at_ms: None,
+            answered_by: None,
         });
-        assert_eq!(of_effect(&ringing, 1).unwrap().body, json!({ "status": "ringing" }));
+        assert_eq!(
+            of_effect(&ringing, 1).unwrap().body,
+            json!({ "status": "ringing" })
+        );
         let failed = Effect::Db(DbOp::EndUnconnected {
-            status: CallStatus::Failed, reason: "twilio_refused".into(), release: 1, at_ms: 1,
+            status: CallStatus::Failed,
+            reason: "twilio_refused".into(),
+            release: 1,
+            at_ms: 1,
         });
         let e = of_effect(&failed, 1).unwrap();
         assert_eq!(e.level, Level::Warn);
-        assert_eq!(e.body, json!({ "status": "failed", "reason": "twilio_refused", "final": true }));
+        assert_eq!(
+            e.body,
+            json!({ "status": "failed", "reason": "twilio_refused", "final": true })
+        );
         let settled = Effect::Db(DbOp::Settle(Settlement {
-            status: CallStatus::Completed, reason: None, ended_at_ms: 5, duration_secs: 61,
-            charge: 2, release: 0, twilio_minutes: 2, twilio_micros: 28_000,
+            status: CallStatus::Completed,
+            reason: None,
+            ended_at_ms: 5,
+            duration_secs: 61,
+            charge: 2,
+            release: 0,
+            twilio_minutes: 2,
+            twilio_micros: 28_000,
         }));
         assert_eq!(
             of_effect(&settled, 1).unwrap().body,
@@ -577,7 +610,10 @@ mod tests {
         use crate::http::routes::Access;
         let post = ("POST", "/api/voice/status");
         let e = of_refusal(Access::Twilio, post, (403, "forbidden"), None, 3).unwrap();
-        assert_eq!((e.level, e.kind.as_str()), (Level::Warn, kind::WEBHOOK_REFUSED));
+        assert_eq!(
+            (e.level, e.kind.as_str()),
+            (Level::Warn, kind::WEBHOOK_REFUSED)
+        );
         assert_eq!(
             e.body,
             json!({ "method": "POST", "path": "/api/voice/status", "status": 403, "code": "forbidden" })
@@ -588,12 +624,28 @@ mod tests {
         let relay = ("GET", "/internal/calls/x/session");
         let e = of_refusal(Access::Relay, relay, (401, "unauthorized"), None, 3).unwrap();
         assert_eq!(e.kind, kind::STREAM_REFUSED);
-        let e = of_refusal(Access::User, ("GET", "/api/me"), (503, "db"), Some("D1 down"), 3).unwrap();
-        assert_eq!((e.level, e.kind.as_str()), (Level::Error, kind::REQUEST_FAILED));
+        let e = of_refusal(
+            Access::User,
+            ("GET", "/api/me"),
+            (503, "db"),
+            Some("D1 down"),
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.level, e.kind.as_str()),
+            (Level::Error, kind::REQUEST_FAILED)
+        );
         assert_eq!(e.body["cause"], "D1 down");
         // A user's own mistakes, and a webhook for a call we do not know, are not events.
-        assert_eq!(of_refusal(Access::User, ("POST", "/api/me"), (400, "x"), None, 3), None);
-        assert_eq!(of_refusal(Access::Twilio, post, (404, "not_found"), None, 3), None);
+        assert_eq!(
+            of_refusal(Access::User, ("POST", "/api/me"), (400, "x"), None, 3),
+            None
+        );
+        assert_eq!(
+            of_refusal(Access::Twilio, post, (404, "not_found"), None, 3),
+            None
+        );
         // A client error's cause is never kept.
         let e = of_refusal(Access::Twilio, post, (403, "forbidden"), Some("sig"), 3).unwrap();
         assert_eq!(e.body.get("cause"), None);
@@ -631,7 +683,10 @@ mod tests {
         assert_eq!(events[0].source, SOURCE_RELAY);
         assert_eq!(events[0].call_id.as_deref(), Some(CALL));
         assert_eq!(events[0].at_ms, NOW - 5);
-        assert_eq!(events[0].body, json!({ "provider": "deepgram", "attempt": 2 }));
+        assert_eq!(
+            events[0].body,
+            json!({ "provider": "deepgram", "attempt": 2 })
+        );
         // A clock a day off is replaced by ours; a malformed call id is dropped.
         assert_eq!(events[1].at_ms, NOW);
         assert_eq!(events[1].call_id, None);
@@ -643,7 +698,8 @@ mod tests {
     fn relay_batches_are_refused_whole() {
         let info = batch(json!({ "events": [{ "at_ms": NOW, "level": "info", "kind": "x" }] }));
         assert_eq!(from_relay(info, NOW).unwrap_err().field, "events[0].level");
-        let bad = batch(json!({ "events": [{ "at_ms": NOW, "level": "warn", "kind": "Bad Kind" }] }));
+        let bad =
+            batch(json!({ "events": [{ "at_ms": NOW, "level": "warn", "kind": "Bad Kind" }] }));
         assert_eq!(from_relay(bad, NOW).unwrap_err().field, "events[0].kind");
         let many: Vec<Value> = (0..=RELAY_BATCH_MAX)
             .map(|_| json!({ "at_ms": NOW, "level": "warn", "kind": "x" }))
@@ -685,10 +741,34 @@ mod tests {
         assert_eq!((s.limit, s.offset), (PAGE_DEFAULT, 0));
 
         let bad = |p: SearchParams| Search::parse(p).unwrap_err().field;
-        assert_eq!(bad(SearchParams { level: Some("debug".into()), ..Default::default() }), "level");
-        assert_eq!(bad(SearchParams { kind: Some("Call".into()), ..Default::default() }), "kind");
-        assert_eq!(bad(SearchParams { q: Some("x".repeat(49)), ..Default::default() }), "q");
-        assert_eq!(bad(SearchParams { from: Some("yesterday".into()), ..Default::default() }), "from");
+        assert_eq!(
+            bad(SearchParams {
+                level: Some("debug".into()),
+                ..Default::default()
+            }),
+            "level"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                kind: Some("Call".into()),
+                ..Default::default()
+            }),
+            "kind"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                q: Some("x".repeat(49)),
+                ..Default::default()
+            }),
+            "q"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                from: Some("yesterday".into()),
+                ..Default::default()
+            }),
+            "from"
+        );
         assert_eq!(
             bad(SearchParams {
                 from: Some("2026-12-02T00:00:00Z".into()),
@@ -697,8 +777,26 @@ mod tests {
             }),
             "from"
         );
-        assert_eq!(bad(SearchParams { limit: Some(0), ..Default::default() }), "limit");
-        assert_eq!(bad(SearchParams { limit: Some(201), ..Default::default() }), "limit");
-        assert_eq!(bad(SearchParams { offset: Some(-1), ..Default::default() }), "offset");
+        assert_eq!(
+            bad(SearchParams {
+                limit: Some(0),
+                ..Default::default()
+            }),
+            "limit"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                limit: Some(201),
+                ..Default::default()
+            }),
+            "limit"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                offset: Some(-1),
+                ..Default::default()
+            }),
+            "offset"
+        );
     }
 }

@@ -69,23 +69,39 @@ struct Raw {
 
 /// Reads one message. `Err` carries the id to answer with (`null` when unknown).
 pub fn parse(body: &[u8]) -> Result<Incoming, (Value, RpcError)> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| (Value::Null, RpcError::new(code::PARSE_ERROR, format!("Parse error: {e}"))))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        (
+            Value::Null,
+            RpcError::new(code::PARSE_ERROR, format!("Parse error: {e}")),
+        )
+    })?;
     if value.is_array() {
         return Err((
             Value::Null,
-            RpcError::new(code::INVALID_REQUEST, "Batches are not supported (protocol 2025-06-18)."),
+            RpcError::new(
+                code::INVALID_REQUEST,
+                "Batches are not supported (protocol 2025-06-18).",
+            ),
         ));
     }
     let raw: Raw = serde_json::from_value(value).map_err(|e| {
-        (Value::Null, RpcError::new(code::INVALID_REQUEST, format!("Invalid request: {e}")))
+        (
+            Value::Null,
+            RpcError::new(code::INVALID_REQUEST, format!("Invalid request: {e}")),
+        )
     })?;
     let id = raw.id.clone().unwrap_or(Value::Null);
     if raw.jsonrpc.as_deref() != Some("2.0") {
-        return Err((id, RpcError::new(code::INVALID_REQUEST, "jsonrpc must be \"2.0\".")));
+        return Err((
+            id,
+            RpcError::new(code::INVALID_REQUEST, "jsonrpc must be \"2.0\"."),
+        ));
     }
     if !matches!(id, Value::Null | Value::String(_) | Value::Number(_)) {
-        return Err((Value::Null, RpcError::new(code::INVALID_REQUEST, "id must be a string or a number.")));
+        return Err((
+            Value::Null,
+            RpcError::new(code::INVALID_REQUEST, "id must be a string or a number."),
+        ));
     }
     match (raw.id, raw.method) {
         (Some(id), Some(method)) if !id.is_null() => Ok(Incoming::Request {
@@ -95,7 +111,10 @@ pub fn parse(body: &[u8]) -> Result<Incoming, (Value, RpcError)> {
         }),
         (None, Some(_)) => Ok(Incoming::NoReply),
         (Some(_), None) if raw.result.is_some() || raw.error.is_some() => Ok(Incoming::NoReply),
-        _ => Err((id, RpcError::new(code::INVALID_REQUEST, "A request needs a method and an id."))),
+        _ => Err((
+            id,
+            RpcError::new(code::INVALID_REQUEST, "A request needs a method and an id."),
+        )),
     }
 }
 
@@ -285,7 +304,11 @@ mod tests {
         let req = br#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#;
         assert_eq!(
             parse(req).unwrap(),
-            Incoming::Request { id: json!(7), method: "tools/list".into(), params: Value::Null }
+            Incoming::Request {
+                id: json!(7),
+                method: "tools/list".into(),
+                params: Value::Null
+            }
         );
         let note = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
         assert_eq!(parse(note).unwrap(), Incoming::NoReply);
@@ -294,12 +317,29 @@ mod tests {
 
         let code_of = |b: &[u8]| parse(b).unwrap_err().1.code;
         assert_eq!(code_of(b"{not json"), code::PARSE_ERROR);
-        assert_eq!(code_of(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#), code::INVALID_REQUEST);
-        assert_eq!(code_of(br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#), code::INVALID_REQUEST);
-        assert_eq!(code_of(br#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#), code::INVALID_REQUEST);
-        assert_eq!(code_of(br#"{"jsonrpc":"2.0","id":1}"#), code::INVALID_REQUEST);
+        assert_eq!(
+            code_of(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#),
+            code::INVALID_REQUEST
+        );
+        assert_eq!(
+            code_of(br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#),
+            code::INVALID_REQUEST
+        );
+        assert_eq!(
+            code_of(br#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#),
+            code::INVALID_REQUEST
+        );
+        assert_eq!(
+            code_of(br#"{"jsonrpc":"2.0","id":1}"#),
+            code::INVALID_REQUEST
+        );
         // The id is kept for the error when it is readable.
-        assert_eq!(parse(br#"{"jsonrpc":"1.0","id":"a","method":"x"}"#).unwrap_err().0, json!("a"));
+        assert_eq!(
+            parse(br#"{"jsonrpc":"1.0","id":"a","method":"x"}"#)
+                .unwrap_err()
+                .0,
+            json!("a")
+        );
     }
 
     #[test]
@@ -322,13 +362,24 @@ mod tests {
     fn the_catalog_is_well_formed() {
         let tools: Vec<Value> = serde_json::from_str(TOOLS).unwrap();
         let names: Vec<&str> = tools.iter().filter_map(|t| t["name"].as_str()).collect();
-        assert_eq!(names, ["list_calls", "get_call", "search_logs", "analytics_summary"]);
+        assert_eq!(
+            names,
+            ["list_calls", "get_call", "search_logs", "analytics_summary"]
+        );
         for t in &tools {
-            assert!(t["description"].as_str().is_some_and(|d| d.len() > 20), "{t}");
+            assert!(
+                t["description"].as_str().is_some_and(|d| d.len() > 20),
+                "{t}"
+            );
             assert_eq!(t["inputSchema"]["type"], "object");
             assert_eq!(t["outputSchema"]["type"], "object");
             for r in t["outputSchema"]["required"].as_array().unwrap() {
-                assert!(t["outputSchema"]["properties"].get(r.as_str().unwrap()).is_some(), "{r}");
+                assert!(
+                    t["outputSchema"]["properties"]
+                        .get(r.as_str().unwrap())
+                        .is_some(),
+                    "{r}"
+                );
             }
             // Every tool named here has arguments this module reads.
             let empty = json!({ "name": t["name"], "arguments": {} });
@@ -355,12 +406,20 @@ mod tests {
         );
         assert_eq!(
             call(json!({ "name": "get_call", "arguments": { "call_id": "c1" } })).unwrap(),
-            ToolCall::GetCall(GetCall { call_id: "c1".into() })
+            ToolCall::GetCall(GetCall {
+                call_id: "c1".into()
+            })
         );
-        let ToolCall::SearchLogs(s) = call(json!({ "name": "search_logs", "arguments": { "level": "warn", "text": "twilio" } })).unwrap() else {
+        let ToolCall::SearchLogs(s) = call(
+            json!({ "name": "search_logs", "arguments": { "level": "warn", "text": "twilio" } }),
+        )
+        .unwrap() else {
             panic!("search_logs");
         };
-        assert_eq!((s.min_level, s.text.as_deref()), (Some(Level::Warn), Some("twilio")));
+        assert_eq!(
+            (s.min_level, s.text.as_deref()),
+            (Some(Level::Warn), Some("twilio"))
+        );
         assert_eq!(
             call(json!({ "name": "analytics_summary" })).unwrap(),
             ToolCall::AnalyticsSummary(Range::default())
@@ -393,7 +452,10 @@ mod tests {
         assert_eq!(r["isError"], false);
         assert_eq!(tool_error("no such call")["isError"], true);
         let e = failure(&json!(3), &RpcError::invalid_params("x"));
-        assert_eq!(e, json!({ "jsonrpc": "2.0", "id": 3, "error": { "code": -32602, "message": "x" } }));
+        assert_eq!(
+            e,
+            json!({ "jsonrpc": "2.0", "id": 3, "error": { "code": -32602, "message": "x" } })
+        );
         assert_eq!(success(&json!("a"), json!({}))["id"], "a");
     }
 }

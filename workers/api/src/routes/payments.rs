@@ -359,8 +359,11 @@ async fn fulfil(ctx: &Ctx, event: &Event, s: &SessionObject) -> ApiResult<Respon
                 json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": user_id, "session": s.id, "credits": credits }),
             );
             let fields = json!({ "provider": "stripe", "session": s.id, "credits": credits, "stripe_event": event.id });
-            ctx.record(ctx.event(Level::Info, kind::PAYMENT_COMPLETED, fields).user(Some(user_id.as_str())))
-                .await;
+            ctx.record(
+                ctx.event(Level::Info, kind::PAYMENT_COMPLETED, fields)
+                    .user(Some(user_id.as_str())),
+            )
+            .await;
             received("fulfilled")
         }
         Err(WriteConflict::Duplicate) => {
@@ -500,8 +503,11 @@ async fn apply_clawback(
                 json!({ "request_id": ctx.request_id, "provider": "stripe", "user_id": step.user_id, "charge": step.charge_id, "due": step.credits_due, "outcome": outcome }),
             );
             let fields = json!({ "provider": "stripe", "charge": step.charge_id, "credits_due": step.credits_due, "outcome": outcome });
-            ctx.record(ctx.event(Level::Warn, kind::PAYMENT_REFUNDED, fields).user(Some(step.user_id)))
-                .await;
+            ctx.record(
+                ctx.event(Level::Warn, kind::PAYMENT_REFUNDED, fields)
+                    .user(Some(step.user_id)),
+            )
+            .await;
             received(outcome)
         }
         Err(WriteConflict::Duplicate) => {

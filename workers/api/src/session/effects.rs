@@ -70,9 +70,7 @@ impl CallSession {
                 continue;
             }
             if let Some(event) = cmb_core::events::of_effect(&effect, now_ms()) {
-                let event = event
-                    .call(Some(&run.call_id))
-                    .user(Some(&run.user_id));
+                let event = event.call(Some(&run.call_id)).user(Some(&run.user_id));
                 run.events.push(event);
             }
             if let Some(event) = self.run(effect, run).await? {

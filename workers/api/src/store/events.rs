@@ -129,10 +129,9 @@ impl Store {
                 &[ts(before)],
             )
             .await?;
-        self.batch(vec![self.stmt(
-            "DELETE FROM events WHERE created_at < ?1",
-            &[ts(before)],
-        )?])
+        self.batch(vec![
+            self.stmt("DELETE FROM events WHERE created_at < ?1", &[ts(before)])?
+        ])
         .await?
         .map_err(|c| crate::error::ApiError::internal("prune events", format!("{c:?}")))?;
         Ok(n.map_or(0, |c| c.n))

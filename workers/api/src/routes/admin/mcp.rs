@@ -129,12 +129,9 @@ async fn run(ctx: &Ctx, call: ToolCall) -> Result<Value, ToolFailure> {
             let today = time::OffsetDateTime::from_unix_timestamp(ctx.now_secs())
                 .map_err(|e| ApiError::internal("clock", e))?
                 .date();
-            let range = cmb_core::analytics::parse_range(
-                range.from.as_deref(),
-                range.to.as_deref(),
-                today,
-            )
-            .map_err(|e| ToolFailure(e.message))?;
+            let range =
+                cmb_core::analytics::parse_range(range.from.as_deref(), range.to.as_deref(), today)
+                    .map_err(|e| ToolFailure(e.message))?;
             let (from, to) = (range.from.to_string(), range.to.to_string());
             let s = &ctx.store;
             let calls = s.calls_by_day(&from, &to).await?;

@@ -341,8 +341,11 @@ pub async fn credits(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult<Respons
     );
     if !replayed {
         let fields = json!({ "by": session.user.id, "by_email": session.user.email, "amount": body.amount, "reason": reason });
-        ctx.record(ctx.event(Level::Info, event_kind::ADMIN_CREDITS, fields).user(Some(id)))
-            .await;
+        ctx.record(
+            ctx.event(Level::Info, event_kind::ADMIN_CREDITS, fields)
+                .user(Some(id)),
+        )
+        .await;
     }
     let user = target_user(ctx, id).await?;
     json(
@@ -369,7 +372,16 @@ pub async fn calls(req: &Request, ctx: &Ctx) -> ApiResult<Response> {
     let status = q.status.as_deref().filter(|s| !s.is_empty());
     let (calls, total) = ctx
         .store
-        .admin_calls(&CallsFilter { user_id, status, from_day: None, to_day: None }, limit, offset)
+        .admin_calls(
+            &CallsFilter {
+                user_id,
+                status,
+                from_day: None,
+                to_day: None,
+            },
+            limit,
+            offset,
+        )
         .await?;
     json(200, &json!({ "calls": calls, "total": total }))
 }
