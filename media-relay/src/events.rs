@@ -255,6 +255,8 @@ pub fn spawn(mut queue: Queue, url: String, secret: String) -> tokio::task::Join
 }
 
 #[cfg(test)]
+// A panic in a test is that test's failure.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tracing_subscriber::prelude::*;

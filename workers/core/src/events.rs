@@ -508,6 +508,8 @@ impl Search {
 }
 
 #[cfg(test)]
+// A panic in a test is that test's failure.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;

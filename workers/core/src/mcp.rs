@@ -295,6 +295,8 @@ pub fn tool_call(params: &Value) -> Result<ToolCall, RpcError> {
 }
 
 #[cfg(test)]
+// A panic in a test is that test's failure.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::events::Level;
