@@ -234,7 +234,7 @@ env.CALL_SESSION (CallSession)          Durable Object
         assert!(problems("p", true, &at(GZIP_BUDGET_BYTES)).is_empty());
         let over = problems("p", true, &at(GZIP_BUDGET_BYTES + 1));
         assert_eq!(over.len(), 1);
-        assert!(over[0].contains("1,048,577 bytes"), "{over:?}");
+        assert!(over[0].contains("1,179,649 bytes"), "{over:?}");
     }
 
     #[test]
