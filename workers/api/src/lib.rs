@@ -27,7 +27,7 @@ pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
 pub use crate::relay_container::RelayContainer;
 use crate::routes::{
-    admin, auth, calls, favorites, health, openapi, payments, personas, phone, privacy, relay,
+    admin, auth, calls, console, favorites, health, openapi, payments, personas, phone, privacy, relay,
     schedules, voice,
 };
 pub use crate::session::CallSession;
@@ -173,6 +173,11 @@ async fn route(req: Request, env: Env, request_id: &str) -> ApiResult<Response> 
         E::Health => return health::health(&env).await,
         // The contract needs no configuration or storage: served even when misconfigured.
         E::OpenApi => return openapi::document(&env).await,
+        // The console's files are static: what they show comes from the admin routes.
+        E::Console => return console::page(&env).await,
+        E::ConsoleAsset => {
+            return console::asset(&env, params.first().copied().unwrap_or_default()).await
+        }
         _ => {}
     }
     let cfg = config::load(&env).map_err(|report| {
@@ -219,6 +224,8 @@ async fn dispatch(route: &table::Route, req: Request, ctx: &Ctx, id: &str) -> Ap
     match route.endpoint {
         E::Health => health::health(&ctx.env).await,
         E::OpenApi => openapi::document(&ctx.env).await,
+        E::Console => console::page(&ctx.env).await,
+        E::ConsoleAsset => console::asset(&ctx.env, id).await,
         E::Register => auth::register(req, ctx).await,
         E::Login => auth::login(req, ctx).await,
         E::Logout => auth::logout(&req, ctx).await,

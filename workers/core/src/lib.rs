@@ -8,6 +8,7 @@ pub mod analytics;
 pub mod calls;
 pub mod channel;
 pub mod config;
+pub mod console;
 pub mod destination;
 pub mod events;
 pub mod http;

@@ -5,6 +5,7 @@
 //! from npm at build time; we hand it the ones `cargo xtask setup` installed
 //! (`WASM_BINDGEN_BIN`, `WASM_OPT_BIN`, `ESBUILD_BIN`). It installs nothing itself.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -77,14 +78,37 @@ pub fn build_worker(repo: &Repo, release: bool) -> Result<()> {
 }
 
 /// The Worker's static assets (wrangler.toml `[assets]`, binding `ASSETS`), served
-/// through the Worker rather than compiled into the wasm: today the OpenAPI document, whose
-/// 300 KB of JSON would cost ~20 KB of the gzipped upload's budget.
+/// through the Worker rather than compiled into the wasm: the OpenAPI document, whose
+/// 300 KB of JSON would cost ~20 KB of the gzipped upload's budget, and the operators'
+/// console (`workers/console/`, served at `/admin`).
 fn copy_assets(repo: &Repo) -> Result<()> {
     let dir = repo.worker_build_dir().join("assets");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let from = repo.root().join("workers/core/openapi.json");
-    std::fs::copy(&from, dir.join("openapi.json"))
-        .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to)
+            .map(drop)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))
+    };
+    let console = dir.join("admin");
+    // Recreated, so a file removed from the console does not linger in the upload.
+    if console.exists() {
+        std::fs::remove_dir_all(&console)
+            .with_context(|| format!("removing {}", console.display()))?;
+    }
+    std::fs::create_dir_all(&console)
+        .with_context(|| format!("creating {}", console.display()))?;
+    copy(
+        &repo.root().join("workers/core/openapi.json"),
+        &dir.join("openapi.json"),
+    )?;
+    let from = repo.root().join("workers/console");
+    let files =
+        std::fs::read_dir(&from).with_context(|| format!("listing {}", from.display()))?;
+    for file in files {
+        let path = file?.path();
+        if path.is_file() {
+            copy(&path, &console.join(path.file_name().expect("a file's name")))?;
+        }
+    }
     Ok(())
 }
 

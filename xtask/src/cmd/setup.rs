@@ -39,6 +39,8 @@ pub fn run(repo: &Repo) -> Result<()> {
     for tool in ["curl", "jq"] {
         debian_tool(tool)?;
     }
+    // The console's browser test (`console_browser`) drives Debian's Chromium.
+    debian_tool("chromium")?;
     super::dockerfile::install(repo)?;
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
@@ -175,7 +177,7 @@ fn node(repo: &Repo) -> Result<Node> {
 /// wrangler, binaryen, esbuild, openapi-typescript and typescript via `npm ci` from the committed lockfile, only when
 /// `node_modules` is missing or was installed from different manifests.
 fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
-    let what = "npm packages (wrangler, binaryen, esbuild, openapi-typescript, typescript)";
+    let what = "npm packages (wrangler, binaryen, esbuild, openapi-typescript, typescript, playwright-core)";
     let stamp_path = repo.node_modules().join(NPM_STAMP);
     let wanted = manifest_hash(repo)?;
     let installed = std::fs::read_to_string(&stamp_path).unwrap_or_default();
@@ -206,11 +208,13 @@ fn npm_packages(repo: &Repo, node: &Node) -> Result<()> {
     Ok(())
 }
 
-/// What `npm ci` must have installed: wrangler, binaryen's wasm-opt, esbuild, and the
-/// generator and compiler of the API's TypeScript types (`api_types`).
-fn npm_bins(repo: &Repo) -> [std::path::PathBuf; 5] {
+/// What `npm ci` must have installed: wrangler, binaryen's wasm-opt, esbuild, the
+/// generator and compiler of the API's TypeScript types (`api_types`), and Playwright's
+/// driver for the console's browser test (`console_browser`).
+fn npm_bins(repo: &Repo) -> [std::path::PathBuf; 6] {
     let bin = repo.node_modules().join(".bin");
     [
+        repo.node_modules().join("playwright-core/package.json"),
         repo.wrangler_bin(),
         repo.wasm_opt_bin(),
         repo.esbuild_bin(),

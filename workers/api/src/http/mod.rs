@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows about users or calls.
 
+pub mod assets;
 pub mod auth;
 pub mod booking;
 pub mod idempotency;

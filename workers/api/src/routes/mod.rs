@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod calls;
+pub mod console;
 pub mod favorites;
 pub mod health;
 pub mod openapi;

@@ -56,6 +56,10 @@ pub enum Endpoint {
     Health,
     /// `GET /openapi.json`: the OpenAPI 3.1 document of every route here.
     OpenApi,
+    /// `GET /admin`: the operators' console, a static page (`crate::console`).
+    Console,
+    /// `GET /admin/assets/:file`: the console's script, style and images.
+    ConsoleAsset,
     Register,
     Login,
     Logout,
@@ -140,6 +144,9 @@ use Method::{Delete, Get, Patch, Post, Put};
 pub const ROUTES: &[Route] = &[
     r(Get, "/health", E::Health, Anyone),
     r(Get, "/openapi.json", E::OpenApi, Anyone),
+    // The console's files are public; what they show needs an admin's token.
+    r(Get, "/admin", E::Console, Anyone),
+    r(Get, "/admin/assets/:file", E::ConsoleAsset, Anyone),
     r(Post, "/api/auth/register", E::Register, Anyone),
     r(Post, "/api/auth/login", E::Login, Anyone),
     r(Post, "/api/auth/logout", E::Logout, User),
