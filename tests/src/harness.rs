@@ -401,6 +401,65 @@ impl VoiceStack {
             cerebras,
         }
     }
+
+    /// One short conversation with Brad on a fresh number: the persona greets, the callee
+    /// says `line`, the persona answers, the callee hangs up. The call's id and its
+    /// settled detail (`GET /api/calls/:id`), once it is `completed`.
+    pub async fn one_exchange(
+        &self,
+        api: &ApiClient,
+        user: &TestUser,
+        line: &str,
+    ) -> anyhow::Result<(String, serde_json::Value)> {
+        use crate::sim::{SimScript, Step, Utterance};
+        let number = crate::api::fresh_number();
+        self.twilio.set_script(
+            number.clone(),
+            fakes::twilio::CalleeScript::answer(SimScript::new(vec![
+                Step::WaitForPersonaToFinish { silence_ms: 700 },
+                Step::Say(Utterance::text(line)),
+                Step::WaitForPersonaToFinish { silence_ms: 700 },
+                Step::HangUp,
+            ])),
+        );
+        let id = api.trigger_call(user, "brad", &number).await?;
+        let done = api.wait_settled(user, &id, Duration::from_secs(60)).await?;
+        anyhow::ensure!(
+            done["call"]["status"] == "completed",
+            "not completed: {done}"
+        );
+        Ok((id, done))
+    }
+}
+
+/// Runs a Node script of the repository (`tests/…/*.mjs`) with Node 22 and the npm
+/// packages `cargo xtask setup` installs; it must exit 0 within `within` and print one
+/// JSON value on stdout, which is returned. Any other outcome panics with its output.
+pub async fn run_node_script(
+    script: &str,
+    env: &[(&str, String)],
+    within: Duration,
+) -> serde_json::Value {
+    let repo =
+        xtask::repo::Repo::from_crate_dir(env!("CARGO_MANIFEST_DIR")).expect("the repository root");
+    let node = xtask::toolchain::Node::require(&repo).expect("Node 22 (cargo xtask setup)");
+    let mut cmd = tokio::process::Command::new(node.bin_dir.join("node"));
+    cmd.arg(repo.root().join(script))
+        .current_dir(repo.root())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(within, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within {within:?}"))
+        .unwrap_or_else(|e| panic!("starting {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{script}: {e}: {stdout}"))
 }
 
 /// Reads `ws` until the peer's close frame and returns its code: `None` for a close

@@ -488,31 +488,20 @@ fn numeric(v: &Value) -> Value {
 /// Runs `tests/mcp/client.mjs` (the SDK client) against this binary's Worker.
 async fn run_sdk_client(token: &str, calls: &Value) -> Value {
     let repo = xtask::repo::Repo::from_crate_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
-    let node = xtask::toolchain::Node::require(&repo).unwrap();
     let sdk = repo.node_modules().join("@modelcontextprotocol/sdk");
     assert!(
         sdk.is_dir(),
         "{} is missing: run `cargo xtask setup` (npm ci installs the MCP SDK)",
         sdk.display()
     );
-    let script = repo.root().join("tests/mcp/client.mjs");
-    let mut cmd = tokio::process::Command::new(node.bin_dir.join("node"));
-    cmd.arg(&script)
-        .current_dir(repo.root())
-        .env("MCP_URL", format!("{}/mcp", harness::worker().url()))
-        .env("MCP_TOKEN", token)
-        .env("MCP_CALLS", calls.to_string())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("the MCP client finished within 60 s")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "MCP client failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    harness::run_node_script(
+        "tests/mcp/client.mjs",
+        &[
+            ("MCP_URL", format!("{}/mcp", harness::worker().url())),
+            ("MCP_TOKEN", token.to_owned()),
+            ("MCP_CALLS", calls.to_string()),
+        ],
+        Duration::from_secs(60),
+    )
+    .await
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cmb_tests::api::{ApiClient, TestUser};
 use cmb_tests::fakes::twilio::CalleeScript;
 use cmb_tests::harness::{self, VoiceStack};
-use cmb_tests::sim::{SimScript, Step, Utterance};
+use cmb_tests::sim::{SimScript, Step};
 use serde_json::{json, Value};
 
 fn client() -> ApiClient {
@@ -572,23 +572,8 @@ async fn the_export_holds_transcripts_and_memories_and_the_erasure_removes_them(
     let api = v.api();
     let admin = harness::admin_on(&api, &v.stack).await;
     let user = api.register_user("erase-voice").await.unwrap();
-    let number = unique_number();
     let line = "my name is robin and i practise the cello every morning";
-    v.twilio.set_script(
-        number.clone(),
-        CalleeScript::answer(SimScript::new(vec![
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::Say(Utterance::text(line)),
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::HangUp,
-        ])),
-    );
-    let id = api.trigger_call(&user, "brad", &number).await.unwrap();
-    let done = api
-        .wait_settled(&user, &id, Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let (id, done) = v.one_exchange(&api, &user, line).await.unwrap();
     // The notes are written after settlement, in the background.
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {

@@ -9,13 +9,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use cmb_tests::api::{ApiClient, TestUser};
 use cmb_tests::fakes::twilio::CalleeScript;
 use cmb_tests::harness::{self, VoiceStack};
-use cmb_tests::sim::{SimScript, Step, Utterance};
 use serde_json::Value;
 
 fn unique_number() -> String {
@@ -104,23 +103,8 @@ async fn an_admin_sees_in_the_browser_what_the_api_holds() {
 
     // A finished conversation: transcript, per-turn latency, costs.
     let talker = api.register_user("console-talker").await.unwrap();
-    let number = unique_number();
     let line = "could you remind me to stretch after my run";
-    v.twilio.set_script(
-        number.clone(),
-        CalleeScript::answer(SimScript::new(vec![
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::Say(Utterance::text(line)),
-            Step::WaitForPersonaToFinish { silence_ms: 700 },
-            Step::HangUp,
-        ])),
-    );
-    let call_id = api.trigger_call(&talker, "brad", &number).await.unwrap();
-    let done = api
-        .wait_settled(&talker, &call_id, Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(done["call"]["status"], "completed", "{done}");
+    let (call_id, _) = v.one_exchange(&api, &talker, line).await.unwrap();
 
     // A call that rings (nobody answers) while the browser looks at the live page.
     let ringer = api.register_user("console-ringer").await.unwrap();
@@ -140,7 +124,7 @@ async fn an_admin_sees_in_the_browser_what_the_api_holds() {
     let before = get(&api, &admin, &format!("/admin/users/{}", talker.id)).await;
     let shots = repo.root().join("target/console");
     std::fs::create_dir_all(&shots).unwrap();
-    let seen = drive(&repo, &v, &admin, &talker, &call_id, &shots).await;
+    let seen = drive(&v, &admin, &talker, &call_id, &shots).await;
 
     // The non-admin was refused, kept no token and saw no pages.
     assert!(
@@ -211,13 +195,21 @@ async fn an_admin_sees_in_the_browser_what_the_api_holds() {
         let t = (p["cost_micros"].as_i64().unwrap() + 50) / 100;
         assert_eq!(row[2], format!("${}.{:04}", t / 10000, t % 10000), "{p}");
     }
-    let events = get(&api, &admin, &format!("/admin/events?call_id={call_id}&limit=100")).await;
+    let events = get(
+        &api,
+        &admin,
+        &format!("/admin/events?call_id={call_id}&limit=100"),
+    )
+    .await;
     assert_eq!(
         seen["call"]["events"].as_array().unwrap().len(),
         events["events"].as_array().unwrap().len()
     );
 
     // Users: the search found the talker; the ban, unban and grant went through the API.
+    let query = seen["users"]["query"].as_str().unwrap();
+    let found = get(&api, &admin, &format!("/admin/users?q={query}")).await;
+    assert_eq!(found["total"], 1, "{found}");
     assert_eq!(ids(&seen["users"]["rows"]), vec![talker.id.clone()]);
     let credits_before = before["user"]["credits"].as_i64().unwrap();
     assert_eq!(seen["user"]["before"]["state"], "active");
@@ -228,7 +220,12 @@ async fn an_admin_sees_in_the_browser_what_the_api_holds() {
     assert_eq!(after["user"]["credits"], credits_before + 25);
     assert_eq!(seen["user"]["after"]["state"], "active");
     assert_eq!(seen["user"]["after"]["credits"], credits_before + 25);
-    let audit = get(&api, &admin, &format!("/admin/audit?target_id={}&limit=50", talker.id)).await;
+    let audit = get(
+        &api,
+        &admin,
+        &format!("/admin/audit?target_id={}&limit=50", talker.id),
+    )
+    .await;
     let actions: Vec<(String, String)> = audit["entries"]
         .as_array()
         .unwrap()
@@ -386,38 +383,26 @@ fn numbers(values: &Value) -> Vec<i64> {
 
 /// Runs `tests/console/drive.mjs` in Chromium; what the pages showed.
 async fn drive(
-    repo: &xtask::repo::Repo,
     v: &VoiceStack,
     admin: &TestUser,
     user: &TestUser,
     call_id: &str,
     shots: &Path,
 ) -> Value {
-    let node = xtask::toolchain::Node::require(repo).unwrap();
-    let script: PathBuf = repo.root().join("tests/console/drive.mjs");
-    let mut cmd = tokio::process::Command::new(node.bin_dir.join("node"));
-    cmd.arg(&script)
-        .current_dir(repo.root())
-        .env("CONSOLE_URL", format!("{}/admin", v.stack.worker_url()))
-        .env("ADMIN_EMAIL", &admin.email)
-        .env("ADMIN_PASSWORD", &admin.password)
-        .env("USER_EMAIL", &user.email)
-        .env("USER_PASSWORD", &user.password)
-        .env("USER_ID", &user.id)
-        .env("CALL_ID", call_id)
-        .env("SHOTS", shots)
-        .env("CHROMIUM", CHROMIUM)
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-        .await
-        .expect("the browser run finished within 180 s")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the browser run failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    harness::run_node_script(
+        "tests/console/drive.mjs",
+        &[
+            ("CONSOLE_URL", format!("{}/admin", v.stack.worker_url())),
+            ("ADMIN_EMAIL", admin.email.clone()),
+            ("ADMIN_PASSWORD", admin.password.clone()),
+            ("USER_EMAIL", user.email.clone()),
+            ("USER_PASSWORD", user.password.clone()),
+            ("USER_ID", user.id.clone()),
+            ("CALL_ID", call_id.to_owned()),
+            ("SHOTS", shots.display().to_string()),
+            ("CHROMIUM", CHROMIUM.to_owned()),
+        ],
+        Duration::from_secs(180),
+    )
+    .await
 }

@@ -97,6 +97,10 @@
     return `${sign}$${(Math.abs(n) / 100).toFixed(2)}`;
   }
 
+  function quantity(n) {
+    return Number.isInteger(n) ? String(n) : String(Number(n.toPrecision(4)));
+  }
+
   function ms(n) {
     return n === null || n === undefined ? '—' : `${Math.round(n)} ms`;
   }
@@ -267,13 +271,18 @@
     if (seq !== renderSeq) return; // A later render owns the page.
     page.replaceChildren(...nodes);
     page.dataset.view = parts.length > 1 ? `${parts[0]}-detail` : parts[0];
+    page.dataset.route = location.hash;
     page.setAttribute('aria-busy', 'false');
     const title = page.querySelector('h1');
     document.title = `${title ? title.textContent : 'Console'} · Call Me Back console`;
     if (parts[0] === 'live' && liveAuto) {
-      refreshTimer = setTimeout(() => {
-        if (seq === renderSeq) render();
-      }, LIVE_REFRESH_MS);
+      // No requests while the tab is hidden; the next tick after it shows refreshes.
+      const tick = () => {
+        if (seq !== renderSeq) return;
+        if (document.hidden) refreshTimer = setTimeout(tick, LIVE_REFRESH_MS);
+        else render();
+      };
+      refreshTimer = setTimeout(tick, LIVE_REFRESH_MS);
     }
   }
 
@@ -417,7 +426,7 @@
       h('h2', {}, 'Cost'),
       table('costs', 'Provider costs', [
         ['Provider', (p) => p.provider],
-        ['Quantity', (p) => `${p.quantity} ${p.unit || ''}`.trim()],
+        ['Quantity', (p) => `${quantity(p.quantity)} ${p.unit || ''}`.trim()],
         ['Cost', (p) => usdMicros(p.cost_micros)],
       ], costs.providers || [], (p) => p.provider),
       details([
@@ -446,7 +455,7 @@
     const data = await api(`/admin/users${query({ q, limit: PAGE_SIZE, offset: params.get('offset') })}`);
     return [
       h('h1', {}, 'Users'),
-      filters('/users', [['q', 'Email, name or number', input('q', q, { type: 'search', size: 30 })]]),
+      filters('/users', [['q', 'Email, name or number', input('q', q, { type: 'search', size: 30, maxlength: 48 })]]),
       table('users', 'Users', [
         ['Email', (u) => link(`#/users/${id(u.id)}`, u.email || '(erased)')],
         ['Name', (u) => dash(u.name)],
@@ -617,9 +626,9 @@
       h('h1', {}, 'Events'),
       filters('/events', [
         ['level', 'At least', select('level', f.level, [['', 'Any'], ['info', 'info'], ['warn', 'warn'], ['error', 'error']])],
-        ['kind', 'Kind (or prefix.)', input('kind', f.kind, { size: 16 })],
+        ['kind', 'Kind (or prefix.)', input('kind', f.kind, { size: 16, maxlength: 64 })],
         ['call_id', 'Call id', input('call_id', f.call_id, { size: 36 })],
-        ['q', 'Text', input('q', f.q, { type: 'search', size: 20 })],
+        ['q', 'Text', input('q', f.q, { type: 'search', size: 20, maxlength: 48 })],
       ]),
       eventsTable(data.events),
       pager('/events', params, data.total),
@@ -643,7 +652,7 @@
   function barChart({ name, title, labels, series, format }) {
     const W = 640;
     const H = 220;
-    const pad = { l: 8, r: 8, t: 12, b: 28 };
+    const pad = { l: 8, r: 8, t: 24, b: 28 };
     const values = series.flatMap((x) => x.values.map((v) => v || 0));
     const max = Math.max(0, ...values);
     const min = Math.min(0, ...values);
@@ -651,7 +660,8 @@
     const plotH = H - pad.t - pad.b;
     const y = (v) => pad.t + ((max - v) / span) * plotH;
     const group = (W - pad.l - pad.r) / Math.max(1, labels.length);
-    const bar = Math.max(1, (group * 0.8) / series.length);
+    const bar = Math.max(1, Math.min(48, (group * 0.8) / series.length));
+    const inset = (group - bar * series.length) / 2;
     const every = Math.ceil(labels.length / 12);
     const titleId = `chart-${name}`;
     const svg = s('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-labelledby': titleId, class: 'chart' },
@@ -662,7 +672,7 @@
           const v = x.values[i] || 0;
           const top = Math.min(y(v), y(0));
           return s('rect', {
-            x: pad.l + i * group + group * 0.1 + j * bar,
+            x: pad.l + i * group + inset + j * bar,
             y: top,
             width: bar,
             height: Math.max(v === 0 ? 0 : 1, Math.abs(y(v) - y(0))),
@@ -672,7 +682,7 @@
         }),
         i % every === 0 ? s('text', { x: pad.l + i * group + group / 2, y: H - 10, class: 'tick' }, label) : null,
       ]),
-      s('text', { x: pad.l + 2, y: pad.t + 10, class: 'tick start' }, `max ${format(max)}`));
+      s('text', { x: pad.l + 2, y: 15, class: 'tick start' }, `max ${format(max)}`));
     const legend = series.length > 1
       ? h('ul', { class: 'legend' }, series.map((x) => h('li', {}, h('span', { class: `swatch ${x.cls}` }), x.name)))
       : null;

@@ -27,8 +27,8 @@ pub use crate::ctx::{iso_from_millis, Ctx};
 use crate::error::{ApiError, ApiResult};
 pub use crate::relay_container::RelayContainer;
 use crate::routes::{
-    admin, auth, calls, console, favorites, health, openapi, payments, personas, phone, privacy, relay,
-    schedules, voice,
+    admin, auth, calls, console, favorites, health, openapi, payments, personas, phone, privacy,
+    relay, schedules, voice,
 };
 pub use crate::session::CallSession;
 

@@ -59,7 +59,10 @@ mod tests {
 
     #[test]
     fn known_files_have_their_types() {
-        assert_eq!(content_type("console.js"), Some("text/javascript; charset=utf-8"));
+        assert_eq!(
+            content_type("console.js"),
+            Some("text/javascript; charset=utf-8")
+        );
         assert_eq!(content_type("console.css"), Some("text/css; charset=utf-8"));
         assert_eq!(content_type(INDEX), Some("text/html; charset=utf-8"));
         assert_eq!(content_type("logo-2.svg"), Some("image/svg+xml"));

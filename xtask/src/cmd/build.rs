@@ -94,19 +94,20 @@ fn copy_assets(repo: &Repo) -> Result<()> {
         std::fs::remove_dir_all(&console)
             .with_context(|| format!("removing {}", console.display()))?;
     }
-    std::fs::create_dir_all(&console)
-        .with_context(|| format!("creating {}", console.display()))?;
+    std::fs::create_dir_all(&console).with_context(|| format!("creating {}", console.display()))?;
     copy(
         &repo.root().join("workers/core/openapi.json"),
         &dir.join("openapi.json"),
     )?;
     let from = repo.root().join("workers/console");
-    let files =
-        std::fs::read_dir(&from).with_context(|| format!("listing {}", from.display()))?;
+    let files = std::fs::read_dir(&from).with_context(|| format!("listing {}", from.display()))?;
     for file in files {
         let path = file?.path();
         if path.is_file() {
-            copy(&path, &console.join(path.file_name().expect("a file's name")))?;
+            copy(
+                &path,
+                &console.join(path.file_name().expect("a file's name")),
+            )?;
         }
     }
     Ok(())
