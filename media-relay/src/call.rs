@@ -257,6 +257,7 @@ impl Call<'_> {
                 max_duration_secs,
                 idle_timeout_secs,
                 speculate,
+                speculate_after_ms,
                 fast_barge_in,
                 ..
             } => {
@@ -291,6 +292,7 @@ impl Call<'_> {
                     max_duration_secs,
                     idle_timeout_secs,
                     speculate_endpointing_ms: speculate.then_some(stt.endpointing_ms),
+                    speculate_after_ms,
                     fast_barge_in,
                 }
             }

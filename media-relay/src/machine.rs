@@ -47,8 +47,9 @@ const SPARE_KEEPALIVE_MS: Ms = 60_000;
 const HANGUP_GRACE_MS: Ms = 30_000;
 /// With speculation on: after this long of caller silence following voice, the relay asks
 /// Deepgram to `Finalize`, so the pause's transcript arrives now rather than at the end
-/// of endpointing, and a speculative reply can start on it.
-const FINALIZE_AFTER_QUIET_MS: Ms = 80;
+/// of endpointing, and a speculative reply can start on it (unless `hello` says
+/// otherwise: `speculate_after_ms`).
+const FINALIZE_AFTER_QUIET_MS: Ms = cmb_core::channel::DEFAULT_SPECULATE_AFTER_MS as Ms;
 /// Voice shorter than this (a click on the line) is not worth a `Finalize`.
 const MIN_VOICE_MS: Ms = 40;
 /// Speculations per user turn at most (each pause that yields new words is one).
@@ -78,6 +79,9 @@ pub enum Event {
         /// `Some(endpointing)` when the DO speculates: the relay then ends a turn itself
         /// once the caller has been quiet this long after a final transcript.
         speculate_endpointing_ms: Option<u32>,
+        /// How far into a pause (ms of quiet audio) the relay asks Deepgram to
+        /// `Finalize` when speculating; `None`: [`FINALIZE_AFTER_QUIET_MS`].
+        speculate_after_ms: Option<u32>,
         /// Barge in on confirmed voice, not only on words, and tell echo from the caller.
         fast_barge_in: bool,
     },
@@ -467,6 +471,8 @@ pub struct CallState {
     greeting_staged: bool,
     /// Endpointing, when the DO speculates (see `Event::Hello`).
     speculate_endpointing: Option<Ms>,
+    /// Quiet audio before `Finalize`, when speculating (see `Event::Hello`).
+    finalize_after: Ms,
     pause: Pause,
     fast_barge_in: bool,
     barge: Barge,
@@ -489,7 +495,10 @@ pub struct CallState {
 impl CallState {
     /// A call that has not received `hello` yet.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            finalize_after: FINALIZE_AFTER_QUIET_MS,
+            ..Self::default()
+        }
     }
 
     /// Applies one event at `now`.
@@ -504,10 +513,13 @@ impl CallState {
                 max_duration_secs,
                 idle_timeout_secs,
                 speculate_endpointing_ms,
+                speculate_after_ms,
                 fast_barge_in,
             } => {
                 if !self.live {
                     self.speculate_endpointing = speculate_endpointing_ms.map(Ms::from);
+                    self.finalize_after =
+                        speculate_after_ms.map_or(FINALIZE_AFTER_QUIET_MS, Ms::from);
                     self.fast_barge_in = fast_barge_in;
                 }
                 self.hello(
@@ -916,7 +928,7 @@ impl CallState {
         let Some(endpointing) = self.speculate_endpointing else {
             return;
         };
-        if self.pause.finalize_due && quiet >= FINALIZE_AFTER_QUIET_MS {
+        if self.pause.finalize_due && quiet >= self.finalize_after {
             self.pause.finalize_due = false;
             out.push(Action::SttFinalize);
         }

@@ -8,6 +8,7 @@ fn hello(greeting: &str) -> Event {
         max_duration_secs: 0,
         idle_timeout_secs: 0,
         speculate_endpointing_ms: None,
+        speculate_after_ms: None,
         fast_barge_in: false,
     }
 }
@@ -520,6 +521,7 @@ fn idle_and_max_duration() {
             max_duration_secs: 60,
             idle_timeout_secs: 10,
             speculate_endpointing_ms: None,
+            speculate_after_ms: None,
             fast_barge_in: false,
         },
         0,
@@ -541,6 +543,7 @@ fn idle_and_max_duration() {
             max_duration_secs: 30,
             idle_timeout_secs: 0,
             speculate_endpointing_ms: None,
+            speculate_after_ms: None,
             fast_barge_in: false,
         },
         0,
@@ -791,6 +794,7 @@ fn speculating_call() -> CallState {
             max_duration_secs: 0,
             idle_timeout_secs: 0,
             speculate_endpointing_ms: Some(300),
+            speculate_after_ms: None,
             fast_barge_in: false,
         },
         0,
@@ -885,6 +889,40 @@ fn a_pause_is_finalized_early_offered_as_speculation_and_ends_the_turn() {
         audio_end_ms: Some(1600),
     };
     assert!(to_do(&s.handle(late, 2300)).is_empty());
+}
+
+/// `hello`'s `speculate_after_ms` moves the `Finalize`: at 40 ms, the second quiet frame
+/// asks for it; the turn still ends at the endpointing time.
+#[test]
+fn the_do_sets_how_far_into_a_pause_the_relay_finalizes() {
+    let mut s = CallState::new();
+    s.handle(
+        Event::Hello {
+            greeting: String::new(),
+            max_duration_secs: 0,
+            idle_timeout_secs: 0,
+            speculate_endpointing_ms: Some(300),
+            speculate_after_ms: Some(40),
+            fast_barge_in: false,
+        },
+        0,
+    );
+    s.handle(voice(true), 1000);
+    s.handle(interim("what should"), 1400);
+    assert_eq!(quiet(&mut s, 1600, 4), [(1620, Action::SttFinalize)]);
+    s.handle(final_words("what should I train", 1600), 1650);
+    let a = quiet(&mut s, 1680, 12);
+    assert_eq!(
+        turns(&a),
+        [(
+            1880,
+            &RelayToDo::UserTurn {
+                text: "what should I train".into(),
+                stt_final_ms: 280,
+                end_of_turn_at_ms: 1880
+            }
+        )]
+    );
 }
 
 /// The caller speaks again before the pause ends the turn: the speculation is dropped,
@@ -999,6 +1037,7 @@ fn barge_call() -> CallState {
             max_duration_secs: 0,
             idle_timeout_secs: 0,
             speculate_endpointing_ms: None,
+            speculate_after_ms: None,
             fast_barge_in: true,
         },
         0,

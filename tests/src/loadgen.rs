@@ -120,6 +120,7 @@ async fn run_session(peer: ControlPeer, call_id: String, mut socket: WebSocket) 
         max_duration_secs: 3600,
         idle_timeout_secs: 3600,
         speculate: false,
+        speculate_after_ms: None,
         fast_barge_in: false,
     });
     if socket.send(AxMessage::Text(hello.into())).await.is_err() {

@@ -88,6 +88,10 @@ struct Args {
     /// False barge-in probes per side, of each kind (coughs; echo).
     #[arg(long, default_value_t = 5)]
     probe_calls: usize,
+    /// The "on" side's `CALL_SPECULATE_AFTER_MS`: how far into a pause the relay
+    /// finalizes it and offers a speculation. Unset: the Worker's default (80).
+    #[arg(long)]
+    speculate_after_ms: Option<u32>,
 }
 
 impl Args {
@@ -243,12 +247,20 @@ struct Side {
 }
 
 impl Side {
-    fn start(label: &'static str, on: bool, delays: &ProviderDelays) -> Result<Side> {
-        let vars = BTreeMap::from([
+    fn start(
+        label: &'static str,
+        on: bool,
+        delays: &ProviderDelays,
+        speculate_after_ms: Option<u32>,
+    ) -> Result<Side> {
+        let mut vars = BTreeMap::from([
             ("CALL_PREPARE_GREETING".to_owned(), on.to_string()),
             ("CALL_SPECULATE".to_owned(), on.to_string()),
             ("CALL_FAST_BARGE_IN".to_owned(), on.to_string()),
         ]);
+        if let Some(ms) = speculate_after_ms.filter(|_| on) {
+            vars.insert("CALL_SPECULATE_AFTER_MS".to_owned(), ms.to_string());
+        }
         eprintln!("latency-bench: starting the stack with the technique {label} …");
         // VoiceStack panics when a service does not come up; report it as an error.
         let delays = delays.clone();
@@ -549,6 +561,16 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
     println!();
     println!("techniques: off = CALL_PREPARE_GREETING, CALL_SPECULATE, CALL_FAST_BARGE_IN false; on = all true");
     println!(
+        "  on: CALL_SPECULATE_AFTER_MS = {}",
+        args.speculate_after_ms.map_or_else(
+            || format!(
+                "{} (default)",
+                cmb_core::channel::DEFAULT_SPECULATE_AFTER_MS
+            ),
+            |ms| ms.to_string()
+        )
+    );
+    println!(
         "  figure 1: the greeting staged while the phone rings; 2 and 4: speculative replies;"
     );
     println!(
@@ -635,8 +657,8 @@ fn print_report(args: &Args, off: &Side, on: &Side, outcomes: [&str; 2]) {
 fn main() -> Result<()> {
     let args = Args::parse();
     let delays = args.delays();
-    let off = Side::start("off", false, &delays)?;
-    let on = Side::start("on", true, &delays)?;
+    let off = Side::start("off", false, &delays, None)?;
+    let on = Side::start("on", true, &delays, args.speculate_after_ms)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -113,6 +113,10 @@ pub fn decode<T: ChannelMessage>(text: &str) -> Result<Option<Envelope<T>>, Chan
     }
 }
 
+/// How long into a caller's pause (ms of audio) the relay finalizes it and offers a
+/// speculation, when `hello` does not say (`CALL_SPECULATE_AFTER_MS`'s default).
+pub const DEFAULT_SPECULATE_AFTER_MS: u32 = 80;
+
 /// Messages from the CallSession Durable Object to the relay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -134,6 +138,11 @@ pub enum DoToRelay {
         /// Absent (false) from a DO that does not speculate.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         speculate: bool,
+        /// With `speculate`: how long the caller's pause (ms of audio) lasts before the
+        /// relay finalizes it and offers it as a speculation. Absent: the relay's default
+        /// ([`DEFAULT_SPECULATE_AFTER_MS`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        speculate_after_ms: Option<u32>,
         /// Barge-in on confirmed voice (periodic, louder than the persona's echo) without
         /// waiting for words, and words that could be the echo do not barge in. Absent
         /// (false) from a DO that does not ask for it.
@@ -415,6 +424,7 @@ mod tests {
                 max_duration_secs: 600,
                 idle_timeout_secs: 30,
                 speculate: false,
+                speculate_after_ms: None,
                 fast_barge_in: false,
             },
             concat!(
@@ -576,6 +586,7 @@ mod tests {
                 max_duration_secs: 0,
                 idle_timeout_secs: 0,
                 speculate: true,
+                speculate_after_ms: Some(40),
                 fast_barge_in: true,
             },
             DoToRelay::SayDelta {

@@ -35,6 +35,9 @@ pub const DEFAULT_AI_DISCLOSURE: &str =
 pub const AI_DISCLOSURE_MAX_CHARS: usize = 300;
 /// HMAC keys shorter than this are guessable offline.
 pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+/// `CALL_SPECULATE_AFTER_MS`: at least one 20 ms frame of quiet, and less than the
+/// endpointing time (300 ms), which ends the turn.
+pub const SPECULATE_AFTER_MS_RANGE: std::ops::RangeInclusive<u32> = 20..=280;
 
 /// Which database the Worker's store uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +241,32 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         }
     }
 
+    /// A whole number in `range`, or `default` when unset.
+    fn within(
+        &mut self,
+        name: &'static str,
+        default: u32,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> u32 {
+        match self.optional(name) {
+            None => default,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if range.contains(&n) => n,
+                _ => {
+                    self.problem(
+                        name,
+                        format!(
+                            "must be a whole number from {} to {}",
+                            range.start(),
+                            range.end()
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
     /// One of `options`' words (any case), or `default` when unset.
     fn choice<T: Copy>(&mut self, name: &'static str, default: T, options: &[(&str, T)]) -> T {
         let Some(value) = self.optional(name) else {
@@ -419,6 +448,11 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<WorkerConfig,
         hang_up_grace_secs: r.positive("CALL_HANG_UP_GRACE_SECS", defaults.hang_up_grace_secs),
         prepare_greeting: r.boolean("CALL_PREPARE_GREETING", defaults.prepare_greeting),
         speculate: r.boolean("CALL_SPECULATE", defaults.speculate),
+        speculate_after_ms: r.within(
+            "CALL_SPECULATE_AFTER_MS",
+            defaults.speculate_after_ms,
+            SPECULATE_AFTER_MS_RANGE,
+        ),
         fast_barge_in: r.boolean("CALL_FAST_BARGE_IN", defaults.fast_barge_in),
     };
     let twilio_timeout_ms = r.positive("TWILIO_TIMEOUT_MS", 10_000);
@@ -654,6 +688,24 @@ mod tests {
         assert!(!parse(&v).unwrap().call_limits.fast_barge_in);
         v.insert("CALL_FAST_BARGE_IN", "1".into());
         assert_eq!(names(&parse(&v).unwrap_err()), ["CALL_FAST_BARGE_IN"]);
+    }
+
+    /// `CALL_SPECULATE_AFTER_MS` is 80 unless set, within one frame and the endpointing
+    /// time; anything else is named.
+    #[test]
+    fn speculate_after_ms() {
+        let mut v = good();
+        assert_eq!(parse(&v).unwrap().call_limits.speculate_after_ms, 80);
+        v.insert("CALL_SPECULATE_AFTER_MS", "40".into());
+        assert_eq!(parse(&v).unwrap().call_limits.speculate_after_ms, 40);
+        for bad in ["0", "19", "281", "300", "-40", "forty", "40ms"] {
+            v.insert("CALL_SPECULATE_AFTER_MS", bad.into());
+            assert_eq!(
+                names(&parse(&v).unwrap_err()),
+                ["CALL_SPECULATE_AFTER_MS"],
+                "{bad}"
+            );
+        }
     }
 
     /// The disclosure can be reworded, not removed (an empty value is the default) and

@@ -1242,6 +1242,10 @@ impl Session {
                 max_duration_secs: self.limits.max_call_secs + RELAY_BACKSTOP_SECS,
                 idle_timeout_secs: 2 * self.limits.idle_timeout_secs + RELAY_BACKSTOP_SECS,
                 speculate: self.limits.speculate,
+                speculate_after_ms: self
+                    .limits
+                    .speculate
+                    .then_some(self.limits.speculate_after_ms),
                 fast_barge_in: self.limits.fast_barge_in,
             };
             self.send(hello, out);

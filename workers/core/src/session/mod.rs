@@ -67,6 +67,12 @@ pub struct Limits {
     /// before the setting existed load as off.
     #[serde(default)]
     pub speculate: bool,
+    /// With `speculate`: the caller's pause, in ms of audio, after which the relay
+    /// finalizes it and offers it as a speculation (`CALL_SPECULATE_AFTER_MS`). Shorter
+    /// answers sooner and speculates on more pauses that the caller talks on from.
+    /// Sessions stored before the setting existed load the default.
+    #[serde(default = "default_speculate_after_ms")]
+    pub speculate_after_ms: u32,
     /// Fast barge-in (`CALL_FAST_BARGE_IN`): the relay clears the persona on confirmed
     /// voice without waiting for words, and ignores words that could be its echo.
     /// Sessions stored before the setting existed load as off.
@@ -76,6 +82,10 @@ pub struct Limits {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_speculate_after_ms() -> u32 {
+    crate::channel::DEFAULT_SPECULATE_AFTER_MS
 }
 
 impl Default for Limits {
@@ -96,6 +106,7 @@ impl Default for Limits {
             hang_up_grace_secs: 40,
             prepare_greeting: true,
             speculate: true,
+            speculate_after_ms: crate::channel::DEFAULT_SPECULATE_AFTER_MS,
             fast_barge_in: true,
         }
     }

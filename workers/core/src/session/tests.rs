@@ -2324,6 +2324,20 @@ fn hello_carries_the_speculation_switch() {
         sent(&fx).first(),
         Some(DoToRelay::Hello {
             speculate: false,
+            speculate_after_ms: None,
+            ..
+        })
+    ));
+    // Speculating, it says how far into a pause to start.
+    let mut s = placed();
+    s.limits.speculate_after_ms = 40;
+    s.handle(status(2, "in-progress"), T0 + 4_000);
+    let fx = open_relay(&mut s, T0 + 5_000);
+    assert!(matches!(
+        sent(&fx).first(),
+        Some(DoToRelay::Hello {
+            speculate: true,
+            speculate_after_ms: Some(40),
             ..
         })
     ));
