@@ -471,8 +471,9 @@ pub struct CallState {
     greeting_staged: bool,
     /// Endpointing, when the DO speculates (see `Event::Hello`).
     speculate_endpointing: Option<Ms>,
-    /// Quiet audio before `Finalize`, when speculating (see `Event::Hello`).
-    finalize_after: Ms,
+    /// Quiet audio before `Finalize`, when speculating (see `Event::Hello`); `None`:
+    /// [`FINALIZE_AFTER_QUIET_MS`].
+    finalize_after: Option<Ms>,
     pause: Pause,
     fast_barge_in: bool,
     barge: Barge,
@@ -495,10 +496,7 @@ pub struct CallState {
 impl CallState {
     /// A call that has not received `hello` yet.
     pub fn new() -> Self {
-        Self {
-            finalize_after: FINALIZE_AFTER_QUIET_MS,
-            ..Self::default()
-        }
+        Self::default()
     }
 
     /// Applies one event at `now`.
@@ -518,8 +516,7 @@ impl CallState {
             } => {
                 if !self.live {
                     self.speculate_endpointing = speculate_endpointing_ms.map(Ms::from);
-                    self.finalize_after =
-                        speculate_after_ms.map_or(FINALIZE_AFTER_QUIET_MS, Ms::from);
+                    self.finalize_after = speculate_after_ms.map(Ms::from);
                     self.fast_barge_in = fast_barge_in;
                 }
                 self.hello(
@@ -928,7 +925,9 @@ impl CallState {
         let Some(endpointing) = self.speculate_endpointing else {
             return;
         };
-        if self.pause.finalize_due && quiet >= self.finalize_after {
+        if self.pause.finalize_due
+            && quiet >= self.finalize_after.unwrap_or(FINALIZE_AFTER_QUIET_MS)
+        {
             self.pause.finalize_due = false;
             out.push(Action::SttFinalize);
         }

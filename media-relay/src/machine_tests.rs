@@ -787,6 +787,11 @@ fn staged_greeting_barge_in_and_late_staging() {
 
 /// A call like `idle_call` whose DO speculates, with 300 ms endpointing.
 fn speculating_call() -> CallState {
+    speculating_call_after(None)
+}
+
+/// [`speculating_call`], with `hello`'s `speculate_after_ms`.
+fn speculating_call_after(speculate_after_ms: Option<u32>) -> CallState {
     let mut s = CallState::new();
     s.handle(
         Event::Hello {
@@ -794,7 +799,7 @@ fn speculating_call() -> CallState {
             max_duration_secs: 0,
             idle_timeout_secs: 0,
             speculate_endpointing_ms: Some(300),
-            speculate_after_ms: None,
+            speculate_after_ms,
             fast_barge_in: false,
         },
         0,
@@ -895,18 +900,7 @@ fn a_pause_is_finalized_early_offered_as_speculation_and_ends_the_turn() {
 /// asks for it; the turn still ends at the endpointing time.
 #[test]
 fn the_do_sets_how_far_into_a_pause_the_relay_finalizes() {
-    let mut s = CallState::new();
-    s.handle(
-        Event::Hello {
-            greeting: String::new(),
-            max_duration_secs: 0,
-            idle_timeout_secs: 0,
-            speculate_endpointing_ms: Some(300),
-            speculate_after_ms: Some(40),
-            fast_barge_in: false,
-        },
-        0,
-    );
+    let mut s = speculating_call_after(Some(40));
     s.handle(voice(true), 1000);
     s.handle(interim("what should"), 1400);
     assert_eq!(quiet(&mut s, 1600, 4), [(1620, Action::SttFinalize)]);

@@ -247,6 +247,7 @@ struct Side {
 }
 
 impl Side {
+    /// `speculate_after_ms`: the side's `CALL_SPECULATE_AFTER_MS`, if set.
     fn start(
         label: &'static str,
         on: bool,
@@ -258,7 +259,7 @@ impl Side {
             ("CALL_SPECULATE".to_owned(), on.to_string()),
             ("CALL_FAST_BARGE_IN".to_owned(), on.to_string()),
         ]);
-        if let Some(ms) = speculate_after_ms.filter(|_| on) {
+        if let Some(ms) = speculate_after_ms {
             vars.insert("CALL_SPECULATE_AFTER_MS".to_owned(), ms.to_string());
         }
         eprintln!("latency-bench: starting the stack with the technique {label} …");
